@@ -1,0 +1,46 @@
+# One entry per whole job. `make demo` and `make test` are the README's set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdserve-installed
+RECIPE ?= digits
+RUN_DIR ?= runs/$(RECIPE)
+REPO ?= model_repository
+FLAVOR ?= cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test demo bench lint clean
+
+# Idempotent: reinstalls only when pyproject.toml changed. torch/torchvision are installed first
+# and by pip on purpose: pip takes the pinned wheels from this machine's disk (uv/poetry download ~3 GB).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 'numpy<2'
+	$(PY) -m pip install -q -e '.[train,serve,loadtest,dev]'
+	touch $@
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+# Train (stages already trained with the same settings are reused), export, check the repository.
+demo: setup
+	$(PY) -m training all --recipe $(RECIPE) --out $(RUN_DIR)
+	$(PY) -m training export --run $(RUN_DIR) --repo $(REPO) --flavor $(FLAVOR)
+	@cat $(RUN_DIR)/export_report.md
+
+# Needs the demo's repository; training and export reuse what is already there.
+bench: setup
+	test -f $(REPO)/manifest.json || $(MAKE) demo
+	$(PY) -m loadtest bench --repo $(REPO) --out benchmarks
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
+	find $(REPO) -mindepth 1 -maxdepth 1 ! -name README.md ! -name .gitignore -exec rm -rf {} +

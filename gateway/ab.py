@@ -1,0 +1,88 @@
+"""A/B assignment (sticky by client key) and the per-arm statistics behind /v1/ab/summary."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class ABRouter:
+    def __init__(self, weights: dict[str, float], shadow_fraction: float = 0.0, seed: int | None = None):
+        self.arms = list(weights)
+        self.cumulative = np.cumsum([weights[a] for a in self.arms])
+        self.shadow_fraction = shadow_fraction
+        self._random = random.Random(seed)
+
+    def _arm_at(self, u: float) -> str:
+        return self.arms[min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.arms) - 1)]
+
+    def assign(self, client_key: str | None) -> str:
+        """Same key, same arm (a hash of the key is the uniform draw); no key, a random arm."""
+        if client_key:
+            digest = hashlib.sha256(client_key.encode()).digest()
+            u = int.from_bytes(digest[:8], "big") / 2**64
+        else:
+            u = self._random.random()
+        return self._arm_at(u)
+
+    def shadow_arm(self, arm: str) -> str | None:
+        """The other arm to mirror this request to, for a `shadow_fraction` share of requests."""
+        if self.shadow_fraction <= 0 or self._random.random() >= self.shadow_fraction:
+            return None
+        others = [a for a in self.arms if a != arm]
+        return others[0] if others else None
+
+
+@dataclass
+class ArmStats:
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    count: int = 0
+    shadow_count: int = 0
+    shadow_agreements: int = 0
+    shadow_latencies_ms: deque = field(default_factory=lambda: deque(maxlen=10_000))
+
+
+class ABStats:
+    def __init__(self, arms: list[str], window: int):
+        self._lock = threading.Lock()
+        self._arms = {arm: ArmStats(deque(maxlen=window), shadow_latencies_ms=deque(maxlen=window)) for arm in arms}
+
+    def record(self, arm: str, latency_ms: float) -> None:
+        with self._lock:
+            stats = self._arms.setdefault(arm, ArmStats())
+            stats.count += 1
+            stats.latencies_ms.append(latency_ms)
+
+    def record_shadow(self, arm: str, latency_ms: float, agreed: bool) -> None:
+        with self._lock:
+            stats = self._arms.setdefault(arm, ArmStats())
+            stats.shadow_count += 1
+            stats.shadow_agreements += int(agreed)
+            stats.shadow_latencies_ms.append(latency_ms)
+
+    @staticmethod
+    def _percentiles(values) -> dict[str, float | None]:
+        if not values:
+            return {"p50": None, "p95": None, "p99": None}
+        p50, p95, p99 = np.percentile(np.fromiter(values, float), [50, 95, 99])
+        return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3)}
+
+    def summary(self) -> dict:
+        with self._lock:
+            return {
+                arm: {
+                    "count": s.count,
+                    "latency_ms": self._percentiles(s.latencies_ms),
+                    "shadow": {
+                        "count": s.shadow_count,
+                        "agreement_rate": (s.shadow_agreements / s.shadow_count) if s.shadow_count else None,
+                        "latency_ms": self._percentiles(s.shadow_latencies_ms),
+                    },
+                }
+                for arm, s in self._arms.items()
+            }

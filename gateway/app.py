@@ -1,0 +1,104 @@
+"""The FastAPI application, built by `create_app(settings)`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.ab import ABRouter, ABStats
+from gateway.errors import GatewayError, install_error_handlers
+from gateway.metrics import GatewayMetrics
+from gateway.routes import router
+from gateway.service import Classifier
+from gateway.settings import GatewaySettings
+from gateway.triton_client import TritonClient
+from gateway.triton_server import EmbeddedTriton, TritonPorts
+from training.manifest import read_manifest
+
+log = logging.getLogger("kdserve.gateway")
+
+
+def _embedded_triton(settings: GatewaySettings) -> EmbeddedTriton:
+    host, _, port = settings.triton_url.rpartition(":")
+    return EmbeddedTriton(
+        settings.repo,
+        TritonPorts(int(port), settings.triton_grpc_port, settings.triton_metrics_port),
+        host=host or "127.0.0.1",
+        log_file=Path(settings.repo).resolve().parent / "triton.log",
+    )
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    manifest_path = Path(settings.repo) / "manifest.json"
+    if not manifest_path.is_file():
+        raise GatewayError(f"{manifest_path} not found: export a model repository first (make demo)")
+    manifest = read_manifest(settings.repo)
+    unknown_arms = set(settings.ab_weights) - {"student", "teacher", *manifest.models}
+    if unknown_arms:
+        raise GatewayError(f"ab_weights names arms that are not served: {sorted(unknown_arms)}")
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server = None
+        if settings.embedded_triton:
+            server = _embedded_triton(settings)
+            await asyncio.to_thread(server.start)
+        triton = TritonClient(
+            settings.triton_url, settings.triton_timeout_s, settings.triton_connections, settings.retry_after_s, metrics
+        )
+        app.state.classifier = Classifier(manifest, triton, settings, metrics)
+        app.state.triton_server = server
+        try:
+            yield
+        finally:
+            await triton.close()
+            if server is not None:
+                await asyncio.to_thread(server.stop)
+
+    app = FastAPI(
+        title="kdserve gateway",
+        version="0.1.0",
+        description="Classify images with a distilled student, its teacher or an ensemble served by Triton; "
+        "A/B and shadow traffic between teacher and student; Prometheus metrics.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.metrics, app.state.manifest = settings, metrics, manifest
+    app.state.ab_router = ABRouter(settings.ab_weights, settings.shadow_fraction)
+    app.state.ab_stats = ABStats(list(settings.ab_weights), settings.ab_window)
+    install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        request.state.rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        request.state.model, request.state.arm = "", ""
+        start = time.perf_counter()
+        metrics.in_flight.inc()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            response.headers["X-Request-ID"] = request.state.rid
+            return response
+        finally:
+            metrics.in_flight.dec()
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            labels = (path, request.state.model, request.state.arm, str(status))
+            metrics.request_seconds.labels(*labels).observe(time.perf_counter() - start)
+            metrics.requests.labels(*labels).inc()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(router)
+    return app

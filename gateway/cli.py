@@ -1,0 +1,99 @@
+"""Command line: `python -m gateway <command>`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from gateway.errors import GatewayError
+from gateway.triton_server import EmbeddedTriton, TritonError, TritonPorts
+
+
+def _cmd_triton(args: argparse.Namespace) -> None:
+    server = EmbeddedTriton(
+        Path(args.repo),
+        TritonPorts(args.http_port, args.grpc_port, args.metrics_port),
+        host=args.host,
+        log_file=Path(args.log) if args.log else None,
+    )
+    server.start(timeout=args.ready_timeout)
+    print(
+        f"triton ready: http://{server.http_url}  grpc {server.grpc_url}  "
+        f"metrics http://{args.host}:{args.metrics_port}/metrics  (Ctrl-C stops)",
+        flush=True,
+    )
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.stop()
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    overrides = {"repo": Path(args.repo), "host": args.host, "port": args.port, "embedded_triton": args.embedded_triton}
+    if args.triton_url:
+        overrides["triton_url"] = args.triton_url
+    settings = GatewaySettings(**overrides)
+    app = create_app(settings)
+    print(
+        f"gateway: http://{settings.host}:{settings.port}  docs http://{settings.host}:{settings.port}/docs  "
+        f"metrics http://{settings.host}:{settings.port}/metrics  triton {settings.triton_url}"
+        f"{' (embedded)' if settings.embedded_triton else ''}",
+        flush=True,
+    )
+    # uvloop + httptools: the fast event loop and HTTP parser; one worker, since the model work is in Triton.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level,
+        access_log=False,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+    triton = commands.add_parser("triton", help="run the embedded Triton server in the foreground")
+    triton.add_argument("--repo", default="model_repository")
+    triton.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    triton.add_argument("--http-port", type=int, default=8000)
+    triton.add_argument("--grpc-port", type=int, default=8001)
+    triton.add_argument("--metrics-port", type=int, default=8002)
+    triton.add_argument("--log", help="append Triton's own log to this file")
+    triton.add_argument("--ready-timeout", type=float, default=120.0)
+    triton.set_defaults(func=_cmd_triton)
+
+    serve = commands.add_parser("serve", help="run the HTTP gateway (settings also from KDSERVE_* variables)")
+    serve.add_argument("--repo", default="model_repository")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--triton-url", help="Triton HTTP host:port (default 127.0.0.1:8000)")
+    serve.add_argument("--embedded-triton", action="store_true", help="start and supervise Triton from the repo")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (TritonError, GatewayError, ValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

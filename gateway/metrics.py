@@ -1,0 +1,73 @@
+"""Prometheus metrics of the gateway, on a registry of its own (one per app, so tests stay isolated)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Milliseconds matter here: a student answers in a few ms, a teacher in tens.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "kdserve_request_duration_seconds",
+            "Gateway request latency",
+            ["route", "model", "arm", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.triton_seconds = Histogram(
+            "kdserve_triton_call_duration_seconds",
+            "One Triton inference call",
+            ["model", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "kdserve_decode_duration_seconds",
+            "Decoding and resizing the images of one request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fusion_seconds = Histogram(
+            "kdserve_fusion_duration_seconds",
+            "Fusing ensemble outputs",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter("kdserve_requests_total", "Requests", ["route", "model", "arm", "status"], registry=r)
+        self.errors = Counter("kdserve_errors_total", "Errors by kind", ["kind"], registry=r)
+        self.degraded = Counter("kdserve_ensemble_degraded_total", "Ensemble answers missing a member", registry=r)
+        self.shadow = Counter(
+            "kdserve_shadow_requests_total",
+            "Shadow requests by arm and whether top-1 agreed",
+            ["arm", "agreed"],
+            registry=r,
+        )
+        self.in_flight = Gauge("kdserve_in_flight_requests", "Requests being served", registry=r)
+        self.images = Counter("kdserve_images_total", "Images classified", ["model"], registry=r)

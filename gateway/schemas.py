@@ -1,0 +1,66 @@
+"""Request and response bodies of the HTTP API (they are also the OpenAPI documentation)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ClassifyJSON(BaseModel):
+    images: list[str] = Field(..., min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+    model: str = Field("auto", description="student | teacher | ensemble | a served model name | auto (A/B)")
+    top_k: int = Field(3, ge=1, le=100)
+
+
+class Label(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class Prediction(BaseModel):
+    top_k: list[Label]
+
+
+class Latency(BaseModel):
+    decode_ms: float
+    inference_ms: float
+    fusion_ms: float
+    total_ms: float
+
+
+class ClassifyResponse(BaseModel):
+    request_id: str
+    model: str = Field(description="the model (or ensemble) that answered")
+    version: int | None = Field(None, description="its version; null for a fused ensemble")
+    arm: str | None = Field(None, description="the A/B arm, when the A/B policy chose the model")
+    degraded: bool = Field(False, description="ensemble only: a member was left out (timed out or failed)")
+    members: list[str] = Field(default_factory=list, description="ensemble members that answered")
+    predictions: list[Prediction]
+    latency: Latency
+
+
+class ModelInfo(BaseModel):
+    name: str
+    role: str
+    arch: str
+    version: int
+    ready: bool
+    precision: str
+    top1: float | None
+    temperature: float
+    input_shape: list[int]
+
+
+class ModelsResponse(BaseModel):
+    aliases: dict[str, str]
+    models: list[ModelInfo]
+
+
+class ErrorBody(BaseModel):
+    kind: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+    request_id: str | None = None

@@ -1,0 +1,128 @@
+"""What a classification does, independent of HTTP: resolve the model, call Triton, fuse, rank."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.errors import GatewayError, Unavailable, UnknownModel
+from gateway.fusion import fuse, softmax
+from gateway.metrics import GatewayMetrics
+from gateway.settings import GatewaySettings
+from gateway.triton_client import TritonClient
+from training.manifest import Manifest, ModelEntry
+
+GATEWAY_ENSEMBLE = "ensemble"  # fused in the gateway from the variants
+TRITON_ENSEMBLE = "ensemble_triton"  # Triton's own ensemble model (server-side fusion)
+NOT_CALLABLE = {"fusion"}  # internal steps of Triton's ensemble
+
+
+@dataclass
+class Outcome:
+    model: str
+    version: int | None
+    probabilities: np.ndarray  # [N, C]
+    inference_ms: float
+    fusion_ms: float
+    degraded: bool = False
+    members: list[str] = field(default_factory=list)
+
+
+class Classifier:
+    def __init__(self, manifest: Manifest, triton: TritonClient, settings: GatewaySettings, metrics: GatewayMetrics):
+        self.manifest, self.triton, self.settings, self.metrics = manifest, triton, settings, metrics
+        self.variants = [m.name for m in manifest.by_role("variant")]
+        self.aliases = {"student": "student_kd", "teacher": "teacher"}
+        if self.variants:
+            self.aliases[GATEWAY_ENSEMBLE] = GATEWAY_ENSEMBLE
+        if "ensemble" in manifest.models:
+            self.aliases[TRITON_ENSEMBLE] = "ensemble"
+        self.class_names = next(iter(manifest.models.values())).class_names
+        self.image_size = manifest.preprocessing.image_size
+
+    def resolve(self, name: str) -> str:
+        """An alias or served model name -> what to run (a manifest model or the gateway ensemble)."""
+        if name in self.aliases:
+            return self.aliases[name]
+        entry = self.manifest.models.get(name)
+        if entry is None or entry.role in NOT_CALLABLE or entry.role == "ensemble":
+            callable_names = sorted(
+                set(self.aliases)
+                | {n for n, m in self.manifest.models.items() if m.role not in NOT_CALLABLE | {"ensemble"}}
+            )
+            raise UnknownModel(f"unknown model {name!r}; choose one of: {', '.join(callable_names)}, auto")
+        return name
+
+    def routed_models(self) -> list[str]:
+        """Every Triton model some route depends on (for /readyz)."""
+        needed = {self.aliases[a] for a in self.settings.ab_weights if a in self.aliases}
+        needed |= {"student_kd", "teacher"} & set(self.manifest.models)
+        needed |= set(self.variants)
+        needed.discard(GATEWAY_ENSEMBLE)
+        return sorted(needed)
+
+    async def classify(self, target: str, images: np.ndarray) -> Outcome:
+        if target == GATEWAY_ENSEMBLE:
+            return await self._ensemble(images)
+        entry = self.manifest.models[target]
+        start = time.perf_counter()
+        output = "probabilities" if entry.role == "ensemble" else "logits"
+        raw = await self.triton.infer(target, images, output=output)
+        inference_ms = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        probabilities = self._calibrated(entry, raw)
+        fusion_ms = (time.perf_counter() - start) * 1000
+        return Outcome(target, entry.version, probabilities, inference_ms, fusion_ms, members=list(entry.members))
+
+    def _calibrated(self, entry: ModelEntry, raw: np.ndarray) -> np.ndarray:
+        if entry.role == "ensemble":
+            return raw.astype(np.float64)  # Triton's ensemble already fused calibrated probabilities
+        if raw.ndim == 3:  # K-head model: the heads are fused like ensemble members
+            heads = [raw[:, k] for k in range(raw.shape[1])]
+            with self.metrics.fusion_seconds.labels("heads").time():
+                return fuse(heads, [entry.temperature] * len(heads), "mean_prob")
+        return softmax(raw, entry.temperature)
+
+    async def _ensemble(self, images: np.ndarray) -> Outcome:
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(self.triton.infer(name, images) for name in self.variants), return_exceptions=True
+        )
+        inference_ms = (time.perf_counter() - start) * 1000
+        answered = [(n, r) for n, r in zip(self.variants, results, strict=True) if isinstance(r, np.ndarray)]
+        failures = [r for r in results if not isinstance(r, np.ndarray)]
+        for failure in failures:
+            if not isinstance(failure, GatewayError):
+                raise failure
+        quorum = min(self.settings.ensemble_quorum, len(self.variants))
+        if len(answered) < quorum:
+            raise Unavailable(
+                f"ensemble below quorum: {len(answered)} of {len(self.variants)} members answered, {quorum} needed",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        degraded = len(answered) < len(self.variants)
+        if degraded:
+            self.metrics.degraded.inc()
+        start = time.perf_counter()
+        names = [n for n, _ in answered]
+        weights = [self.settings.fusion_weights.get(n, 1.0) for n in names]
+        probabilities = fuse(
+            [r for _, r in answered],
+            [self.manifest.models[n].temperature for n in names],
+            self.settings.fusion,
+            weights,
+        )
+        fusion_s = time.perf_counter() - start
+        self.metrics.fusion_seconds.labels(self.settings.fusion).observe(fusion_s)
+        return Outcome(GATEWAY_ENSEMBLE, None, probabilities, inference_ms, fusion_s * 1000, degraded, names)
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[list[dict]]:
+        k = min(k, probabilities.shape[-1])
+        order = np.argsort(-probabilities, axis=-1)[:, :k]
+        return [
+            [{"label": self.class_names[i], "index": int(i), "probability": float(row[i])} for i in ranked]
+            for row, ranked in zip(probabilities, order, strict=True)
+        ]

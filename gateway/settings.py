@@ -1,0 +1,70 @@
+"""Gateway settings from environment variables (prefix KDSERVE_), validated at start-up.
+
+A bad configuration (A/B weights that do not add up, an unknown arm, a shadow fraction outside
+[0, 1]) stops the gateway before it serves a single request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+FusionMethod = Literal["mean_prob", "weighted", "logit_mean", "vote"]
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KDSERVE_", env_nested_delimiter="__", extra="forbid")
+
+    repo: Path = Field(Path("model_repository"), description="the Triton model repository (reads manifest.json)")
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    # Triton: an external server, or the embedded one the gateway starts and supervises.
+    triton_url: str = Field("127.0.0.1:8000", description="Triton HTTP host:port")
+    embedded_triton: bool = False
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    triton_timeout_s: float = Field(5.0, gt=0, description="deadline of one Triton call")
+    triton_connections: int = Field(32, ge=1, description="pooled HTTP connections to Triton")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503s")
+
+    # Input limits, enforced before decoding.
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64)
+    max_images: int = Field(64, ge=1, description="images per request")
+    allowed_formats: list[str] = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]
+
+    # Ensemble fusion.
+    fusion: FusionMethod = "mean_prob"
+    fusion_weights: dict[str, float] = Field(default_factory=dict, description="member -> weight ('weighted')")
+    ensemble_quorum: int = Field(2, ge=1, description="members that must answer; fewer is a 503")
+
+    # A/B test between the student and teacher arms.
+    ab_weights: dict[str, float] = Field(default_factory=lambda: {"student": 0.9, "teacher": 0.1})
+    ab_key_header: str = "X-Client-Key"
+    shadow_fraction: float = Field(0.0, ge=0, le=1, description="share of requests mirrored to the other arm")
+    ab_window: int = Field(10_000, ge=100, description="latencies kept per arm for /v1/ab/summary")
+
+    @field_validator("ab_weights")
+    @classmethod
+    def _weights_are_a_distribution(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not weights:
+            raise ValueError("ab_weights needs at least one arm")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"ab_weights must be non-negative with a positive sum, got {weights}")
+        total = sum(weights.values())
+        return {arm: w / total for arm, w in weights.items()}
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _upper(cls, formats: list[str]) -> list[str]:
+        return [f.upper() for f in formats]
+
+    @model_validator(mode="after")
+    def _shadow_needs_two_arms(self) -> GatewaySettings:
+        if self.shadow_fraction > 0 and len(self.ab_weights) < 2:
+            raise ValueError("shadow_fraction > 0 needs two A/B arms to mirror between")
+        return self

@@ -1,0 +1,1 @@
+"""kdserve load testing and benchmarks (`python -m loadtest ...`)."""

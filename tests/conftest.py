@@ -1,0 +1,153 @@
+"""Shared fixtures. The tiny training run is trained once per session and reused by many tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A few-second version of the digits recipe: ResNet18 teacher, 1-2 epochs, two seeds, a 2-head model.
+TINY_OVERRIDES = [
+    "teacher.arch=resnet18",
+    "teacher.train.epochs=2",
+    "student.train.epochs=2",
+    "evaluation.seeds=[0, 1]",
+    "ensemble.variants=[{seed: 0}, {seed: 1}]",
+    "ensemble.multihead.heads=2",
+]
+
+
+def run_training(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def override_args(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_run")
+    proc = run_training(
+        "all", "--recipe", "digits", "--out", str(out), "--threads", "2", *override_args(TINY_OVERRIDES)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_results(tiny_run: Path) -> dict:
+    return json.loads((tiny_run / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tiny_run: Path, tmp_path_factory) -> Path:
+    """The tiny run exported into a cpu-flavour Triton repository."""
+    repo = tmp_path_factory.mktemp("repo")
+    proc = run_training("export", "--run", str(tiny_run), "--repo", str(repo))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return repo
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_repo: Path, tmp_path_factory):
+    """A real tritonserver on free loopback ports serving the tiny repository."""
+    from gateway.triton_server import EmbeddedTriton, TritonPorts
+
+    log_file = tmp_path_factory.mktemp("triton") / "triton.log"
+    # Explicit model control (all models loaded at start) lets a test unload an ensemble member for real.
+    server = EmbeddedTriton(
+        tiny_repo,
+        TritonPorts(free_port(), free_port(), free_port()),
+        log_file=log_file,
+        extra_args=["--model-control-mode=explicit", "--load-model=*"],
+    )
+    server.start(timeout=180)
+    yield server
+    server.stop()
+
+
+class GatewayProcess:
+    """`python -m gateway serve` under uvicorn, as a user runs it."""
+
+    def __init__(self, repo: Path, triton_url: str, env: dict[str, str] | None = None):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--repo",
+                str(repo),
+                "--triton-url",
+                triton_url,
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        import time
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("gateway did not start")
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny_repo: Path, triton):
+    gw = GatewayProcess(
+        tiny_repo,
+        triton.http_url,
+        env={
+            "KDSERVE_AB_WEIGHTS": '{"student": 0.7, "teacher": 0.3}',
+            "KDSERVE_SHADOW_FRACTION": "1.0",
+            "KDSERVE_ENSEMBLE_QUORUM": "1",
+        },
+    )
+    yield gw
+    gw.stop()

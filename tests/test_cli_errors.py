@@ -1,0 +1,37 @@
+"""Bad input ends with one line that says what to fix, exit code 2, and no traceback."""
+
+from tests.conftest import run_training
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_recipe(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nteacher: {arch: resnet99}\nstudent: {arch: resnet18}\n")
+    assert_one_line_error(run_training("all", "--recipe", str(bad), "--out", str(tmp_path)), "teacher.arch")
+
+
+def test_missing_dataset_folder(tmp_path):
+    proc = run_training(
+        "all",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "data.dataset=imagefolder",
+        "--set",
+        f"data.root={tmp_path}/missing",
+    )
+    assert_one_line_error(proc, "does not exist", "data.root")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "model.pt").write_bytes(b"not a checkpoint at all")
+    assert_one_line_error(run_training("all", "--out", str(tmp_path)), "corrupt", "teacher/model.pt")

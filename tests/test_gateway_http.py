@@ -1,0 +1,216 @@
+"""The gateway under uvicorn in front of the real Triton: real images in, real predictions out."""
+
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from PIL import Image
+
+from tests.conftest import GatewayProcess, free_port
+from training.data import digit_as_png_image, load_digits_images
+from training.manifest import read_manifest
+from training.onnx_tools import run_logits, session
+
+HELD_OUT = [1500, 1600, 1700, 1750]  # indices into sklearn's digits
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def local_probabilities(repo, model: str, indices: list[int]) -> np.ndarray:
+    manifest = read_manifest(repo)
+    images = load_digits_images(8)[0].numpy()[indices]
+    logits = run_logits(session(repo / model / str(manifest.models[model].version) / "model.onnx"), images)
+    z = logits / manifest.models[model].temperature
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def test_predictions_through_http_equal_in_process_onnx_runtime(gateway, tiny_repo):
+    files = [("images", (f"{i}.png", png_bytes(digit_as_png_image(i)), "image/png")) for i in HELD_OUT]
+    for alias, model in (("student", "student_kd"), ("teacher", "teacher")):
+        resp = gateway.client.post("/v1/classify", params={"model": alias, "top_k": 10}, files=files)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["model"] == model and body["version"] == 1 and body["arm"] is None
+        expected = local_probabilities(tiny_repo, model, HELD_OUT)
+        for prediction, probs in zip(body["predictions"], expected, strict=True):
+            served = np.zeros(10)
+            for label in prediction["top_k"]:
+                served[label["index"]] = label["probability"]
+            np.testing.assert_allclose(served, probs, atol=1e-5)
+            assert prediction["top_k"][0]["label"] == str(int(probs.argmax()))
+        assert body["latency"]["inference_ms"] > 0 and body["latency"]["total_ms"] >= body["latency"]["decode_ms"]
+
+
+def test_raw_body_and_base64_json_give_the_same_answer(gateway):
+    png = png_bytes(digit_as_png_image(HELD_OUT[0]))
+    raw = gateway.client.post("/v1/classify?model=student", content=png, headers={"Content-Type": "image/png"})
+    js = gateway.client.post("/v1/classify", json={"images": [base64.b64encode(png).decode()], "model": "student"})
+    assert raw.status_code == js.status_code == 200
+    assert raw.json()["predictions"] == js.json()["predictions"]
+
+
+def test_gateway_ensemble_fuses_calibrated_members_and_matches_triton_ensemble(gateway, tiny_repo):
+    files = [("images", ("d.png", png_bytes(digit_as_png_image(i)), "image/png")) for i in HELD_OUT]
+    fused = gateway.client.post("/v1/classify", params={"model": "ensemble", "top_k": 1}, files=files).json()
+    assert fused["model"] == "ensemble" and fused["degraded"] is False
+    assert fused["members"] == ["variant_0", "variant_1"]
+    expected = (
+        local_probabilities(tiny_repo, "variant_0", HELD_OUT) + local_probabilities(tiny_repo, "variant_1", HELD_OUT)
+    ) / 2
+    tops = [p["top_k"][0] for p in fused["predictions"]]
+    np.testing.assert_allclose([t["probability"] for t in tops], expected.max(-1), atol=1e-5)
+    server_side = gateway.client.post(
+        "/v1/classify", params={"model": "ensemble_triton", "top_k": 1}, files=files
+    ).json()
+    server_tops = [p["top_k"][0] for p in server_side["predictions"]]
+    assert [t["index"] for t in server_tops] == [t["index"] for t in tops]
+    assert [t["probability"] for t in server_tops] == pytest.approx([t["probability"] for t in tops], abs=1e-5)
+    multihead = gateway.client.post("/v1/classify", params={"model": "multihead"}, files=files)
+    assert multihead.status_code == 200 and len(multihead.json()["predictions"]) == len(HELD_OUT)
+
+
+def test_a_member_down_degrades_the_ensemble_then_quorum_fails(gateway, triton, tiny_repo):
+    admin = httpclient.InferenceServerClient(triton.http_url)
+    files = [("images", ("d.png", png_bytes(digit_as_png_image(HELD_OUT[0])), "image/png"))]
+    admin.unload_model("variant_1")
+    try:
+        degraded = gateway.client.post("/v1/classify?model=ensemble", files=files)
+        assert degraded.status_code == 200 and degraded.json()["degraded"] is True
+        assert degraded.json()["members"] == ["variant_0"]
+        strict = GatewayProcess(tiny_repo, triton.http_url, env={"KDSERVE_ENSEMBLE_QUORUM": "2"})
+        try:
+            below = strict.client.post("/v1/classify?model=ensemble", files=files)
+            assert below.status_code == 503 and "quorum" in below.json()["error"]["message"]
+            assert below.headers["Retry-After"]
+        finally:
+            strict.stop()
+    finally:
+        admin.load_model("variant_1")
+    metrics = gateway.client.get("/metrics").text
+    assert "kdserve_ensemble_degraded_total 1.0" in metrics or "kdserve_ensemble_degraded_total 2.0" in metrics
+
+
+def test_ab_assignment_is_sticky_and_shadow_agreement_is_recorded(gateway):
+    png = png_bytes(digit_as_png_image(HELD_OUT[1]))
+    arms = {}
+    for key in ("alice", "bob", "carol", "dave", "erin", "frank"):
+        for _ in range(2):
+            resp = gateway.client.post(
+                "/v1/classify", content=png, headers={"Content-Type": "image/png", "X-Client-Key": key}
+            )
+            assert resp.status_code == 200
+            arms.setdefault(key, set()).add(resp.json()["arm"])
+    assert all(len(a) == 1 for a in arms.values())
+    override = gateway.client.post(
+        "/v1/classify?model=teacher", content=png, headers={"Content-Type": "image/png", "X-Client-Key": "alice"}
+    )
+    assert override.json()["arm"] is None and override.json()["model"] == "teacher"
+    time.sleep(0.5)  # shadow calls run after the responses were sent
+    summary = gateway.client.get("/v1/ab/summary").json()
+    counted = sum(arm["count"] for arm in summary["arms"].values())
+    shadows = sum(arm["shadow"]["count"] for arm in summary["arms"].values())
+    assert counted >= 12 and shadows >= 12  # shadow_fraction is 1.0 in this gateway
+    rates = [a["shadow"]["agreement_rate"] for a in summary["arms"].values() if a["shadow"]["count"]]
+    assert all(0.0 <= r <= 1.0 for r in rates)
+    assert summary["arms"]["student"]["latency_ms"]["p99"] >= summary["arms"]["student"]["latency_ms"]["p50"]
+
+
+def test_every_metric_is_exported_with_its_labels(gateway):
+    gateway.client.post(
+        "/v1/classify?model=student", content=png_bytes(digit_as_png_image(3)), headers={"Content-Type": "image/png"}
+    )
+    gateway.client.post("/v1/classify", content=b"junk", headers={"Content-Type": "image/png"})
+    text = gateway.client.get("/metrics").text
+    for needle in (
+        'kdserve_request_duration_seconds_bucket{arm="",le="0.001",model="student_kd",route="/v1/classify",status="200"}',
+        'kdserve_triton_call_duration_seconds_count{model="student_kd",outcome="ok"}',
+        "kdserve_decode_duration_seconds_count",
+        'kdserve_fusion_duration_seconds_count{method="mean_prob"}',
+        'kdserve_requests_total{arm="",model="student_kd",route="/v1/classify",status="200"}',
+        'kdserve_errors_total{kind="unsupported_media_type"}',
+        "kdserve_ensemble_degraded_total",
+        'kdserve_shadow_requests_total{agreed="true"',
+        "kdserve_in_flight_requests",
+    ):
+        assert needle in text, needle
+
+
+def test_models_health_readiness_and_docs(gateway):
+    models = gateway.client.get("/v1/models").json()
+    by_name = {m["name"]: m for m in models["models"]}
+    assert by_name["student_kd"]["ready"] and by_name["teacher"]["role"] == "teacher"
+    assert models["aliases"]["student"] == "student_kd"
+    assert gateway.client.get("/healthz").json() == {"status": "ok"}
+    ready = gateway.client.get("/readyz")
+    assert ready.status_code == 200 and "student_kd" in ready.json()["models"]
+    spec = gateway.client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/*", "application/json"} <= set(body)
+    assert {"400", "413", "415", "503", "504"} <= set(spec["paths"]["/v1/classify"]["post"]["responses"])
+
+
+MALFORMED = [
+    (b"", "image/png", 400),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "image/png", 415),
+    (png_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))[:80], "image/png", 400),
+    (b"GIF89a" + b"\xff" * 30, "image/gif", 415),
+    (b"hello, this is text", "text/plain", 415),
+    (b"{not json", "application/json", 400),
+    (b'{"images": ["%%%not-base64%%%"]}', "application/json", 400),
+    (b'{"images": []}', "application/json", 400),
+    (b'{"images": ["aGVsbG8="], "top_k": 0}', "application/json", 400),
+    (png_bytes(Image.new("1", (5000, 5000))), "image/png", 413),
+]
+
+
+@pytest.mark.parametrize(("payload", "content_type", "status"), MALFORMED)
+def test_malformed_input_gets_a_clear_4xx_never_a_500(gateway, payload, content_type, status):
+    resp = gateway.client.post("/v1/classify?model=student", content=payload, headers={"Content-Type": content_type})
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["message"]
+
+
+def test_oversized_body_unknown_model_and_too_many_images(gateway):
+    big = gateway.client.post("/v1/classify", content=b"\0" * (9 * 1024 * 1024), headers={"Content-Type": "image/png"})
+    assert big.status_code == 413
+    unknown = gateway.client.post(
+        "/v1/classify?model=resnet9000", content=png_bytes(digit_as_png_image(1)), headers={"Content-Type": "image/png"}
+    )
+    assert unknown.status_code == 404 and "student" in unknown.json()["error"]["message"]
+    many = [("images", ("d.png", png_bytes(digit_as_png_image(1)), "image/png"))] * 65
+    assert gateway.client.post("/v1/classify", files=many).status_code in (400, 413)
+
+
+def test_triton_down_is_503_with_retry_after_and_a_deadline_is_504(tiny_repo, triton):
+    dead = GatewayProcess(tiny_repo, f"127.0.0.1:{free_port()}")
+    try:
+        resp = dead.client.post(
+            "/v1/classify?model=student",
+            content=png_bytes(digit_as_png_image(1)),
+            headers={"Content-Type": "image/png"},
+        )
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "2"
+        assert "127.0.0.1" not in resp.text  # Triton's own error text stays in the log
+        assert dead.client.get("/readyz").status_code == 503
+    finally:
+        dead.stop()
+    hurried = GatewayProcess(tiny_repo, triton.http_url, env={"KDSERVE_TRITON_TIMEOUT_S": "0.0001"})
+    try:
+        files = [("images", ("d.png", png_bytes(digit_as_png_image(1)), "image/png"))] * 32
+        resp = hurried.client.post("/v1/classify?model=teacher", files=files)
+        assert resp.status_code == 504, resp.text
+    finally:
+        hurried.stop()
+
+
+def test_bad_settings_stop_the_gateway_at_start(tiny_repo):
+    with pytest.raises(RuntimeError, match="ab_weights"):
+        GatewayProcess(tiny_repo, "127.0.0.1:1", env={"KDSERVE_AB_WEIGHTS": '{"student": 1, "canary": 1}'})

@@ -1,0 +1,84 @@
+"""Gateway pieces that need no server: fusion arithmetic, A/B assignment, settings, image decoding."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from gateway.ab import ABRouter, ABStats
+from gateway.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
+from gateway.fusion import fuse, softmax
+from gateway.images import decode_image
+from gateway.settings import GatewaySettings
+
+FORMATS = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]
+
+
+def test_fusion_arithmetic_by_hand():
+    a = np.array([[2.0, 0.0, 0.0]])
+    b = np.array([[0.0, 0.0, 4.0]])
+    pa, pb2 = softmax(a), softmax(b, temperature=2.0)
+    np.testing.assert_allclose(fuse([a, b], [1.0, 2.0], "mean_prob"), (pa + pb2) / 2)
+    np.testing.assert_allclose(fuse([a, b], [1.0, 2.0], "weighted", [3.0, 1.0]), 0.75 * pa + 0.25 * pb2)
+    np.testing.assert_allclose(fuse([a, b], [1.0, 2.0], "logit_mean"), softmax((a + b / 2) / 2))
+    # Majority vote: two members say class 0, one says class 2.
+    vote = fuse([a, a, b], [1.0, 1.0, 1.0], "vote")
+    assert vote.argmax() == 0 and vote[0, 0] == pytest.approx(2 / 3, abs=1e-5)
+    np.testing.assert_allclose(vote.sum(), 1.0)
+    # softmax(logits / T) by hand: logits (2, 0, 0), T = 1 -> e^2 / (e^2 + 2).
+    assert pa[0, 0] == pytest.approx(np.e**2 / (np.e**2 + 2))
+
+
+def test_ab_split_within_two_points_of_its_weights_and_sticky():
+    router = ABRouter({"student": 0.8, "teacher": 0.2})
+    arms = [router.assign(f"client-{i}") for i in range(10_000)]
+    assert abs(arms.count("teacher") / 10_000 - 0.2) < 0.02
+    assert all(router.assign(f"client-{i}") == arms[i] for i in range(0, 10_000, 97))
+    keyless = [ABRouter({"student": 0.5, "teacher": 0.5}, seed=1).assign(None) for _ in range(2)]
+    assert set(keyless) <= {"student", "teacher"}
+
+
+def test_ab_stats_percentiles_and_agreement():
+    stats = ABStats(["student", "teacher"], window=1000)
+    for ms in range(1, 101):
+        stats.record("student", float(ms))
+    stats.record_shadow("teacher", 10.0, True)
+    stats.record_shadow("teacher", 12.0, False)
+    summary = stats.summary()
+    assert summary["student"]["count"] == 100 and summary["student"]["latency_ms"]["p50"] == pytest.approx(50.5)
+    assert summary["teacher"]["shadow"]["agreement_rate"] == 0.5
+
+
+def test_settings_refuse_a_bad_configuration(monkeypatch):
+    monkeypatch.setenv("KDSERVE_AB_WEIGHTS", '{"student": -1, "teacher": 0.5}')
+    with pytest.raises(ValidationError, match="non-negative"):
+        GatewaySettings()
+    monkeypatch.setenv("KDSERVE_AB_WEIGHTS", '{"student": 3, "teacher": 1}')
+    assert GatewaySettings().ab_weights == {"student": 0.75, "teacher": 0.25}
+    monkeypatch.setenv("KDSERVE_SHADOW_FRACTION", "1.5")
+    with pytest.raises(ValidationError):
+        GatewaySettings()
+
+
+def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_matches_training_preparation_and_refuses_bad_images():
+    from training.data import digit_as_png_image, load_digits_images
+
+    images, _ = load_digits_images(8)
+    decoded = decode_image(_png(digit_as_png_image(5)), 8, FORMATS, 10_000)
+    np.testing.assert_array_equal(decoded, images[5].numpy())
+    with pytest.raises(UnsupportedMediaType):
+        decode_image(b"definitely not an image", 8, FORMATS, 10_000)
+    with pytest.raises(BadImage):
+        decode_image(_png(Image.new("RGB", (32, 32)))[:60], 8, FORMATS, 10_000)
+    with pytest.raises(PayloadTooLarge):
+        decode_image(_png(Image.new("1", (200, 200))), 8, FORMATS, 10_000)
+    with pytest.raises(UnsupportedMediaType, match="not allowed"):
+        decode_image(_png(Image.new("RGB", (8, 8)), "BMP"), 8, ["PNG"], 10_000)

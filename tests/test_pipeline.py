@@ -1,0 +1,126 @@
+"""`python -m training all` end to end on real digits (a tiny version of the recipe)."""
+
+import json
+import shutil
+
+import torch
+
+from tests.conftest import TINY_OVERRIDES, override_args, run_training
+from training.checkpoint import load_model
+from training.data import load_data
+from training.evaluate import predict_logits, top_k_accuracy
+from training.recipe import load_recipe
+
+MODEL_NAMES = {
+    "teacher",
+    "student_plain",
+    "student_kd",
+    "student_plain_seed1",
+    "student_kd_seed1",
+    "variant_0",
+    "variant_1",
+    "multihead",
+    "ensemble",
+}
+
+
+def test_results_json_has_every_model_with_fractions(tiny_results):
+    models = tiny_results["models"]
+    assert set(models) == MODEL_NAMES
+    for name, metrics in models.items():
+        assert 0.0 <= metrics["top1"] <= 1.0, name
+        assert 0.0 <= metrics["ece"] <= 1.0, name
+        assert metrics["params"] > 1e6 and metrics["macs"] > 1e6, name
+    assert models["teacher"].get("teacher_agreement") is None
+    assert models["ensemble"]["members"] == ["variant_0", "variant_1"]
+    assert tiny_results["seconds"] > 0 and "teacher" in tiny_results["stage_seconds"]
+    assert len(tiny_results["seed_study"]["student_kd"]["top1"]) == 2
+
+
+def test_variants_identical_to_kd_seed_runs_are_reused_not_retrained(tiny_results):
+    assert {"variant_0", "variant_1"} <= set(tiny_results["reused_stages"])
+    assert tiny_results["models"]["variant_0"]["top1"] == tiny_results["models"]["student_kd"]["top1"]
+
+
+def test_saved_models_reproduce_the_reported_accuracy(tiny_run, tiny_results):
+    model, spec, _ = load_model(tiny_run / "student_kd" / "model.pt")
+    assert spec.temperature > 0 and spec.class_names == [str(d) for d in range(10)]
+    data = load_data(load_recipe("digits").data)
+    logits, labels = predict_logits(model, data.test)
+    assert top_k_accuracy(logits, labels, 1) == tiny_results["models"]["student_kd"]["top1"]
+    assert (tiny_run / "student_kd" / "metrics.jsonl").read_text().count("\n") == 2
+    assert "student:" in (tiny_run / "recipe.yaml").read_text()
+    assert "| student_kd |" in (tiny_run / "results.md").read_text()
+
+
+def test_rerun_reuses_every_stage_and_changed_settings_retrain(tiny_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    again = run_training("all", "--out", str(out), *override_args(TINY_OVERRIDES))
+    assert again.returncode == 0, again.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["reused_stages"]) == set(results["stage_seconds"]) - {"evaluation"}
+    changed = run_training(
+        "all",
+        "--out",
+        str(out),
+        *override_args(
+            [
+                *TINY_OVERRIDES,
+                "ensemble.multihead.heads=0",
+                "evaluation.seeds=[0]",
+                "ensemble.variants=[]",
+                "distill.temperature=2.0",
+            ]
+        ),
+    )
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["reused_stages"] == ["teacher", "student_plain"]
+
+
+def test_a_trained_student_classifies_real_digits(tmp_path):
+    out = tmp_path / "plain"
+    proc = run_training(
+        "all",
+        "--out",
+        str(out),
+        *override_args(
+            [
+                "teacher.arch=resnet18",
+                "teacher.train.epochs=1",
+                "student.train.epochs=4",
+                "evaluation.seeds=[0]",
+                "ensemble.variants=[]",
+                "ensemble.multihead.heads=0",
+            ]
+        ),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    # Four epochs on 1,257 real digits: far above the 10% of guessing.
+    assert results["models"]["student_plain"]["top1"] > 0.85
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
+    out = tmp_path / "resume"
+    base = [
+        "teacher.arch=resnet18",
+        "evaluation.seeds=[0]",
+        "ensemble.variants=[]",
+        "ensemble.multihead.heads=0",
+    ]
+    first = run_training(
+        "all", "--out", str(out), *override_args([*base, "teacher.train.epochs=1", "student.train.epochs=1"])
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    # Pretend the teacher's run was cut off after epoch 1 of 2: its checkpoint is there, its model is not.
+    (out / "teacher" / "model.pt").unlink()
+    state = torch.load(out / "teacher" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    second = run_training(
+        "all", "--out", str(out), *override_args([*base, "teacher.train.epochs=2", "student.train.epochs=1"])
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    epochs = [json.loads(line)["epoch"] for line in (out / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]  # epoch 1 was not trained again

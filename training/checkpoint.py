@@ -1,0 +1,63 @@
+"""Saving and loading trained models together with what is needed to rebuild and serve them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.errors import UserError
+from training.models import ImageClassifier, build_classifier
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a trained classifier, export it and describe it in the manifest."""
+
+    arch: str
+    num_classes: int
+    small_stem: bool
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str]
+    heads: int = 0
+    role: str = "student"
+    temperature: float = 1.0  # fitted on the validation split after training
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_from_spec(spec: ModelSpec) -> ImageClassifier:
+    return build_classifier(
+        spec.arch,
+        spec.num_classes,
+        small_stem=spec.small_stem,
+        mean=spec.mean,
+        std=spec.std,
+        heads=spec.heads,
+    )
+
+
+def save_model(path: Path, model: ImageClassifier, spec: ModelSpec, recipe: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": model.state_dict(), "spec": asdict(spec), "recipe": recipe}, tmp)
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a half-written model behind
+
+
+def load_model(path: Path) -> tuple[ImageClassifier, ModelSpec, dict[str, Any]]:
+    if not path.is_file():
+        raise UserError(f"model checkpoint {path} does not exist; train it first (python -m training all)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        spec = ModelSpec(**payload["spec"])
+        model = build_from_spec(spec)
+        model.load_state_dict(payload["state_dict"])
+    except Exception as exc:  # any unpickling/shape error means the file is not a usable checkpoint
+        raise UserError(
+            f"checkpoint {path} is corrupt or not a kdserve model ({type(exc).__name__}); delete it and retrain"
+        ) from exc
+    model.eval()
+    return model, spec, payload.get("recipe", {})

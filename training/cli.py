@@ -1,0 +1,98 @@
+"""Command line: `python -m training <command>`. User errors end as one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.errors import UserError
+
+
+def _cmd_all(args: argparse.Namespace) -> None:
+    import torch
+
+    from training.pipeline import run_all
+    from training.recipe import load_recipe
+    from training.report import results_markdown
+    from training.runtime import init_runtime, shutdown_runtime
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runtime = init_runtime()
+    try:
+        results = run_all(recipe, Path(args.out or f"runs/{recipe.name}"), runtime)
+    finally:
+        shutdown_runtime(runtime)
+    if results is not None:
+        print(results_markdown(results))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from training.export import export_run
+    from training.triton_repo import ServingOptions
+
+    opts = ServingOptions(instances=args.instances, intra_op_threads=args.intra_op_threads)
+    export_run(Path(args.run), Path(args.repo), args.flavor, opts)
+    print(f"[export] wrote {args.repo}; report in {Path(args.run) / 'export_report.md'}")
+    _cmd_check_repo(argparse.Namespace(repo=args.repo))
+
+
+def _cmd_check_repo(args: argparse.Namespace) -> None:
+    from training.check_repo import check_repository
+
+    problems = check_repository(Path(args.repo))
+    if problems:
+        raise UserError(f"{args.repo} has {len(problems)} problem(s): " + "; ".join(problems))
+    print(f"[check-repo] {args.repo}: every config matches its graph and every file its manifest hash")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("all", help="train and evaluate teacher, students and ensemble; write results")
+    run.add_argument("--recipe", default="digits", help="recipe name (training/recipes/) or path to a YAML file")
+    run.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set student.train.epochs=3 (repeatable)",
+    )
+    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    run.set_defaults(func=_cmd_all)
+
+    export = commands.add_parser("export", help="export a trained run into a Triton model repository")
+    export.add_argument("--run", default="runs/digits", help="run directory written by `all`")
+    export.add_argument("--repo", default="model_repository", help="Triton model repository to write")
+    export.add_argument(
+        "--flavor",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="cpu: Python backend + ONNX Runtime; gpu: onnxruntime_onnx with TensorRT FP16",
+    )
+    export.add_argument("--instances", type=int, default=1, help="Triton instances per model")
+    export.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads per instance (cpu)")
+    export.set_defaults(func=_cmd_export)
+
+    check = commands.add_parser("check-repo", help="check a repository's configs, graphs and hashes")
+    check.add_argument("repo", nargs="?", default="model_repository")
+    check.set_defaults(func=_cmd_check_repo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0

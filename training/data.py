@@ -1,0 +1,237 @@
+"""Datasets as uint8 NHWC images at the recipe's size, split into train / val / test.
+
+Every dataset goes through `imageprep.to_model_input`, the same function the gateway uses, so a
+served image is prepared exactly like a training image. Normalisation lives inside the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from training.errors import UserError
+from training.imageprep import to_model_input
+from training.recipe import DataConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class InMemoryImages(Dataset):
+    """Images already prepared as one uint8 tensor [N, H, W, 3]; batches are slices, not collates."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def subset(self, indices: np.ndarray) -> InMemoryImages:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return InMemoryImages(self.images[idx], self.labels[idx])
+
+
+class ImageFiles(Dataset):
+    """Image files decoded lazily (for folders too large to hold in memory)."""
+
+    def __init__(self, files: list[Path], labels: list[int], size: int):
+        self.files, self.labels, self.size = files, torch.as_tensor(labels), size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(self.files[index]) as image:
+            pixels = to_model_input(image, self.size)
+        return torch.from_numpy(pixels.copy()), self.labels[index]
+
+
+@dataclass
+class SplitData:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    class_names: list[str]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _stratified_split(labels: np.ndarray, cfg: DataConfig, with_test: bool):
+    indices = np.arange(len(labels))
+    test_idx = np.array([], dtype=int)
+    if with_test:
+        indices, test_idx = train_test_split(
+            indices, test_size=cfg.test_fraction, stratify=labels, random_state=cfg.split_seed
+        )
+    val_share = cfg.val_fraction / (1 - (cfg.test_fraction if with_test else 0.0))
+    train_idx, val_idx = train_test_split(
+        indices, test_size=val_share, stratify=labels[indices], random_state=cfg.split_seed
+    )
+    return np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    as_float = images.float().div_(255)
+    mean = as_float.mean(dim=(0, 1, 2))
+    std = as_float.std(dim=(0, 1, 2)).clamp_min(1e-3)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+def load_digits_images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 handwritten 8x8 digits as uint8 RGB at `size` (ships with the package)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are 0..16; scale to the full 8-bit range before any resize.
+    gray = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    images = np.stack([to_model_input(Image.fromarray(img, mode="L"), size) for img in gray])
+    return torch.from_numpy(images), torch.as_tensor(bunch.target, dtype=torch.long)
+
+
+def digit_as_png_image(index: int) -> Image.Image:
+    """One raw 8x8 digit as a grayscale Pillow image, as a user would send it to the gateway."""
+    from sklearn.datasets import load_digits
+
+    gray = np.clip(np.rint(load_digits().images[index] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L")
+
+
+def _load_digits(cfg: DataConfig) -> SplitData:
+    images, labels = load_digits_images(cfg.image_size)
+    train_idx, val_idx, test_idx = _stratified_split(labels.numpy(), cfg, with_test=True)
+    full = InMemoryImages(images, labels)
+    train = full.subset(train_idx)
+    mean, std = _channel_stats(train.images)
+    return SplitData(
+        train=train,
+        val=full.subset(val_idx),
+        test=full.subset(test_idx),
+        class_names=[str(d) for d in range(10)],
+        image_size=cfg.image_size,
+        mean=mean,
+        std=std,
+        description=f"sklearn digits, {len(labels)} images, split seed {cfg.split_seed}",
+    )
+
+
+def _require_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise UserError(f"dataset {cfg.dataset!r} needs data.root (a folder); set it in the recipe or as an override")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir() and not (cfg.dataset == "cifar10" and cfg.download):
+        raise UserError(f"dataset folder {root} does not exist; point data.root at it")
+    return root
+
+
+def _load_cifar10(cfg: DataConfig) -> SplitData:
+    from torchvision.datasets import CIFAR10
+
+    root = _require_root(cfg)
+    try:
+        train_set = CIFAR10(str(root), train=True, download=cfg.download)
+        test_set = CIFAR10(str(root), train=False, download=cfg.download)
+    except RuntimeError as exc:
+        raise UserError(
+            f"CIFAR-10 not found under {root}: put cifar-10-batches-py there or set data.download=true"
+        ) from exc
+
+    def prepared(ds) -> InMemoryImages:
+        pixels = np.stack([to_model_input(Image.fromarray(x), cfg.image_size) for x in ds.data])
+        return InMemoryImages(torch.from_numpy(pixels), torch.as_tensor(ds.targets, dtype=torch.long))
+
+    full_train, test = prepared(train_set), prepared(test_set)
+    train_idx, val_idx, _ = _stratified_split(full_train.labels.numpy(), cfg, with_test=False)
+    train = full_train.subset(train_idx)
+    mean, std = _channel_stats(train.images)
+    return SplitData(
+        train=train,
+        val=full_train.subset(val_idx),
+        test=test,
+        class_names=list(train_set.classes),
+        image_size=cfg.image_size,
+        mean=mean,
+        std=std,
+        description=f"CIFAR-10 from {root}",
+    )
+
+
+def _load_imagefolder(cfg: DataConfig) -> SplitData:
+    root = _require_root(cfg)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if len(class_dirs) < 2:
+        raise UserError(f"{root} must hold one sub-folder per class (found {len(class_dirs)})")
+    files, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise UserError(f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files += found
+        labels += [label] * len(found)
+    label_array = np.asarray(labels)
+    train_idx, val_idx, test_idx = _stratified_split(label_array, cfg, with_test=True)
+    full = ImageFiles(files, labels, cfg.image_size)
+    # Normalisation statistics from a sample of training images keeps start-up fast on big folders.
+    sample = np.random.default_rng(cfg.split_seed).choice(train_idx, size=min(512, len(train_idx)), replace=False)
+    mean, std = _channel_stats(torch.stack([full[int(i)][0] for i in sample]))
+    return SplitData(
+        train=Subset(full, train_idx.tolist()),
+        val=Subset(full, val_idx.tolist()),
+        test=Subset(full, test_idx.tolist()),
+        class_names=[d.name for d in class_dirs],
+        image_size=cfg.image_size,
+        mean=mean,
+        std=std,
+        description=f"image folder {root}, {len(files)} images",
+    )
+
+
+LOADERS = {"digits": _load_digits, "cifar10": _load_cifar10, "imagefolder": _load_imagefolder}
+
+
+def load_data(cfg: DataConfig) -> SplitData:
+    return LOADERS[cfg.dataset](cfg)
+
+
+def iterate_batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (uint8 [B,H,W,3], int64 [B]). With world_size > 1, each rank gets its own shard.
+
+    Shards have equal length (the permutation is padded by wrapping) so DDP ranks stay in step.
+    """
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if world_size > 1:
+        per_rank = -(-n // world_size)
+        order = torch.cat([order, order[: per_rank * world_size - n]])[rank::world_size]
+    if isinstance(dataset, InMemoryImages):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield dataset.images[idx], dataset.labels[idx]
+        return
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    yield from loader

@@ -1,0 +1,313 @@
+"""`python -m training export`: a trained run -> a Triton model repository, with parity gates.
+
+For every served model: ONNX export, parity against PyTorch on the held-out test images (export
+is refused past the tolerance), an FP16 sibling whose agreement with fp32 gates GPU FP16 serving,
+and for the KD student an INT8 model with its accuracy and speed-up measured. Results go to
+`<run>/export_report.{json,md}`; the repository gets configs, versions, labels and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.checkpoint import ModelSpec, load_model
+from training.data import SplitData, iterate_batches, load_data
+from training.errors import UserError
+from training.evaluate import predict_logits
+from training.imageprep import RESIZE_NAME
+from training.manifest import Manifest, ModelEntry, Preprocessing, TensorSpec, write_manifest
+from training.onnx_tools import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    convert_fp16,
+    export_onnx,
+    latency_ms,
+    parity,
+    predictions,
+    quantize_int8,
+    require_parity,
+    run_logits,
+    session,
+)
+from training.recipe import load_recipe
+from training.triton_repo import (
+    BACKEND_DIR,
+    ServingOptions,
+    ensemble_config,
+    fusion_config,
+    model_config,
+    write_model,
+)
+
+FP32_MAX_ABS_DIFF = 1e-3  # ONNX Runtime vs PyTorch on the CPU, logits of magnitude ~10
+FP32_MIN_AGREEMENT = 0.999
+FP16_MIN_AGREEMENT = 0.99  # the gate for serving FP16 (TensorRT) on a GPU
+INT8_MODELS = ("student_kd",)
+ENSEMBLE, FUSION = "ensemble", "ensemble_fusion"
+
+
+def _served_models(run: Path, results: dict) -> list[str]:
+    names = ["teacher", "student_kd", "student_plain"]
+    names += sorted(n for n in results["models"] if n.startswith("variant_"))
+    if "multihead" in results["models"]:
+        names.append("multihead")
+    missing = [n for n in names if not (run / n / "model.pt").exists()]
+    if missing:
+        raise UserError(f"run {run} lacks trained models {missing}; run `python -m training all --out {run}` first")
+    return names
+
+
+def _as_numpy(dataset) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = zip(*iterate_batches(dataset, 512), strict=True)
+    import torch
+
+    return torch.cat(images).numpy(), torch.cat(labels).numpy()
+
+
+def _tensors(spec: ModelSpec) -> tuple[TensorSpec, TensorSpec]:
+    size = spec.image_size
+    out_shape = [spec.heads, spec.num_classes] if spec.heads else [spec.num_classes]
+    return TensorSpec(name=INPUT_NAME, dtype="UINT8", shape=[size, size, 3]), TensorSpec(
+        name=OUTPUT_NAME, dtype="FP32", shape=out_shape
+    )
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((predictions(logits) == labels).mean())
+
+
+def _write_served(
+    repo: Path,
+    name: str,
+    role: str,
+    spec: ModelSpec,
+    onnx_path: Path,
+    flavor: str,
+    opts: ServingOptions,
+    source: str,
+    precision: str = "fp32",
+    metrics: dict | None = None,
+) -> ModelEntry:
+    inp, out = _tensors(spec)
+    files = {"model.onnx": onnx_path}
+    if flavor == "cpu":
+        files["model.py"] = BACKEND_DIR / "onnx_model.py"
+    version, hashes = write_model(
+        repo, name, model_config(name, inp, out, flavor, opts), files, spec.class_names, opts.keep_versions
+    )
+    return ModelEntry(
+        name=name,
+        role=role,
+        arch=spec.arch,
+        version=version,
+        backend="python+onnxruntime" if flavor == "cpu" else "onnxruntime_onnx+tensorrt_fp16",
+        precision=precision,
+        input=inp,
+        output=out,
+        heads=spec.heads,
+        class_names=spec.class_names,
+        temperature=spec.temperature,
+        metrics=metrics if metrics is not None else spec.metrics,
+        files=hashes,
+        source=source,
+    )
+
+
+def _int8_sibling(
+    name: str, fp32_onnx: Path, data: SplitData, test: tuple[np.ndarray, np.ndarray], fp32_logits: np.ndarray
+) -> tuple[Path, dict]:
+    train_images, _ = _as_numpy(data.train)
+    # Calibrate on a fixed, seeded sample of training images (never the test split).
+    pick = np.random.default_rng(0).choice(len(train_images), size=min(512, len(train_images)), replace=False)
+    int8_path = fp32_onnx.with_name(f"{name}_int8.onnx")
+    quantize_int8(fp32_onnx, int8_path, train_images[np.sort(pick)])
+    images, labels = test
+    int8_logits = run_logits(session(int8_path), images)
+    fp32_sess, int8_sess = session(fp32_onnx), session(int8_path)
+    speed = {}
+    for batch in (1, 32):
+        sample = images[:batch]
+        fp32_ms, int8_ms = latency_ms(fp32_sess, sample), latency_ms(int8_sess, sample)
+        speed[f"batch_{batch}"] = {
+            "fp32_ms": fp32_ms["p50"],
+            "int8_ms": int8_ms["p50"],
+            "speedup": fp32_ms["p50"] / int8_ms["p50"],
+        }
+    report = {
+        "fp32_top1": _accuracy(fp32_logits, labels),
+        "int8_top1": _accuracy(int8_logits, labels),
+        "agreement_with_fp32": parity(fp32_logits, int8_logits).top1_agreement,
+        "latency_p50": speed,
+    }
+    report["top1_drop_points"] = 100 * (report["fp32_top1"] - report["int8_top1"])
+    return int8_path, report
+
+
+def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions | None = None) -> dict:
+    opts = opts or ServingOptions()
+    results_path = run / "results.json"
+    if not results_path.exists():
+        raise UserError(f"{results_path} not found; train first: python -m training all --out {run}")
+    results = json.loads(results_path.read_text())
+    recipe = load_recipe(str(run / "recipe.yaml"))
+    data = load_data(recipe.data)
+    test = _as_numpy(data.test)
+    onnx_dir = run / "onnx"
+    repo.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, ModelEntry] = {}
+    report: dict = {"flavor": flavor, "run": str(run), "test_images": len(test[0]), "models": {}}
+
+    for name in _served_models(run, results):
+        model, spec, _ = load_model(run / name / "model.pt")
+        onnx_path = onnx_dir / f"{name}.onnx"
+        export_onnx(model, spec.image_size, onnx_path)
+        torch_logits = predict_logits(model, data.test)[0].numpy()
+        onnx_logits = run_logits(session(onnx_path), test[0])
+        fp32 = parity(torch_logits, onnx_logits)
+        require_parity(name, fp32, FP32_MAX_ABS_DIFF, FP32_MIN_AGREEMENT)
+        fp16_path = onnx_dir / f"{name}_fp16.onnx"
+        convert_fp16(onnx_path, fp16_path)
+        fp16 = parity(onnx_logits, run_logits(session(fp16_path), test[0]))
+        if flavor == "gpu" and fp16.top1_agreement < FP16_MIN_AGREEMENT:
+            raise UserError(
+                f"{name}: FP16 agrees with fp32 on {fp16.top1_agreement:.2%} of test images "
+                f"(< {FP16_MIN_AGREEMENT:.0%}); not safe to serve in FP16"
+            )
+        role = spec.role if name not in ("student_kd", "student_plain") else "student"
+        entries[name] = _write_served(repo, name, role, spec, onnx_path, flavor, opts, str(run / name / "model.pt"))
+        report["models"][name] = {
+            "onnx_vs_torch": fp32.as_dict(),
+            "fp16_vs_fp32": fp16.as_dict(),
+            "onnx_bytes": onnx_path.stat().st_size,
+            "version": entries[name].version,
+        }
+        print(
+            f"[export] {name}: max |diff| {fp32.max_abs_diff:.1e}, agreement {fp32.top1_agreement:.2%}, "
+            f"fp16 agreement {fp16.top1_agreement:.2%}",
+            flush=True,
+        )
+
+        if name in INT8_MODELS and flavor == "cpu":
+            int8_path, int8 = _int8_sibling(name, onnx_path, data, test, onnx_logits)
+            int8_name = f"{name}_int8"
+            metrics = {**spec.metrics, "top1": int8["int8_top1"]}
+            entries[int8_name] = _write_served(
+                repo,
+                int8_name,
+                "quantized",
+                spec,
+                int8_path,
+                flavor,
+                opts,
+                str(int8_path),
+                precision="int8",
+                metrics=metrics,
+            )
+            report["models"][int8_name] = int8
+            print(
+                f"[export] {int8_name}: top-1 {int8['int8_top1']:.2%} (fp32 {int8['fp32_top1']:.2%}), "
+                f"speed-up x{int8['latency_p50']['batch_1']['speedup']:.2f} at batch 1",
+                flush=True,
+            )
+
+    members = [n for n in entries if n.startswith("variant_")]
+    if members:
+        _write_ensemble(repo, members, entries, opts)
+    manifest = Manifest(
+        flavor=flavor,
+        recipe=recipe.name,
+        dataset=data.description,
+        preprocessing=Preprocessing(
+            image_size=data.image_size, resize=RESIZE_NAME, mean=list(data.mean), std=list(data.std)
+        ),
+        models=entries,
+    )
+    write_manifest(repo, manifest)
+    _write_report(run, report)
+    return report
+
+
+def _write_ensemble(repo: Path, members: list[str], entries: dict[str, ModelEntry], opts: ServingOptions) -> None:
+    first = entries[members[0]]
+    temperatures = [entries[m].temperature for m in members]
+    max_batch = opts.max_batch_size
+    version, hashes = write_model(
+        repo,
+        FUSION,
+        fusion_config(FUSION, members, first.output, temperatures, max_batch),
+        {"model.py": BACKEND_DIR / "fusion_model.py"},
+        None,
+        opts.keep_versions,
+    )
+    probs = TensorSpec(name="probabilities", dtype="FP32", shape=first.output.shape)
+    entries[FUSION] = ModelEntry(
+        name=FUSION,
+        role="fusion",
+        arch="mean of calibrated probabilities",
+        version=version,
+        backend="python",
+        input=TensorSpec(name="logits_0", dtype="FP32", shape=first.output.shape),
+        output=probs,
+        class_names=first.class_names,
+        members=members,
+        files=hashes,
+    )
+    version, hashes = write_model(
+        repo,
+        ENSEMBLE,
+        ensemble_config(ENSEMBLE, FUSION, members, first.input, first.output, max_batch),
+        {},
+        first.class_names,
+        opts.keep_versions,
+    )
+    entries[ENSEMBLE] = ModelEntry(
+        name=ENSEMBLE,
+        role="ensemble",
+        arch=f"{len(members)} x {first.arch}",
+        version=version,
+        backend="ensemble",
+        input=first.input,
+        output=probs,
+        class_names=first.class_names,
+        members=[*members, FUSION],
+        files=hashes,
+    )
+
+
+def _write_report(run: Path, report: dict) -> None:
+    (run / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# Export report ({report['flavor']} flavour)",
+        "",
+        f"Parity on the {report['test_images']} held-out test images.",
+        "",
+        "| model | ONNX vs PyTorch max abs diff | top-1 agreement | FP16 vs FP32 agreement | FP16 max abs diff |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, m in report["models"].items():
+        if "onnx_vs_torch" in m:
+            a, h = m["onnx_vs_torch"], m["fp16_vs_fp32"]
+            lines.append(
+                f"| {name} | {a['max_abs_diff']:.2e} | {a['top1_agreement']:.2%} | "
+                f"{h['top1_agreement']:.2%} | {h['max_abs_diff']:.2e} |"
+            )
+    for name, m in report["models"].items():
+        if "int8_top1" in m:
+            lines += [
+                "",
+                f"## {name}: INT8 static quantisation (QDQ, per-channel, QUInt8 activations)",
+                "",
+                f"Top-1 {m['int8_top1']:.2%} vs fp32 {m['fp32_top1']:.2%} (drop {m['top1_drop_points']:.2f} points); "
+                f"agreement with fp32 {m['agreement_with_fp32']:.2%}.",
+                "",
+                "| batch | fp32 p50 ms | int8 p50 ms | speed-up |",
+                "|---:|---:|---:|---:|",
+            ]
+            for batch, s in m["latency_p50"].items():
+                lines.append(
+                    f"| {batch.split('_')[1]} | {s['fp32_ms']:.2f} | {s['int8_ms']:.2f} | x{s['speedup']:.2f} |"
+                )
+    (run / "export_report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,298 @@
+"""`python -m training all`: teacher, plain and distilled students, ensemble, evaluation, reports.
+
+Each stage writes `<out>/<stage>/model.pt`. A stage whose model exists and was trained from the same
+settings is reused, so re-running after an interruption (or re-running the demo) only does what is
+missing; changed settings retrain that stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.checkpoint import ModelSpec, load_model, save_model
+from training.data import SplitData, load_data
+from training.evaluate import (
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    fuse_probabilities,
+    predict_logits,
+)
+from training.models import ImageClassifier, build_classifier, count_macs, count_params
+from training.recipe import AugmentConfig, DistillConfig, ModelConfig, Recipe, dump_recipe
+from training.report import write_reports
+from training.runtime import Runtime
+from training.trainer import FitJob, fit
+
+
+@dataclass
+class Stage:
+    name: str
+    role: str  # teacher | student | variant | multihead
+    model_cfg: ModelConfig
+    seed: int
+    augment: AugmentConfig
+    distill: DistillConfig | None = None  # None: trained on labels alone
+    heads: int = 0
+    head_sample_fraction: float = 1.0
+
+
+def plan_stages(recipe: Recipe) -> list[Stage]:
+    """Every model `all` trains, in order (the teacher first: the others learn from it)."""
+    aug = recipe.data.augment
+    stages = [Stage("teacher", "teacher", recipe.teacher, recipe.seed, aug)]
+    for i, seed in enumerate(recipe.evaluation.seeds):
+        suffix = "" if i == 0 else f"_seed{seed}"
+        stages.append(Stage(f"student_plain{suffix}", "student", recipe.student, seed, aug))
+        stages.append(Stage(f"student_kd{suffix}", "student", recipe.student, seed, aug, recipe.distill))
+    for i, variant in enumerate(recipe.ensemble.variants):
+        stages.append(
+            Stage(
+                f"variant_{i}",
+                "variant",
+                recipe.student,
+                variant.seed,
+                variant.augment or aug,
+                variant.distill or recipe.distill,
+            )
+        )
+    heads = recipe.ensemble.multihead
+    if heads.heads > 0:
+        stages.append(
+            Stage(
+                "multihead",
+                "multihead",
+                recipe.student,
+                recipe.seed,
+                aug,
+                recipe.distill,
+                heads=heads.heads,
+                head_sample_fraction=heads.head_sample_fraction,
+            )
+        )
+    return stages
+
+
+def _fingerprint(stage: Stage, recipe: Recipe) -> str:
+    relevant = {
+        "data": recipe.data.model_dump(mode="json"),
+        "model": stage.model_cfg.model_dump(mode="json"),
+        "seed": stage.seed,
+        "augment": stage.augment.model_dump(mode="json"),
+        "distill": stage.distill.model_dump(mode="json") if stage.distill else None,
+        "teacher": recipe.teacher.model_dump(mode="json") if stage.distill else None,
+        "heads": [stage.heads, stage.head_sample_fraction],
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def _train_or_reuse(
+    stage: Stage,
+    recipe: Recipe,
+    data: SplitData,
+    teacher: ImageClassifier | None,
+    out: Path,
+    runtime: Runtime,
+    done: dict[str, str],
+) -> tuple[ImageClassifier, float, bool]:
+    """Train a stage, or reuse a model trained from identical settings (this run or an earlier one).
+
+    `done` maps settings fingerprints to the stage that holds them: an ensemble variant with the same
+    seed and settings as a KD seed run is that run, so it is copied instead of trained again.
+    """
+    model_path = out / stage.name / "model.pt"
+    fingerprint = _fingerprint(stage, recipe)
+    _barrier(runtime)
+    if model_path.exists():
+        model, _, meta = load_model(model_path)
+        if meta.get("fingerprint") == fingerprint:
+            done.setdefault(fingerprint, stage.name)
+            return model, 0.0, True
+    if fingerprint in done:
+        source = out / done[fingerprint] / "model.pt"
+        model, spec, meta = load_model(source)
+        if runtime.is_main:
+            spec.role = stage.role
+            save_model(model_path, model, spec, {**meta, "stage": stage.name, "same_as": done[fingerprint]})
+        _barrier(runtime)
+        return model, 0.0, True
+    cfg = stage.model_cfg
+    model = build_classifier(
+        cfg.arch, data.num_classes, small_stem=cfg.small_stem, mean=data.mean, std=data.std, heads=stage.heads
+    )
+    job = FitJob(
+        name=stage.name,
+        model=model,
+        train=cfg.train,
+        augment=stage.augment,
+        seed=stage.seed,
+        out_dir=out / stage.name,
+        teacher=teacher if stage.distill else None,
+        distill=stage.distill,
+        head_sample_fraction=stage.head_sample_fraction,
+    )
+    result = fit(job, data, runtime)
+    if runtime.is_main:
+        spec = ModelSpec(
+            arch=cfg.arch,
+            num_classes=data.num_classes,
+            small_stem=cfg.small_stem,
+            image_size=data.image_size,
+            mean=data.mean,
+            std=data.std,
+            class_names=data.class_names,
+            heads=stage.heads,
+            role=stage.role,
+        )
+        save_model(
+            model_path,
+            result.model,
+            spec,
+            {
+                "fingerprint": fingerprint,
+                "stage": stage.name,
+                "recipe": recipe.name,
+                "seconds": result.seconds,
+            },
+        )
+    done[fingerprint] = stage.name
+    _barrier(runtime)
+    return result.model, result.seconds, False
+
+
+def _evaluate_stage(
+    model: ImageClassifier, stage: Stage, data: SplitData, teacher_pred: torch.Tensor | None, ece_bins: int
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Fit the temperature on val, then measure on test. Returns metrics, test logits and labels."""
+    val_logits, val_labels = predict_logits(model, data.val)
+    test_logits, test_labels = predict_logits(model, data.test)
+    if stage.heads:
+        # One temperature shared by all heads; the heads are fused like independent members.
+        k = val_logits.shape[1]
+        temperature = fit_temperature(val_logits.flatten(0, 1), val_labels.repeat_interleave(k))
+        heads = list(test_logits.unbind(dim=1))
+        probs = fuse_probabilities(heads, [temperature] * k)
+        raw = fuse_probabilities(heads, [1.0] * k)
+    else:
+        temperature = fit_temperature(val_logits, val_labels)
+        probs = torch.softmax(test_logits / temperature, dim=-1)
+        raw = torch.softmax(test_logits, dim=-1)
+    metrics = classification_metrics(probs, test_labels, teacher_pred, ece_bins)
+    metrics["ece_uncalibrated"] = expected_calibration_error(raw, test_labels, ece_bins)
+    metrics["temperature"] = temperature
+    metrics["params"] = count_params(model)
+    metrics["macs"] = count_macs(model, data.image_size)
+    return metrics, test_logits, test_labels
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "top1": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
+    """Train and evaluate everything; returns the results (on the main process only)."""
+    started = time.perf_counter()
+    data = load_data(recipe.data)
+    out.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:
+        dump_recipe(recipe, out / "recipe.yaml")
+
+    stage_seconds: dict[str, float] = {}
+    reused: list[str] = []
+    trained: dict[str, tuple[Stage, ImageClassifier]] = {}
+    teacher: ImageClassifier | None = None
+    done: dict[str, str] = {}
+    for stage in plan_stages(recipe):
+        model, seconds, was_reused = _train_or_reuse(stage, recipe, data, teacher, out, runtime, done)
+        stage_seconds[stage.name] = round(seconds, 1)
+        if was_reused:
+            reused.append(stage.name)
+        if stage.role == "teacher":
+            teacher = model
+        trained[stage.name] = (stage, model)
+        if runtime.is_main:
+            print(
+                f"[training] {stage.name}: {'reused' if was_reused else f'trained in {seconds:.1f}s'}",
+                flush=True,
+            )
+    if not runtime.is_main:
+        return None
+
+    eval_start = time.perf_counter()
+    ece_bins = recipe.evaluation.ece_bins
+    teacher_stage, teacher_model = trained["teacher"]
+    models: dict[str, dict] = {}
+    logits: dict[str, torch.Tensor] = {}
+    teacher_metrics, teacher_logits, test_labels = _evaluate_stage(teacher_model, teacher_stage, data, None, ece_bins)
+    teacher_pred = teacher_logits.argmax(-1)
+    for name, (stage, model) in trained.items():
+        if name == "teacher":
+            metrics, stage_logits = teacher_metrics, teacher_logits
+        else:
+            metrics, stage_logits, _ = _evaluate_stage(model, stage, data, teacher_pred, ece_bins)
+        metrics["arch"] = stage.model_cfg.arch
+        metrics["role"] = stage.role
+        models[name], logits[name] = metrics, stage_logits
+        # Keep the fitted temperature and test metrics with the weights: export and serving read them.
+        _, spec, meta = load_model(out / name / "model.pt")
+        spec.temperature = metrics["temperature"]
+        spec.metrics = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
+        save_model(out / name / "model.pt", model, spec, meta)
+
+    members = [n for n in models if n.startswith("variant_")]
+    if members:
+        fused = fuse_probabilities([logits[n] for n in members], [models[n]["temperature"] for n in members])
+        ensemble = classification_metrics(fused, test_labels, teacher_pred, ece_bins)
+        ensemble.update(
+            arch=f"{len(members)} x {recipe.student.arch}",
+            role="ensemble",
+            members=members,
+            params=sum(models[n]["params"] for n in members),
+            macs=sum(models[n]["macs"] for n in members),
+            best_member_top1=max(models[n]["top1"] for n in members),
+        )
+        models["ensemble"] = ensemble
+
+    seeds = recipe.evaluation.seeds
+    seed_names = {
+        kind: [kind if i == 0 else f"{kind}_seed{s}" for i, s in enumerate(seeds)]
+        for kind in ("student_plain", "student_kd")
+    }
+    seed_study = {"seeds": seeds}
+    for kind, names in seed_names.items():
+        seed_study[kind] = _spread([models[n]["top1"] for n in names])
+    stage_seconds["evaluation"] = round(time.perf_counter() - eval_start, 1)
+
+    results = {
+        "recipe": recipe.name,
+        "dataset": data.description,
+        "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "image_size": data.image_size,
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "stage_seconds": stage_seconds,
+        "reused_stages": reused,
+        "models": models,
+        "seed_study": seed_study,
+    }
+    write_reports(results, out)
+    return results

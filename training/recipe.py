@@ -1,0 +1,189 @@
+"""Training recipes: YAML data (loaded with `safe_load`) validated into typed settings.
+
+A recipe is named (`digits` -> `training/recipes/digits.yaml`) or given as a path. CLI overrides
+use dotted keys (`student.train.epochs=3`). Unknown keys are an error that names them, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from training.errors import UserError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AugmentConfig(_Strict):
+    """Batched tensor augmentation applied to uint8 NHWC images (on the training device)."""
+
+    crop_padding: int = Field(0, ge=0, description="random translation by up to this many pixels")
+    hflip: bool = Field(False, description="random horizontal flip (wrong for digits, right for CIFAR)")
+    cutout: int = Field(0, ge=0, description="side of a random square zeroed per image (0 = off)")
+
+
+class DataConfig(_Strict):
+    dataset: Literal["digits", "cifar10", "imagefolder"] = "digits"
+    root: str | None = Field(None, description="dataset folder for cifar10 / imagefolder")
+    download: bool = Field(False, description="cifar10 only: download when the folder lacks it")
+    image_size: int = Field(16, ge=8, le=1024)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="ignored by cifar10 (own test set)")
+    split_seed: int = 0
+    num_workers: int = Field(0, ge=0, description="DataLoader workers for datasets decoded lazily")
+    augment: AugmentConfig = AugmentConfig()
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # "auto": bf16 autocast on CPU and CUDA where supported, fp32 otherwise.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class ModelConfig(_Strict):
+    arch: Literal["resnet18", "resnet34", "resnet50"]
+    small_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool, for small images")
+    train: TrainConfig = TrainConfig()
+
+
+class FeatureDistillConfig(_Strict):
+    """FitNets-style hint: a 1x1 adapter maps a student stage onto the teacher's same stage."""
+
+    enabled: bool = False
+    stage: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"
+    weight: float = Field(1.0, ge=0)
+
+
+class DistillConfig(_Strict):
+    loss: Literal["hinton", "dkd"] = "hinton"
+    temperature: float = Field(4.0, gt=0)
+    # Weight of the soft (teacher) term; the hard-label cross-entropy gets 1 - alpha.
+    alpha: float = Field(0.9, ge=0, le=1)
+    dkd_alpha: float = Field(1.0, ge=0, description="DKD: weight of target-class KD")
+    dkd_beta: float = Field(8.0, ge=0, description="DKD: weight of non-target-class KD")
+    feature: FeatureDistillConfig = FeatureDistillConfig()
+
+
+class VariantConfig(_Strict):
+    """One ensemble member: a distilled ResNet18 made different by its seed and augmentation."""
+
+    seed: int
+    augment: AugmentConfig | None = None
+    distill: DistillConfig | None = None
+
+
+class MultiHeadConfig(_Strict):
+    heads: int = Field(3, ge=0, description="0 disables the shared-backbone model")
+    # Each head sees a random subset of every batch (a bootstrap), which keeps the heads diverse.
+    head_sample_fraction: float = Field(0.8, gt=0, le=1)
+
+
+class EnsembleConfig(_Strict):
+    variants: list[VariantConfig] = []
+    multihead: MultiHeadConfig = MultiHeadConfig()
+
+
+class EvalConfig(_Strict):
+    # The plain and KD students are trained once per seed so the KD gain is reported with spread.
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    ece_bins: int = Field(15, ge=2)
+
+
+class Recipe(_Strict):
+    name: str
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teacher: ModelConfig
+    student: ModelConfig
+    distill: DistillConfig = DistillConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    evaluation: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _seeds_start_with_recipe_seed(self) -> Recipe:
+        if not self.evaluation.seeds:
+            raise ValueError("evaluation.seeds must name at least one seed")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` pairs; values are parsed as YAML scalars (3 -> int, true -> bool, [1,2] -> list)."""
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {pair!r} must look like section.key=value")
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    return parsed
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    problems = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "<top>"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key {where!r}")
+        else:
+            problems.append(f"{where}: {item['msg']}")
+    return f"recipe {source}: " + "; ".join(problems)
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+        if not candidate.is_file():
+            raise UserError(f"recipe file {candidate} does not exist")
+        return candidate
+    named = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not named.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise UserError(f"unknown recipe {name_or_path!r}; known recipes: {known} (or pass a .yaml path)")
+    return named
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(tree, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(_format_validation_error(str(path), exc)) from exc
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe (defaults filled in) beside a run, so it can be reproduced."""
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
