@@ -26,15 +26,18 @@ setup: $(STAMP)
 test: setup
 	$(PY) -m pytest -q
 
-# Train (stages already trained with the same settings are reused), export, check the repository.
+# Train (stages already trained with the same settings are reused), export and check the repository,
+# then start Triton + the gateway and classify held-out digits over HTTP. It keeps serving until
+# Ctrl-C; `make demo ONCE=1` exits after the demo (for scripts).
 demo: setup
 	$(PY) -m training all --recipe $(RECIPE) --out $(RUN_DIR)
 	$(PY) -m training export --run $(RUN_DIR) --repo $(REPO) --flavor $(FLAVOR)
 	@cat $(RUN_DIR)/export_report.md
+	$(PY) -m gateway demo --repo $(REPO) --recipe $(RECIPE) $(if $(ONCE),--once)
 
 # Needs the demo's repository; training and export reuse what is already there.
 bench: setup
-	test -f $(REPO)/manifest.json || $(MAKE) demo
+	test -f $(REPO)/manifest.json || $(MAKE) demo ONCE=1
 	$(PY) -m loadtest bench --repo $(REPO) --out benchmarks
 
 lint: setup

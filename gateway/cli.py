@@ -64,6 +64,18 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from gateway.demo import run_demo
+
+    run_demo(
+        Path(args.repo),
+        args.recipe,
+        args.port,
+        TritonPorts(args.http_port, args.grpc_port, args.metrics_port),
+        once=args.once,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--embedded-triton", action="store_true", help="start and supervise Triton from the repo")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_serve)
+
+    demo = commands.add_parser("demo", help="start Triton + gateway and classify held-out digits over HTTP")
+    demo.add_argument("--repo", default="model_repository")
+    demo.add_argument("--recipe", default="digits", help="the recipe whose test split is sent")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--http-port", type=int, default=8000)
+    demo.add_argument("--grpc-port", type=int, default=8001)
+    demo.add_argument("--metrics-port", type=int, default=8002)
+    demo.add_argument("--once", action="store_true", help="exit after the demo instead of serving on")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

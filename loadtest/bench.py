@@ -12,30 +12,21 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-import httpx
 import numpy as np
 import tritonclient.http as httpclient
 
+from gateway.process import GatewayProcess, free_port
 from gateway.triton_server import EmbeddedTriton, TritonPorts
-from training.data import digit_as_png_image
 from training.imageprep import to_model_input
 from training.manifest import read_manifest
 from training.onnx_tools import session
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from training.splits import digit_as_png_image
 
 
 def _percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -77,44 +68,6 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version(), "versions": versions}
 
 
-class GatewayUnderTest:
-    def __init__(self, repo: Path, triton_url: str):
-        self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--repo",
-                str(repo),
-                "--triton-url",
-                triton_url,
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("gateway did not become ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(15)
-
-
 def run_bench(repo: Path, out_dir: Path, requests: int = 300) -> dict:
     manifest = read_manifest(repo)
     size = manifest.preprocessing.image_size
@@ -125,11 +78,11 @@ def run_bench(repo: Path, out_dir: Path, requests: int = 300) -> dict:
     tensor = to_model_input(picture, size)[None]
 
     results: dict = {"machine": machine(), "requests_per_figure": requests, "concurrency": 1, "models": {}}
-    ports = TritonPorts(_free_port(), _free_port(), _free_port())
+    ports = TritonPorts(free_port(), free_port(), free_port())
     with EmbeddedTriton(repo, ports) as triton:
-        gateway = GatewayUnderTest(repo, triton.http_url)
+        gateway = GatewayProcess(repo, triton.http_url, ready_path="/readyz")
         direct = httpclient.InferenceServerClient(triton.http_url)
-        http = httpx.Client(base_url=gateway.url, timeout=30)
+        http = gateway.client
         try:
             for alias, name in (("student", "student_kd"), ("teacher", "teacher")):
                 entry = manifest.models[name]
@@ -168,7 +121,6 @@ def run_bench(repo: Path, out_dir: Path, requests: int = 300) -> dict:
                     flush=True,
                 )
         finally:
-            http.close()
             gateway.stop()
     s, t = results["models"]["student"], results["models"]["teacher"]
     results["student_vs_teacher"] = {

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.process import GatewayProcess, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A few-second version of the digits recipe: ResNet18 teacher, 1-2 epochs, two seeds, a 2-head model.
@@ -62,14 +64,6 @@ def tiny_repo(tiny_run: Path, tmp_path_factory) -> Path:
     return repo
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def triton(tiny_repo: Path, tmp_path_factory):
     """A real tritonserver on free loopback ports serving the tiny repository."""
@@ -86,56 +80,6 @@ def triton(tiny_repo: Path, tmp_path_factory):
     server.start(timeout=180)
     yield server
     server.stop()
-
-
-class GatewayProcess:
-    """`python -m gateway serve` under uvicorn, as a user runs it."""
-
-    def __init__(self, repo: Path, triton_url: str, env: dict[str, str] | None = None):
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--repo",
-                str(repo),
-                "--triton-url",
-                triton_url,
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        import time
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("gateway did not start")
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-
-    def stop(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        self.proc.wait(15)
 
 
 @pytest.fixture(scope="session")

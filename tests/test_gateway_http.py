@@ -9,10 +9,11 @@ import pytest
 import tritonclient.http as httpclient
 from PIL import Image
 
-from tests.conftest import GatewayProcess, free_port
-from training.data import digit_as_png_image, load_digits_images
+from gateway.process import GatewayProcess, free_port
+from training.data import load_digits_images
 from training.manifest import read_manifest
 from training.onnx_tools import run_logits, session
+from training.splits import digit_as_png_image
 
 HELD_OUT = [1500, 1600, 1700, 1750]  # indices into sklearn's digits
 
@@ -214,3 +215,24 @@ def test_triton_down_is_503_with_retry_after_and_a_deadline_is_504(tiny_repo, tr
 def test_bad_settings_stop_the_gateway_at_start(tiny_repo):
     with pytest.raises(RuntimeError, match="ab_weights"):
         GatewayProcess(tiny_repo, "127.0.0.1:1", env={"KDSERVE_AB_WEIGHTS": '{"student": 1, "canary": 1}'})
+
+
+def test_serve_with_embedded_triton_starts_supervises_and_stops_it(tiny_repo):
+    http_port = free_port()
+    env = {
+        "KDSERVE_EMBEDDED_TRITON": "true",
+        "KDSERVE_TRITON_GRPC_PORT": str(free_port()),
+        "KDSERVE_TRITON_METRICS_PORT": str(free_port()),
+    }
+    with GatewayProcess(tiny_repo, f"127.0.0.1:{http_port}", env=env, ready_path="/readyz", timeout=180) as gw:
+        resp = gw.client.post(
+            "/v1/classify?model=student",
+            content=png_bytes(digit_as_png_image(7)),
+            headers={"Content-Type": "image/png"},
+        )
+        assert resp.status_code == 200 and resp.json()["model"] == "student_kd"
+        assert httpclient.InferenceServerClient(f"127.0.0.1:{http_port}").is_server_ready()
+    # Stopping the gateway stopped its Triton too.
+    time.sleep(1)
+    with pytest.raises(Exception):  # noqa: B017 - any connection error will do
+        httpclient.InferenceServerClient(f"127.0.0.1:{http_port}").is_server_ready()

@@ -69,7 +69,8 @@ def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def test_decode_matches_training_preparation_and_refuses_bad_images():
-    from training.data import digit_as_png_image, load_digits_images
+    from training.data import load_digits_images
+    from training.splits import digit_as_png_image
 
     images, _ = load_digits_images(8)
     decoded = decode_image(_png(digit_as_png_image(5)), 8, FORMATS, 10_000)

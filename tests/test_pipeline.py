@@ -50,6 +50,8 @@ def test_saved_models_reproduce_the_reported_accuracy(tiny_run, tiny_results):
     assert top_k_accuracy(logits, labels, 1) == tiny_results["models"]["student_kd"]["top1"]
     assert (tiny_run / "student_kd" / "metrics.jsonl").read_text().count("\n") == 2
     assert "student:" in (tiny_run / "recipe.yaml").read_text()
+    stage_config = (tiny_run / "student_kd" / "config.yaml").read_text()
+    assert "distill:" in stage_config and "epochs: 2" in stage_config
     assert "| student_kd |" in (tiny_run / "results.md").read_text()
 
 

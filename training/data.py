@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from training.errors import UserError
 from training.imageprep import to_model_input
 from training.recipe import DataConfig
+from training.splits import digits_gray, stratified_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -73,20 +73,6 @@ class SplitData:
         return len(self.class_names)
 
 
-def _stratified_split(labels: np.ndarray, cfg: DataConfig, with_test: bool):
-    indices = np.arange(len(labels))
-    test_idx = np.array([], dtype=int)
-    if with_test:
-        indices, test_idx = train_test_split(
-            indices, test_size=cfg.test_fraction, stratify=labels, random_state=cfg.split_seed
-        )
-    val_share = cfg.val_fraction / (1 - (cfg.test_fraction if with_test else 0.0))
-    train_idx, val_idx = train_test_split(
-        indices, test_size=val_share, stratify=labels[indices], random_state=cfg.split_seed
-    )
-    return np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
-
-
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     as_float = images.float().div_(255)
     mean = as_float.mean(dim=(0, 1, 2))
@@ -96,26 +82,14 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 
 def load_digits_images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 handwritten 8x8 digits as uint8 RGB at `size` (ships with the package)."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    # Pixel values are 0..16; scale to the full 8-bit range before any resize.
-    gray = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    gray, labels = digits_gray()
     images = np.stack([to_model_input(Image.fromarray(img, mode="L"), size) for img in gray])
-    return torch.from_numpy(images), torch.as_tensor(bunch.target, dtype=torch.long)
-
-
-def digit_as_png_image(index: int) -> Image.Image:
-    """One raw 8x8 digit as a grayscale Pillow image, as a user would send it to the gateway."""
-    from sklearn.datasets import load_digits
-
-    gray = np.clip(np.rint(load_digits().images[index] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray, mode="L")
+    return torch.from_numpy(images), torch.as_tensor(labels, dtype=torch.long)
 
 
 def _load_digits(cfg: DataConfig) -> SplitData:
     images, labels = load_digits_images(cfg.image_size)
-    train_idx, val_idx, test_idx = _stratified_split(labels.numpy(), cfg, with_test=True)
+    train_idx, val_idx, test_idx = stratified_split(labels.numpy(), cfg, with_test=True)
     full = InMemoryImages(images, labels)
     train = full.subset(train_idx)
     mean, std = _channel_stats(train.images)
@@ -157,7 +131,7 @@ def _load_cifar10(cfg: DataConfig) -> SplitData:
         return InMemoryImages(torch.from_numpy(pixels), torch.as_tensor(ds.targets, dtype=torch.long))
 
     full_train, test = prepared(train_set), prepared(test_set)
-    train_idx, val_idx, _ = _stratified_split(full_train.labels.numpy(), cfg, with_test=False)
+    train_idx, val_idx, _ = stratified_split(full_train.labels.numpy(), cfg, with_test=False)
     train = full_train.subset(train_idx)
     mean, std = _channel_stats(train.images)
     return SplitData(
@@ -185,7 +159,7 @@ def _load_imagefolder(cfg: DataConfig) -> SplitData:
         files += found
         labels += [label] * len(found)
     label_array = np.asarray(labels)
-    train_idx, val_idx, test_idx = _stratified_split(label_array, cfg, with_test=True)
+    train_idx, val_idx, test_idx = stratified_split(label_array, cfg, with_test=True)
     full = ImageFiles(files, labels, cfg.image_size)
     # Normalisation statistics from a sample of training images keeps start-up fast on big folders.
     sample = np.random.default_rng(cfg.split_seed).choice(train_idx, size=min(512, len(train_idx)), replace=False)

@@ -216,6 +216,9 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
     members = [n for n in entries if n.startswith("variant_")]
     if members:
         _write_ensemble(repo, members, entries, opts)
+        # Triton's ensemble applies the same fusion as training's report: its test metrics are those.
+        measured = results["models"].get("ensemble", {})
+        entries[ENSEMBLE].metrics = {k: float(v) for k, v in measured.items() if isinstance(v, float | int)}
     manifest = Manifest(
         flavor=flavor,
         recipe=recipe.name,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from training.checkpoint import ModelSpec, load_model, save_model
 from training.data import SplitData, load_data
@@ -81,8 +82,8 @@ def plan_stages(recipe: Recipe) -> list[Stage]:
     return stages
 
 
-def _fingerprint(stage: Stage, recipe: Recipe) -> str:
-    relevant = {
+def _stage_settings(stage: Stage, recipe: Recipe) -> dict:
+    return {
         "data": recipe.data.model_dump(mode="json"),
         "model": stage.model_cfg.model_dump(mode="json"),
         "seed": stage.seed,
@@ -91,7 +92,11 @@ def _fingerprint(stage: Stage, recipe: Recipe) -> str:
         "teacher": recipe.teacher.model_dump(mode="json") if stage.distill else None,
         "heads": [stage.heads, stage.head_sample_fraction],
     }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fingerprint(stage: Stage, recipe: Recipe) -> str:
+    settings = _stage_settings(stage, recipe)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _barrier(runtime: Runtime) -> None:
@@ -144,6 +149,10 @@ def _train_or_reuse(
         distill=stage.distill,
         head_sample_fraction=stage.head_sample_fraction,
     )
+    if runtime.is_main:
+        # The stage's resolved settings, next to its checkpoint, so the run can be reproduced from it.
+        (out / stage.name).mkdir(parents=True, exist_ok=True)
+        (out / stage.name / "config.yaml").write_text(yaml.safe_dump(_stage_settings(stage, recipe), sort_keys=False))
     result = fit(job, data, runtime)
     if runtime.is_main:
         spec = ModelSpec(

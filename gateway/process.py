@@ -1,0 +1,84 @@
+"""`python -m gateway serve` as a child process: how the demo, the benchmarks and the tests run it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GatewayProcess:
+    """Start the gateway under uvicorn and wait until `ready_path` answers 200 (or it exits)."""
+
+    def __init__(
+        self,
+        repo: Path,
+        triton_url: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        ready_path: str = "/healthz",
+        timeout: float = 60.0,
+    ):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Output goes to a file, not a pipe: a pipe nobody reads fills up and blocks a long-running gateway.
+        self.log_path = Path(tempfile.mkstemp(prefix="kdserve-gateway-", suffix=".log")[1])
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "serve",
+                    "--repo",
+                    str(repo),
+                    "--triton-url",
+                    triton_url,
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                ],
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited during start-up: {self.log_path.read_text().strip()}")
+            try:
+                if httpx.get(f"{self.url}{ready_path}", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            self.stop()
+            raise RuntimeError(f"gateway not answering {ready_path} after {timeout:.0f}s")
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def stop(self) -> None:
+        if hasattr(self, "client"):
+            self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+
+    def __enter__(self) -> GatewayProcess:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
