@@ -4,13 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdserve-installed
+# Locust in its own virtualenv: nvidia-pytriton pins tritonclient[http] (geventhttpclient<=2.0.2),
+# Locust needs geventhttpclient>=2.3. Separate environments also keep the generator apart from the server.
+LOCUST_VENV ?= .venv-locust
+LOCUST_STAMP := $(LOCUST_VENV)/.kdserve-installed
 RECIPE ?= digits
 RUN_DIR ?= runs/$(RECIPE)
 REPO ?= model_repository
 FLAVOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench loadtest lint clean
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch/torchvision are installed first
 # and by pip on purpose: pip takes the pinned wheels from this machine's disk (uv/poetry download ~3 GB).
@@ -21,7 +25,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[train,serve,loadtest,dev]'
 	touch $@
 
-setup: $(STAMP)
+$(LOCUST_STAMP): pyproject.toml
+	test -x $(LOCUST_VENV)/bin/python || $(PYTHON) -m venv $(LOCUST_VENV)
+	$(LOCUST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCUST_VENV)/bin/python -m pip install -q -e '.[locust]'
+	touch $@
+
+setup: $(STAMP) $(LOCUST_STAMP)
 
 test: setup
 	$(PY) -m pytest -q
@@ -39,6 +49,10 @@ demo: setup
 bench: setup
 	test -f $(REPO)/manifest.json || $(MAKE) demo ONCE=1
 	$(PY) -m loadtest bench --repo $(REPO) --out benchmarks
+
+# A 60-second A/B load test against a running demo gateway (`make demo` in another terminal).
+loadtest: setup
+	$(PY) -m loadtest run --host http://127.0.0.1:8080 --scenario ab --users 4 --duration 60s --out runs/loadtest-ab
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -13,6 +13,33 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"[bench] results in {Path(args.out) / 'results.md'}")
 
 
+def _cmd_run(args: argparse.Namespace) -> None:
+    from loadtest.report import write_report
+    from loadtest.run import run_load
+
+    summary = run_load(
+        args.host,
+        args.scenario,
+        args.users,
+        args.duration,
+        Path(args.out),
+        args.triton_metrics,
+        args.stages,
+        args.recipe,
+        args.max_fail_ratio,
+    )
+    report = write_report(Path(args.out))
+    print(f"[loadtest] {args.scenario}: locust exit code {summary['locust_exit_code']}; report {report}")
+    if summary["locust_exit_code"] != 0:
+        raise SystemExit(summary["locust_exit_code"])
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from loadtest.report import write_report
+
+    print(f"[loadtest] {write_report(Path(args.run))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -21,6 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks")
     bench.add_argument("--requests", type=int, default=300)
     bench.set_defaults(func=_cmd_bench)
+
+    run = commands.add_parser("run", help="Locust headless against the gateway; CSVs, metrics, report")
+    run.add_argument("--host", default="http://127.0.0.1:8080", help="the gateway")
+    run.add_argument("--scenario", choices=["student", "teacher", "ensemble", "ab", "compare"], default="ab")
+    run.add_argument("--users", type=int, default=4)
+    run.add_argument("--duration", default="60s", help="e.g. 60s or 2m (ignored with --stages)")
+    run.add_argument("--stages", help='load steps "seconds:users,...", e.g. "20:1,20:2,20:4"')
+    run.add_argument("--out", default="runs/loadtest")
+    run.add_argument("--triton-metrics", default="http://127.0.0.1:8002/metrics")
+    run.add_argument("--recipe", default="digits", help="whose held-out split is sent")
+    run.add_argument("--max-fail-ratio", type=float, default=0.01, help="stop rule")
+    run.set_defaults(func=_cmd_run)
+
+    report = commands.add_parser("report", help="report.md and charts from a run directory")
+    report.add_argument("run")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

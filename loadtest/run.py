@@ -1,0 +1,153 @@
+"""`python -m loadtest run`: Locust headless against the gateway, with metrics before and after.
+
+Writes into --out: Locust's CSVs (stats, failures, full history) and HTML, the held-out images it
+sent, the gateway's and Triton's Prometheus metrics before and after, accuracy.json (top-1 of the
+answers under load), and run.json with the load generator's own CPU use, so a saturated client can
+be told from a saturated server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from training.recipe import load_recipe
+from training.splits import digit_as_png_image, digits_gray, digits_test_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+SCENARIOS = {
+    "student": ["StudentUser"],
+    "teacher": ["TeacherUser"],
+    "ensemble": ["EnsembleUser"],
+    "ab": ["ABUser"],
+    "compare": ["StudentUser", "TeacherUser"],  # both at once: half the users each
+}
+
+
+def locust_binary() -> Path:
+    """Locust lives in its own virtualenv (it cannot share one with nvidia-pytriton's tritonclient pin)."""
+    path = Path(os.environ.get("KDSERVE_LOCUST", ROOT / ".venv-locust" / "bin" / "locust"))
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; run `make setup` (it creates .venv-locust)")
+    return path
+
+
+def write_images(out: Path, recipe: str) -> Path:
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    labels = digits_gray()[1]
+    mapping = {}
+    for index in digits_test_indices(load_recipe(recipe).data):
+        buf = io.BytesIO()
+        digit_as_png_image(int(index)).save(buf, format="PNG")
+        name = f"{int(index):04d}.png"
+        (images / name).write_bytes(buf.getvalue())
+        mapping[name] = str(labels[index])
+    (images / "labels.json").write_text(json.dumps(mapping))
+    return images
+
+
+def warm_up(host: str, images: Path, requests: int = 5) -> None:
+    """A few requests per model first, so first-call costs do not land in the measured percentiles."""
+    sample = sorted(images.glob("*.png"))[0].read_bytes()
+    with httpx.Client(base_url=host, timeout=30) as client:
+        for model in ("student", "teacher", "ensemble"):
+            for _ in range(requests):
+                client.post(f"/v1/classify?model={model}", content=sample, headers={"Content-Type": "image/png"})
+
+
+def scrape(url: str, path: Path) -> None:
+    try:
+        path.write_text(httpx.get(url, timeout=5).text)
+    except httpx.HTTPError as exc:
+        path.write_text(f"# unreachable: {exc}\n")
+
+
+def parse_duration(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def run_load(
+    host: str,
+    scenario: str,
+    users: int,
+    duration: str,
+    out: Path,
+    triton_metrics: str | None,
+    stages: str | None = None,
+    recipe: str = "digits",
+    max_fail_ratio: float = 0.01,
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    images = write_images(out, recipe)
+    models = httpx.get(f"{host}/v1/models", timeout=10).json()
+    warm_up(host, images)
+    scrape(f"{host}/metrics", out / "gateway_metrics_before.txt")
+    if triton_metrics:
+        scrape(triton_metrics, out / "triton_metrics_before.txt")
+    seconds = sum(int(s.split(":")[0]) for s in stages.split(",")) if stages else parse_duration(duration)
+    command = [
+        str(locust_binary()),
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        host,
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds}s",
+        "--stop-timeout",
+        "5",
+        "--csv",
+        str(out / "locust"),
+        "--csv-full-history",
+        "--html",
+        str(out / "locust.html"),
+        "--only-summary",
+        *SCENARIOS[scenario],
+    ]
+    env = {
+        **os.environ,
+        "KDSERVE_IMAGES_DIR": str(images),
+        "KDSERVE_OUT": str(out),
+        "KDSERVE_MAX_FAIL_RATIO": str(max_fail_ratio),
+        "KDSERVE_STAGES": stages or "",
+    }
+    started = time.perf_counter()
+    with (out / "locust.log").open("w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # wait4 gives the child's own CPU time: how hard the load generator itself worked.
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    exit_code = os.waitstatus_to_exitcode(status)
+    scrape(f"{host}/metrics", out / "gateway_metrics_after.txt")
+    if triton_metrics:
+        scrape(triton_metrics, out / "triton_metrics_after.txt")
+    summary = {
+        "host": host,
+        "scenario": scenario,
+        "user_classes": SCENARIOS[scenario],
+        "users": users,
+        "stages": stages,
+        "seconds": seconds,
+        "wall_seconds": round(wall, 2),
+        "locust_exit_code": exit_code,
+        "generator_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "generator_cpu_share_of_one_core": round((usage.ru_utime + usage.ru_stime) / wall, 3),
+        "cores": os.cpu_count(),
+        "manifest_top1": {m["name"]: m["top1"] for m in models["models"]},
+        "aliases": models["aliases"],
+    }
+    (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
