@@ -1,10 +1,10 @@
 """`python -m loadtest bench`: every figure a side-by-side comparison measured in this one run.
 
-Paths: in-process ONNX Runtime (the floor), Triton called directly (binary HTTP at concurrency 1;
-perf_analyzer at saturation), and the gateway (HTTP POST of a PNG: decode, resize, Triton,
-calibration, fusion). Models: student vs teacher, INT8 vs fp32 student, and three ways to get an
-ensemble (members fused in the gateway, Triton's ensemble model, the K-head model) against one
-student. Results: benchmarks/results.json and benchmarks/results.md.
+Paths: in-process ONNX Runtime (the floor), Triton called directly over binary HTTP, and the
+gateway (HTTP POST of a PNG: decode, resize, Triton, calibration, fusion). Models: student vs
+teacher, INT8 vs fp32 student, and three ways to get an ensemble (members fused in the gateway,
+Triton's ensemble model, the K-head model) against one student.
+Results: benchmarks/results.json and benchmarks/results.md.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,6 @@ import tritonclient.http as httpclient
 
 from gateway.process import GatewayProcess, free_port
 from gateway.triton_server import EmbeddedTriton, TritonPorts
-from loadtest.perf_analyzer import measure as perf_analyzer
 from training.imageprep import to_model_input
 from training.manifest import read_manifest
 from training.onnx_tools import session
@@ -144,11 +144,20 @@ def run_bench(repo: Path, out_dir: Path, requests: int = 300) -> dict:
     with EmbeddedTriton(repo, ports) as triton, GatewayProcess(repo, triton.http_url, ready_path="/readyz") as gateway:
         direct = httpclient.InferenceServerClient(triton.http_url)
 
-        def triton_call(model: str, output: str = "logits") -> Callable[[], object]:
+        clients = threading.local()
+
+        def triton_call(model: str, own_client: bool = False) -> Callable[[], object]:
+            """One binary-HTTP inference; with own_client, one connection per calling thread."""
+
             def call():
+                client = direct
+                if own_client:
+                    if not hasattr(clients, "client"):
+                        clients.client = httpclient.InferenceServerClient(triton.http_url)
+                    client = clients.client
                 inp = httpclient.InferInput("images", list(tensor.shape), "UINT8")
                 inp.set_data_from_numpy(tensor, binary_data=True)
-                return direct.infer(model, [inp], outputs=[httpclient.InferRequestedOutput(output, binary_data=True)])
+                return client.infer(model, [inp], outputs=[httpclient.InferRequestedOutput("logits", binary_data=True)])
 
             return call
 
@@ -174,7 +183,6 @@ def run_bench(repo: Path, out_dir: Path, requests: int = 300) -> dict:
             def in_process(s=ort):
                 return s.run(["logits"], {"images": tensor})
 
-            pa = perf_analyzer(triton.http_url, name, size, [SATURATION_CONCURRENCY], out_dir / f"pa_{name}.csv")[0]
             figures = {
                 "top1": entry.metrics.get("top1"),
                 "latency_c1": {
@@ -184,7 +192,9 @@ def run_bench(repo: Path, out_dir: Path, requests: int = 300) -> dict:
                 },
                 "saturation": {
                     "in_process": saturate_threads(in_process, SATURATION_CONCURRENCY, SATURATION_SECONDS),
-                    "triton_direct_perf_analyzer": pa,
+                    "triton_direct": saturate_threads(
+                        triton_call(name, own_client=True), SATURATION_CONCURRENCY, SATURATION_SECONDS
+                    ),
                     "gateway": saturate_gateway(gateway.url, alias, png),
                 },
             }
@@ -250,8 +260,9 @@ def results_markdown(results: dict) -> str:
         "",
         "Every figure below comes from the same run. Concurrency 1: one request at a time, one image "
         f"({results['requests_per_latency_figure']} requests). Saturation: {sat['concurrency']} requests in flight "
-        f"for {sat['seconds']:.0f} s (in-process: {sat['concurrency']} threads; Triton: perf_analyzer; gateway: "
-        "async HTTP client). The load generator shares the 2 cores with the server.",
+        f"for {sat['seconds']:.0f} s (in-process: {sat['concurrency']} threads; Triton: {sat['concurrency']} "
+        "threads with tritonclient; gateway: async HTTP client). The load generator shares the 2 cores "
+        "with the server.",
         "",
         "## Paths: in-process ONNX Runtime vs Triton direct vs the gateway",
         "",
@@ -264,10 +275,7 @@ def results_markdown(results: dict) -> str:
             f"{f['latency_c1'][p]['p50_ms']:.2f} / {f['latency_c1'][p]['p99_ms']:.2f}"
             for p in ("in_process", "triton_direct", "gateway")
         ]
-        thr = [
-            f"{f['saturation'][p]['throughput_per_s']:.0f}"
-            for p in ("in_process", "triton_direct_perf_analyzer", "gateway")
-        ]
+        thr = [f"{f['saturation'][p]['throughput_per_s']:.0f}" for p in ("in_process", "triton_direct", "gateway")]
         lines.append(f"| {label} | {_pct(f['top1'])} | {' | '.join(lat)} | {' | '.join(thr)} |")
     ratio = results["teacher_over_student"]
     lines += [
@@ -285,8 +293,8 @@ def results_markdown(results: dict) -> str:
             "",
             f"INT8 vs fp32 student: top-1 {_pct(i8['top1'])} vs {_pct(f32['top1'])}; in-process p50 "
             f"{i8['latency_c1']['in_process']['p50_ms']:.2f} vs {f32['latency_c1']['in_process']['p50_ms']:.2f} ms; "
-            f"Triton throughput {i8['saturation']['triton_direct_perf_analyzer']['throughput_per_s']:.0f} vs "
-            f"{f32['saturation']['triton_direct_perf_analyzer']['throughput_per_s']:.0f} img/s.",
+            f"Triton throughput {i8['saturation']['triton_direct']['throughput_per_s']:.0f} vs "
+            f"{f32['saturation']['triton_direct']['throughput_per_s']:.0f} img/s.",
         ]
     lines += [
         "",

@@ -27,6 +27,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         args.stages,
         args.recipe,
         args.max_fail_ratio,
+        args.triton_http or None,
     )
     report = write_report(Path(args.out))
     print(f"[loadtest] {args.scenario}: locust exit code {summary['locust_exit_code']}; report {report}")
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help='load steps "seconds:users,...", e.g. "20:1,20:2,20:4"')
     run.add_argument("--out", default="runs/loadtest")
     run.add_argument("--triton-metrics", default="http://127.0.0.1:8002/metrics")
+    run.add_argument(
+        "--triton-http",
+        default="127.0.0.1:8000",
+        help="Triton for perf_analyzer at the same concurrencies ('' skips it)",
+    )
     run.add_argument("--recipe", default="digits", help="whose held-out split is sent")
     run.add_argument("--max-fail-ratio", type=float, default=0.01, help="stop rule")
     run.set_defaults(func=_cmd_run)

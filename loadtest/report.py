@@ -135,6 +135,26 @@ def write_report(run: Path) -> Path:
                 f"| {users} | {s['p50']:.1f} / {s['p99']:.1f} | {t['p50']:.1f} / {t['p99']:.1f} | "
                 f"x{t['p50'] / s['p50']:.2f} | x{t['p99'] / s['p99']:.2f} |"
             )
+    direct = summary.get("perf_analyzer") or {}
+    if direct:
+        lines += [
+            "",
+            "## Gateway overhead vs model time (perf_analyzer on Triton directly, same models and concurrency)",
+            "",
+            "| request | users | per-model concurrency | gateway p50 ms (Locust) | Triton p50 ms (perf_analyzer) | "
+            "Triton server compute ms | gateway overhead p50 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, d in direct.items():
+            by_level = {row["concurrency"]: row for row in d["rows"]}
+            classes = len(direct)
+            for users, s in steps.get(name, {}).items():
+                row = by_level.get(max(1, users // classes))
+                if row:
+                    lines.append(
+                        f"| {name} | {users} | {row['concurrency']} | {s['p50']:.1f} | {row['p50_ms']:.1f} | "
+                        f"{row['server_compute_ms']:.1f} | {s['p50'] - row['p50_ms']:.1f} |"
+                    )
     if accuracy:
         lines += [
             "",

@@ -17,11 +17,20 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.perf_analyzer import measure
 from training.recipe import load_recipe
 from training.splits import digit_as_png_image, digits_gray, digits_test_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+# The Triton models behind each scenario's requests (Locust request name -> Triton model).
+TRITON_MODELS = {
+    "student": {"classify student": "student_kd"},
+    "teacher": {"classify teacher": "teacher"},
+    "ensemble": {"classify ensemble": "ensemble"},
+    "ab": {"classify auto": "student_kd"},
+    "compare": {"classify student": "student_kd", "classify teacher": "teacher"},
+}
 SCENARIOS = {
     "student": ["StudentUser"],
     "teacher": ["TeacherUser"],
@@ -85,6 +94,7 @@ def run_load(
     stages: str | None = None,
     recipe: str = "digits",
     max_fail_ratio: float = 0.01,
+    triton_http: str | None = None,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     images = write_images(out, recipe)
@@ -149,5 +159,27 @@ def run_load(
         "manifest_top1": {m["name"]: m["top1"] for m in models["models"]},
         "aliases": models["aliases"],
     }
+    if triton_http:
+        summary["perf_analyzer"] = triton_direct(
+            triton_http, scenario, users, stages, out, models["models"][0]["input_shape"][0]
+        )
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def triton_direct(triton_http: str, scenario: str, users: int, stages: str | None, out: Path, size: int) -> dict:
+    """perf_analyzer on the same Triton models at the same concurrencies as the Locust steps.
+
+    Locust's users split evenly over the scenario's user classes, so each model saw users / classes
+    requests in flight; that is the concurrency perf_analyzer measures here.
+    """
+    steps = sorted({int(s.split(":")[1]) for s in stages.split(",")}) if stages else [users]
+    per_model = TRITON_MODELS[scenario]
+    results = {}
+    for request_name, model in per_model.items():
+        levels = sorted({max(1, u // len(per_model)) for u in steps})
+        rows = []
+        for level in levels:
+            rows += measure(triton_http, model, size, [level], out / f"perf_analyzer_{model}_c{level}.csv", 2000)
+        results[request_name] = {"model": model, "per_model_concurrency": levels, "rows": rows}
+    return results

@@ -12,7 +12,14 @@ def test_headless_locust_against_the_gateway_writes_csv_metrics_and_report(gatew
     out = tmp_path / "load"
     metrics_url = f"http://127.0.0.1:{triton.ports.metrics}/metrics"
     summary = run_load(
-        gateway.url, "compare", users=2, duration="6s", out=out, triton_metrics=metrics_url, stages="3:1,3:2"
+        gateway.url,
+        "compare",
+        users=2,
+        duration="6s",
+        out=out,
+        triton_metrics=metrics_url,
+        stages="3:1,3:2",
+        triton_http=triton.http_url,
     )
     assert summary["locust_exit_code"] == 0, (out / "locust.log").read_text()[-2000:]
     assert summary["generator_cpu_seconds"] > 0 and summary["manifest_top1"]["student_kd"] is not None
@@ -28,8 +35,11 @@ def test_headless_locust_against_the_gateway_writes_csv_metrics_and_report(gatew
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert accuracy["student_kd"]["total"] > 0 and accuracy["teacher"]["total"] > 0
 
+    direct = summary["perf_analyzer"]["classify teacher"]
+    assert direct["model"] == "teacher" and direct["rows"][0]["throughput_per_s"] > 0
     report = write_report(out).read_text()
     assert "## Teacher vs student" in report and "| classify student |" in report
+    assert "## Gateway overhead vs model time" in report
     for chart in ("latency.png", "throughput.png", "errors.png"):
         assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -113,10 +113,13 @@ class _ImageBatches:
 
 
 def quantize_int8(src: Path, dst: Path, calibration_images: np.ndarray) -> None:
-    """Static INT8: QDQ format, per-channel weights, unsigned 8-bit activations.
+    """Static INT8: QDQ format, per-channel weights, unsigned 8-bit activations, 7-bit weight range.
 
     QUInt8 activations (not the signed default) are what gives the speed-up on AVX2 CPUs: their
-    integer kernels are u8 x s8. Calibration uses training images, never the test split.
+    integer kernels are u8 x s8. Without VNNI those kernels sum pairs of u8 x s8 products into
+    saturating int16 (vpmaddubsw), which cost the digits student 3 points of top-1 with every
+    calibration method tried; `reduce_range` (7-bit weights) avoids the saturation: 0.4 points.
+    Calibration uses training images, never the test split.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -135,6 +138,7 @@ def quantize_int8(src: Path, dst: Path, calibration_images: np.ndarray) -> None:
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=True,
         )
     finally:
         prepared.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from training.evaluate import (
     fit_temperature,
     fuse_probabilities,
     predict_logits,
+    top_k_accuracy,
 )
 from training.models import ImageClassifier, build_classifier, count_macs, count_params
 from training.recipe import AugmentConfig, DistillConfig, ModelConfig, Recipe, dump_recipe
@@ -125,7 +126,8 @@ def _train_or_reuse(
         model, _, meta = load_model(model_path)
         if meta.get("fingerprint") == fingerprint:
             done.setdefault(fingerprint, stage.name)
-            return model, 0.0, True
+            # Report the time it took when it was trained (copies of another stage took none).
+            return model, 0.0 if "same_as" in meta else float(meta.get("seconds", 0.0)), True
     if fingerprint in done:
         source = out / done[fingerprint] / "model.pt"
         model, spec, meta = load_model(source)
@@ -182,10 +184,19 @@ def _train_or_reuse(
     return result.model, result.seconds, False
 
 
+@dataclass
+class StageEval:
+    metrics: dict
+    test_logits: torch.Tensor
+    test_labels: torch.Tensor
+    val_logits: torch.Tensor
+    val_labels: torch.Tensor
+
+
 def _evaluate_stage(
     model: ImageClassifier, stage: Stage, data: SplitData, teacher_pred: torch.Tensor | None, ece_bins: int
-) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Fit the temperature on val, then measure on test. Returns metrics, test logits and labels."""
+) -> StageEval:
+    """Fit the temperature on val, then measure on test (val top-1 is reported too)."""
     val_logits, val_labels = predict_logits(model, data.val)
     test_logits, test_labels = predict_logits(model, data.test)
     if stage.heads:
@@ -195,16 +206,19 @@ def _evaluate_stage(
         heads = list(test_logits.unbind(dim=1))
         probs = fuse_probabilities(heads, [temperature] * k)
         raw = fuse_probabilities(heads, [1.0] * k)
+        val_probs = fuse_probabilities(list(val_logits.unbind(dim=1)), [temperature] * k)
     else:
         temperature = fit_temperature(val_logits, val_labels)
         probs = torch.softmax(test_logits / temperature, dim=-1)
         raw = torch.softmax(test_logits, dim=-1)
+        val_probs = torch.softmax(val_logits / temperature, dim=-1)
     metrics = classification_metrics(probs, test_labels, teacher_pred, ece_bins)
+    metrics["val_top1"] = top_k_accuracy(val_probs, val_labels, 1)
     metrics["ece_uncalibrated"] = expected_calibration_error(raw, test_labels, ece_bins)
     metrics["temperature"] = temperature
     metrics["params"] = count_params(model)
     metrics["macs"] = count_macs(model, data.image_size)
-    return metrics, test_logits, test_labels
+    return StageEval(metrics, test_logits, test_labels, val_logits, val_labels)
 
 
 def _spread(values: list[float]) -> dict:
@@ -249,13 +263,12 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     teacher_stage, teacher_model = trained["teacher"]
     models: dict[str, dict] = {}
     logits: dict[str, torch.Tensor] = {}
-    teacher_metrics, teacher_logits, test_labels = _evaluate_stage(teacher_model, teacher_stage, data, None, ece_bins)
-    teacher_pred = teacher_logits.argmax(-1)
+    teacher_eval = _evaluate_stage(teacher_model, teacher_stage, data, None, ece_bins)
+    teacher_pred, test_labels = teacher_eval.test_logits.argmax(-1), teacher_eval.test_labels
+    evals: dict[str, StageEval] = {}
     for name, (stage, model) in trained.items():
-        if name == "teacher":
-            metrics, stage_logits = teacher_metrics, teacher_logits
-        else:
-            metrics, stage_logits, _ = _evaluate_stage(model, stage, data, teacher_pred, ece_bins)
+        evals[name] = teacher_eval if name == "teacher" else _evaluate_stage(model, stage, data, teacher_pred, ece_bins)
+        metrics, stage_logits = evals[name].metrics, evals[name].test_logits
         metrics["arch"] = stage.model_cfg.arch
         metrics["role"] = stage.role
         models[name], logits[name] = metrics, stage_logits
@@ -269,7 +282,11 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     if members:
         fused = fuse_probabilities([logits[n] for n in members], [models[n]["temperature"] for n in members])
         ensemble = classification_metrics(fused, test_labels, teacher_pred, ece_bins)
+        temperatures = [models[n]["temperature"] for n in members]
+        val_fused = fuse_probabilities([evals[n].val_logits for n in members], temperatures)
         ensemble.update(
+            val_top1=top_k_accuracy(val_fused, evals[members[0]].val_labels, 1),
+            best_member_val_top1=max(models[n]["val_top1"] for n in members),
             arch=f"{len(members)} x {recipe.student.arch}",
             role="ensemble",
             members=members,
@@ -298,6 +315,8 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
         "world_size": runtime.world_size,
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 1),
+        # What training everything takes from scratch: the recorded time of every stage + evaluation.
+        "training_seconds": round(sum(stage_seconds.values()), 1),
         "stage_seconds": stage_seconds,
         "reused_stages": reused,
         "models": models,

@@ -21,7 +21,9 @@ def results_markdown(results: dict) -> str:
         f"Dataset: {results['dataset']} (train/val/test = "
         f"{results['split_sizes']['train']}/{results['split_sizes']['val']}/{results['split_sizes']['test']}), "
         f"input {results['image_size']}x{results['image_size']}. Device: {results['device']}, "
-        f"{results['threads']} threads, {results['world_size']} process(es). Wall time: {results['seconds']:.0f} s.",
+        f"{results['threads']} threads, {results['world_size']} process(es). Time to train and evaluate everything: "
+        f"{results.get('training_seconds', results['seconds']):.0f} s (this invocation: {results['seconds']:.0f} s; "
+        "stages marked reused were trained by an earlier invocation with the same settings).",
         "",
         "All metrics on the held-out test split. ECE after temperature scaling fitted on the validation split "
         "(uncalibrated in brackets). Agreement: share of test images where the model's top-1 equals the teacher's.",
@@ -40,8 +42,9 @@ def results_markdown(results: dict) -> str:
         ens = results["models"]["ensemble"]
         lines += [
             "",
-            f"Ensemble = mean of calibrated probabilities of {', '.join(ens['members'])}; "
-            f"best member {_pct(ens['best_member_top1'])}, fused {_pct(ens['top1'])}.",
+            f"Ensemble = mean of calibrated probabilities of {', '.join(ens['members'])}. Test: fused "
+            f"{_pct(ens['top1'])}, best member {_pct(ens['best_member_top1'])}. Validation: fused "
+            f"{_pct(ens.get('val_top1'))}, best member {_pct(ens.get('best_member_val_top1'))}.",
         ]
     study = results["seed_study"]
     lines += [
