@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from training.checkpoint import ModelSpec, load_model
 from training.data import SplitData, iterate_batches, load_data
@@ -62,8 +63,6 @@ def _served_models(run: Path, results: dict) -> list[str]:
 
 def _as_numpy(dataset) -> tuple[np.ndarray, np.ndarray]:
     images, labels = zip(*iterate_batches(dataset, 512), strict=True)
-    import torch
-
     return torch.cat(images).numpy(), torch.cat(labels).numpy()
 
 
