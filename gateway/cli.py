@@ -41,10 +41,16 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
 
-    overrides = {"repo": Path(args.repo), "host": args.host, "port": args.port, "embedded_triton": args.embedded_triton}
-    if args.triton_url:
-        overrides["triton_url"] = args.triton_url
-    settings = GatewaySettings(**overrides)
+    # Only flags the user gave override: arguments outrank KDSERVE_* variables in pydantic-settings,
+    # so passing argparse defaults would silently mask the environment.
+    given = {
+        "repo": args.repo,
+        "host": args.host,
+        "port": args.port,
+        "triton_url": args.triton_url,
+        "embedded_triton": args.embedded_triton,
+    }
+    settings = GatewaySettings(**{key: value for key, value in given.items() if value is not None})
     app = create_app(settings)
     print(
         f"gateway: http://{settings.host}:{settings.port}  docs http://{settings.host}:{settings.port}/docs  "
@@ -90,11 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     triton.set_defaults(func=_cmd_triton)
 
     serve = commands.add_parser("serve", help="run the HTTP gateway (settings also from KDSERVE_* variables)")
-    serve.add_argument("--repo", default="model_repository")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--triton-url", help="Triton HTTP host:port (default 127.0.0.1:8000)")
-    serve.add_argument("--embedded-triton", action="store_true", help="start and supervise Triton from the repo")
+    serve.add_argument("--repo", help="model repository (default model_repository, or KDSERVE_REPO)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1, or KDSERVE_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 8080, or KDSERVE_PORT)")
+    serve.add_argument("--triton-url", help="Triton HTTP host:port (default 127.0.0.1:8000, or KDSERVE_TRITON_URL)")
+    serve.add_argument(
+        "--embedded-triton",
+        action="store_true",
+        default=None,
+        help="start and supervise Triton from the repo (or KDSERVE_EMBEDDED_TRITON=true)",
+    )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_serve)
 

@@ -65,15 +65,15 @@ def measure(
         f"{min(concurrency)}:{max(concurrency)}:1" if len(concurrency) > 1 else f"{concurrency[0]}",
         "--measurement-interval",
         str(interval_ms),
-        "--percentile",
-        "99",
         "-f",
         str(out_csv),
-        # On 2 shared cores a 10% stability band (the default) is rarely met; 30% over up to 15 windows is.
+        # No --percentile: with it perf_analyzer stabilises on p99, which rare scheduler stalls on 2
+        # shared cores never let settle; without it, on the mean latency (the CSV still has p50-p99).
+        # The default 10% band is rarely met on 2 cores shared with the server: accept 50% over 20 windows.
         "--stability-percentage",
-        "30",
+        "50",
         "--max-trials",
-        "15",
+        "20",
     ]
     proc = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:

@@ -72,7 +72,7 @@ def test_rerun_reuses_every_stage_and_changed_settings_retrain(tiny_run, tmp_pat
                 "ensemble.multihead.heads=0",
                 "evaluation.seeds=[0]",
                 "ensemble.variants=[]",
-                "distill.temperature=2.0",
+                "distill.temperature=3.0",
             ]
         ),
     )
