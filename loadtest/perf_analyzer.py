@@ -16,6 +16,11 @@ from pathlib import Path
 
 from gateway.triton_server import pytriton_root
 
+
+class UnstableMeasurement(RuntimeError):
+    """perf_analyzer ran but its measurement windows never agreed (a loaded machine)."""
+
+
 NEEDED = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
 
 
@@ -77,6 +82,8 @@ def measure(
     ]
     proc = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
+        if "Failed to obtain stable measurement" in proc.stdout + proc.stderr:
+            raise UnstableMeasurement(f"{model}: no stable measurement at concurrency {concurrency}")
         raise RuntimeError(f"perf_analyzer failed: {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
     rows = []
     with out_csv.open() as fh:

@@ -146,6 +146,11 @@ def write_report(run: Path) -> Path:
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, d in direct.items():
+            if d.get("unstable"):
+                lines.append(
+                    f"| {name} | — | {d['unstable']} | — | perf_analyzer found no stable measurement "
+                    "(machine too loaded) | — | — |"
+                )
             by_level = {row["concurrency"]: row for row in d["rows"]}
             classes = len(direct)
             for users, s in steps.get(name, {}).items():
