@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -21,8 +20,6 @@ from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from training.manifest import read_manifest
-
-log = logging.getLogger("kdserve.gateway")
 
 
 def _embedded_triton(settings: GatewaySettings) -> EmbeddedTriton:

@@ -47,10 +47,6 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return ece.item()
 
 
-def agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
-    return (logits_a.argmax(-1) == logits_b.argmax(-1)).float().mean().item()
-
-
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Temperature scaling (Guo et al., 2017): the T > 0 minimising validation NLL of softmax(z / T)."""
     log_t = torch.zeros(1, requires_grad=True)  # optimise log T so T stays positive
