@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.ab import ABRouter, ABStats
 from gateway.errors import GatewayError, install_error_handlers
 from gateway.metrics import GatewayMetrics
+from gateway.observe import RequestObserver
 from gateway.routes import router
 from gateway.service import Classifier
 from gateway.settings import GatewaySettings
@@ -73,25 +72,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.ab_stats = ABStats(list(settings.ab_weights), settings.ab_window)
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        request.state.rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-        request.state.model, request.state.arm = "", ""
-        start = time.perf_counter()
-        metrics.in_flight.inc()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            response.headers["X-Request-ID"] = request.state.rid
-            return response
-        finally:
-            metrics.in_flight.dec()
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            labels = (path, request.state.model, request.state.arm, str(status))
-            metrics.request_seconds.labels(*labels).observe(time.perf_counter() - start)
-            metrics.requests.labels(*labels).inc()
+    app.add_middleware(RequestObserver, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import re
 import time
 
 import numpy as np
@@ -125,22 +126,42 @@ def test_ab_assignment_is_sticky_and_shadow_agreement_is_recorded(gateway):
 
 
 def test_every_metric_is_exported_with_its_labels(gateway):
-    gateway.client.post(
-        "/v1/classify?model=student", content=png_bytes(digit_as_png_image(3)), headers={"Content-Type": "image/png"}
+    # Its own traffic of every kind, so the test holds when run alone: a pinned student, an
+    # ensemble, an A/B request (which also shadows) and one undecodable body.
+    png = png_bytes(digit_as_png_image(3))
+    headers = {"Content-Type": "image/png"}
+    traced = gateway.client.post(
+        "/v1/classify?model=student", content=png, headers={**headers, "X-Request-ID": "trace-42"}
     )
-    gateway.client.post("/v1/classify", content=b"junk", headers={"Content-Type": "image/png"})
-    text = gateway.client.get("/metrics").text
-    for needle in (
+    assert traced.status_code == 200
+    assert traced.headers["X-Request-ID"] == traced.json()["request_id"] == "trace-42"
+    fused = gateway.client.post("/v1/classify?model=ensemble", content=png, headers=headers)
+    assert fused.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", fused.headers["X-Request-ID"])
+    ab = gateway.client.post("/v1/classify", content=png, headers={**headers, "X-Client-Key": "metrics"})
+    assert ab.status_code == 200
+    arm = ab.json()["arm"]
+    assert gateway.client.post("/v1/classify", content=b"junk", headers=headers).status_code == 415
+    needles = [
         'kdserve_request_duration_seconds_bucket{arm="",le="0.001",model="student_kd",route="/v1/classify",status="200"}',
+        f'kdserve_requests_total{{arm="{arm}",model="{ab.json()["model"]}",route="/v1/classify",status="200"}}',
         'kdserve_triton_call_duration_seconds_count{model="student_kd",outcome="ok"}',
         "kdserve_decode_duration_seconds_count",
         'kdserve_fusion_duration_seconds_count{method="mean_prob"}',
         'kdserve_requests_total{arm="",model="student_kd",route="/v1/classify",status="200"}',
+        'kdserve_requests_total{arm="",model="ensemble",route="/v1/classify",status="200"}',
         'kdserve_errors_total{kind="unsupported_media_type"}',
         "kdserve_ensemble_degraded_total",
-        'kdserve_shadow_requests_total{agreed="true"',
         "kdserve_in_flight_requests",
-    ):
+        'kdserve_images_total{model="student_kd"}',
+    ]
+    # The shadow call goes to the other arm and runs after the primary response was sent.
+    shadow = re.compile(r'kdserve_shadow_requests_total\{agreed="(?:true|false)",arm="(\w+)"\} [1-9]')
+    deadline = time.monotonic() + 5.0
+    while not (found := shadow.search(text := gateway.client.get("/metrics").text)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert found, "no shadow request counted"
+    assert found.group(1) != arm
+    for needle in needles:
         assert needle in text, needle
 
 

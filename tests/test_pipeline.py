@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import torch
 
@@ -126,3 +128,31 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     epochs = [json.loads(line)["epoch"] for line in (out / "teacher" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]  # epoch 1 was not trained again
+
+
+INIT_DIGEST = """
+import hashlib, sys
+from training.data import load_data
+from training.pipeline import init_model, plan_stages
+from training.recipe import load_recipe
+recipe = load_recipe("digits", [f"evaluation.seeds=[{sys.argv[1]}]"])
+model = init_model(plan_stages(recipe)[1], load_data(recipe.data))  # the plain student
+digest = hashlib.sha256()
+for tensor in model.state_dict().values():
+    digest.update(tensor.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def _init_digest(seed: int) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", INIT_DIGEST, str(seed)], capture_output=True, text=True, timeout=120, check=True
+    )
+    return proc.stdout.strip()
+
+
+def test_initial_weights_come_from_the_stage_seed_in_every_process():
+    # torch seeds itself randomly at start-up: two processes must still start a stage from the same weights.
+    first, again, other = _init_digest(0), _init_digest(0), _init_digest(1)
+    assert first == again
+    assert first != other

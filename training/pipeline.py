@@ -95,9 +95,26 @@ def _stage_settings(stage: Stage, recipe: Recipe) -> dict:
     }
 
 
+# Bumped when a change to training makes models trained by earlier code stale (2: seeded weights).
+TRAINING_FORMAT = 2
+
+
 def _fingerprint(stage: Stage, recipe: Recipe) -> str:
-    settings = _stage_settings(stage, recipe)
+    settings = {**_stage_settings(stage, recipe), "format": TRAINING_FORMAT}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def init_model(stage: Stage, data: SplitData) -> ImageClassifier:
+    """A freshly initialised model for `stage`, its weights drawn from the stage's seed.
+
+    torch seeds its default generator randomly at start-up, so without this a seed would fix the
+    data order and augmentation but not the initial weights, and no run could be repeated.
+    """
+    cfg = stage.model_cfg
+    torch.manual_seed(stage.seed)
+    return build_classifier(
+        cfg.arch, data.num_classes, small_stem=cfg.small_stem, mean=data.mean, std=data.std, heads=stage.heads
+    )
 
 
 def _barrier(runtime: Runtime) -> None:
@@ -137,9 +154,7 @@ def _train_or_reuse(
         _barrier(runtime)
         return model, 0.0, True
     cfg = stage.model_cfg
-    model = build_classifier(
-        cfg.arch, data.num_classes, small_stem=cfg.small_stem, mean=data.mean, std=data.std, heads=stage.heads
-    )
+    model = init_model(stage, data)
     job = FitJob(
         name=stage.name,
         model=model,
