@@ -82,15 +82,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
+def _add_triton_port_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gateway")
     commands = parser.add_subparsers(dest="command", required=True)
     triton = commands.add_parser("triton", help="run the embedded Triton server in the foreground")
     triton.add_argument("--repo", default="model_repository")
     triton.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
-    triton.add_argument("--http-port", type=int, default=8000)
-    triton.add_argument("--grpc-port", type=int, default=8001)
-    triton.add_argument("--metrics-port", type=int, default=8002)
+    _add_triton_port_flags(triton)
     triton.add_argument("--log", help="append Triton's own log to this file")
     triton.add_argument("--ready-timeout", type=float, default=120.0)
     triton.set_defaults(func=_cmd_triton)
@@ -112,10 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start Triton + gateway and classify held-out digits over HTTP")
     demo.add_argument("--repo", default="model_repository")
     demo.add_argument("--recipe", default="digits", help="the recipe whose test split is sent")
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--http-port", type=int, default=8000)
-    demo.add_argument("--grpc-port", type=int, default=8001)
-    demo.add_argument("--metrics-port", type=int, default=8002)
+    demo.add_argument("--port", type=int, default=8080, help="gateway port")
+    _add_triton_port_flags(demo)
     demo.add_argument("--once", action="store_true", help="exit after the demo instead of serving on")
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -8,7 +8,6 @@ accuracy training measured, then keeps serving (or exits with --once).
 
 from __future__ import annotations
 
-import io
 import signal
 import threading
 from pathlib import Path
@@ -16,18 +15,13 @@ from pathlib import Path
 import httpx
 
 from gateway.process import GatewayProcess
+from gateway.service import trained_entry
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from training.manifest import read_manifest
 from training.recipe import load_recipe
-from training.splits import digit_as_png_image, digits_gray, digits_test_indices
+from training.splits import digit_png_bytes, digits_gray, digits_test_indices
 
 MODELS = ("student", "teacher", "ensemble")
-
-
-def _png(index: int) -> bytes:
-    buf = io.BytesIO()
-    digit_as_png_image(index).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> tuple[list[dict], list[dict]]:
@@ -35,7 +29,7 @@ def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> 
     predictions, latencies = [], []
     for start in range(0, len(indices), batch):
         chunk = indices[start : start + batch]
-        files = [("images", (f"{i}.png", _png(int(i)), "image/png")) for i in chunk]
+        files = [("images", (f"{i}.png", digit_png_bytes(int(i)), "image/png")) for i in chunk]
         resp = client.post("/v1/classify", params={"model": model, "top_k": 1}, files=files)
         resp.raise_for_status()
         body = resp.json()
@@ -79,19 +73,16 @@ def _print_side_by_side(test, labels, results, single, manifest) -> None:
     print("\nHeld-out digits through HTTP (top-1 and its calibrated probability)\n")
     print(f"{'digit #':>8} {'true':>5} " + " ".join(f"{m:>16}" for m in MODELS))
     for i in show:
-        cells = [
-            f"{results[m][0][position[int(i)]]['label']:>6} ({results[m][0][position[int(i)]]['probability']:.3f})"
-            for m in MODELS
-        ]
+        top1 = [results[m][0][position[int(i)]] for m in MODELS]
+        cells = [f"{p['label']:>6} ({p['probability']:.3f})" for p in top1]
         print(f"{int(i):>8} {labels[i]:>5} " + " ".join(f"{c:>16}" for c in cells))
-    aliases = {"student": "student_kd", "teacher": "teacher", "ensemble": "ensemble"}
     print(
         f"\n{'model':>9} {'served top-1':>13} {'trained top-1':>14} {'p50 ms/req (1 img)':>19} "
         f"{'inference ms':>13} {'decode ms':>10} {'fusion ms':>10}"
     )
     for m in MODELS:
         served = sum(int(p["label"]) == labels[i] for p, i in zip(results[m][0], test, strict=True)) / len(test)
-        entry = manifest.models.get(aliases.get(m, ""))
+        entry = trained_entry(manifest, m)
         trained = f"{100 * entry.metrics['top1']:.2f}%" if entry and "top1" in entry.metrics else "—"
         lat = sorted(single[m], key=lambda x: x["total_ms"])
         mid = lat[len(lat) // 2]

@@ -20,6 +20,26 @@ TRITON_ENSEMBLE = "ensemble_triton"  # Triton's own ensemble model (server-side 
 NOT_CALLABLE = {"fusion"}  # internal steps of Triton's ensemble
 
 
+def model_aliases(manifest: Manifest) -> dict[str, str]:
+    """The names clients may use besides served model names -> what each one runs."""
+    aliases = {"student": "student_kd", "teacher": "teacher"}
+    if manifest.by_role("variant"):
+        aliases[GATEWAY_ENSEMBLE] = GATEWAY_ENSEMBLE
+    if "ensemble" in manifest.models:
+        aliases[TRITON_ENSEMBLE] = "ensemble"
+    return aliases
+
+
+def trained_entry(manifest: Manifest, name: str) -> ModelEntry | None:
+    """The manifest entry whose training-time metrics describe an alias or served model.
+
+    Both ensembles (fused in the gateway or in Triton) report the fused ensemble's metrics, which the
+    export keeps on Triton's `ensemble` entry.
+    """
+    target = model_aliases(manifest).get(name, name)
+    return manifest.models.get("ensemble" if target == GATEWAY_ENSEMBLE else target)
+
+
 @dataclass
 class Outcome:
     model: str
@@ -35,11 +55,7 @@ class Classifier:
     def __init__(self, manifest: Manifest, triton: TritonClient, settings: GatewaySettings, metrics: GatewayMetrics):
         self.manifest, self.triton, self.settings, self.metrics = manifest, triton, settings, metrics
         self.variants = [m.name for m in manifest.by_role("variant")]
-        self.aliases = {"student": "student_kd", "teacher": "teacher"}
-        if self.variants:
-            self.aliases[GATEWAY_ENSEMBLE] = GATEWAY_ENSEMBLE
-        if "ensemble" in manifest.models:
-            self.aliases[TRITON_ENSEMBLE] = "ensemble"
+        self.aliases = model_aliases(manifest)
         self.class_names = next(iter(manifest.models.values())).class_names
         self.image_size = manifest.preprocessing.image_size
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import os
 import platform
@@ -28,11 +27,12 @@ import numpy as np
 import tritonclient.http as httpclient
 
 from gateway.process import GatewayProcess, free_port
+from gateway.service import trained_entry
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from training.imageprep import to_model_input
 from training.manifest import read_manifest
 from training.onnx_tools import session
-from training.splits import digit_as_png_image
+from training.splits import digit_as_png_image, digit_png_bytes
 
 SATURATION_CONCURRENCY = 4  # 2 cores: more in flight only queues
 SATURATION_SECONDS = 8.0
@@ -127,11 +127,8 @@ def run_bench(repo: Path, out_dir: Path, requests: int = 300) -> dict:
     started = time.perf_counter()
     manifest = read_manifest(repo)
     size = manifest.preprocessing.image_size
-    picture = digit_as_png_image(1700)  # a held-out digit, sent as a user would send it
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    png = buf.getvalue()
-    tensor = to_model_input(picture, size)[None]
+    png = digit_png_bytes(1700)  # a held-out digit, sent as a user would send it
+    tensor = to_model_input(digit_as_png_image(1700), size)[None]
 
     results: dict = {
         "machine": machine(),
@@ -238,8 +235,7 @@ def run_bench(repo: Path, out_dir: Path, requests: int = 300) -> dict:
 
 
 def _top1(manifest, model: str) -> float | None:
-    name = {"student": "student_kd", "ensemble": "ensemble", "ensemble_triton": "ensemble"}.get(model, model)
-    entry = manifest.models.get(name)
+    entry = trained_entry(manifest, model)
     return entry.metrics.get("top1") if entry else None
 
 

@@ -18,8 +18,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-ALIASES = {"student": "student_kd", "teacher": "teacher", "ensemble": "ensemble", "auto": None}
-
 
 def _number(value: str) -> float | None:
     try:

@@ -8,7 +8,6 @@ be told from a saturated server.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import httpx
 
 from loadtest.perf_analyzer import UnstableMeasurement, measure
 from training.recipe import load_recipe
-from training.splits import digit_as_png_image, digits_gray, digits_test_indices
+from training.splits import digit_png_bytes, digits_gray, digits_test_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -54,10 +53,8 @@ def write_images(out: Path, recipe: str) -> Path:
     labels = digits_gray()[1]
     mapping = {}
     for index in digits_test_indices(load_recipe(recipe).data):
-        buf = io.BytesIO()
-        digit_as_png_image(int(index)).save(buf, format="PNG")
         name = f"{int(index):04d}.png"
-        (images / name).write_bytes(buf.getvalue())
+        (images / name).write_bytes(digit_png_bytes(int(index)))
         mapping[name] = str(labels[index])
     (images / "labels.json").write_text(json.dumps(mapping))
     return images

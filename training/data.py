@@ -84,7 +84,7 @@ def load_digits_images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 handwritten 8x8 digits as uint8 RGB at `size` (ships with the package)."""
     gray, labels = digits_gray()
     images = np.stack([to_model_input(Image.fromarray(img, mode="L"), size) for img in gray])
-    return torch.from_numpy(images), torch.as_tensor(labels, dtype=torch.long)
+    return torch.from_numpy(images), torch.tensor(labels, dtype=torch.long)
 
 
 def _load_digits(cfg: DataConfig) -> SplitData:

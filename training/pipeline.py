@@ -277,16 +277,14 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     ece_bins = recipe.evaluation.ece_bins
     teacher_stage, teacher_model = trained["teacher"]
     models: dict[str, dict] = {}
-    logits: dict[str, torch.Tensor] = {}
     teacher_eval = _evaluate_stage(teacher_model, teacher_stage, data, None, ece_bins)
     teacher_pred, test_labels = teacher_eval.test_logits.argmax(-1), teacher_eval.test_labels
     evals: dict[str, StageEval] = {}
     for name, (stage, model) in trained.items():
         evals[name] = teacher_eval if name == "teacher" else _evaluate_stage(model, stage, data, teacher_pred, ece_bins)
-        metrics, stage_logits = evals[name].metrics, evals[name].test_logits
+        metrics = models[name] = evals[name].metrics
         metrics["arch"] = stage.model_cfg.arch
         metrics["role"] = stage.role
-        models[name], logits[name] = metrics, stage_logits
         # Keep the fitted temperature and test metrics with the weights: export and serving read them.
         _, spec, meta = load_model(out / name / "model.pt")
         spec.temperature = metrics["temperature"]
@@ -295,9 +293,9 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
 
     members = [n for n in models if n.startswith("variant_")]
     if members:
-        fused = fuse_probabilities([logits[n] for n in members], [models[n]["temperature"] for n in members])
-        ensemble = classification_metrics(fused, test_labels, teacher_pred, ece_bins)
         temperatures = [models[n]["temperature"] for n in members]
+        fused = fuse_probabilities([evals[n].test_logits for n in members], temperatures)
+        ensemble = classification_metrics(fused, test_labels, teacher_pred, ece_bins)
         val_fused = fuse_probabilities([evals[n].val_logits for n in members], temperatures)
         ensemble.update(
             val_top1=top_k_accuracy(val_fused, evals[members[0]].val_labels, 1),
