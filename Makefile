@@ -45,10 +45,12 @@ demo: setup
 	@cat $(RUN_DIR)/export_report.md
 	$(PY) -m gateway demo --repo $(REPO) --recipe $(RECIPE) $(if $(ONCE),--once)
 
-# Needs the demo's repository; training and export reuse what is already there.
+# Needs the demo's repository; training and export reuse what is already there. The timing repository
+# (untrained ResNet18/ResNet50 at 224x224) shows the student's speed-up where compute dominates.
 bench: setup
 	test -f $(REPO)/manifest.json || $(MAKE) demo ONCE=1
-	$(PY) -m loadtest bench --repo $(REPO) --out benchmarks
+	$(PY) -m training timing-repo --repo runs/timing-224
+	$(PY) -m loadtest bench --repo $(REPO) --timing-repo runs/timing-224 --out benchmarks
 
 # A 60-second A/B load test against a running demo gateway (`make demo` in another terminal).
 loadtest: setup

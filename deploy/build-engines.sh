@@ -49,13 +49,15 @@ PY
   "$trtexec" --onnx="$src" --fp16 --saveEngine="$dst/1/model.plan" \
     --minShapes=images:1x${size}x${size}x3 --optShapes=images:${OPT_BATCH}x${size}x${size}x3 \
     --maxShapes=images:${MAX_BATCH}x${size}x${size}x3 --skipInference
+  # Batching without a queue policy or a delay: in Triton 24.10 (2.51) a queue policy stalls ~5% of
+  # requests for ~500 ms and a delay is added to every lone request (training/triton_repo.py).
   cat > "$dst/config.pbtxt" <<CFG
 name: "${name}_trt"
 platform: "tensorrt_plan"
 max_batch_size: ${MAX_BATCH}
 input [ { name: "images" data_type: TYPE_UINT8 dims: [ ${size}, ${size}, 3 ] } ]
 output [ { name: "logits" data_type: TYPE_FP32 dims: [ ${shape} ] } ]
-dynamic_batching { preferred_batch_size: [ 8, 16, 32 ] max_queue_delay_microseconds: 500 }
+dynamic_batching { }
 instance_group [ { count: 1 kind: KIND_GPU } ]
 CFG
   cp "$repo/$name/labels.txt" "$dst/labels.txt"

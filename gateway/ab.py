@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,30 +39,38 @@ class ABRouter:
 
 @dataclass
 class ArmStats:
-    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    window: int
+    latencies_ms: deque = field(init=False)
+    shadow_latencies_ms: deque = field(init=False)
     count: int = 0
     shadow_count: int = 0
     shadow_agreements: int = 0
-    shadow_latencies_ms: deque = field(default_factory=lambda: deque(maxlen=10_000))
+
+    def __post_init__(self) -> None:
+        self.latencies_ms = deque(maxlen=self.window)
+        self.shadow_latencies_ms = deque(maxlen=self.window)
 
 
 class ABStats:
+    """Per-arm latencies over the last `window` requests. Used from the event loop only: no lock."""
+
     def __init__(self, arms: list[str], window: int):
-        self._lock = threading.Lock()
-        self._arms = {arm: ArmStats(deque(maxlen=window), shadow_latencies_ms=deque(maxlen=window)) for arm in arms}
+        self.window = window
+        self._arms = {arm: ArmStats(window) for arm in arms}
+
+    def _arm(self, arm: str) -> ArmStats:
+        return self._arms.setdefault(arm, ArmStats(self.window))
 
     def record(self, arm: str, latency_ms: float) -> None:
-        with self._lock:
-            stats = self._arms.setdefault(arm, ArmStats())
-            stats.count += 1
-            stats.latencies_ms.append(latency_ms)
+        stats = self._arm(arm)
+        stats.count += 1
+        stats.latencies_ms.append(latency_ms)
 
     def record_shadow(self, arm: str, latency_ms: float, agreed: bool) -> None:
-        with self._lock:
-            stats = self._arms.setdefault(arm, ArmStats())
-            stats.shadow_count += 1
-            stats.shadow_agreements += int(agreed)
-            stats.shadow_latencies_ms.append(latency_ms)
+        stats = self._arm(arm)
+        stats.shadow_count += 1
+        stats.shadow_agreements += int(agreed)
+        stats.shadow_latencies_ms.append(latency_ms)
 
     @staticmethod
     def _percentiles(values) -> dict[str, float | None]:
@@ -73,16 +80,15 @@ class ABStats:
         return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3)}
 
     def summary(self) -> dict:
-        with self._lock:
-            return {
-                arm: {
-                    "count": s.count,
-                    "latency_ms": self._percentiles(s.latencies_ms),
-                    "shadow": {
-                        "count": s.shadow_count,
-                        "agreement_rate": (s.shadow_agreements / s.shadow_count) if s.shadow_count else None,
-                        "latency_ms": self._percentiles(s.shadow_latencies_ms),
-                    },
-                }
-                for arm, s in self._arms.items()
+        return {
+            arm: {
+                "count": s.count,
+                "latency_ms": self._percentiles(s.latencies_ms),
+                "shadow": {
+                    "count": s.shadow_count,
+                    "agreement_rate": (s.shadow_agreements / s.shadow_count) if s.shadow_count else None,
+                    "latency_ms": self._percentiles(s.shadow_latencies_ms),
+                },
             }
+            for arm, s in self._arms.items()
+        }

@@ -45,6 +45,18 @@ class Unavailable(GatewayError):
     status_code, kind = 503, "unavailable"
 
 
+class Overloaded(GatewayError):
+    """Admission control shed the request: a model is at its in-flight bound. Retry after a moment."""
+
+    status_code, kind = 503, "overloaded"
+
+
+class UpstreamError(GatewayError):
+    """Triton ran the model and it failed (INTERNAL): not retryable, and Triton's text stays in the log."""
+
+    status_code, kind = 502, "upstream_error"
+
+
 class UpstreamTimeout(GatewayError):
     status_code, kind = 504, "timeout"
 

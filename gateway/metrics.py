@@ -70,4 +70,16 @@ class GatewayMetrics:
             registry=r,
         )
         self.in_flight = Gauge("kdserve_in_flight_requests", "Requests being served", registry=r)
+        self.admitted_images = Gauge(
+            "kdserve_admitted_images",
+            "Images in flight to each Triton model (admission control)",
+            ["model"],
+            registry=r,
+        )
+        self.admission_rejected = Counter(
+            "kdserve_admission_rejected_total",
+            "Requests shed by admission control (503) because a model was at its in-flight bound",
+            ["model"],
+            registry=r,
+        )
         self.images = Counter("kdserve_images_total", "Images classified", ["model"], registry=r)

@@ -34,8 +34,9 @@ class GatewayProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Output goes to a file, not a pipe: a pipe nobody reads fills up and blocks a long-running gateway.
-        self.log_path = Path(tempfile.mkstemp(prefix="kdserve-gateway-", suffix=".log")[1])
-        with self.log_path.open("w") as log:
+        descriptor, log_name = tempfile.mkstemp(prefix="kdserve-gateway-", suffix=".log")
+        self.log_path = Path(log_name)
+        with os.fdopen(descriptor, "w") as log:
             self.proc = subprocess.Popen(
                 [
                     sys.executable,

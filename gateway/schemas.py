@@ -7,8 +7,8 @@ from pydantic import BaseModel, Field
 
 class ClassifyJSON(BaseModel):
     images: list[str] = Field(..., min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
-    model: str = Field("auto", description="student | teacher | ensemble | a served model name | auto (A/B)")
-    top_k: int = Field(3, ge=1, le=100)
+    model: str | None = Field(None, description="overrides the `model` query parameter when given")
+    top_k: int | None = Field(None, ge=1, le=100, description="overrides the `top_k` query parameter when given")
 
 
 class Label(BaseModel):

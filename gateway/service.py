@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gateway.admission import AdmissionControl
 from gateway.errors import GatewayError, Unavailable, UnknownModel
 from gateway.fusion import fuse, softmax
 from gateway.metrics import GatewayMetrics
@@ -15,9 +16,12 @@ from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
 from training.manifest import Manifest, ModelEntry
 
-GATEWAY_ENSEMBLE = "ensemble"  # fused in the gateway from the variants
-TRITON_ENSEMBLE = "ensemble_triton"  # Triton's own ensemble model (server-side fusion)
-NOT_CALLABLE = {"fusion"}  # internal steps of Triton's ensemble
+GATEWAY_ENSEMBLE = "ensemble"  # the variants, called concurrently and fused in the gateway
+TRITON_ENSEMBLE = "ensemble_triton"  # alias of the Triton-side ensemble (server-side fusion)
+# Triton-side ensembles in order of preference: members and fusion as one graph (one Triton call),
+# then Triton's ensemble scheduler (members, then a fusion step).
+TRITON_ENSEMBLES = ("ensemble_fused", "ensemble_scheduler")
+NOT_CALLABLE = {"fusion"}  # internal step of the scheduler ensemble
 
 
 def model_aliases(manifest: Manifest) -> dict[str, str]:
@@ -25,19 +29,22 @@ def model_aliases(manifest: Manifest) -> dict[str, str]:
     aliases = {"student": "student_kd", "teacher": "teacher"}
     if manifest.by_role("variant"):
         aliases[GATEWAY_ENSEMBLE] = GATEWAY_ENSEMBLE
-    if "ensemble" in manifest.models:
-        aliases[TRITON_ENSEMBLE] = "ensemble"
+    served = [name for name in TRITON_ENSEMBLES if name in manifest.models]
+    if served:
+        aliases[TRITON_ENSEMBLE] = served[0]
     return aliases
 
 
 def trained_entry(manifest: Manifest, name: str) -> ModelEntry | None:
     """The manifest entry whose training-time metrics describe an alias or served model.
 
-    Both ensembles (fused in the gateway or in Triton) report the fused ensemble's metrics, which the
-    export keeps on Triton's `ensemble` entry.
+    Every ensemble (fused in the gateway or in Triton) applies training's fusion rule, so each reports
+    the fused ensemble's test metrics, which the export writes on the Triton-side ensembles' entries.
     """
     target = model_aliases(manifest).get(name, name)
-    return manifest.models.get("ensemble" if target == GATEWAY_ENSEMBLE else target)
+    if target == GATEWAY_ENSEMBLE:
+        return next(iter(manifest.by_role("ensemble")), None)
+    return manifest.models.get(target)
 
 
 @dataclass
@@ -52,8 +59,16 @@ class Outcome:
 
 
 class Classifier:
-    def __init__(self, manifest: Manifest, triton: TritonClient, settings: GatewaySettings, metrics: GatewayMetrics):
+    def __init__(
+        self,
+        manifest: Manifest,
+        triton: TritonClient,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        admission: AdmissionControl,
+    ):
         self.manifest, self.triton, self.settings, self.metrics = manifest, triton, settings, metrics
+        self.admission = admission
         self.variants = [m.name for m in manifest.by_role("variant")]
         self.aliases = model_aliases(manifest)
         self.class_names = next(iter(manifest.models.values())).class_names
@@ -64,13 +79,16 @@ class Classifier:
         if name in self.aliases:
             return self.aliases[name]
         entry = self.manifest.models.get(name)
-        if entry is None or entry.role in NOT_CALLABLE or entry.role == "ensemble":
+        if entry is None or entry.role in NOT_CALLABLE:
             callable_names = sorted(
-                set(self.aliases)
-                | {n for n, m in self.manifest.models.items() if m.role not in NOT_CALLABLE | {"ensemble"}}
+                set(self.aliases) | {n for n, m in self.manifest.models.items() if m.role not in NOT_CALLABLE}
             )
             raise UnknownModel(f"unknown model {name!r}; choose one of: {', '.join(callable_names)}, auto")
         return name
+
+    def triton_models(self, target: str) -> list[str]:
+        """The Triton models a resolved target calls (what admission control counts against)."""
+        return self.variants if target == GATEWAY_ENSEMBLE else [target]
 
     def routed_models(self) -> list[str]:
         """Every Triton model some route depends on (for /readyz)."""

@@ -6,6 +6,7 @@ A bad configuration (A/B weights that do not add up, an unknown arm, a shadow fr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -23,13 +24,18 @@ class GatewaySettings(BaseSettings):
     port: int = 8080
 
     # Triton: an external server, or the embedded one the gateway starts and supervises.
-    triton_url: str = Field("127.0.0.1:8000", description="Triton HTTP host:port")
+    triton_url: str = Field("127.0.0.1:8000", description="Triton HTTP host:port", pattern=r"^[^:/\s]+:[0-9]{1,5}$")
     embedded_triton: bool = False
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
     triton_timeout_s: float = Field(5.0, gt=0, description="deadline of one Triton call")
     triton_connections: int = Field(32, ge=1, description="pooled HTTP connections to Triton")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503s")
+
+    # Admission control: images in flight to one Triton model; past it, an immediate 503 + Retry-After.
+    # The default keeps a full bound of teacher work (~150 img/s here) well inside the 5 s deadline.
+    admission_max_images: int = Field(256, ge=1, description="images in flight per Triton model")
+    decode_threads: int = Field(os.cpu_count() or 1, ge=1, description="threads decoding large images")
 
     # Input limits, enforced before decoding.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
@@ -64,7 +70,14 @@ class GatewaySettings(BaseSettings):
         return [f.upper() for f in formats]
 
     @model_validator(mode="after")
-    def _shadow_needs_two_arms(self) -> GatewaySettings:
+    def _consistent(self) -> GatewaySettings:
         if self.shadow_fraction > 0 and len(self.ab_weights) < 2:
             raise ValueError("shadow_fraction > 0 needs two A/B arms to mirror between")
+        if self.admission_max_images < self.max_images:
+            raise ValueError(
+                f"admission_max_images ({self.admission_max_images}) must admit one full request "
+                f"of max_images ({self.max_images})"
+            )
+        if any(w <= 0 for w in self.fusion_weights.values()):
+            raise ValueError(f"fusion_weights must be positive, got {self.fusion_weights}")
         return self

@@ -1,4 +1,8 @@
-"""Asynchronous calls to Triton: pooled connections, per-call deadlines, errors mapped to domain errors."""
+"""Calls to Triton as the gateway needs them: one deadline per call, errors mapped to domain errors.
+
+The wire protocol is `gateway.triton_http` (chosen by measurement, see there). Triton's own error text
+goes to the log and never to a client.
+"""
 
 from __future__ import annotations
 
@@ -7,69 +11,71 @@ import logging
 import time
 
 import numpy as np
-import tritonclient.http.aio as aiohttpclient
-from tritonclient.utils import InferenceServerException
 
-from gateway.errors import BadRequest, Unavailable, UpstreamTimeout
+from gateway.errors import BadRequest, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.metrics import GatewayMetrics
+from gateway.triton_http import TritonHTTP, TritonHTTPError
 
 log = logging.getLogger("kdserve.gateway")
+
+# Triton's words for a model that is not loaded (unloaded, failed, or a newer version still loading):
+# a server-side condition that passes, so a 503, not the client's fault.
+NOT_SERVING = ("unknown model", "no available versions", "not ready", "is not found")
 
 
 class TritonClient:
     def __init__(self, url: str, timeout_s: float, connections: int, retry_after_s: int, metrics: GatewayMetrics):
         self.url, self.timeout_s, self.retry_after = url, timeout_s, str(retry_after_s)
         self.metrics = metrics
-        self._client = aiohttpclient.InferenceServerClient(url, conn_limit=connections, conn_timeout=timeout_s)
+        self._http = TritonHTTP(url, connections)
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._http.close()
 
     def _unavailable(self, why: str) -> Unavailable:
         return Unavailable(why, headers={"Retry-After": self.retry_after})
 
+    def _map_triton_error(self, model: str, exc: TritonHTTPError) -> tuple[str, Exception]:
+        if any(phrase in exc.message.lower() for phrase in NOT_SERVING) or exc.status == 503:
+            return "unavailable", self._unavailable(f"model {model} is not available")
+        if exc.status == 400:
+            return "rejected", BadRequest(f"model {model} rejected the input")
+        # INTERNAL and anything unknown: the model failed on this input; retrying will not help.
+        return "failed", UpstreamError(f"model {model} failed to run")
+
     async def infer(
         self, model: str, images: np.ndarray, output: str = "logits", timeout_s: float | None = None
     ) -> np.ndarray:
-        tensor = aiohttpclient.InferInput("images", list(images.shape), "UINT8")
-        tensor.set_data_from_numpy(images, binary_data=True)  # raw bytes on the wire, never JSON numbers
-        requested = [aiohttpclient.InferRequestedOutput(output, binary_data=True)]
+        deadline = timeout_s or self.timeout_s
         start = time.perf_counter()
         outcome = "ok"
         try:
-            result = await asyncio.wait_for(
-                self._client.infer(model, [tensor], outputs=requested), timeout_s or self.timeout_s
-            )
-            return result.as_numpy(output)
+            async with asyncio.timeout(deadline):
+                return await self._http.infer(model, images, output)
         except TimeoutError as exc:
             outcome = "timeout"
-            raise UpstreamTimeout(f"model {model} did not answer within {timeout_s or self.timeout_s:.2f}s") from exc
-        except InferenceServerException as exc:
+            raise UpstreamTimeout(f"model {model} did not answer within {deadline:.2f}s") from exc
+        except TritonHTTPError as exc:
             # Triton's own text goes to the log, never to the client.
-            log.warning("triton rejected a request to %s: %s", model, exc)
-            status = str(exc.status() or "")
-            if status in ("400", "StatusCode.INVALID_ARGUMENT"):
-                outcome = "rejected"
-                raise BadRequest(f"model {model} rejected the input") from exc
-            outcome = "unavailable"
-            raise self._unavailable(f"model {model} is not available") from exc
-        except (OSError, Exception) as exc:
-            if isinstance(exc, (BadRequest, Unavailable, UpstreamTimeout)):
-                raise
+            log.warning("triton refused a request to %s: %s", model, exc)
+            outcome, error = self._map_triton_error(model, exc)
+            raise error from exc
+        except OSError as exc:  # refused, reset or closed: ConnectionError is an OSError
             outcome = "unreachable"
             log.warning("triton unreachable at %s: %r", self.url, exc)
             raise self._unavailable("inference server unreachable") from exc
         finally:
             self.metrics.triton_seconds.labels(model, outcome).observe(time.perf_counter() - start)
 
-    async def server_ready(self) -> bool:
+    async def _ready(self, path: str) -> bool:
         try:
-            return await asyncio.wait_for(self._client.is_server_ready(), self.timeout_s)
-        except Exception:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._http.ready(path)
+        except (TimeoutError, OSError):
             return False
 
+    async def server_ready(self) -> bool:
+        return await self._ready("/v2/health/ready")
+
     async def model_ready(self, model: str) -> bool:
-        try:
-            return await asyncio.wait_for(self._client.is_model_ready(model), self.timeout_s)
-        except Exception:
-            return False
+        return await self._ready(f"/v2/models/{model}/ready")

@@ -99,6 +99,7 @@ class EmbeddedTriton:
         self.restart_on_crash, self.max_restarts = restart_on_crash, max_restarts
         self.restarts = 0
         self._process: subprocess.Popen | None = None
+        self._log = None  # the open log file of the running process, closed when it is replaced or stopped
         self._workdir = Path(tempfile.mkdtemp(prefix="kdserve-triton-"))
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -139,7 +140,9 @@ class EmbeddedTriton:
     def _spawn(self) -> None:
         if not (self.repo / "manifest.json").exists() and not any(self.repo.glob("*/config.pbtxt")):
             raise TritonError(f"{self.repo} is not a model repository (export one: python -m training export)")
-        output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self._close_log()
+        self._log = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
+        output = self._log or subprocess.DEVNULL
         self._process = subprocess.Popen(
             self.command(),
             env=server_environment(),
@@ -148,11 +151,21 @@ class EmbeddedTriton:
             start_new_session=True,  # a Ctrl-C in the terminal reaches the supervisor, which stops it cleanly
         )
 
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     def start(self, timeout: float = 120.0) -> EmbeddedTriton:
         with self._lock:
             self._stopping.clear()
             self._spawn()
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            # The child runs in its own session, so nothing else would stop it: no orphan on a failed start.
+            self.stop()
+            raise
         if self.restart_on_crash and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="triton-supervisor", daemon=True)
             self._watcher.start()
@@ -213,6 +226,7 @@ class EmbeddedTriton:
         if self._watcher is not None:
             self._watcher.join(timeout=5)
             self._watcher = None
+        self._close_log()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedTriton:

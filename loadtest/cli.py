@@ -9,7 +9,7 @@ from pathlib import Path
 def _cmd_bench(args: argparse.Namespace) -> None:
     from loadtest.bench import run_bench
 
-    run_bench(Path(args.repo), Path(args.out), args.requests)
+    run_bench(Path(args.repo), Path(args.out), Path(args.timing_repo) if args.timing_repo else None, args.requests)
     print(f"[bench] results in {Path(args.out) / 'results.md'}")
 
 
@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="latency of in-process ORT vs Triton vs gateway, one run")
     bench.add_argument("--repo", default="model_repository")
     bench.add_argument("--out", default="benchmarks")
-    bench.add_argument("--requests", type=int, default=300)
+    bench.add_argument(
+        "--timing-repo", help="a second repository (python -m training timing-repo) timed at its own image size"
+    )
+    bench.add_argument("--requests", type=int, default=1000, help="student calls at concurrency 1")
     bench.set_defaults(func=_cmd_bench)
 
     run = commands.add_parser("run", help="Locust headless against the gateway; CSVs, metrics, report")

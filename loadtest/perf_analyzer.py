@@ -43,7 +43,9 @@ def perf_analyzer_env() -> dict[str, str]:
         if not matches:
             raise FileNotFoundError(f"{pattern} not in {libs}")
         link = links / name
-        if not link.exists():
+        if link.is_symlink() and link.resolve() != matches[0].resolve():
+            link.unlink()  # dangling, or left by another installation: point it at this one's library
+        if not link.is_symlink():
             link.symlink_to(matches[0])
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join([str(links), str(libs), env.get("LD_LIBRARY_PATH", "")])

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import matplotlib
 
+from loadtest.run import model_concurrency
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
@@ -133,30 +135,33 @@ def write_report(run: Path) -> Path:
                 f"| {users} | {s['p50']:.1f} / {s['p99']:.1f} | {t['p50']:.1f} / {t['p99']:.1f} | "
                 f"x{t['p50'] / s['p50']:.2f} | x{t['p99'] / s['p99']:.2f} |"
             )
-    direct = summary.get("perf_analyzer") or {}
+    direct = summary.get("perf_analyzer") or []
     if direct:
         lines += [
             "",
             "## Gateway overhead vs model time (perf_analyzer on Triton directly, same models and concurrency)",
             "",
-            "| request | users | per-model concurrency | gateway p50 ms (Locust) | Triton p50 ms (perf_analyzer) | "
-            "Triton server compute ms | gateway overhead p50 ms |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "Each request's Triton models at the concurrency they saw: A/B traffic reaches both arms in proportion",
+            "to their weights, so both arms are measured.",
+            "",
+            "| request | Triton model (share of users) | users | its concurrency | gateway p50 ms (Locust) | "
+            "Triton p50 ms (perf_analyzer) | Triton server compute ms | gateway overhead p50 ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for name, d in direct.items():
+        for d in direct:
+            target = f"{d['model']} ({100 * d['share']:.0f}%)"
             if d.get("unstable"):
                 lines.append(
-                    f"| {name} | — | {d['unstable']} | — | perf_analyzer found no stable measurement "
-                    "(machine too loaded) | — | — |"
+                    f"| {d['request']} | {target} | — | {d['unstable']} | — | perf_analyzer found no stable "
+                    "measurement (machine too loaded) | — | — |"
                 )
             by_level = {row["concurrency"]: row for row in d["rows"]}
-            classes = len(direct)
-            for users, s in steps.get(name, {}).items():
-                row = by_level.get(max(1, users // classes))
+            for users, s in steps.get(d["request"], {}).items():
+                row = by_level.get(model_concurrency(users, d["share"]))
                 if row:
                     lines.append(
-                        f"| {name} | {users} | {row['concurrency']} | {s['p50']:.1f} | {row['p50_ms']:.1f} | "
-                        f"{row['server_compute_ms']:.1f} | {s['p50'] - row['p50_ms']:.1f} |"
+                        f"| {d['request']} | {target} | {users} | {row['concurrency']} | {s['p50']:.1f} | "
+                        f"{row['p50_ms']:.1f} | {row['server_compute_ms']:.1f} | {s['p50'] - row['p50_ms']:.1f} |"
                     )
     if accuracy:
         lines += [

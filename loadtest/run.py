@@ -22,13 +22,13 @@ from training.splits import digit_png_bytes, digits_gray, digits_test_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-# The Triton models behind each scenario's requests (Locust request name -> Triton model).
-TRITON_MODELS = {
-    "student": {"classify student": "student_kd"},
-    "teacher": {"classify teacher": "teacher"},
-    "ensemble": {"classify ensemble": "ensemble"},
-    "ab": {"classify auto": "student_kd"},
-    "compare": {"classify student": "student_kd", "classify teacher": "teacher"},
+# The alias behind each scenario's requests, for the direct (perf_analyzer) figures. The gateway's
+# `ensemble` fuses the variants itself; its direct counterpart is Triton's own ensemble.
+DIRECT_ALIASES = {
+    "student": [("classify student", "student")],
+    "teacher": [("classify teacher", "teacher")],
+    "ensemble": [("classify ensemble", "ensemble_triton")],
+    "compare": [("classify student", "student"), ("classify teacher", "teacher")],
 }
 SCENARIOS = {
     "student": ["StudentUser"],
@@ -95,7 +95,8 @@ def run_load(
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     images = write_images(out, recipe)
-    models = httpx.get(f"{host}/v1/models", timeout=10).json()
+    models = _get_json(f"{host}/v1/models")
+    ab_weights = _get_json(f"{host}/v1/ab/summary")["weights"]
     warm_up(host, images)
     scrape(f"{host}/metrics", out / "gateway_metrics_before.txt")
     if triton_metrics:
@@ -157,24 +158,50 @@ def run_load(
         "aliases": models["aliases"],
     }
     if triton_http:
+        targets = direct_targets(scenario, models["aliases"], ab_weights)
         summary["perf_analyzer"] = triton_direct(
-            triton_http, scenario, users, stages, out, models["models"][0]["input_shape"][0]
+            triton_http, targets, users, stages, out, models["models"][0]["input_shape"][0]
         )
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def triton_direct(triton_http: str, scenario: str, users: int, stages: str | None, out: Path, size: int) -> dict:
-    """perf_analyzer on the same Triton models at the same concurrencies as the Locust steps.
+def _get_json(url: str) -> dict:
+    response = httpx.get(url, timeout=10)
+    if response.status_code != 200:
+        raise SystemExit(f"error: {url} answered {response.status_code}: {response.text[:200]}")
+    return response.json()
 
-    Locust's users split evenly over the scenario's user classes, so each model saw users / classes
-    requests in flight; that is the concurrency perf_analyzer measures here.
+
+def direct_targets(scenario: str, aliases: dict[str, str], ab_weights: dict[str, float]) -> list[dict]:
+    """The Triton models behind a scenario's requests, each with the share of the users that reach it.
+
+    A/B traffic reaches both arms in proportion to their weights, so both arms are measured directly;
+    users of a scenario with several user classes split evenly between them.
     """
+    if scenario == "ab":
+        pairs = [("classify auto", arm, share) for arm, share in ab_weights.items()]
+    else:
+        pairs = [(request, alias, 1 / len(DIRECT_ALIASES[scenario])) for request, alias in DIRECT_ALIASES[scenario]]
+    return [
+        {"request": request, "alias": alias, "model": aliases.get(alias, alias), "share": share}
+        for request, alias, share in pairs
+    ]
+
+
+def model_concurrency(users: int, share: float) -> int:
+    return max(1, round(users * share))
+
+
+def triton_direct(
+    triton_http: str, targets: list[dict], users: int, stages: str | None, out: Path, size: int
+) -> list[dict]:
+    """perf_analyzer on the same Triton models at the concurrency each saw during the Locust steps."""
     steps = sorted({int(s.split(":")[1]) for s in stages.split(",")}) if stages else [users]
-    per_model = TRITON_MODELS[scenario]
-    results = {}
-    for request_name, model in per_model.items():
-        levels = sorted({max(1, u // len(per_model)) for u in steps})
+    results = []
+    for target in targets:
+        model = target["model"]
+        levels = sorted({model_concurrency(u, target["share"]) for u in steps})
         rows, unstable = [], []
         for level in levels:
             try:
@@ -182,5 +209,5 @@ def triton_direct(triton_http: str, scenario: str, users: int, stages: str | Non
             except UnstableMeasurement:
                 # Recorded, not fatal: the Locust figures stand on their own; the report says what is missing.
                 unstable.append(level)
-        results[request_name] = {"model": model, "per_model_concurrency": levels, "rows": rows, "unstable": unstable}
+        results.append({**target, "per_model_concurrency": levels, "rows": rows, "unstable": unstable})
     return results

@@ -5,13 +5,20 @@ import shutil
 
 import numpy as np
 import pytest
+from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 from tests.conftest import run_training
 from training.check_repo import check_repository
 from training.errors import UserError
 from training.manifest import read_manifest
 from training.onnx_tools import Parity, require_parity
-from training.triton_repo import existing_versions, write_model
+from training.triton_repo import (
+    config_text,
+    existing_versions,
+    parse_config,
+    stalling_queue_policy,
+    write_model,
+)
 
 SERVED = {
     "teacher",
@@ -21,7 +28,8 @@ SERVED = {
     "variant_0",
     "variant_1",
     "multihead",
-    "ensemble",
+    "ensemble_fused",
+    "ensemble_scheduler",
     "ensemble_fusion",
 }
 
@@ -35,19 +43,30 @@ def test_repository_holds_every_model_with_config_labels_and_manifest(tiny_repo,
     assert kd.metrics["top1"] == pytest.approx(tiny_results["models"]["student_kd"]["top1"])
     assert kd.temperature == pytest.approx(tiny_results["models"]["student_kd"]["temperature"])
     assert manifest.models["multihead"].output.shape == [2, 10]
-    assert manifest.models["ensemble"].members == ["variant_0", "variant_1", "ensemble_fusion"]
+    assert manifest.models["ensemble_scheduler"].members == ["variant_0", "variant_1", "ensemble_fusion"]
+    assert manifest.models["ensemble_fused"].members == ["variant_0", "variant_1"]
+    assert manifest.models["ensemble_fused"].output.name == "probabilities"
     assert (tiny_repo / "student_kd" / "1" / "model.onnx").is_file()
     assert (tiny_repo / "student_kd" / "1" / "model.py").is_file()
     assert (tiny_repo / "student_kd" / "labels.txt").read_text().split() == [str(d) for d in range(10)]
-    config = (tiny_repo / "student_kd" / "config.pbtxt").read_text()
-    for setting in ("dynamic_batching", "max_queue_size", "timeout_action: REJECT", "model_warmup", "KIND_CPU"):
-        assert setting in config
+    config = parse_config((tiny_repo / "student_kd" / "config.pbtxt").read_text())
+    # Batching on, but no queue policy (it stalls Triton 2.51) and no delay for a lone request.
+    assert config.HasField("dynamic_batching") and not stalling_queue_policy(config)
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert list(config.dynamic_batching.preferred_batch_size) == []
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU and config.model_warmup
+    assert config.parameters["allow_spinning"].string_value == "0"
     assert check_repository(tiny_repo) == []
 
 
-def test_export_report_has_parity_fp16_and_int8_measurements(tiny_run):
+def test_export_report_has_parity_fp16_and_int8_measurements(tiny_run, tiny_repo, tiny_results):
+    # tiny_repo is the export that writes the report; asking for it makes this test stand alone.
     report = json.loads((tiny_run / "export_report.json").read_text())
-    for name in ("teacher", "student_kd", "multihead"):
+    # The ensemble exported as one graph is the ensemble training evaluated.
+    assert report["models"]["ensemble_fused"]["test_top1"] == pytest.approx(
+        tiny_results["models"]["ensemble"]["top1"], abs=1e-6
+    )
+    for name in ("teacher", "student_kd", "multihead", "ensemble_fused"):
         assert report["models"][name]["onnx_vs_torch"]["max_abs_diff"] < 1e-3
         assert report["models"][name]["onnx_vs_torch"]["top1_agreement"] == 1.0
         assert report["models"][name]["fp16_vs_fp32"]["top1_agreement"] >= 0.95
@@ -64,11 +83,18 @@ def test_check_repo_catches_tampered_files_and_mismatched_configs(tiny_repo, tmp
     data = bytearray(onnx_file.read_bytes())
     data[-10] ^= 0xFF
     onnx_file.write_bytes(bytes(data))
-    config = repo / "teacher" / "config.pbtxt"
-    config.write_text(config.read_text().replace("dims: [ 8, 8, 3 ]", "dims: [ 16, 16, 3 ]"))
+    config_path = repo / "teacher" / "config.pbtxt"
+    config = parse_config(config_path.read_text())
+    config.input[0].dims[:] = [16, 16, 3]
+    config_path.write_text(config_text(config))
+    stalling_path = repo / "student_kd" / "config.pbtxt"
+    stalling = parse_config(stalling_path.read_text())
+    stalling.dynamic_batching.default_queue_policy.max_queue_size = 256
+    stalling_path.write_text(config_text(stalling))
     problems = check_repository(repo)
     assert any("student_plain/1/model.onnx does not match its sha256" in p for p in problems)
     assert any("teacher: config tensor 'images' is not UINT8 [8, 8, 3]" in p for p in problems)
+    assert any("student_kd: dynamic_batching has a queue policy" in p for p in problems)
     proc = run_training("check-repo", str(repo))
     assert proc.returncode == 2 and "problem(s)" in proc.stderr
 
@@ -77,7 +103,7 @@ def test_a_new_export_adds_a_version_and_keeps_the_newest(tmp_path):
     src = tmp_path / "weights.bin"
     for i in range(4):
         src.write_bytes(bytes([i]))
-        version, hashes = write_model(tmp_path / "repo", "m", 'name: "m"\n', {"model.onnx": src}, ["a"], 2)
+        version, hashes = write_model(tmp_path / "repo", "m", ModelConfig(name="m"), {"model.onnx": src}, ["a"], 2)
         assert version == i + 1 and f"m/{version}/model.onnx" in hashes
     assert existing_versions(tmp_path / "repo" / "m") == [3, 4]
     assert (tmp_path / "repo" / "m" / "4" / "model.onnx").read_bytes() == bytes([3])

@@ -59,22 +59,48 @@ def test_raw_body_and_base64_json_give_the_same_answer(gateway):
     assert raw.json()["predictions"] == js.json()["predictions"]
 
 
-def test_gateway_ensemble_fuses_calibrated_members_and_matches_triton_ensemble(gateway, tiny_repo):
+def triton_successes(triton, model: str) -> int:
+    stats = httpclient.InferenceServerClient(triton.http_url).get_inference_statistics(model)
+    return int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
+
+
+def test_each_ensemble_runs_where_its_name_says(gateway, triton, tiny_repo):
+    """`ensemble` fuses the variants in the gateway; `ensemble_triton` is answered by Triton's ensemble model."""
     files = [("images", ("d.png", png_bytes(digit_as_png_image(i)), "image/png")) for i in HELD_OUT]
-    fused = gateway.client.post("/v1/classify", params={"model": "ensemble", "top_k": 1}, files=files).json()
-    assert fused["model"] == "ensemble" and fused["degraded"] is False
-    assert fused["members"] == ["variant_0", "variant_1"]
     expected = (
         local_probabilities(tiny_repo, "variant_0", HELD_OUT) + local_probabilities(tiny_repo, "variant_1", HELD_OUT)
     ) / 2
-    tops = [p["top_k"][0] for p in fused["predictions"]]
-    np.testing.assert_allclose([t["probability"] for t in tops], expected.max(-1), atol=1e-5)
-    server_side = gateway.client.post(
-        "/v1/classify", params={"model": "ensemble_triton", "top_k": 1}, files=files
-    ).json()
-    server_tops = [p["top_k"][0] for p in server_side["predictions"]]
-    assert [t["index"] for t in server_tops] == [t["index"] for t in tops]
-    assert [t["probability"] for t in server_tops] == pytest.approx([t["probability"] for t in tops], abs=1e-5)
+    watched = ["variant_0", "variant_1", "ensemble_fused", "ensemble_scheduler"]
+
+    def call(model: str) -> tuple[dict, dict[str, int]]:
+        before = {m: triton_successes(triton, m) for m in watched}
+        resp = gateway.client.post("/v1/classify", params={"model": model, "top_k": 10}, files=files)
+        assert resp.status_code == 200, resp.text
+        return resp.json(), {m: triton_successes(triton, m) - before[m] for m in watched}
+
+    def served_probabilities(body: dict) -> np.ndarray:
+        served = np.zeros((len(HELD_OUT), 10))
+        for row, prediction in zip(served, body["predictions"], strict=True):
+            for label in prediction["top_k"]:
+                row[label["index"]] = label["probability"]
+        return served
+
+    fused, calls = call("ensemble")
+    assert fused["model"] == "ensemble" and fused["degraded"] is False
+    assert fused["members"] == ["variant_0", "variant_1"]
+    assert calls == {"variant_0": 1, "variant_1": 1, "ensemble_fused": 0, "ensemble_scheduler": 0}
+    np.testing.assert_allclose(served_probabilities(fused), expected, atol=1e-5)
+
+    server_side, calls = call("ensemble_triton")
+    assert server_side["model"] == "ensemble_fused" and server_side["members"] == ["variant_0", "variant_1"]
+    assert calls == {"variant_0": 0, "variant_1": 0, "ensemble_fused": 1, "ensemble_scheduler": 0}
+    np.testing.assert_allclose(served_probabilities(server_side), expected, atol=1e-5)
+
+    scheduled, calls = call("ensemble_scheduler")
+    assert scheduled["model"] == "ensemble_scheduler"
+    assert calls == {"variant_0": 1, "variant_1": 1, "ensemble_fused": 0, "ensemble_scheduler": 1}
+    np.testing.assert_allclose(served_probabilities(scheduled), expected, atol=1e-5)
+
     multihead = gateway.client.post("/v1/classify", params={"model": "multihead"}, files=files)
     assert multihead.status_code == 200 and len(multihead.json()["predictions"]) == len(HELD_OUT)
 

@@ -36,18 +36,20 @@ def test_ab_split_within_two_points_of_its_weights_and_sticky():
     arms = [router.assign(f"client-{i}") for i in range(10_000)]
     assert abs(arms.count("teacher") / 10_000 - 0.2) < 0.02
     assert all(router.assign(f"client-{i}") == arms[i] for i in range(0, 10_000, 97))
-    keyless = [ABRouter({"student": 0.5, "teacher": 0.5}, seed=1).assign(None) for _ in range(2)]
-    assert set(keyless) <= {"student", "teacher"}
+    # Without a key the draw is random per request: both arms appear, in about their proportions.
+    keyless_router = ABRouter({"student": 0.5, "teacher": 0.5}, seed=1)
+    keyless = [keyless_router.assign(None) for _ in range(2000)]
+    assert abs(keyless.count("teacher") / 2000 - 0.5) < 0.05
 
 
 def test_ab_stats_percentiles_and_agreement():
-    stats = ABStats(["student", "teacher"], window=1000)
-    for ms in range(1, 101):
+    stats = ABStats(["student", "teacher"], window=100)
+    for ms in range(-99, 101):  # the window keeps the last 100: 1..100
         stats.record("student", float(ms))
     stats.record_shadow("teacher", 10.0, True)
     stats.record_shadow("teacher", 12.0, False)
     summary = stats.summary()
-    assert summary["student"]["count"] == 100 and summary["student"]["latency_ms"]["p50"] == pytest.approx(50.5)
+    assert summary["student"]["count"] == 200 and summary["student"]["latency_ms"]["p50"] == pytest.approx(50.5)
     assert summary["teacher"]["shadow"]["agreement_rate"] == 0.5
 
 

@@ -5,7 +5,7 @@ import json
 
 from gateway.process import GatewayProcess, free_port
 from loadtest.report import write_report
-from loadtest.run import run_load
+from loadtest.run import direct_targets, model_concurrency, run_load
 
 
 def test_headless_locust_against_the_gateway_writes_csv_metrics_and_report(gateway, triton, tmp_path):
@@ -35,9 +35,9 @@ def test_headless_locust_against_the_gateway_writes_csv_metrics_and_report(gatew
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert accuracy["student_kd"]["total"] > 0 and accuracy["teacher"]["total"] > 0
 
-    direct = summary["perf_analyzer"]["classify teacher"]
+    direct = {d["model"]: d for d in summary["perf_analyzer"]}["teacher"]
     # perf_analyzer ran against Triton: a measurement, or (on a loaded machine) a recorded unstable level.
-    assert direct["model"] == "teacher"
+    assert direct["request"] == "classify teacher" and direct["share"] == 0.5
     assert (direct["rows"] and direct["rows"][0]["throughput_per_s"] > 0) or direct["unstable"] == [1]
     report = write_report(out).read_text()
     assert "## Teacher vs student" in report and "| classify student |" in report
@@ -55,3 +55,21 @@ def test_the_stop_rule_ends_a_run_whose_requests_fail(tiny_repo, tmp_path):
     with (tmp_path / "failing" / "locust_stats.csv").open() as fh:
         aggregated = next(row for row in csv.DictReader(fh) if row["Name"] == "Aggregated")
     assert int(aggregated["Failure Count"]) >= 50
+
+
+def test_ab_traffic_is_compared_with_both_arms_and_the_ensemble_with_tritons():
+    aliases = {
+        "student": "student_kd",
+        "teacher": "teacher",
+        "ensemble": "ensemble",
+        "ensemble_triton": "ensemble_fused",
+    }
+    ab = direct_targets("ab", aliases, {"student": 0.9, "teacher": 0.1})
+    assert [(t["request"], t["model"], t["share"]) for t in ab] == [
+        ("classify auto", "student_kd", 0.9),
+        ("classify auto", "teacher", 0.1),
+    ]
+    assert [model_concurrency(20, t["share"]) for t in ab] == [18, 2]
+    assert model_concurrency(4, 0.1) == 1  # an arm with any traffic is measured at least at concurrency 1
+    (ensemble,) = direct_targets("ensemble", aliases, {"student": 1.0})
+    assert ensemble["model"] == "ensemble_fused"  # not the gateway's own fusion, which Triton cannot run

@@ -15,13 +15,9 @@ from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
 from training.manifest import MANIFEST_NAME, ModelEntry, read_manifest
-from training.triton_repo import DTYPES, sha256
+from training.triton_repo import DTYPES, STALL_REASON, parse_config, sha256, stalling_queue_policy
 
 ONNX_DTYPES = {onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16"}
-
-
-def _parse_config(path: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
 def _onnx_io(path: Path) -> dict[str, tuple[str, list]]:
@@ -72,12 +68,14 @@ def check_repository(repo: Path) -> list[str]:
             problems.append(f"{name}: {config_path} missing")
             continue
         try:
-            config = _parse_config(config_path)
+            config = parse_config(config_path.read_text())
         except text_format.ParseError as exc:
             problems.append(f"{name}: config.pbtxt does not parse: {exc}")
             continue
         if config.name != name:
             problems.append(f"{name}: config.pbtxt names the model '{config.name}'")
+        if stalling_queue_policy(config):
+            problems.append(f"{name}: dynamic_batching has a queue policy: {STALL_REASON}")
         version_dir = repo / name / str(entry.version)
         if not version_dir.is_dir():
             problems.append(f"{name}: version directory {version_dir} missing")
@@ -93,7 +91,7 @@ def check_repository(repo: Path) -> list[str]:
             if graph_io is None:
                 problems.append(f"{name}: {onnx_path} missing")
             problems += _check_tensors(name, config, entry, graph_io)
-        if entry.role == "ensemble":
+        if entry.role == "ensemble" and config.platform == "ensemble":
             steps = [step.model_name for step in config.ensemble_scheduling.step]
             if steps != entry.members:
                 problems.append(f"{name}: ensemble steps {steps} differ from the manifest's members {entry.members}")
@@ -101,6 +99,6 @@ def check_repository(repo: Path) -> list[str]:
                 f"{name}: step model '{s}' is not in the repository" for s in steps if s not in manifest.models
             ]
         labels = repo / name / "labels.txt"
-        if labels.is_file() and labels.read_text().split("\n")[:-1] != entry.class_names:
+        if labels.is_file() and labels.read_text().splitlines() != entry.class_names:
             problems.append(f"{name}: labels.txt differs from the manifest's class names")
     return problems

@@ -48,6 +48,13 @@ def _cmd_check_repo(args: argparse.Namespace) -> None:
     print(f"[check-repo] {args.repo}: every config matches its graph and every file its manifest hash")
 
 
+def _cmd_timing_repo(args: argparse.Namespace) -> None:
+    from training.timing_repo import write_timing_repo
+
+    written = write_timing_repo(Path(args.repo), args.image_size)
+    print(f"[timing-repo] {args.repo}: {'written' if written else 'up to date'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-repo", help="check a repository's configs, graphs and hashes")
     check.add_argument("repo", nargs="?", default="model_repository")
     check.set_defaults(func=_cmd_check_repo)
+
+    timing = commands.add_parser(
+        "timing-repo", help="untrained ResNet18/ResNet50 at 224x224 in a repository, for the bench"
+    )
+    timing.add_argument("--repo", default="runs/timing-224", help="Triton model repository to write")
+    timing.add_argument("--image-size", type=int, default=224)
+    timing.set_defaults(func=_cmd_timing_repo)
     return parser
 
 

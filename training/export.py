@@ -17,7 +17,7 @@ import torch
 from training.checkpoint import ModelSpec, load_model
 from training.data import SplitData, iterate_batches, load_data
 from training.errors import UserError
-from training.evaluate import predict_logits
+from training.evaluate import FusedEnsemble, predict_logits
 from training.imageprep import RESIZE_NAME
 from training.manifest import Manifest, ModelEntry, Preprocessing, TensorSpec, write_manifest
 from training.onnx_tools import (
@@ -47,7 +47,13 @@ FP32_MAX_ABS_DIFF = 1e-3  # ONNX Runtime vs PyTorch on the CPU, logits of magnit
 FP32_MIN_AGREEMENT = 0.999
 FP16_MIN_AGREEMENT = 0.99  # the gate for serving FP16 (TensorRT) on a GPU
 INT8_MODELS = ("student_kd",)
-ENSEMBLE, FUSION = "ensemble", "ensemble_fusion"
+# Two Triton-side ensembles of the variants (the gateway's alias `ensemble_triton` picks the first):
+# the members and their fusion exported as one graph (one Triton call, one ONNX Runtime run; one
+# TensorRT engine on GPUs), and Triton's ensemble scheduler calling each member and then a fusion step.
+# The bench measures them side by side.
+FUSED_ENSEMBLE, SCHEDULER_ENSEMBLE, FUSION = "ensemble_fused", "ensemble_scheduler", "ensemble_fusion"
+PROBABILITIES = "probabilities"
+BACKEND_MODEL = BACKEND_DIR / "model.py"
 
 
 def _served_models(run: Path, results: dict) -> list[str]:
@@ -78,7 +84,7 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((predictions(logits) == labels).mean())
 
 
-def _write_served(
+def write_served_model(
     repo: Path,
     name: str,
     role: str,
@@ -93,7 +99,7 @@ def _write_served(
     inp, out = _tensors(spec)
     files = {"model.onnx": onnx_path}
     if flavor == "cpu":
-        files["model.py"] = BACKEND_DIR / "onnx_model.py"
+        files["model.py"] = BACKEND_MODEL
     version, hashes = write_model(
         repo, name, model_config(name, inp, out, flavor, opts), files, spec.class_names, opts.keep_versions
     )
@@ -145,6 +151,42 @@ def _int8_sibling(
     return int8_path, report
 
 
+def _export_graph(
+    name: str,
+    model: torch.nn.Module,
+    image_size: int,
+    onnx_path: Path,
+    data: SplitData,
+    test: tuple[np.ndarray, np.ndarray],
+    flavor: str,
+    output_name: str = OUTPUT_NAME,
+) -> tuple[dict, np.ndarray]:
+    """Export one graph and gate it: ONNX vs PyTorch on the test images, and FP16 vs fp32 for GPU serving.
+
+    Returns the parity report and the ONNX outputs on the test images.
+    """
+    export_onnx(model, image_size, onnx_path, output_name)
+    torch_out = predict_logits(model, data.test)[0].numpy()
+    onnx_out = run_logits(session(onnx_path), test[0])
+    fp32 = parity(torch_out, onnx_out)
+    require_parity(name, fp32, FP32_MAX_ABS_DIFF, FP32_MIN_AGREEMENT)
+    fp16_path = onnx_path.with_name(f"{onnx_path.stem}_fp16.onnx")
+    convert_fp16(onnx_path, fp16_path)
+    fp16 = parity(onnx_out, run_logits(session(fp16_path), test[0]))
+    if flavor == "gpu" and fp16.top1_agreement < FP16_MIN_AGREEMENT:
+        raise UserError(
+            f"{name}: FP16 agrees with fp32 on {fp16.top1_agreement:.2%} of test images "
+            f"(< {FP16_MIN_AGREEMENT:.0%}); not safe to serve in FP16"
+        )
+    print(
+        f"[export] {name}: max |diff| {fp32.max_abs_diff:.1e}, agreement {fp32.top1_agreement:.2%}, "
+        f"fp16 agreement {fp16.top1_agreement:.2%}",
+        flush=True,
+    )
+    report = {"onnx_vs_torch": fp32.as_dict(), "fp16_vs_fp32": fp16.as_dict(), "onnx_bytes": onnx_path.stat().st_size}
+    return report, onnx_out
+
+
 def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions | None = None) -> dict:
     opts = opts or ServingOptions()
     results_path = run / "results.json"
@@ -162,38 +204,17 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
     for name in _served_models(run, results):
         model, spec, _ = load_model(run / name / "model.pt")
         onnx_path = onnx_dir / f"{name}.onnx"
-        export_onnx(model, spec.image_size, onnx_path)
-        torch_logits = predict_logits(model, data.test)[0].numpy()
-        onnx_logits = run_logits(session(onnx_path), test[0])
-        fp32 = parity(torch_logits, onnx_logits)
-        require_parity(name, fp32, FP32_MAX_ABS_DIFF, FP32_MIN_AGREEMENT)
-        fp16_path = onnx_dir / f"{name}_fp16.onnx"
-        convert_fp16(onnx_path, fp16_path)
-        fp16 = parity(onnx_logits, run_logits(session(fp16_path), test[0]))
-        if flavor == "gpu" and fp16.top1_agreement < FP16_MIN_AGREEMENT:
-            raise UserError(
-                f"{name}: FP16 agrees with fp32 on {fp16.top1_agreement:.2%} of test images "
-                f"(< {FP16_MIN_AGREEMENT:.0%}); not safe to serve in FP16"
-            )
+        report["models"][name], onnx_logits = _export_graph(name, model, spec.image_size, onnx_path, data, test, flavor)
         role = spec.role if name not in ("student_kd", "student_plain") else "student"
-        entries[name] = _write_served(repo, name, role, spec, onnx_path, flavor, opts, str(run / name / "model.pt"))
-        report["models"][name] = {
-            "onnx_vs_torch": fp32.as_dict(),
-            "fp16_vs_fp32": fp16.as_dict(),
-            "onnx_bytes": onnx_path.stat().st_size,
-            "version": entries[name].version,
-        }
-        print(
-            f"[export] {name}: max |diff| {fp32.max_abs_diff:.1e}, agreement {fp32.top1_agreement:.2%}, "
-            f"fp16 agreement {fp16.top1_agreement:.2%}",
-            flush=True,
-        )
+        source = str(run / name / "model.pt")
+        entries[name] = write_served_model(repo, name, role, spec, onnx_path, flavor, opts, source)
+        report["models"][name]["version"] = entries[name].version
 
         if name in INT8_MODELS and flavor == "cpu":
             int8_path, int8 = _int8_sibling(name, onnx_path, data, test, onnx_logits)
             int8_name = f"{name}_int8"
             metrics = {**spec.metrics, "top1": int8["int8_top1"]}
-            entries[int8_name] = _write_served(
+            entries[int8_name] = write_served_model(
                 repo,
                 int8_name,
                 "quantized",
@@ -214,10 +235,21 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
 
     members = [n for n in entries if n.startswith("variant_")]
     if members:
-        _write_ensemble(repo, members, entries, opts)
-        # Triton's ensemble applies the same fusion as training's report: its test metrics are those.
+        # Both apply the fusion of training's report, so its test metrics are theirs.
         measured = results["models"].get("ensemble", {})
-        entries[ENSEMBLE].metrics = {k: float(v) for k, v in measured.items() if isinstance(v, float | int)}
+        metrics = {k: float(v) for k, v in measured.items() if isinstance(v, float | int)}
+        fused = FusedEnsemble(
+            [load_model(run / m / "model.pt")[0] for m in members], [entries[m].temperature for m in members]
+        )
+        onnx_path = onnx_dir / f"{FUSED_ENSEMBLE}.onnx"
+        image_size = entries[members[0]].input.shape[0]
+        report["models"][FUSED_ENSEMBLE], fused_probs = _export_graph(
+            FUSED_ENSEMBLE, fused, image_size, onnx_path, data, test, flavor, PROBABILITIES
+        )
+        # The exported graph is the ensemble training evaluated: same top-1 on the same test split.
+        report["models"][FUSED_ENSEMBLE]["test_top1"] = _accuracy(fused_probs, test[1])
+        _write_fused_ensemble(repo, members, entries, onnx_path, flavor, opts, metrics)
+        _write_scheduler_ensemble(repo, members, entries, opts, metrics)
     manifest = Manifest(
         flavor=flavor,
         recipe=recipe.name,
@@ -232,7 +264,45 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
     return report
 
 
-def _write_ensemble(repo: Path, members: list[str], entries: dict[str, ModelEntry], opts: ServingOptions) -> None:
+def _ensemble_entry(name: str, backend: str, members: list[str], first: ModelEntry, version: int, **fields):
+    return ModelEntry(
+        name=name,
+        role="ensemble",
+        arch=f"{len([m for m in members if m != FUSION])} x {first.arch}",
+        version=version,
+        backend=backend,
+        input=first.input,
+        output=TensorSpec(name=PROBABILITIES, dtype="FP32", shape=first.output.shape),
+        class_names=first.class_names,
+        members=members,
+        **fields,
+    )
+
+
+def _write_fused_ensemble(
+    repo: Path,
+    members: list[str],
+    entries: dict[str, ModelEntry],
+    onnx_path: Path,
+    flavor: str,
+    opts: ServingOptions,
+    metrics: dict,
+) -> None:
+    first = entries[members[0]]
+    out = TensorSpec(name=PROBABILITIES, dtype="FP32", shape=first.output.shape)
+    files = {"model.onnx": onnx_path}
+    if flavor == "cpu":
+        files["model.py"] = BACKEND_MODEL
+    config = model_config(FUSED_ENSEMBLE, first.input, out, flavor, opts)
+    version, hashes = write_model(repo, FUSED_ENSEMBLE, config, files, first.class_names, opts.keep_versions)
+    entries[FUSED_ENSEMBLE] = _ensemble_entry(
+        FUSED_ENSEMBLE, first.backend, members, first, version, files=hashes, metrics=metrics
+    )
+
+
+def _write_scheduler_ensemble(
+    repo: Path, members: list[str], entries: dict[str, ModelEntry], opts: ServingOptions, metrics: dict
+) -> None:
     first = entries[members[0]]
     temperatures = [entries[m].temperature for m in members]
     max_batch = opts.max_batch_size
@@ -240,7 +310,7 @@ def _write_ensemble(repo: Path, members: list[str], entries: dict[str, ModelEntr
         repo,
         FUSION,
         fusion_config(FUSION, members, first.output, temperatures, max_batch),
-        {"model.py": BACKEND_DIR / "fusion_model.py"},
+        {"model.py": BACKEND_MODEL},
         None,
         opts.keep_versions,
     )
@@ -259,23 +329,14 @@ def _write_ensemble(repo: Path, members: list[str], entries: dict[str, ModelEntr
     )
     version, hashes = write_model(
         repo,
-        ENSEMBLE,
-        ensemble_config(ENSEMBLE, FUSION, members, first.input, first.output, max_batch),
+        SCHEDULER_ENSEMBLE,
+        ensemble_config(SCHEDULER_ENSEMBLE, FUSION, members, first.input, first.output, max_batch),
         {},
         first.class_names,
         opts.keep_versions,
     )
-    entries[ENSEMBLE] = ModelEntry(
-        name=ENSEMBLE,
-        role="ensemble",
-        arch=f"{len(members)} x {first.arch}",
-        version=version,
-        backend="ensemble",
-        input=first.input,
-        output=probs,
-        class_names=first.class_names,
-        members=[*members, FUSION],
-        files=hashes,
+    entries[SCHEDULER_ENSEMBLE] = _ensemble_entry(
+        SCHEDULER_ENSEMBLE, "ensemble", [*members, FUSION], first, version, files=hashes, metrics=metrics
     )
 
 

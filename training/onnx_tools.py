@@ -19,8 +19,8 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 OPSET = 18
 
 
-def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
-    """uint8 [N,H,W,3] -> logits with a dynamic batch axis, weights inside the one .onnx file.
+def export_onnx(model: torch.nn.Module, image_size: int, path: Path, output_name: str = OUTPUT_NAME) -> None:
+    """uint8 [N,H,W,3] -> logits (or `output_name`) with a dynamic batch axis, weights inside the one .onnx file.
 
     The dynamo exporter is torch's default; `external_data=False` stops it writing the weights to
     a separate `.onnx.data` file, which a Triton version directory would then have to carry too.
@@ -38,7 +38,7 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
             external_data=False,
             opset_version=OPSET,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[output_name],
             dynamic_shapes={"images": {0: batch}},
             verbose=False,
         )
@@ -54,9 +54,8 @@ def session(path: Path, threads: int = 2) -> ort.InferenceSession:
 
 
 def run_logits(sess: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    outputs = [
-        sess.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)
-    ]
+    """The graph's output (logits, or a fused ensemble's probabilities) for `images`, in batches."""
+    outputs = [sess.run(None, {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
     return np.concatenate(outputs).astype(np.float32)
 
 

@@ -1,0 +1,135 @@
+"""The serving path under pressure: admission control at its bound, and an event loop that large images never block."""
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.process import GatewayProcess, free_port
+from gateway.triton_server import EmbeddedTriton, TritonPorts
+from loadtest.bench import large_png
+from training.splits import digit_png_bytes
+
+
+@pytest.fixture
+def own_triton(tiny_repo):
+    """A Triton for this test alone: the admission test freezes it, which no other test may see."""
+    server = EmbeddedTriton(tiny_repo, TritonPorts(free_port(), free_port(), free_port()), restart_on_crash=False)
+    server.start(timeout=180)
+    yield server
+    os.kill(server.pid, signal.SIGCONT)  # never leave it frozen, whatever the test did
+    server.stop()
+
+
+def admitted_images(gateway: GatewayProcess, model: str) -> float:
+    text = gateway.client.get("/metrics").text
+    found = re.search(rf'kdserve_admitted_images{{model="{model}"}} ([0-9.]+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+def rejected(gateway: GatewayProcess, model: str) -> float:
+    text = gateway.client.get("/metrics").text
+    found = re.search(rf'kdserve_admission_rejected_total{{model="{model}"}} ([0-9.]+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_admission_control_sheds_at_its_bound_with_exact_counts(tiny_repo, own_triton):
+    """Bound 4 images in flight to a model. With Triton frozen nothing completes, so what is admitted stays
+    admitted: 3 + 1 images fit, a 2-image and a 1-image request past the bound get an immediate 503."""
+    env = {"KDSERVE_ADMISSION_MAX_IMAGES": "4", "KDSERVE_MAX_IMAGES": "4", "KDSERVE_TRITON_TIMEOUT_S": "60"}
+    png = digit_png_bytes(1700)
+
+    def files(n: int) -> list:
+        return [("images", (f"{i}.png", png, "image/png")) for i in range(n)]
+
+    with GatewayProcess(tiny_repo, own_triton.http_url, env=env) as gateway:
+        assert gateway.client.post("/v1/classify?model=student", files=files(1)).status_code == 200
+
+        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+
+                def post(n: int):
+                    return asyncio.create_task(client.post("/v1/classify?model=student", files=files(n)))
+
+                async def until_admitted(images: float) -> None:
+                    deadline = time.monotonic() + 10
+                    while admitted_images(gateway, "student_kd") != images:
+                        assert time.monotonic() < deadline, "request never admitted"
+                        await asyncio.sleep(0.05)
+
+                os.kill(own_triton.pid, signal.SIGSTOP)
+                three = post(3)
+                await until_admitted(3)
+                shed_two = await client.post("/v1/classify?model=student", files=files(2))
+                one = post(1)
+                await until_admitted(4)
+                shed_one = await client.post("/v1/classify?model=student", files=files(1))
+                other_model = await asyncio.wait_for(
+                    client.get("/healthz"), timeout=5
+                )  # the gateway itself stays responsive
+                assert other_model.status_code == 200
+                os.kill(own_triton.pid, signal.SIGCONT)
+                return [await three, await one], [shed_two, shed_one]
+
+        answered, shed = asyncio.run(scenario())
+        assert [r.status_code for r in answered] == [200, 200]
+        assert [len(r.json()["predictions"]) for r in answered] == [3, 1]
+        for resp in shed:
+            assert resp.status_code == 503 and resp.headers["Retry-After"] == "2"
+            assert resp.json()["error"]["kind"] == "overloaded" and "bound of 4" in resp.json()["error"]["message"]
+            assert resp.headers["X-Request-ID"] == resp.json()["request_id"]
+        assert rejected(gateway, "student_kd") == 2
+        assert admitted_images(gateway, "student_kd") == 0  # everything admitted was released
+        assert 'kdserve_errors_total{kind="overloaded"} 2.0' in gateway.client.get("/metrics").text
+
+
+def test_settings_refuse_a_bound_below_one_full_request(tiny_repo, triton):
+    with pytest.raises(RuntimeError, match="admission_max_images"):
+        GatewayProcess(tiny_repo, triton.http_url, env={"KDSERVE_ADMISSION_MAX_IMAGES": "8"})
+
+
+def test_large_images_decode_off_the_event_loop(gateway):
+    """While 4000x4000 PNGs decode, /healthz answers in a fraction of one decode.
+
+    If decoding ran on the event loop, every /healthz arriving during a decode would wait for all of it:
+    its slowest answer would be at least one decode long.
+    """
+    big = large_png()
+
+    async def scenario() -> tuple[list[float], list[float]]:
+        decode_ms: list[float] = []
+        health_ms: list[float] = []
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            senders_done = asyncio.Event()
+
+            async def sender() -> None:
+                for _ in range(4):
+                    resp = await client.post(
+                        "/v1/classify?model=student", content=big, headers={"Content-Type": "image/png"}
+                    )
+                    assert resp.status_code == 200, resp.text
+                    decode_ms.append(resp.json()["latency"]["decode_ms"])
+
+            async def prober() -> None:
+                while not senders_done.is_set():
+                    start = time.perf_counter()
+                    assert (await client.get("/healthz")).status_code == 200
+                    health_ms.append((time.perf_counter() - start) * 1000)
+                    await asyncio.sleep(0.005)
+
+            probing = asyncio.create_task(prober())
+            await asyncio.gather(sender(), sender())
+            senders_done.set()
+            await probing
+        return decode_ms, health_ms
+
+    decode_ms, health_ms = asyncio.run(scenario())
+    assert len(decode_ms) == 8 and len(health_ms) >= 20
+    one_decode = float(np.median(decode_ms))
+    assert one_decode > 20, f"decoding a 4000x4000 PNG took {one_decode:.1f} ms: too fast to tell anything"
+    assert max(health_ms) < one_decode / 2, (max(health_ms), one_decode)
