@@ -31,7 +31,14 @@ $(LOCUST_STAMP): pyproject.toml
 	$(LOCUST_VENV)/bin/python -m pip install -q -e '.[locust]'
 	touch $@
 
-setup: $(STAMP) $(LOCUST_STAMP)
+# System packages the tests use: Debian's chromium for the browser test (Playwright drives it; it
+# downloads no browser of its own). The test fails, not skips, without it.
+SYSTEM_STAMP := $(VENV)/.kdserve-system
+$(SYSTEM_STAMP): | $(STAMP)
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
+	touch $@
+
+setup: $(STAMP) $(LOCUST_STAMP) $(SYSTEM_STAMP)
 
 test: setup
 	$(PY) -m pytest -q

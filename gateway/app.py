@@ -21,7 +21,7 @@ from gateway.service import GATEWAY_ENSEMBLE, Classifier
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
 from gateway.triton_server import EmbeddedTriton, TritonPorts
-from training.manifest import Manifest, read_manifest
+from training.manifest import Manifest, SchemaMismatch, read_manifest
 
 
 def _embedded_triton(settings: GatewaySettings) -> EmbeddedTriton:
@@ -57,7 +57,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     manifest_path = Path(settings.repo) / "manifest.json"
     if not manifest_path.is_file():
         raise GatewayError(f"{manifest_path} not found: export a model repository first (make demo)")
-    manifest = read_manifest(settings.repo)
+    try:
+        manifest = read_manifest(settings.repo)
+    except SchemaMismatch as exc:
+        raise GatewayError(str(exc)) from exc
     check_against_manifest(settings, manifest)
     metrics = GatewayMetrics()
 
@@ -100,6 +103,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
 
     app.add_middleware(RequestObserver, metrics=metrics)
+
+    page = (Path(__file__).parent / "static" / "index.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> Response:
+        """Draw a digit or drop a photo; student, teacher and ensemble side by side (plain HTML/JS)."""
+        return Response(page, media_type="text/html; charset=utf-8")
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -52,7 +52,8 @@ def run_demo(repo: Path, recipe: str, gateway_port: int, ports: TritonPorts, onc
         # One image per request, for latencies a single user sees.
         single = {m: [classify_all(gateway.client, m, [i])[1][0] for i in test[:20]] for m in MODELS}
         _print_side_by_side(test, labels, results, single, manifest)
-        print(f"\nGateway  {url}  (docs {url}/docs, metrics {url}/metrics, A/B {url}/v1/ab/summary)")
+        print(f"\nWeb page {url}/  (draw a digit or drop a photo: student, teacher and ensemble side by side)")
+        print(f"Gateway  {url}  (docs {url}/docs, metrics {url}/metrics, A/B {url}/v1/ab/summary)")
         print(
             f"Triton   http://{triton.http_url}  grpc {triton.grpc_url}  "
             f"metrics http://127.0.0.1:{ports.metrics}/metrics"

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from gateway.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from training.imageprep import to_model_input
+from training.imageprep import prepare
+from training.manifest import Preprocessing
 
 # Our own pixel limit is checked from the header before decoding, so Pillow's bomb warning (emitted
 # past its 89-Mpixel default) is noise. Filtered once for the process: `warnings.catch_warnings`
@@ -46,18 +47,18 @@ def open_image(data: bytes, allowed_formats: list[str], max_pixels: int) -> Imag
     return image
 
 
-def prepare_images(images: list[Image.Image], size: int) -> np.ndarray:
+def prepare_images(images: list[Image.Image], spec: Preprocessing) -> np.ndarray:
     """Opened images -> uint8 [N, size, size, 3], exactly as training prepared its images."""
     prepared = []
     for image in images:
         try:
             image.load()
-            prepared.append(to_model_input(image, size))
+            prepared.append(prepare(image, spec))
         except Exception as exc:  # truncated or corrupt data only shows up while decoding
             raise BadImage(f"corrupt image data: {type(exc).__name__}") from exc
     return np.stack(prepared)
 
 
-def decode_image(data: bytes, size: int, allowed_formats: list[str], max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes, spec: Preprocessing, allowed_formats: list[str], max_pixels: int) -> np.ndarray:
     """Bytes -> uint8 [size, size, 3] in one call (for callers without an event loop to protect)."""
-    return prepare_images([open_image(data, allowed_formats, max_pixels)], size)[0]
+    return prepare_images([open_image(data, allowed_formats, max_pixels)], spec)[0]

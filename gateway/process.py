@@ -8,9 +8,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from gateway.triton_server import EmbeddedTriton, TritonPorts
 
 
 def free_port() -> int:
@@ -83,3 +87,11 @@ class GatewayProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+@contextmanager
+def serving(repo: Path, env: dict[str, str] | None = None) -> Iterator[tuple[EmbeddedTriton, GatewayProcess]]:
+    """The embedded Triton and a gateway in front of it, for `repo`, on free loopback ports."""
+    with EmbeddedTriton(repo, TritonPorts(free_port(), free_port(), free_port())) as triton:  # noqa: SIM117
+        with GatewayProcess(repo, triton.http_url, env=env, ready_path="/readyz") as gateway:
+            yield triton, gateway

@@ -21,6 +21,7 @@ from gateway.errors import BadRequest, Overloaded, PayloadTooLarge, UnsupportedM
 from gateway.images import open_image, prepare_images
 from gateway.schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, ModelInfo, ModelsResponse
 from gateway.service import Classifier
+from training.manifest import Preprocessing
 
 router = APIRouter()
 
@@ -143,14 +144,14 @@ async def parse_classify_request(request: Request, model: str, top_k: int) -> tu
     return files, model, top_k
 
 
-async def decode_images(request: Request, files: list[bytes], size: int) -> np.ndarray:
+async def decode_images(request: Request, files: list[bytes], spec: Preprocessing) -> np.ndarray:
     """Headers checked here, pixels decoded here when tiny, else in the decode threads."""
     settings = request.app.state.settings
     opened = [open_image(f, settings.allowed_formats, settings.max_image_pixels) for f in files]
     if sum(image.width * image.height for image in opened) <= INLINE_DECODE_PIXELS:
-        return prepare_images(opened, size)
+        return prepare_images(opened, spec)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app.state.decode_pool, prepare_images, opened, size)
+    return await loop.run_in_executor(request.app.state.decode_pool, prepare_images, opened, spec)
 
 
 async def _shadow(classifier: Classifier, request: Request, arm: str, images: np.ndarray, primary: np.ndarray):
@@ -203,7 +204,7 @@ async def classify(request: Request) -> Response:
     # Admitted before decoding: a shed request costs no decoding at all.
     with classifier.admission.admit(classifier.triton_models(target), len(files)):
         decode_start = time.perf_counter()
-        images = await decode_images(request, files, classifier.image_size)
+        images = await decode_images(request, files, classifier.preprocessing)
         decode_s = time.perf_counter() - decode_start
         state.metrics.decode_seconds.observe(decode_s)
         outcome = await classifier.classify(target, images)

@@ -72,7 +72,7 @@ class Classifier:
         self.variants = [m.name for m in manifest.by_role("variant")]
         self.aliases = model_aliases(manifest)
         self.class_names = next(iter(manifest.models.values())).class_names
-        self.image_size = manifest.preprocessing.image_size
+        self.preprocessing = manifest.preprocessing
 
     def resolve(self, name: str) -> str:
         """An alias or served model name -> what to run (a manifest model or the gateway ensemble)."""

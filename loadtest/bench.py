@@ -32,10 +32,10 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageDraw
 
-from gateway.process import GatewayProcess, free_port
+from gateway.process import GatewayProcess, serving
 from gateway.service import trained_entry
 from gateway.triton_http import infer_request
-from gateway.triton_server import EmbeddedTriton, TritonPorts
+from gateway.triton_server import EmbeddedTriton
 from loadtest.measure import (
     STALL_MS,
     TritonStats,
@@ -45,7 +45,7 @@ from loadtest.measure import (
     summarize,
     time_interleaved,
 )
-from training.imageprep import to_model_input
+from training.imageprep import prepare
 from training.manifest import Manifest, read_manifest
 from training.splits import digit_as_png_image, digit_png_bytes
 
@@ -112,7 +112,7 @@ class Served:
         self.client = httpx.Client(timeout=60)
         size = self.manifest.preprocessing.image_size
         self.png = _png(digit_as_png_image(HELD_OUT), size) if size != 8 else digit_png_bytes(HELD_OUT)
-        self.tensor = to_model_input(Image.open(io.BytesIO(self.png)), size)[None]
+        self.tensor = prepare(Image.open(io.BytesIO(self.png)), self.manifest.preprocessing)[None]
 
     def close(self) -> None:
         self.client.close()
@@ -301,21 +301,11 @@ def teacher_over_student(served: Served, figures: dict[str, dict]) -> dict:
     }
 
 
-def _start(repo: Path) -> tuple[EmbeddedTriton, GatewayProcess, Served]:
-    triton = EmbeddedTriton(repo, TritonPorts(free_port(), free_port(), free_port())).start()
-    try:
-        gateway = GatewayProcess(repo, triton.http_url, ready_path="/readyz")
-    except BaseException:
-        triton.stop()
-        raise
-    return triton, gateway, Served(repo, triton, gateway)
-
-
 def run_bench(repo: Path, out_dir: Path, timing_repo: Path | None = None, requests: int = 1000) -> dict:
     started = time.perf_counter()
     results: dict = {"requests_c1": requests, "load_seconds": LOAD_SECONDS, "targets": TARGETS}
-    triton, gateway, served = _start(repo)
-    try:
+    with serving(repo) as (triton, gateway):
+        served = Served(repo, triton, gateway)
         results["machine"] = machine(served.triton_http)
         manifest: Manifest = served.manifest
         paths = {}
@@ -345,24 +335,18 @@ def run_bench(repo: Path, out_dir: Path, timing_repo: Path | None = None, reques
         results["healthz_under_large_images"] = healthz_under_large_images(served)
         results["ensembles"] = ensembles(served, requests // 3)
         results["teacher_over_student"] = {"digits": teacher_over_student(served, paths)}
-    finally:
         served.close()
-        gateway.stop()
-        triton.stop()
     if timing_repo is not None:
         results["timing_repo"] = str(timing_repo)
-        triton, gateway, served = _start(timing_repo)
-        try:
+        with serving(timing_repo) as (triton, gateway):
+            served = Served(timing_repo, triton, gateway)
             large = {
                 label: latency_c1(served, model, alias, max(30, requests // 20))
                 for label, model, alias in (("student", "student_kd", "student"), ("teacher", "teacher", "teacher"))
             }
             results["latency_c1_224"] = large
             results["teacher_over_student"]["224"] = teacher_over_student(served, large)
-        finally:
             served.close()
-            gateway.stop()
-            triton.stop()
     results["checks"] = checks(results)
     results["seconds"] = round(time.perf_counter() - started, 1)
     out_dir.mkdir(parents=True, exist_ok=True)

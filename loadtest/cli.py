@@ -13,6 +13,26 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"[bench] results in {Path(args.out) / 'results.md'}")
 
 
+def _cmd_served_accuracy(args: argparse.Namespace) -> None:
+    import httpx
+
+    from loadtest.served_accuracy import markdown, served_accuracy, write
+
+    def measure(url: str) -> dict:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            return served_accuracy(client, recipe=args.recipe)
+
+    if args.host:
+        results = measure(args.host)
+    else:
+        from gateway.process import serving
+
+        with serving(Path(args.repo)) as (_, gateway):
+            results = measure(gateway.url)
+    write(results, Path(args.out))
+    print(markdown(results))
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from loadtest.report import write_report
     from loadtest.run import run_load
@@ -69,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", default="digits", help="whose held-out split is sent")
     run.add_argument("--max-fail-ratio", type=float, default=0.01, help="stop rule")
     run.set_defaults(func=_cmd_run)
+
+    accuracy = commands.add_parser(
+        "served-accuracy", help="top-1 of the held-out split sent through the gateway in every client form"
+    )
+    accuracy.add_argument("--repo", default="model_repository", help="served by its own Triton + gateway")
+    accuracy.add_argument("--host", help="a running gateway instead, e.g. http://127.0.0.1:8080")
+    accuracy.add_argument("--recipe", default="digits", help="whose held-out split is sent")
+    accuracy.add_argument("--out", default="benchmarks/served_accuracy", help="writes <out>.md and <out>.json")
+    accuracy.set_defaults(func=_cmd_served_accuracy)
 
     report = commands.add_parser("report", help="report.md and charts from a run directory")
     report.add_argument("run")

@@ -26,9 +26,16 @@ def test_missing_dataset_folder(tmp_path):
         "--set",
         "data.dataset=imagefolder",
         "--set",
+        "data.augment.client_forms=0",  # the digits recipe's client forms are for digits only
+        "--set",
         f"data.root={tmp_path}/missing",
     )
     assert_one_line_error(proc, "does not exist", "data.root")
+
+
+def test_digit_client_forms_on_another_dataset_are_refused_with_the_fix(tmp_path):
+    proc = run_training("all", "--out", str(tmp_path), "--set", "data.dataset=cifar10", "--set", "data.root=/x")
+    assert_one_line_error(proc, "client_forms", "digits only", "data.augment.client_forms=0")
 
 
 def test_corrupt_checkpoint(tmp_path):

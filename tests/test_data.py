@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -6,8 +8,10 @@ from PIL import Image
 from training.augment import random_cutout, random_translate
 from training.data import iterate_batches, load_data
 from training.errors import UserError
-from training.imageprep import to_model_input
+from training.imageprep import prepare
+from training.manifest import DigitFraming, Preprocessing
 from training.recipe import DataConfig
+from training.splits import digits_gray
 
 
 def test_digits_split_is_stratified_disjoint_and_reproducible():
@@ -26,7 +30,7 @@ def test_digits_split_is_stratified_disjoint_and_reproducible():
     assert not any(bytes(x.numpy()) in train_rows for x in data.test.images[:50])
 
 
-def test_upsampled_digits_use_the_serving_resize():
+def test_upsampled_digits_are_prepared_as_served():
     data = load_data(DataConfig(dataset="digits", image_size=16))
     assert data.train.images.shape[1:] == (16, 16, 3)
     # Channels are identical: grayscale digits become 3-channel RGB.
@@ -34,26 +38,51 @@ def test_upsampled_digits_use_the_serving_resize():
     assert torch.equal(img[..., 0], img[..., 1]) and torch.equal(img[..., 1], img[..., 2])
 
 
-def test_to_model_input_handles_modes_and_exif_orientation():
+GENERIC = Preprocessing(image_size=4, mean=[0.5] * 3, std=[0.25] * 3)
+DIGITS = Preprocessing(image_size=8, mean=[0.3] * 3, std=[0.3] * 3, digit=DigitFraming())
+
+
+def test_prepare_handles_modes_and_applies_exif_orientation():
     rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 255))
-    out = to_model_input(rgba, 8)
+    out = prepare(rgba, Preprocessing(image_size=8, mean=[0.5] * 3, std=[0.25] * 3))
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8 and out[..., 0].min() == 255
-    # A tall image stored sideways with EXIF orientation 6 (rotate 90°) comes out upright.
-    sideways = Image.new("RGB", (4, 2), (0, 0, 0))
-    sideways.putpixel((0, 0), (255, 255, 255))
+    # Stored 8 wide x 4 high with a white 2x2 block top-left, EXIF orientation 6 (shown rotated 90° clockwise):
+    # upright it is 4 x 8 with the block top-right; shrunk to 4x4 by area averaging, row 0 is white at x 2-3.
+    stored = Image.new("RGB", (8, 4), (0, 0, 0))
+    stored.paste((255, 255, 255), (0, 0, 2, 2))
     exif = Image.Exif()
     exif[0x0112] = 6
-    sideways.info["exif"] = exif.tobytes()
-    upright = to_model_input(_roundtrip_jpeg_free(sideways, exif), 4)
-    assert upright.shape == (4, 4, 3)
+    upright = prepare(_roundtrip_png(stored, exif), GENERIC)
+    np.testing.assert_array_equal(upright[0, :, 0], [0, 0, 255, 255])
+    unrotated = prepare(_roundtrip_png(stored, Image.Exif()), GENERIC)
+    assert unrotated[0, 0, 0] == 255  # without the tag the block stays left: the orientation made the difference
 
 
-def _roundtrip_jpeg_free(image: Image.Image, exif: Image.Exif) -> Image.Image:
-    import io
-
+def _roundtrip_png(image: Image.Image, exif: Image.Exif) -> Image.Image:
     buf = io.BytesIO()
     image.save(buf, format="PNG", exif=exif)
     return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def test_area_resize_averages_what_each_output_pixel_covers():
+    # 4x4 -> 2x2 by area: each output pixel is the mean of its 2x2 block (bilinear would not be, at this ratio).
+    pixels = np.array([[0, 0, 255, 255], [0, 0, 255, 255], [0, 255, 0, 0], [255, 0, 0, 0]], dtype=np.uint8)
+    out = prepare(Image.fromarray(pixels, mode="L"), Preprocessing(image_size=2, mean=[0.5] * 3, std=[0.2] * 3))
+    np.testing.assert_array_equal(out[..., 0], [[0, 255], [128, 0]])
+
+
+def test_digit_pictures_are_framed_as_the_training_digits():
+    digit = digits_gray()[0][1700]
+    assert (prepare(Image.fromarray(digit, mode="L"), DIGITS)[..., 0] == digit).all()  # native: unchanged
+    # Dark ink on white, upscaled 4x by repeating pixels: inverted and area-averaged back, exactly.
+    dark_large = Image.fromarray(255 - np.kron(digit, np.ones((4, 4), dtype=np.uint8)), mode="L")
+    np.testing.assert_array_equal(prepare(dark_large, DIGITS)[..., 0], digit)
+    # Drawn small and off-centre on a large canvas: its ink box is found and made to fill the input.
+    canvas = np.zeros((200, 200), dtype=np.uint8)
+    canvas[20:84, 120:184] = np.kron(digit, np.ones((8, 8), dtype=np.uint8))
+    np.testing.assert_array_equal(prepare(Image.fromarray(canvas, mode="L"), DIGITS)[..., 0], digit)
+    blank = prepare(Image.new("L", (50, 50), 255), DIGITS)
+    assert blank.shape == (8, 8, 3) and not blank.any()
 
 
 def test_imagefolder_reads_class_folders_and_reports_missing_ones(tmp_path):

@@ -71,17 +71,19 @@ def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def test_decode_matches_training_preparation_and_refuses_bad_images():
-    from training.data import load_digits_images
+    from training.data import load_data, load_digits_images
+    from training.recipe import DataConfig
     from training.splits import digit_as_png_image
 
     images, _ = load_digits_images(8)
-    decoded = decode_image(_png(digit_as_png_image(5)), 8, FORMATS, 10_000)
+    spec = load_data(DataConfig(dataset="digits", image_size=8)).preprocessing
+    decoded = decode_image(_png(digit_as_png_image(5)), spec, FORMATS, 10_000)
     np.testing.assert_array_equal(decoded, images[5].numpy())
     with pytest.raises(UnsupportedMediaType):
-        decode_image(b"definitely not an image", 8, FORMATS, 10_000)
+        decode_image(b"definitely not an image", spec, FORMATS, 10_000)
     with pytest.raises(BadImage):
-        decode_image(_png(Image.new("RGB", (32, 32)))[:60], 8, FORMATS, 10_000)
+        decode_image(_png(Image.new("RGB", (32, 32)))[:60], spec, FORMATS, 10_000)
     with pytest.raises(PayloadTooLarge):
-        decode_image(_png(Image.new("1", (200, 200))), 8, FORMATS, 10_000)
+        decode_image(_png(Image.new("1", (200, 200))), spec, FORMATS, 10_000)
     with pytest.raises(UnsupportedMediaType, match="not allowed"):
-        decode_image(_png(Image.new("RGB", (8, 8)), "BMP"), 8, ["PNG"], 10_000)
+        decode_image(_png(Image.new("RGB", (8, 8)), "BMP"), spec, ["PNG"], 10_000)

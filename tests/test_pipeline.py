@@ -1,13 +1,16 @@
 """`python -m training all` end to end on real digits (a tiny version of the recipe)."""
 
+import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 
-from tests.conftest import TINY_OVERRIDES, override_args, run_training
+from tests.conftest import ROOT, TINY_OVERRIDES, override_args, run_training
 from training.checkpoint import load_model
 from training.data import load_data
 from training.evaluate import predict_logits, top_k_accuracy
@@ -50,16 +53,24 @@ def test_saved_models_reproduce_the_reported_accuracy(tiny_run, tiny_results):
     data = load_data(load_recipe("digits").data)
     logits, labels = predict_logits(model, data.test)
     assert top_k_accuracy(logits, labels, 1) == tiny_results["models"]["student_kd"]["top1"]
-    assert (tiny_run / "student_kd" / "metrics.jsonl").read_text().count("\n") == 2
+    assert (tiny_run / "student_kd" / "metrics.jsonl").read_text().count("\n") == 4  # one line per epoch
     assert "student:" in (tiny_run / "recipe.yaml").read_text()
     stage_config = (tiny_run / "student_kd" / "config.yaml").read_text()
-    assert "distill:" in stage_config and "epochs: 2" in stage_config
+    assert "distill:" in stage_config and "epochs: 4" in stage_config
     assert "| student_kd |" in (tiny_run / "results.md").read_text()
+
+
+def weights_digest(model_file) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(torch.load(model_file, weights_only=True)["state_dict"].items()):
+        digest.update(name.encode() + tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def test_rerun_reuses_every_stage_and_changed_settings_retrain(tiny_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(tiny_run, out)
+    kd_before = weights_digest(out / "student_kd" / "model.pt")
     again = run_training("all", "--out", str(out), *override_args(TINY_OVERRIDES))
     assert again.returncode == 0, again.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -81,6 +92,9 @@ def test_rerun_reuses_every_stage_and_changed_settings_retrain(tiny_run, tmp_pat
     assert changed.returncode == 0, changed.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["reused_stages"] == ["teacher", "student_plain"]
+    # Retrained for real: its old checkpoint (other settings) was not resumed into the new run.
+    assert results["stage_seconds"]["student_kd"] > 0
+    assert weights_digest(out / "student_kd" / "model.pt") != kd_before
 
 
 def test_a_trained_student_classifies_real_digits(tmp_path):
@@ -106,28 +120,38 @@ def test_a_trained_student_classifies_real_digits(tmp_path):
     assert results["models"]["student_plain"]["top1"] > 0.85
 
 
-def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
-    out = tmp_path / "resume"
-    base = [
-        "teacher.arch=resnet18",
-        "evaluation.seeds=[0]",
-        "ensemble.variants=[]",
-        "ensemble.multihead.heads=0",
-    ]
-    first = run_training(
-        "all", "--out", str(out), *override_args([*base, "teacher.train.epochs=1", "student.train.epochs=1"])
+def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    settings = override_args(
+        [
+            "teacher.arch=resnet18",
+            "teacher.train.epochs=3",
+            "student.train.epochs=1",
+            "evaluation.seeds=[0]",
+            "ensemble.variants=[]",
+            "ensemble.multihead.heads=0",
+        ]
     )
-    assert first.returncode == 0, first.stderr[-2000:]
-    # Pretend the teacher's run was cut off after epoch 1 of 2: its checkpoint is there, its model is not.
-    (out / "teacher" / "model.pt").unlink()
-    state = torch.load(out / "teacher" / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 1
-    second = run_training(
-        "all", "--out", str(out), *override_args([*base, "teacher.train.epochs=2", "student.train.epochs=1"])
-    )
-    assert second.returncode == 0, second.stderr[-2000:]
-    epochs = [json.loads(line)["epoch"] for line in (out / "teacher" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2]  # epoch 1 was not trained again
+    whole = tmp_path / "whole"
+    assert run_training("all", "--out", str(whole), "--threads", "2", *settings).returncode == 0
+
+    cut = tmp_path / "cut"
+    command = [sys.executable, "-m", "training", "all", "--out", str(cut), "--threads", "2", *settings]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = cut / "teacher" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():  # epoch 1 is saved: the kill lands in epoch 2
+        assert proc.poll() is None and time.monotonic() < deadline, "the teacher never saved a checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "teacher" / "model.pt").exists()
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+
+    resumed = run_training("all", "--out", str(cut), "--threads", "2", *settings)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert weights_digest(cut / "teacher" / "model.pt") == weights_digest(whole / "teacher" / "model.pt")
+    epochs = [json.loads(line)["epoch"] for line in (cut / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]  # each epoch once: the resumed run did not start over
 
 
 INIT_DIGEST = """

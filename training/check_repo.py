@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
-from training.manifest import MANIFEST_NAME, ModelEntry, read_manifest
+from training.manifest import MANIFEST_NAME, ModelEntry, SchemaMismatch, read_manifest
 from training.triton_repo import DTYPES, STALL_REASON, parse_config, sha256, stalling_queue_policy
 
 ONNX_DTYPES = {onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16"}
@@ -59,6 +59,8 @@ def check_repository(repo: Path) -> list[str]:
         return [f"{repo / MANIFEST_NAME} not found: export a run into this repository first"]
     try:
         manifest = read_manifest(repo)
+    except SchemaMismatch as exc:
+        return [str(exc)]
     except ValidationError as exc:
         return [f"{MANIFEST_NAME} does not match the schema: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}"]
     problems = []

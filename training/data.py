@@ -1,11 +1,13 @@
 """Datasets as uint8 NHWC images at the recipe's size, split into train / val / test.
 
-Every dataset goes through `imageprep.to_model_input`, the same function the gateway uses, so a
-served image is prepared exactly like a training image. Normalisation lives inside the model.
+Every picture goes through `imageprep.prepare` with the dataset's `Preprocessing`, the same function
+and the same spec (via the manifest) the gateway uses, so a served image is prepared exactly like a
+training image. Normalisation lives inside the model.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from training.client_forms import encode, random_form, render_image
 from training.errors import UserError
-from training.imageprep import to_model_input
+from training.imageprep import prepare
+from training.manifest import DigitFraming, Preprocessing
 from training.recipe import DataConfig
 from training.splits import digits_gray, stratified_split
 
@@ -24,12 +28,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 class InMemoryImages(Dataset):
-    """Images already prepared as one uint8 tensor [N, H, W, 3]; batches are slices, not collates."""
+    """Images already prepared as one uint8 tensor [N, H, W, 3]; batches are slices, not collates.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    `client_forms`, when set, holds K more pictures of each image [N, K, H, W, 3]: the image as
+    clients send it, prepared as the gateway prepares it (`client_forms.random_form`).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, client_forms: torch.Tensor | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
-        self.images, self.labels = images, labels
+        self.images, self.labels, self.client_forms = images, labels, client_forms
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -45,15 +53,15 @@ class InMemoryImages(Dataset):
 class ImageFiles(Dataset):
     """Image files decoded lazily (for folders too large to hold in memory)."""
 
-    def __init__(self, files: list[Path], labels: list[int], size: int):
-        self.files, self.labels, self.size = files, torch.as_tensor(labels), size
+    def __init__(self, files: list[Path], labels: list[int], spec: Preprocessing):
+        self.files, self.labels, self.spec = files, torch.as_tensor(labels), spec
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         with Image.open(self.files[index]) as image:
-            pixels = to_model_input(image, self.size)
+            pixels = prepare(image, self.spec)
         return torch.from_numpy(pixels.copy()), self.labels[index]
 
 
@@ -67,6 +75,7 @@ class SplitData:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     description: str
+    preprocessing: Preprocessing  # what the manifest tells the gateway: how a picture becomes an input
 
     @property
     def num_classes(self) -> int:
@@ -80,11 +89,32 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
+def preprocessing(cfg: DataConfig, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> Preprocessing:
+    """The dataset's preparation spec; digits are framed as their data was made (`DigitFraming`)."""
+    framing = DigitFraming() if cfg.dataset == "digits" else None
+    return Preprocessing(image_size=cfg.image_size, mean=list(mean), std=list(std), digit=framing)
+
+
 def load_digits_images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 handwritten 8x8 digits as uint8 RGB at `size` (ships with the package)."""
     gray, labels = digits_gray()
-    images = np.stack([to_model_input(Image.fromarray(img, mode="L"), size) for img in gray])
+    spec = preprocessing(DataConfig(dataset="digits", image_size=size))
+    images = np.stack([prepare(Image.fromarray(img, mode="L"), spec) for img in gray])
     return torch.from_numpy(images), torch.tensor(labels, dtype=torch.long)
+
+
+def client_form_pictures(digits: np.ndarray, per_image: int, spec: Preprocessing, seed: int) -> torch.Tensor:
+    """[N, per_image, H, W, 3]: each 8x8 digit rendered as random clients send it, then prepared as served."""
+    rng = np.random.default_rng(seed)
+    pictures = np.empty((len(digits), per_image, spec.image_size, spec.image_size, 3), dtype=np.uint8)
+    for i, digit in enumerate(digits):
+        for k in range(per_image):
+            form = random_form(rng)
+            picture = render_image(digit, form)
+            if form.encoding == "JPEG":  # its artefacts are part of what the gateway sees; PNG is lossless
+                picture = Image.open(io.BytesIO(encode(picture, form)))
+            pictures[i, k] = prepare(picture, spec)
+    return torch.from_numpy(pictures)
 
 
 def _load_digits(cfg: DataConfig) -> SplitData:
@@ -92,6 +122,10 @@ def _load_digits(cfg: DataConfig) -> SplitData:
     train_idx, val_idx, test_idx = stratified_split(labels.numpy(), cfg, with_test=True)
     full = InMemoryImages(images, labels)
     train = full.subset(train_idx)
+    if cfg.augment.client_forms:
+        train.client_forms = client_form_pictures(
+            digits_gray()[0][train_idx], cfg.augment.client_forms, preprocessing(cfg), cfg.split_seed
+        )
     mean, std = _channel_stats(train.images)
     return SplitData(
         train=train,
@@ -102,6 +136,7 @@ def _load_digits(cfg: DataConfig) -> SplitData:
         mean=mean,
         std=std,
         description=f"sklearn digits, {len(labels)} images, split seed {cfg.split_seed}",
+        preprocessing=preprocessing(cfg, mean, std),
     )
 
 
@@ -126,8 +161,10 @@ def _load_cifar10(cfg: DataConfig) -> SplitData:
             f"CIFAR-10 not found under {root}: put cifar-10-batches-py there or set data.download=true"
         ) from exc
 
+    spec = preprocessing(cfg)
+
     def prepared(ds) -> InMemoryImages:
-        pixels = np.stack([to_model_input(Image.fromarray(x), cfg.image_size) for x in ds.data])
+        pixels = np.stack([prepare(Image.fromarray(x), spec) for x in ds.data])
         return InMemoryImages(torch.from_numpy(pixels), torch.as_tensor(ds.targets, dtype=torch.long))
 
     full_train, test = prepared(train_set), prepared(test_set)
@@ -143,6 +180,7 @@ def _load_cifar10(cfg: DataConfig) -> SplitData:
         mean=mean,
         std=std,
         description=f"CIFAR-10 from {root}",
+        preprocessing=preprocessing(cfg, mean, std),
     )
 
 
@@ -160,7 +198,7 @@ def _load_imagefolder(cfg: DataConfig) -> SplitData:
         labels += [label] * len(found)
     label_array = np.asarray(labels)
     train_idx, val_idx, test_idx = stratified_split(label_array, cfg, with_test=True)
-    full = ImageFiles(files, labels, cfg.image_size)
+    full = ImageFiles(files, labels, preprocessing(cfg))
     # Normalisation statistics from a sample of training images keeps start-up fast on big folders.
     sample = np.random.default_rng(cfg.split_seed).choice(train_idx, size=min(512, len(train_idx)), replace=False)
     mean, std = _channel_stats(torch.stack([full[int(i)][0] for i in sample]))
@@ -173,6 +211,7 @@ def _load_imagefolder(cfg: DataConfig) -> SplitData:
         mean=mean,
         std=std,
         description=f"image folder {root}, {len(files)} images",
+        preprocessing=preprocessing(cfg, mean, std),
     )
 
 
@@ -192,10 +231,13 @@ def iterate_batches(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    client_form_share: float = 0.0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of (uint8 [B,H,W,3], int64 [B]). With world_size > 1, each rank gets its own shard.
 
-    Shards have equal length (the permutation is padded by wrapping) so DDP ranks stay in step.
+    Shards have equal length (the permutation is padded by wrapping) so DDP ranks stay in step. With
+    `client_form_share` and a dataset holding client forms, that share of each batch (drawn with
+    `generator`) is one of the image's client-form pictures instead of the image itself.
     """
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -203,9 +245,15 @@ def iterate_batches(
         per_rank = -(-n // world_size)
         order = torch.cat([order, order[: per_rank * world_size - n]])[rank::world_size]
     if isinstance(dataset, InMemoryImages):
+        forms = dataset.client_forms if client_form_share > 0 else None
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            yield dataset.images[idx], dataset.labels[idx]
+            images = dataset.images[idx]
+            if forms is not None:
+                swap = torch.rand(len(idx), generator=generator) < client_form_share
+                pick = torch.randint(0, forms.shape[1], (len(idx),), generator=generator)
+                images = torch.where(swap.view(-1, 1, 1, 1), forms[idx, pick], images)
+            yield images, dataset.labels[idx]
         return
     loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=num_workers, shuffle=False)
     yield from loader

@@ -18,8 +18,7 @@ from training.checkpoint import ModelSpec, load_model
 from training.data import SplitData, iterate_batches, load_data
 from training.errors import UserError
 from training.evaluate import FusedEnsemble, predict_logits
-from training.imageprep import RESIZE_NAME
-from training.manifest import Manifest, ModelEntry, Preprocessing, TensorSpec, write_manifest
+from training.manifest import Manifest, ModelEntry, TensorSpec, write_manifest
 from training.onnx_tools import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -254,9 +253,7 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         flavor=flavor,
         recipe=recipe.name,
         dataset=data.description,
-        preprocessing=Preprocessing(
-            image_size=data.image_size, resize=RESIZE_NAME, mean=list(data.mean), std=list(data.std)
-        ),
+        preprocessing=data.preprocessing,
         models=entries,
     )
     write_manifest(repo, manifest)

@@ -12,7 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+# 2: preprocessing carries the resize method and, for digits, how a picture is framed (polarity, ink box).
+SCHEMA_VERSION = 2
 
 Role = Literal["teacher", "student", "variant", "multihead", "quantized", "ensemble", "fusion"]
 
@@ -27,16 +28,40 @@ class TensorSpec(_Strict):
     shape: list[int] = Field(description="without the batch axis")
 
 
+class DigitFraming(_Strict):
+    """How a picture of a digit becomes the representation the digits were made in.
+
+    scikit-learn's digits come from NIST's normalisation: light ink on black, the digit's height
+    filling the box, ink counted over 4x4 blocks of a 32x32 bitmap (an area reduction). A client's
+    picture is brought there: grey; inverted when its border is light (dark ink on paper); stretched
+    from the background level to the ink's peak; and, when larger than the model's input, its ink's
+    bounding box scaled so the longer side fills the input, centred, by area averaging.
+    """
+
+    ink: Literal["light"] = Field("light", description="the model expects light ink on a dark background")
+    invert_when_border_above: float = Field(
+        127.0, ge=0, le=255, description="median grey of the picture's border above this: dark ink, inverted"
+    )
+    ink_threshold: float = Field(
+        0.25, gt=0, lt=1, description="share of the ink's peak (above the background) that counts for the ink's box"
+    )
+    fit: Literal["longer-side"] = Field("longer-side", description="the ink box's longer side fills the input")
+
+
 class Preprocessing(_Strict):
-    """How a picture becomes the model's input; the gateway applies exactly this."""
+    """How a picture becomes the model's input; training and the gateway both apply exactly this
+    through `training.imageprep.prepare`."""
 
     image_size: int
-    resize: str = "pillow-bilinear"
+    resize: Literal["area"] = Field(
+        "area", description="area averaging when shrinking (what the digits were made with), bilinear when enlarging"
+    )
     color: Literal["RGB"] = "RGB"
     layout: Literal["NHWC"] = "NHWC"
     # Scaling to [0, 1] and these mean/std are applied inside the exported graph.
     mean: list[float]
     std: list[float]
+    digit: DigitFraming | None = Field(None, description="digits only: polarity and framing")
 
 
 class ModelEntry(_Strict):
@@ -69,8 +94,19 @@ class Manifest(_Strict):
         return [m for m in self.models.values() if m.role == role]
 
 
+class SchemaMismatch(ValueError):
+    """The manifest was written by another version of kdserve; re-export the repository."""
+
+
 def read_manifest(repo: Path) -> Manifest:
-    return Manifest.model_validate_json((Path(repo) / MANIFEST_NAME).read_text())
+    raw = json.loads((Path(repo) / MANIFEST_NAME).read_text())
+    found = raw.get("schema_version") if isinstance(raw, dict) else None
+    if found != SCHEMA_VERSION:
+        raise SchemaMismatch(
+            f"{Path(repo) / MANIFEST_NAME} has schema version {found}, this kdserve reads {SCHEMA_VERSION}: "
+            "re-export it (python -m training export)"
+        )
+    return Manifest.model_validate(raw)
 
 
 def write_manifest(repo: Path, manifest: Manifest) -> None:

@@ -95,8 +95,9 @@ def _stage_settings(stage: Stage, recipe: Recipe) -> dict:
     }
 
 
-# Bumped when a change to training makes models trained by earlier code stale (2: seeded weights).
-TRAINING_FORMAT = 2
+# Bumped when a change to training makes models trained by earlier code stale (2: seeded weights;
+# 3: pictures prepared by `imageprep.prepare`, digits contrast-stretched to their ink's peak).
+TRAINING_FORMAT = 3
 
 
 def _fingerprint(stage: Stage, recipe: Recipe) -> str:
@@ -165,6 +166,7 @@ def _train_or_reuse(
         teacher=teacher if stage.distill else None,
         distill=stage.distill,
         head_sample_fraction=stage.head_sample_fraction,
+        fingerprint=fingerprint,
     )
     if runtime.is_main:
         # The stage's resolved settings, next to its checkpoint, so the run can be reproduced from it.

@@ -28,6 +28,15 @@ class AugmentConfig(_Strict):
     crop_padding: int = Field(0, ge=0, description="random translation by up to this many pixels")
     hflip: bool = Field(False, description="random horizontal flip (wrong for digits, right for CIFAR)")
     cutout: int = Field(0, ge=0, description="side of a random square zeroed per image (0 = off)")
+    client_forms: int = Field(
+        0,
+        ge=0,
+        description="digits: pictures of each training image rendered as clients send them (random size, "
+        "resampling, encoding, polarity, placement, blur) and prepared as the gateway prepares them; 0 = off",
+    )
+    client_form_share: float = Field(
+        0.5, ge=0, le=1, description="share of each training batch taken from those pictures instead of the digit"
+    )
 
 
 class DataConfig(_Strict):
@@ -40,6 +49,15 @@ class DataConfig(_Strict):
     split_seed: int = 0
     num_workers: int = Field(0, ge=0, description="DataLoader workers for datasets decoded lazily")
     augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _client_forms_need_digits(self) -> DataConfig:
+        if self.augment.client_forms and self.dataset != "digits":
+            raise ValueError(
+                "data.augment.client_forms renders digits as clients send them, digits only: "
+                f"set data.augment.client_forms=0 for {self.dataset}"
+            )
+        return self
 
 
 class TrainConfig(_Strict):

@@ -18,7 +18,6 @@ import torch
 from training.check_repo import check_repository
 from training.checkpoint import ModelSpec, build_from_spec
 from training.export import write_served_model
-from training.imageprep import RESIZE_NAME
 from training.manifest import Manifest, Preprocessing, write_manifest
 from training.models import count_macs, count_params
 from training.onnx_tools import export_onnx
@@ -63,9 +62,7 @@ def write_timing_repo(repo: Path, image_size: int = 224, opts: ServingOptions | 
         flavor="cpu",
         recipe=f"timing-{image_size}",
         dataset="none: untrained weights, for timing only",
-        preprocessing=Preprocessing(
-            image_size=image_size, resize=RESIZE_NAME, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)
-        ),
+        preprocessing=Preprocessing(image_size=image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
         models=entries,
     )
     write_manifest(repo, manifest)

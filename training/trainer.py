@@ -44,6 +44,9 @@ class FitJob:
     distill: DistillConfig | None = None
     head_sample_fraction: float = 1.0  # multi-head models: share of each batch each head learns from
     resume: bool = True
+    # The settings this run trains under: a checkpoint written under others is never resumed (it
+    # would hand back the old run's weights under the new settings).
+    fingerprint: str = ""
 
 
 @dataclass
@@ -113,13 +116,18 @@ def _multihead_objective(
     return torch.stack(losses).mean()
 
 
-def _save_state(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, history, generator) -> None:
+def _save_state(
+    path: Path, fingerprint: str, model: nn.Module, hint, optimizer, scheduler, scaler, epoch: int, history, generator
+) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
+            "fingerprint": fingerprint,
             "model": model.state_dict(),
+            "hint": hint.state_dict() if hint is not None else None,  # the FitNets adapter learns too
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "epoch": epoch,
             "history": history,
             "generator": generator.get_state(),
@@ -171,11 +179,18 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
     state_path, metrics_path = job.out_dir / "checkpoint.pt", job.out_dir / "metrics.jsonl"
     history: list[dict] = []
     start_epoch = 0
-    if job.resume and state_path.exists():
-        state = _load_state(state_path)
+    state = _load_state(state_path) if job.resume and state_path.exists() else None
+    if state is not None and state.get("fingerprint") != job.fingerprint:
+        if runtime.is_main:
+            print(f"[training] {job.name}: checkpoint from other settings; training afresh", flush=True)
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
+        if hint is not None and state.get("hint") is not None:
+            hint.load_state_dict(state["hint"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
         start_epoch, history = state["epoch"], state["history"]
     elif runtime.is_main:
@@ -194,6 +209,7 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
             generator=generator,
             rank=runtime.rank,
             world_size=runtime.world_size,
+            client_form_share=job.augment.client_form_share if job.augment.client_forms else 0.0,
         )
         bar = tqdm(
             batches,
@@ -251,7 +267,9 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
             history.append(record)
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            _save_state(state_path, model, optimizer, scheduler, epoch + 1, history, generator)
+            _save_state(
+                state_path, job.fingerprint, model, hint, optimizer, scheduler, scaler, epoch + 1, history, generator
+            )
 
     if hint is not None:
         hint.remove()

@@ -1,0 +1,85 @@
+"""`python -m loadtest served-accuracy`: the held-out digits through the real gateway in every client form.
+
+Accuracy measured offline is only worth something if it is the accuracy served for the pictures
+clients really send. This sends the whole held-out split, once per form of `SERVED_FORMS` (sizes 8 to
+256 px, every upscale filter, PNG and JPEG, grey and RGB, both polarities, digits small or off-centre
+on a canvas), to the student, the teacher and the fused ensemble, and tabulates top-1 per form.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from training.client_forms import SERVED_FORMS, ClientForm, render
+from training.recipe import load_recipe
+from training.splits import digits_gray, digits_test_indices
+
+MODELS = ("student", "teacher", "ensemble")
+
+
+def held_out(recipe: str = "digits") -> tuple[np.ndarray, np.ndarray]:
+    """The test split's 8x8 digits and labels."""
+    images, labels = digits_gray()
+    indices = digits_test_indices(load_recipe(recipe).data)
+    return images[indices], labels[indices]
+
+
+def top1_through_gateway(
+    client: httpx.Client, model: str, form: ClientForm, digits: np.ndarray, labels: np.ndarray, batch: int = 32
+) -> float:
+    """Top-1 of `model` over every digit sent in `form`, `batch` files a multipart request."""
+    correct = 0
+    for start in range(0, len(digits), batch):
+        files = [
+            ("images", (f"{i}.{form.encoding.lower()}", render(d, form), f"image/{form.encoding.lower()}"))
+            for i, d in enumerate(digits[start : start + batch])
+        ]
+        resp = client.post("/v1/classify", params={"model": model, "top_k": 1}, files=files)
+        if resp.status_code != 200:
+            raise RuntimeError(f"{model} / {form.label}: HTTP {resp.status_code}: {resp.text[:300]}")
+        predicted = [int(p["top_k"][0]["label"]) for p in resp.json()["predictions"]]
+        correct += int((np.asarray(predicted) == labels[start : start + batch]).sum())
+    return correct / len(digits)
+
+
+def served_accuracy(client: httpx.Client, forms=SERVED_FORMS, models=MODELS, recipe: str = "digits") -> dict:
+    digits, labels = held_out(recipe)
+    table = {form.label: {m: top1_through_gateway(client, m, form, digits, labels) for m in models} for form in forms}
+    native = table[forms[0].label]
+    worst = {m: min(row[m] for row in table.values()) for m in models}
+    return {
+        "images": len(digits),
+        "forms": table,
+        "native": native,
+        "worst": worst,
+        "largest_drop_points": {m: round(100 * (native[m] - worst[m]), 2) for m in models},
+    }
+
+
+def markdown(results: dict) -> str:
+    models = list(results["native"])
+    lines = [
+        f"Top-1 on the {results['images']} held-out test digits, sent through the gateway in each form "
+        "(`python -m loadtest served-accuracy`).",
+        "",
+        "| the same held-out digits, sent as | " + " | ".join(models) + " |",
+        "|---|" + "---:|" * len(models),
+    ]
+    for label, row in results["forms"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{100 * row[m]:.2f}%" for m in models) + " |")
+    lines.append(
+        "| **largest drop from native 8x8** | "
+        + " | ".join(f"{results['largest_drop_points'][m]:.2f} pt" for m in models)
+        + " |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
