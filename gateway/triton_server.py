@@ -8,6 +8,7 @@ nvidia-pytriton's bundled libraries and the running interpreter's libpython.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -151,6 +152,17 @@ class EmbeddedTriton:
             start_new_session=True,  # a Ctrl-C in the terminal reaches the supervisor, which stops it cleanly
         )
 
+    @staticmethod
+    def _reap_group(process: subprocess.Popen) -> None:
+        """Kill what is left of a server's process group once tritonserver itself is gone.
+
+        Its Python-backend stubs (one process per model instance, each holding its model, ~200 MB
+        here) outlive a tritonserver that crashed or was SIGKILLed, and a restart would add new ones
+        beside them; they share the server's process group (its own session), so the group is reaped.
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
     def _close_log(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -201,6 +213,7 @@ class EmbeddedTriton:
                     return
                 self.restarts += 1
                 log.warning("triton died (code %s); restart %d", process.returncode, self.restarts)
+                self._reap_group(process)
                 time.sleep(min(2.0**self.restarts / 4, 5.0))  # back off so a crash loop does not spin
                 try:
                     with self._lock:
@@ -223,6 +236,8 @@ class EmbeddedTriton:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+            if process is not None:
+                self._reap_group(process)
         if self._watcher is not None:
             self._watcher.join(timeout=5)
             self._watcher = None

@@ -32,6 +32,18 @@ def infer(url: str, model: str, images: np.ndarray, output: str = "logits") -> n
     return result.as_numpy(output)
 
 
+def group_gone(pgid: int, within_s: float = 10.0) -> bool:
+    """True once no process of the group is left (killed processes are reaped asynchronously)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_every_model_is_ready(triton, tiny_repo):
     client = httpclient.InferenceServerClient(triton.http_url)
     assert client.is_server_ready()
@@ -99,6 +111,8 @@ def test_supervisor_restarts_a_crashed_server(triton, test_images):
         time.sleep(0.5)
     assert triton.pid != before and triton.restarts >= 1
     assert infer(triton.http_url, "student_plain", test_images[:4]).shape == (4, 10)
+    # The dead server's Python-backend stubs (its process group) did not outlive it.
+    assert group_gone(before)
 
 
 def test_a_failed_start_leaves_no_server_behind(tiny_repo):
@@ -108,3 +122,4 @@ def test_a_failed_start_leaves_no_server_behind(tiny_repo):
         server.start(timeout=0.01)  # spawned, but no Triton is ready that fast
     with pytest.raises(ProcessLookupError):
         os.kill(server.pid, 0)
+    assert group_gone(server.pid)  # nor any stub it had started
