@@ -24,9 +24,6 @@ class AdmissionControl:
         self.limit, self.retry_after, self.metrics = limit, str(retry_after_s), metrics
         self._in_flight: dict[str, int] = defaultdict(int)
 
-    def in_flight(self, model: str) -> int:
-        return self._in_flight[model]
-
     @contextmanager
     def admit(self, models: list[str], images: int) -> Iterator[None]:
         """Hold `images` against every model in `models` for the block, or raise Overloaded for all of them."""

@@ -164,7 +164,7 @@ async def _shadow(classifier: Classifier, request: Request, arm: str, images: np
     target = classifier.resolve(arm)
     start = time.perf_counter()
     try:
-        with classifier.admission.admit(classifier.triton_models(target), len(images)):
+        with classifier.admit(target, len(images)):
             outcome = await classifier.classify(target, images)
     except Overloaded:
         metrics.shadow.labels(arm, "shed").inc()
@@ -202,7 +202,7 @@ async def classify(request: Request) -> Response:
     request.state.model, request.state.arm = target, arm or ""
 
     # Admitted before decoding: a shed request costs no decoding at all.
-    with classifier.admission.admit(classifier.triton_models(target), len(files)):
+    with classifier.admit(target, len(files)):
         decode_start = time.perf_counter()
         images = await decode_images(request, files, classifier.preprocessing)
         decode_s = time.perf_counter() - decode_start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,9 +87,9 @@ class Classifier:
             raise UnknownModel(f"unknown model {name!r}; choose one of: {', '.join(callable_names)}, auto")
         return name
 
-    def triton_models(self, target: str) -> list[str]:
-        """The Triton models a resolved target calls (what admission control counts against)."""
-        return self.variants if target == GATEWAY_ENSEMBLE else [target]
+    def admit(self, target: str, images: int) -> AbstractContextManager[None]:
+        """Hold `images` against every Triton model `target` calls, or raise Overloaded (admission control)."""
+        return self.admission.admit(self.variants if target == GATEWAY_ENSEMBLE else [target], images)
 
     def routed_models(self) -> list[str]:
         """Every Triton model some route depends on (for /readyz)."""

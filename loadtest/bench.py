@@ -45,9 +45,10 @@ from loadtest.measure import (
     summarize,
     time_interleaved,
 )
+from training.client_forms import ClientForm, render
 from training.imageprep import prepare
 from training.manifest import Manifest, read_manifest
-from training.splits import digit_as_png_image, digit_png_bytes
+from training.splits import digits_gray
 
 CONCURRENCY = (1, 4, 16, 64)
 LOAD_SECONDS = 3.0
@@ -97,12 +98,6 @@ def machine(triton_http: str) -> dict:
     }
 
 
-def _png(image: Image.Image, size: int) -> bytes:
-    buf = io.BytesIO()
-    image.convert("L").resize((size, size), Image.Resampling.BICUBIC).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class Served:
     """One running Triton + gateway pair and the three ways to call a model through it."""
 
@@ -111,7 +106,7 @@ class Served:
         self.triton_http, self.gateway_url = triton.http_url, gateway.url
         self.client = httpx.Client(timeout=60)
         size = self.manifest.preprocessing.image_size
-        self.png = _png(digit_as_png_image(HELD_OUT), size) if size != 8 else digit_png_bytes(HELD_OUT)
+        self.png = render(digits_gray()[0][HELD_OUT], ClientForm(size=size, resample="bicubic"))
         self.tensor = prepare(Image.open(io.BytesIO(self.png)), self.manifest.preprocessing)[None]
 
     def close(self) -> None:

@@ -15,10 +15,9 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, sync_playwright
 
+from loadtest.served_accuracy import held_out as served_held_out
 from tests.conftest import ROOT
 from training.client_forms import ClientForm, render
-from training.recipe import load_recipe
-from training.splits import digits_gray, digits_test_indices
 
 ARTIFACTS = ROOT / "runs" / "test-artifacts"
 PHONE = {"width": 390, "height": 844}
@@ -50,9 +49,8 @@ def page(browser, gateway) -> Page:
 
 
 def held_out() -> tuple[np.ndarray, np.ndarray]:
-    images, labels = digits_gray()
-    indices = digits_test_indices(load_recipe("digits").data)[:DRAWN]
-    return images[indices], labels[indices]
+    digits, labels = served_held_out()
+    return digits[:DRAWN], labels[:DRAWN]
 
 
 def _runs(line: np.ndarray) -> list[np.ndarray]:

@@ -117,12 +117,12 @@ def client_form_pictures(digits: np.ndarray, per_image: int, spec: Preprocessing
     return torch.from_numpy(pictures)
 
 
-def _load_digits(cfg: DataConfig) -> SplitData:
+def _load_digits(cfg: DataConfig, client_forms: bool = False) -> SplitData:
     images, labels = load_digits_images(cfg.image_size)
     train_idx, val_idx, test_idx = stratified_split(labels.numpy(), cfg, with_test=True)
     full = InMemoryImages(images, labels)
     train = full.subset(train_idx)
-    if cfg.augment.client_forms:
+    if client_forms and cfg.augment.client_forms:
         train.client_forms = client_form_pictures(
             digits_gray()[0][train_idx], cfg.augment.client_forms, preprocessing(cfg), cfg.split_seed
         )
@@ -218,7 +218,11 @@ def _load_imagefolder(cfg: DataConfig) -> SplitData:
 LOADERS = {"digits": _load_digits, "cifar10": _load_cifar10, "imagefolder": _load_imagefolder}
 
 
-def load_data(cfg: DataConfig) -> SplitData:
+def load_data(cfg: DataConfig, client_forms: bool = False) -> SplitData:
+    """The dataset's splits. `client_forms`: also render the recipe's client-form pictures of the
+    training digits (several seconds; only training draws from them, not export or evaluation)."""
+    if cfg.dataset == "digits":  # the recipe refuses client forms for any other dataset
+        return _load_digits(cfg, client_forms)
     return LOADERS[cfg.dataset](cfg)
 
 

@@ -249,7 +249,7 @@ def _spread(values: list[float]) -> dict:
 def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     """Train and evaluate everything; returns the results (on the main process only)."""
     started = time.perf_counter()
-    data = load_data(recipe.data)
+    data = load_data(recipe.data, client_forms=True)
     out.mkdir(parents=True, exist_ok=True)
     if runtime.is_main:
         dump_recipe(recipe, out / "recipe.yaml")
