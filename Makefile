@@ -14,7 +14,7 @@ REPO ?= model_repository
 FLAVOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo bench loadtest lint clean
+.PHONY: setup test demo bench fewlabels fuzz faults soak loadtest lint clean
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch/torchvision are installed first
 # and by pip on purpose: pip takes the pinned wheels from this machine's disk (uv/poetry download ~3 GB).
@@ -40,8 +40,10 @@ $(SYSTEM_STAMP): | $(STAMP)
 
 setup: $(STAMP) $(LOCUST_STAMP) $(SYSTEM_STAMP)
 
+# In a new random order every run (pytest-randomly); SEED=N repeats the order of an earlier run.
 test: setup
-	$(PY) -m pytest -q
+	@seed=$${SEED:-$$RANDOM}; echo "test order: SEED=$$seed (make test SEED=$$seed repeats it)"; \
+	$(PY) -m pytest -q --randomly-seed=$$seed
 
 # Train (stages already trained with the same settings are reused), export and check the repository,
 # then start Triton + the gateway and classify held-out digits over HTTP. It keeps serving until
@@ -57,7 +59,37 @@ demo: setup
 bench: setup
 	test -f $(REPO)/manifest.json || $(MAKE) demo ONCE=1
 	$(PY) -m training timing-repo --repo runs/timing-224
-	$(PY) -m loadtest bench --repo $(REPO) --timing-repo runs/timing-224 --out benchmarks
+	$(PY) -m loadtest bench --repo $(REPO) --run $(RUN_DIR) --timing-repo runs/timing-224 --out benchmarks
+
+# Few labels and an unlabelled transfer set, where distillation pays: trains the digits-fewlabels recipe
+# (3 seeds of plain and KD students), exports it into its own repository and serves the confidence
+# cascade next to its student and teacher. Results in benchmarks/fewlabels/.
+FEWLABELS_RUN := runs/digits-fewlabels
+fewlabels: setup
+	$(PY) -m training all --recipe digits-fewlabels --out $(FEWLABELS_RUN)
+	$(PY) -m training export --run $(FEWLABELS_RUN) --repo $(FEWLABELS_RUN)/repo
+	mkdir -p benchmarks/fewlabels
+	cp $(FEWLABELS_RUN)/results.md $(FEWLABELS_RUN)/pareto.png benchmarks/fewlabels/
+	$(PY) -m loadtest cascade --repo $(FEWLABELS_RUN)/repo --out benchmarks/fewlabels
+
+# Longer fuzzing than `make test` runs: Atheris on image decoding for FUZZ_SECONDS (findings land in
+# runs/fuzz/ as crash-*/oom-*/timeout-* inputs), then Schemathesis with 10x the generated requests.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	$(PY) tests/fuzz/fuzz_decode.py --seed runs/fuzz/corpus
+	$(PY) tests/fuzz/fuzz_decode.py runs/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=3072 -artifact_prefix=runs/fuzz/
+	KDSERVE_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/test_api_fuzz.py
+
+# Hostile input and faults (Triton killed, frozen; overload; SIGTERM) on the demo repository: a table.
+faults: setup
+	test -f $(REPO)/manifest.json || $(MAKE) demo ONCE=1
+	$(PY) -m loadtest faults --repo $(REPO) --out benchmarks
+
+# Ten minutes of mixed traffic against the demo repository: memory, descriptors and latency must stay flat.
+SOAK_MINUTES ?= 10
+soak: setup
+	test -f $(REPO)/manifest.json || $(MAKE) demo ONCE=1
+	$(PY) -m loadtest soak --repo $(REPO) --minutes $(SOAK_MINUTES) --out benchmarks/soak
 
 # A 60-second A/B load test against a running demo gateway (`make demo` in another terminal).
 loadtest: setup

@@ -14,14 +14,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.ab import ABRouter, ABStats
 from gateway.admission import AdmissionControl
 from gateway.errors import GatewayError, install_error_handlers
+from gateway.manifest_follow import ManifestFollower, check_against_manifest
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RequestObserver
 from gateway.routes import router
-from gateway.service import GATEWAY_ENSEMBLE, Classifier
+from gateway.service import Classifier
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
 from gateway.triton_server import EmbeddedTriton, TritonPorts
-from training.manifest import Manifest, SchemaMismatch, read_manifest
+from training.manifest import SchemaMismatch, read_manifest
 
 
 def _embedded_triton(settings: GatewaySettings) -> EmbeddedTriton:
@@ -32,24 +33,6 @@ def _embedded_triton(settings: GatewaySettings) -> EmbeddedTriton:
         host=host or "127.0.0.1",
         log_file=Path(settings.repo).resolve().parent / "triton.log",
     )
-
-
-def check_against_manifest(settings: GatewaySettings, manifest: Manifest) -> None:
-    """Settings that name models must name served ones; refused at start-up, never at request time."""
-    if GATEWAY_ENSEMBLE in manifest.models:
-        raise GatewayError(
-            f"the repository serves a model named {GATEWAY_ENSEMBLE!r}, the gateway's fused ensemble; "
-            "re-export it with this version (python -m training export)"
-        )
-    unknown_arms = set(settings.ab_weights) - {"student", "teacher", *manifest.models}
-    if unknown_arms:
-        raise GatewayError(f"ab_weights names arms that are not served: {sorted(unknown_arms)}")
-    variants = [m.name for m in manifest.by_role("variant")]
-    unknown_members = set(settings.fusion_weights) - set(variants)
-    if unknown_members:
-        raise GatewayError(f"fusion_weights names models that are not ensemble variants: {sorted(unknown_members)}")
-    if variants and settings.ensemble_quorum > len(variants):
-        raise GatewayError(f"ensemble_quorum {settings.ensemble_quorum} exceeds the {len(variants)} served variants")
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -75,6 +58,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
         admission = AdmissionControl(settings.admission_max_images, settings.retry_after_s, metrics)
         app.state.classifier = Classifier(manifest, triton, settings, metrics, admission)
+        follower = None
+        if settings.manifest_poll_s > 0:
+            follower = asyncio.create_task(ManifestFollower(app, settings).run())
         app.state.triton_server = server
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         # Everything allocated so far (FastAPI, pydantic, numpy, the manifest) lives as long as the process:
@@ -85,6 +71,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if follower is not None:
+                follower.cancel()
             app.state.decode_pool.shutdown(wait=True)
             await triton.close()
             if server is not None:

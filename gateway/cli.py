@@ -39,6 +39,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.server import DrainingServer
     from gateway.settings import GatewaySettings
 
     # Only flags the user gave override: arguments outrank KDSERVE_* variables in pydantic-settings,
@@ -59,7 +60,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         flush=True,
     )
     # uvloop + httptools: the fast event loop and HTTP parser; one worker, since the model work is in Triton.
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -69,7 +70,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         access_log=False,
         # Nothing here reads client addresses, and the X-Forwarded-* rewrite costs on every request.
         proxy_headers=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
+    DrainingServer(config, app.state, settings.drain_s).run()
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 
 from gateway.process import GatewayProcess
-from gateway.service import trained_entry
+from gateway.service import model_aliases, trained_entry
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from training.manifest import read_manifest
 from training.recipe import load_recipe
 from training.splits import digit_png_bytes, digits_gray, digits_test_indices
 
-MODELS = ("student", "teacher", "ensemble")
+MODELS = ("student", "teacher", "ensemble", "cascade", "student_pruned")  # those the repository serves
 
 
 def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> tuple[list[dict], list[dict]]:
@@ -48,9 +48,10 @@ def run_demo(repo: Path, recipe: str, gateway_port: int, ports: TritonPorts, onc
         GatewayProcess(repo, triton.http_url, port=gateway_port, ready_path="/readyz") as gateway,
     ):
         url = gateway.url
-        results = {m: classify_all(gateway.client, m, test) for m in MODELS}
+        models = [m for m in MODELS if m in model_aliases(manifest) or m in manifest.models]
+        results = {m: classify_all(gateway.client, m, test) for m in models}
         # One image per request, for latencies a single user sees.
-        single = {m: [classify_all(gateway.client, m, [i])[1][0] for i in test[:20]] for m in MODELS}
+        single = {m: [classify_all(gateway.client, m, [i])[1][0] for i in test[:20]] for m in models}
         _print_side_by_side(test, labels, results, single, manifest)
         print(f"\nWeb page {url}/  (draw a digit or drop a photo: student, teacher and ensemble side by side)")
         print(f"Gateway  {url}  (docs {url}/docs, metrics {url}/metrics, A/B {url}/v1/ab/summary)")
@@ -69,26 +70,27 @@ def run_demo(repo: Path, recipe: str, gateway_port: int, ports: TritonPorts, onc
 
 
 def _print_side_by_side(test, labels, results, single, manifest) -> None:
+    models = list(results)
     show = test[:: max(1, len(test) // 8)][:8]
     position = {int(i): k for k, i in enumerate(test)}
     print("\nHeld-out digits through HTTP (top-1 and its calibrated probability)\n")
-    print(f"{'digit #':>8} {'true':>5} " + " ".join(f"{m:>16}" for m in MODELS))
+    print(f"{'digit #':>8} {'true':>5} " + " ".join(f"{m:>16}" for m in models))
     for i in show:
-        top1 = [results[m][0][position[int(i)]] for m in MODELS]
+        top1 = [results[m][0][position[int(i)]] for m in models]
         cells = [f"{p['label']:>6} ({p['probability']:.3f})" for p in top1]
         print(f"{int(i):>8} {labels[i]:>5} " + " ".join(f"{c:>16}" for c in cells))
     print(
-        f"\n{'model':>9} {'served top-1':>13} {'trained top-1':>14} {'p50 ms/req (1 img)':>19} "
+        f"\n{'model':>14} {'served top-1':>13} {'trained top-1':>14} {'p50 ms/req (1 img)':>19} "
         f"{'inference ms':>13} {'decode ms':>10} {'fusion ms':>10}"
     )
-    for m in MODELS:
+    for m in models:
         served = sum(int(p["label"]) == labels[i] for p, i in zip(results[m][0], test, strict=True)) / len(test)
         entry = trained_entry(manifest, m)
         trained = f"{100 * entry.metrics['top1']:.2f}%" if entry and "top1" in entry.metrics else "—"
         lat = sorted(single[m], key=lambda x: x["total_ms"])
         mid = lat[len(lat) // 2]
         print(
-            f"{m:>9} {100 * served:>12.2f}% {trained:>14} {mid['total_ms']:>19.2f} {mid['inference_ms']:>13.2f} "
+            f"{m:>14} {100 * served:>12.2f}% {trained:>14} {mid['total_ms']:>19.2f} {mid['inference_ms']:>13.2f} "
             f"{mid['decode_ms']:>10.2f} {mid['fusion_ms']:>10.2f}"
         )
     print(f"({len(test)} held-out test digits; latencies are the median of 20 single-image requests)")

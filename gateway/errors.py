@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("kdserve.gateway")
 
@@ -61,13 +63,55 @@ class UpstreamTimeout(GatewayError):
     status_code, kind = 504, "timeout"
 
 
+# Framework errors (routing, methods, validation) in the same shape, with kinds of their own.
+HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def error_response(
+    request: Request, status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one error body: `{"error": {"kind", "message"}, "request_id"}`."""
+    return JSONResponse(
+        {"error": {"kind": kind, "message": message}, "request_id": getattr(request.state, "rid", None)},
+        status_code=status,
+        headers=headers,
+    )
+
+
 def install_error_handlers(app: FastAPI, on_error=None) -> None:
+    def count(kind: str) -> None:
+        if on_error:
+            on_error(kind)
+
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        if on_error:
-            on_error(exc.kind)
-        return JSONResponse(
-            {"error": {"kind": exc.kind, "message": exc.message}, "request_id": getattr(request.state, "rid", None)},
-            status_code=exc.status_code,
-            headers=exc.headers,
+        count(exc.kind)
+        return error_response(request, exc.status_code, exc.kind, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        count("bad_request")
+        return error_response(request, 400, "bad_request", f"{where}: {first['msg']}" if where else first["msg"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = HTTP_KINDS.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
+        count(kind)
+        return error_response(request, exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback goes to the log; the client gets the shape and the id to quote, never internals.
+        log.exception("unhandled error in request %s", getattr(request.state, "rid", "?"))
+        count("internal")
+        # Sent from outside the request observer (which adds the id header to every other response).
+        rid = getattr(request.state, "rid", None)
+        return error_response(
+            request,
+            500,
+            "internal",
+            "internal error; quote the request id when reporting it",
+            {"X-Request-ID": rid} if rid else None,
         )

@@ -82,4 +82,16 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.cascade_escalations = Counter(
+            "kdserve_cascade_escalations_total",
+            "Images the cascade's student was unsure of and passed to the teacher, by whether it answered",
+            ["outcome"],
+            registry=r,
+        )
+        self.manifest_reloads = Counter(
+            "kdserve_manifest_reloads_total",
+            "Polls that found a re-exported manifest: switched, waiting (Triton lacks its versions), refused",
+            ["outcome"],
+            registry=r,
+        )
         self.images = Counter("kdserve_images_total", "Images classified", ["model"], registry=r)

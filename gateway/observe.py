@@ -7,6 +7,7 @@ calling Triton directly from 4.5 to 2.1 ms here (`make bench`, one image, concur
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -15,6 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import GatewayMetrics
 
 REQUEST_ID_HEADER = b"x-request-id"
+# A client's id is echoed in headers, logs and bodies: only short, plain ones are kept.
+CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class RequestObserver:
@@ -33,7 +36,8 @@ class RequestObserver:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == REQUEST_ID_HEADER), "") or uuid.uuid4().hex
+        sent = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), b"")
+        rid = sent.decode("ascii") if CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state.update(rid=rid, model="", arm="")
         start = time.perf_counter()
@@ -56,7 +60,12 @@ class RequestObserver:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, rid.encode("latin-1"))]
+                headers = [*message.get("headers", []), (REQUEST_ID_HEADER, rid.encode("latin-1"))]
+                if getattr(scope["app"].state, "draining", False):
+                    # Shutting down: no client may reuse this connection, so none sends a request on a
+                    # keep-alive connection at the moment the server closes it (that request would be lost).
+                    headers.append((b"connection", b"close"))
+                message["headers"] = headers
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 finish()

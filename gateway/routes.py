@@ -34,7 +34,7 @@ CLASSIFY_OPENAPI = {
             "name": "model",
             "in": "query",
             "required": False,
-            "description": "student | teacher | ensemble | ensemble_triton | a served model | auto (A/B)",
+            "description": "student | teacher | ensemble | ensemble_triton | cascade | a served model | auto (A/B)",
             "schema": {"type": "string", "default": "auto"},
         },
         {
@@ -223,7 +223,14 @@ async def classify(request: Request) -> Response:
         arm=arm,
         degraded=outcome.degraded,
         members=outcome.members,
-        predictions=[{"top_k": ranked} for ranked in classifier.top_k(outcome.probabilities, top_k)],
+        predictions=[
+            {"top_k": ranked, "answered_by": by}
+            for ranked, by in zip(
+                classifier.top_k(outcome.probabilities, top_k),
+                outcome.answered_by or [None] * len(images),
+                strict=True,
+            )
+        ],
         latency={
             "decode_ms": decode_s * 1000,
             "inference_ms": outcome.inference_ms,
@@ -238,9 +245,9 @@ async def classify(request: Request) -> Response:
 @router.get("/v1/models", response_model=ModelsResponse, summary="Served models and their readiness")
 async def models(request: Request) -> ModelsResponse:
     classifier: Classifier = request.app.state.classifier
-    manifest = request.app.state.manifest
+    manifest = classifier.manifest
     names = list(manifest.models)
-    ready = await asyncio.gather(*(classifier.triton.model_ready(n) for n in names))
+    ready = await asyncio.gather(*(classifier.triton.model_ready(n, manifest.models[n].version) for n in names))
     return ModelsResponse(
         aliases=classifier.aliases,
         models=[
@@ -272,6 +279,8 @@ async def healthz() -> dict:
 )
 async def readyz(request: Request) -> JSONResponse:
     classifier: Classifier = request.app.state.classifier
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"ready": False, "reason": "draining: shutting down"}, status_code=503)
     if not await classifier.triton.server_ready():
         return JSONResponse(
             {"ready": False, "reason": "triton not ready"},
@@ -279,7 +288,8 @@ async def readyz(request: Request) -> JSONResponse:
             headers={"Retry-After": str(request.app.state.settings.retry_after_s)},
         )
     needed = classifier.routed_models()
-    ready = await asyncio.gather(*(classifier.triton.model_ready(n) for n in needed))
+    versions = {n: classifier.manifest.models[n].version for n in needed}
+    ready = await asyncio.gather(*(classifier.triton.model_ready(n, v) for n, v in versions.items()))
     missing = [n for n, r in zip(needed, ready, strict=True) if not r]
     if missing:
         return JSONResponse(
@@ -287,7 +297,7 @@ async def readyz(request: Request) -> JSONResponse:
             status_code=503,
             headers={"Retry-After": str(request.app.state.settings.retry_after_s)},
         )
-    return JSONResponse({"ready": True, "models": needed})
+    return JSONResponse({"ready": True, "models": needed, "versions": versions})
 
 
 @router.get("/v1/ab/summary", summary="Per A/B arm: count, latency percentiles, shadow agreement")

@@ -19,6 +19,7 @@ class Label(BaseModel):
 
 class Prediction(BaseModel):
     top_k: list[Label]
+    answered_by: str | None = Field(None, description="cascade only: the model that answered this image")
 
 
 class Latency(BaseModel):
@@ -33,8 +34,12 @@ class ClassifyResponse(BaseModel):
     model: str = Field(description="the model (or ensemble) that answered")
     version: int | None = Field(None, description="its version; null for a fused ensemble")
     arm: str | None = Field(None, description="the A/B arm, when the A/B policy chose the model")
-    degraded: bool = Field(False, description="ensemble only: a member was left out (timed out or failed)")
-    members: list[str] = Field(default_factory=list, description="ensemble members that answered")
+    degraded: bool = Field(
+        False,
+        description="ensemble: a member was left out (timed out or failed); cascade: the teacher failed, "
+        "the student's answers stand",
+    )
+    members: list[str] = Field(default_factory=list, description="ensemble members (cascade: models) that answered")
     predictions: list[Prediction]
     latency: Latency
 

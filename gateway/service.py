@@ -23,6 +23,8 @@ TRITON_ENSEMBLE = "ensemble_triton"  # alias of the Triton-side ensemble (server
 # then Triton's ensemble scheduler (members, then a fusion step).
 TRITON_ENSEMBLES = ("ensemble_fused", "ensemble_scheduler")
 NOT_CALLABLE = {"fusion"}  # internal step of the scheduler ensemble
+CASCADE = "cascade"  # the student, and the teacher for images the student is unsure of
+GATEWAY_NAMES = (GATEWAY_ENSEMBLE, CASCADE)  # what the gateway composes; no served model may take these names
 
 
 def model_aliases(manifest: Manifest) -> dict[str, str]:
@@ -33,6 +35,8 @@ def model_aliases(manifest: Manifest) -> dict[str, str]:
     served = [name for name in TRITON_ENSEMBLES if name in manifest.models]
     if served:
         aliases[TRITON_ENSEMBLE] = served[0]
+    if manifest.cascade is not None:
+        aliases[CASCADE] = CASCADE
     return aliases
 
 
@@ -45,6 +49,9 @@ def trained_entry(manifest: Manifest, name: str) -> ModelEntry | None:
     target = model_aliases(manifest).get(name, name)
     if target == GATEWAY_ENSEMBLE:
         return next(iter(manifest.by_role("ensemble")), None)
+    if target == CASCADE and manifest.cascade is not None:
+        student = manifest.models[manifest.cascade.student]
+        return student.model_copy(update={"name": CASCADE, "metrics": manifest.cascade.metrics})
     return manifest.models.get(target)
 
 
@@ -57,6 +64,7 @@ class Outcome:
     fusion_ms: float
     degraded: bool = False
     members: list[str] = field(default_factory=list)
+    answered_by: list[str] | None = None  # cascade: the model that answered each image
 
 
 class Classifier:
@@ -88,24 +96,36 @@ class Classifier:
         return name
 
     def admit(self, target: str, images: int) -> AbstractContextManager[None]:
-        """Hold `images` against every Triton model `target` calls, or raise Overloaded (admission control)."""
-        return self.admission.admit(self.variants if target == GATEWAY_ENSEMBLE else [target], images)
+        """Hold `images` against every Triton model `target` may call, or raise Overloaded (admission control)."""
+        return self.admission.admit(self.triton_models(target), images)
+
+    def triton_models(self, target: str) -> list[str]:
+        if target == GATEWAY_ENSEMBLE:
+            return self.variants
+        if target == CASCADE:
+            return [self.manifest.cascade.student, self.manifest.cascade.teacher]
+        return [target]
 
     def routed_models(self) -> list[str]:
         """Every Triton model some route depends on (for /readyz)."""
         needed = {self.aliases[a] for a in self.settings.ab_weights if a in self.aliases}
         needed |= {"student_kd", "teacher"} & set(self.manifest.models)
         needed |= set(self.variants)
-        needed.discard(GATEWAY_ENSEMBLE)
-        return sorted(needed)
+        if CASCADE in needed:
+            needed |= set(self.triton_models(CASCADE))
+        return sorted(needed - set(GATEWAY_NAMES))
 
     async def classify(self, target: str, images: np.ndarray) -> Outcome:
         if target == GATEWAY_ENSEMBLE:
             return await self._ensemble(images)
+        if target == CASCADE:
+            return await self._cascade(images)
         entry = self.manifest.models[target]
         start = time.perf_counter()
         output = "probabilities" if entry.role == "ensemble" else "logits"
-        raw = await self.triton.infer(target, images, output=output)
+        # Pinned to the manifest's version: weights and the temperature they were calibrated with go
+        # together, so a Triton serving another version is a 503, never a mis-calibrated answer.
+        raw = await self.triton.infer(target, images, output=output, version=entry.version)
         inference_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         probabilities = self._calibrated(entry, raw)
@@ -124,7 +144,8 @@ class Classifier:
     async def _ensemble(self, images: np.ndarray) -> Outcome:
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(self.triton.infer(name, images) for name in self.variants), return_exceptions=True
+            *(self.triton.infer(n, images, version=self.manifest.models[n].version) for n in self.variants),
+            return_exceptions=True,
         )
         inference_ms = (time.perf_counter() - start) * 1000
         answered = [(n, r) for n, r in zip(self.variants, results, strict=True) if isinstance(r, np.ndarray)]
@@ -153,6 +174,37 @@ class Classifier:
         fusion_s = time.perf_counter() - start
         self.metrics.fusion_seconds.labels(self.settings.fusion).observe(fusion_s)
         return Outcome(GATEWAY_ENSEMBLE, None, probabilities, inference_ms, fusion_s * 1000, degraded, names)
+
+    async def _cascade(self, images: np.ndarray) -> Outcome:
+        """The student answers every image; those below the threshold are asked of the teacher.
+
+        If the teacher fails, the student's answers stand and the response says `degraded`: a
+        cascade is never less available than its student.
+        """
+        cascade = self.manifest.cascade
+        first = await self.classify(cascade.student, images)
+        probabilities = first.probabilities
+        unsure = probabilities.max(axis=-1) < cascade.threshold
+        answered_by = [cascade.student] * len(images)
+        inference_ms, degraded = first.inference_ms, False
+        if unsure.any():
+            escalated = int(unsure.sum())
+            try:
+                second = await self.classify(cascade.teacher, images[unsure])
+            except GatewayError:
+                self.metrics.cascade_escalations.labels("failed").inc(escalated)
+                degraded = True
+            else:
+                self.metrics.cascade_escalations.labels("answered").inc(escalated)
+                probabilities = probabilities.copy()
+                probabilities[unsure] = second.probabilities
+                for i in np.flatnonzero(unsure):
+                    answered_by[i] = cascade.teacher
+                inference_ms += second.inference_ms
+        members = sorted(set(answered_by), key=[cascade.student, cascade.teacher].index)
+        return Outcome(
+            CASCADE, None, probabilities, inference_ms, first.fusion_ms, degraded, members, answered_by=answered_by
+        )
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[list[dict]]:
         k = min(k, probabilities.shape[-1])

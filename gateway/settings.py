@@ -31,6 +31,13 @@ class GatewaySettings(BaseSettings):
     triton_timeout_s: float = Field(5.0, gt=0, description="deadline of one Triton call")
     triton_connections: int = Field(32, ge=1, description="pooled HTTP connections to Triton")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503s")
+    drain_s: float = Field(
+        0.0, ge=0, description="on SIGTERM: seconds /readyz reports 503 while requests are still served"
+    )
+    shutdown_grace_s: float = Field(20.0, gt=0, description="then: how long in-flight requests may take to finish")
+    manifest_poll_s: float = Field(
+        2.0, ge=0, description="seconds between checks for a re-exported manifest.json (0: never re-read)"
+    )
 
     # Admission control: images in flight to one Triton model; past it, an immediate 503 + Retry-After.
     # The default keeps a full bound of teacher work (~150 img/s here) well inside the 5 s deadline.

@@ -14,7 +14,7 @@ import numpy as np
 
 from gateway.errors import BadRequest, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.metrics import GatewayMetrics
-from gateway.triton_http import TritonHTTP, TritonHTTPError
+from gateway.triton_http import TritonHTTP, TritonHTTPError, model_path
 
 log = logging.getLogger("kdserve.gateway")
 
@@ -44,14 +44,19 @@ class TritonClient:
         return "failed", UpstreamError(f"model {model} failed to run")
 
     async def infer(
-        self, model: str, images: np.ndarray, output: str = "logits", timeout_s: float | None = None
+        self,
+        model: str,
+        images: np.ndarray,
+        output: str = "logits",
+        timeout_s: float | None = None,
+        version: int | None = None,
     ) -> np.ndarray:
         deadline = timeout_s or self.timeout_s
         start = time.perf_counter()
         outcome = "ok"
         try:
             async with asyncio.timeout(deadline):
-                return await self._http.infer(model, images, output)
+                return await self._http.infer(model, images, output, version)
         except TimeoutError as exc:
             outcome = "timeout"
             raise UpstreamTimeout(f"model {model} did not answer within {deadline:.2f}s") from exc
@@ -77,5 +82,5 @@ class TritonClient:
     async def server_ready(self) -> bool:
         return await self._ready("/v2/health/ready")
 
-    async def model_ready(self, model: str) -> bool:
-        return await self._ready(f"/v2/models/{model}/ready")
+    async def model_ready(self, model: str, version: int | None = None) -> bool:
+        return await self._ready(f"{model_path(model, version)}/ready")

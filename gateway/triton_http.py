@@ -148,12 +148,13 @@ class TritonHTTP:
                 connection.close()
             return answer
 
-    async def infer(self, model: str, images: np.ndarray, output: str) -> np.ndarray:
-        """One batch of UINT8 images in, the named output out, both as binary tensors."""
+    async def infer(self, model: str, images: np.ndarray, output: str, version: int | None = None) -> np.ndarray:
+        """One batch of UINT8 images in, the named output out, both as binary tensors; `version` pins
+        the model version (Triton refuses the call when that version is not the one it serves)."""
         body, json_size = infer_request(images, output)
         answer = await self.request(
             "POST",
-            f"/v2/models/{model}/infer",
+            f"{model_path(model, version)}/infer",
             body,
             f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {json_size}\r\n",
         )
@@ -165,6 +166,10 @@ class TritonHTTP:
     async def ready(self, path: str) -> bool:
         """GET a health endpoint (`/v2/health/ready`, `/v2/models/<m>/ready`): 200 means ready."""
         return (await self.request("GET", path)).status == 200
+
+
+def model_path(model: str, version: int | None = None) -> str:
+    return f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "")
 
 
 def infer_request(images: np.ndarray, output: str) -> tuple[bytes, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -45,9 +46,11 @@ from loadtest.measure import (
     summarize,
     time_interleaved,
 )
+from loadtest.served_accuracy import held_out
 from training.client_forms import ClientForm, render
 from training.imageprep import prepare
 from training.manifest import Manifest, read_manifest
+from training.pareto import pareto_rows, write_pareto
 from training.splits import digits_gray
 
 CONCURRENCY = (1, 4, 16, 64)
@@ -66,7 +69,8 @@ TARGETS = {
 }
 
 
-def machine(triton_http: str) -> dict:
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and flags, read from the machine (never assumed)."""
     cpu, flags = platform.processor() or "unknown", set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -75,6 +79,19 @@ def machine(triton_http: str) -> dict:
                 cpu = value.strip()
             elif key.strip() == "flags":
                 flags = set(value.split())
+    return cpu, flags
+
+
+SIMD_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"}
+
+
+def cpu_description() -> str:
+    cpu, flags = cpu_info()
+    return f"{cpu} ({', '.join(sorted(flags & SIMD_FLAGS)) or 'no AVX2'}), {os.cpu_count()} cores"
+
+
+def machine(triton_http: str) -> dict:
+    cpu, flags = cpu_info()
     gpu = None
     if shutil.which("nvidia-smi"):
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
@@ -89,7 +106,7 @@ def machine(triton_http: str) -> dict:
             versions[package] = None
     return {
         "cpu": cpu,
-        "simd": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"}),
+        "simd": sorted(flags & SIMD_FLAGS),
         "cores": os.cpu_count(),
         "gpu": gpu,
         "python": platform.python_version(),
@@ -150,6 +167,15 @@ class Served:
                 response.raise_for_status()
 
         return call
+
+    def gateway_held_out(self, alias: str) -> Callable[[], object]:
+        """One held-out test digit a call, the next one each time (as sent by a client at the served size)."""
+        digits, _ = held_out(self.manifest.recipe)
+        size = self.manifest.preprocessing.image_size
+        pngs = itertools.cycle([render(d, ClientForm(size=size, resample="bicubic")) for d in digits])
+        url = f"{self.gateway_url}/v1/classify?model={alias}"
+        headers = {"Content-Type": "image/png"}
+        return lambda: self.client.post(url, content=next(pngs), headers=headers).raise_for_status()
 
     def gateway(self, alias: str, images: int = 1) -> Callable[[], object]:
         url, kwargs = self._gateway_request(alias, images)
@@ -282,6 +308,26 @@ def ensembles(served: Served, requests: int) -> dict:
     return rows
 
 
+def served_latency(served: Served, models: list[str], requests: int) -> dict[str, dict]:
+    """Gateway latency of each model at concurrency 1, interleaved, cycling through the held-out digits
+    (a cascade's cost depends on which images its student is unsure of, so one image would not do)."""
+    samples = time_interleaved({m: served.gateway_held_out(m) for m in models}, requests)
+    return {m: summarize(s) for m, s in samples.items()}
+
+
+def write_served_pareto(run: Path, served_ms: dict[str, dict], out_dir: Path) -> None:
+    results = json.loads((run / "results.json").read_text())
+    export_report = json.loads((run / "export_report.json").read_text())
+    rows = pareto_rows(results, export_report, {m: f["mean_ms"] for m, f in served_ms.items()})
+    note = (
+        f"Every served model of `{run}` on the held-out test split (top-1, ECE, params, MACs, ONNX file from "
+        "training and export). In-process: ONNX Runtime, one image, median. Served: mean ms of one-image "
+        "requests through the gateway at concurrency 1, cycling through the held-out digits, this run. The "
+        "cascade's in-process cost is the student's plus the teacher's for the share it escalated."
+    )
+    write_pareto(rows, out_dir, f"{results['recipe']}: accuracy vs. cost", note)
+
+
 def _ratio(a: float, b: float) -> float:
     return round(a / b, 2)
 
@@ -296,7 +342,9 @@ def teacher_over_student(served: Served, figures: dict[str, dict]) -> dict:
     }
 
 
-def run_bench(repo: Path, out_dir: Path, timing_repo: Path | None = None, requests: int = 1000) -> dict:
+def run_bench(
+    repo: Path, out_dir: Path, timing_repo: Path | None = None, requests: int = 1000, run: Path | None = None
+) -> dict:
     started = time.perf_counter()
     results: dict = {"requests_c1": requests, "load_seconds": LOAD_SECONDS, "targets": TARGETS}
     with serving(repo) as (triton, gateway):
@@ -330,6 +378,12 @@ def run_bench(repo: Path, out_dir: Path, timing_repo: Path | None = None, reques
         results["healthz_under_large_images"] = healthz_under_large_images(served)
         results["ensembles"] = ensembles(served, requests // 3)
         results["teacher_over_student"] = {"digits": teacher_over_student(served, paths)}
+        if run is not None:
+            export_report = json.loads((run / "export_report.json").read_text())
+            names = [n for n, r in export_report["models"].items() if "latency_ms_batch1" in r]
+            names += ["cascade"] if manifest.cascade is not None else []
+            results["served_models"] = served_latency(served, names, requests // 5)
+            write_served_pareto(run, results["served_models"], out_dir)
         served.close()
     if timing_repo is not None:
         results["timing_repo"] = str(timing_repo)
@@ -514,5 +568,18 @@ def results_markdown(results: dict) -> str:
         ]
         for label, f in results["latency_c1_224"].items():
             lines.append(f"| {label} | {_ms(f['in_process'])} | {_ms(f['triton_direct'])} | {_ms(f['gateway'])} |")
+    if "served_models" in results:
+        lines += [
+            "",
+            "## Every served model through the gateway",
+            "",
+            "Mean / p99 ms of one-image requests at c=1, interleaved, cycling through the held-out digits. With "
+            "accuracy, size and in-process cost: [pareto.md](pareto.md) (table and chart).",
+            "",
+            "| model | mean ms | p99 ms |",
+            "|---|---:|---:|",
+        ]
+        for name, f in results["served_models"].items():
+            lines.append(f"| {name} | {f['mean_ms']:.2f} | {f['p99_ms']:.2f} |")
     lines += ["", f"A call over {STALL_MS:.0f} ms at concurrency 1 counts as a stall in the first table."]
     return "\n".join(lines) + "\n"

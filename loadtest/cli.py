@@ -9,7 +9,13 @@ from pathlib import Path
 def _cmd_bench(args: argparse.Namespace) -> None:
     from loadtest.bench import run_bench
 
-    run_bench(Path(args.repo), Path(args.out), Path(args.timing_repo) if args.timing_repo else None, args.requests)
+    run_bench(
+        Path(args.repo),
+        Path(args.out),
+        Path(args.timing_repo) if args.timing_repo else None,
+        args.requests,
+        Path(args.run) if args.run else None,
+    )
     print(f"[bench] results in {Path(args.out) / 'results.md'}")
 
 
@@ -31,6 +37,33 @@ def _cmd_served_accuracy(args: argparse.Namespace) -> None:
             results = measure(gateway.url)
     write(results, Path(args.out))
     print(markdown(results))
+
+
+def _cmd_cascade(args: argparse.Namespace) -> None:
+    from loadtest.cascade import check_cascade, write
+
+    results = check_cascade(Path(args.repo), args.requests)
+    path = write(results, Path(args.out))
+    print(path.read_text())
+    if not all(results["checks"].values()):
+        raise SystemExit(1)
+
+
+def _cmd_faults(args: argparse.Namespace) -> None:
+    from loadtest.bench import cpu_description
+    from loadtest.faults import run_faults
+
+    print(run_faults(Path(args.repo), Path(args.out), cpu_description()).read_text())
+
+
+def _cmd_soak(args: argparse.Namespace) -> None:
+    from loadtest.bench import cpu_description
+    from loadtest.soak import run_soak, write
+
+    results = run_soak(Path(args.repo), args.minutes, args.clients)
+    print(write(results, Path(args.out), cpu_description()).read_text())
+    if results["errors"] or results["gateway_rss_growth"] > 0.05:
+        raise SystemExit(1)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -71,7 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--timing-repo", help="a second repository (python -m training timing-repo) timed at its own image size"
     )
     bench.add_argument("--requests", type=int, default=1000, help="student calls at concurrency 1")
+    bench.add_argument(
+        "--run",
+        default=None,
+        help="the training run the repository was exported from: adds served latency to its "
+        "accuracy-cost report (written to --out as pareto.md/.png)",
+    )
     bench.set_defaults(func=_cmd_bench)
+
+    cascade = commands.add_parser("cascade", help="the served cascade vs its student and teacher: top-1, mean latency")
+    cascade.add_argument("--repo", required=True, help="a model repository whose manifest has a cascade")
+    cascade.add_argument("--out", default="benchmarks/cascade")
+    cascade.add_argument("--requests", type=int, default=300, help="one-image requests per model for latency")
+    cascade.set_defaults(func=_cmd_cascade)
+
+    faults = commands.add_parser("faults", help="hostile input and faults (kill, freeze, overload, SIGTERM): a table")
+    faults.add_argument("--repo", default="model_repository")
+    faults.add_argument("--out", default="benchmarks")
+    faults.set_defaults(func=_cmd_faults)
+
+    soak = commands.add_parser("soak", help="minutes of mixed traffic: memory, descriptors, latency, errors")
+    soak.add_argument("--repo", default="model_repository")
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--clients", type=int, default=8)
+    soak.add_argument("--out", default="benchmarks/soak")
+    soak.set_defaults(func=_cmd_soak)
 
     run = commands.add_parser("run", help="Locust headless against the gateway; CSVs, metrics, report")
     run.add_argument("--host", default="http://127.0.0.1:8080", help="the gateway")

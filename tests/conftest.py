@@ -24,6 +24,8 @@ TINY_OVERRIDES = [
     "evaluation.seeds=[0, 1]",
     "ensemble.variants=[{seed: 0}, {seed: 1}]",
     "ensemble.multihead.heads=2",
+    "compression.max_steps=2",
+    "compression.finetune.epochs=1",
 ]
 
 

@@ -17,6 +17,7 @@ def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
         "evaluation.seeds=[0]",
         "ensemble.variants=[]",
         "ensemble.multihead.heads=0",
+        "compression.enabled=false",
         "distill.feature.enabled=true",
     ]
     proc = subprocess.run(

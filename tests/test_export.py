@@ -28,6 +28,8 @@ SERVED = {
     "variant_0",
     "variant_1",
     "multihead",
+    "student_pruned",
+    "student_pruned_int8",
     "ensemble_fused",
     "ensemble_scheduler",
     "ensemble_fusion",
@@ -74,6 +76,37 @@ def test_export_report_has_parity_fp16_and_int8_measurements(tiny_run, tiny_repo
     assert int8["agreement_with_fp32"] > 0.85
     assert int8["latency_p50"]["batch_1"]["int8_ms"] > 0
     assert "INT8 static quantisation" in (tiny_run / "export_report.md").read_text()
+
+
+def test_pruned_student_is_served_with_its_int8_sibling_and_the_cascade_in_the_manifest(
+    tiny_run, tiny_repo, tiny_results
+):
+    manifest = read_manifest(tiny_repo)
+    pruned = manifest.models["student_pruned"]
+    assert pruned.role == "student" and pruned.metrics["top1"] == pytest.approx(
+        tiny_results["models"]["student_pruned"]["top1"]
+    )
+    assert manifest.models["student_pruned_int8"].precision == "int8"
+    assert manifest.cascade.student == "student_kd" and manifest.cascade.teacher == "teacher"
+    report = json.loads((tiny_run / "export_report.json").read_text())
+    assert report["models"]["student_pruned"]["onnx_vs_torch"]["top1_agreement"] == 1.0
+    # The kept pruning step's MACs are the pruned model's, so its ONNX file is that much smaller too.
+    compression = tiny_results["compression"]
+    kept = compression["steps"][compression["kept_step"] - 1]["macs"] if compression["kept_step"] else None
+    models = tiny_results["models"]
+    assert models["student_pruned"]["macs"] == (kept or models["student_kd"]["macs"])
+    shares = [s["macs_share"] for s in compression["steps"]]
+    assert shares == sorted(shares, reverse=True) and shares[0] < 0.9
+
+
+def test_accuracy_cost_report_lists_every_served_model_and_the_cascade(tiny_run, tiny_repo, tiny_results):
+    pareto = (tiny_run / "pareto.md").read_text()
+    report = json.loads((tiny_run / "export_report.json").read_text())
+    for name in [n for n, r in report["models"].items() if "latency_ms_batch1" in r] + ["cascade"]:
+        assert f"| {name}" in pareto, name
+    assert (tiny_run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results_md = (tiny_run / "results.md").read_text()
+    assert results_md.count("## Accuracy vs. cost") == 1 and "## Confidence cascade" in results_md
 
 
 def test_check_repo_catches_tampered_files_and_mismatched_configs(tiny_repo, tmp_path):
@@ -123,8 +156,11 @@ def test_export_without_a_trained_run_is_a_one_line_error(tmp_path):
 
 
 def test_gpu_flavour_configs_use_onnxruntime_with_tensorrt_fp16(tiny_run, tmp_path):
+    # A copy of the run: export writes its report, graphs and chart into the run, which other tests read.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("onnx", "checkpoint.pt", "export_report.*"))
     repo = tmp_path / "gpu"
-    proc = run_training("export", "--run", str(tiny_run), "--repo", str(repo), "--flavor", "gpu")
+    proc = run_training("export", "--run", str(run), "--repo", str(repo), "--flavor", "gpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = (repo / "student_kd" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config and '"tensorrt"' in config and '"FP16"' in config
@@ -133,5 +169,5 @@ def test_gpu_flavour_configs_use_onnxruntime_with_tensorrt_fp16(tiny_run, tmp_pa
     assert check_repository(repo) == []
     np.testing.assert_array_equal(
         np.frombuffer((repo / "student_kd" / "1" / "model.onnx").read_bytes()[:64], np.uint8),
-        np.frombuffer((tiny_run / "onnx" / "student_kd.onnx").read_bytes()[:64], np.uint8),
+        np.frombuffer((run / "onnx" / "student_kd.onnx").read_bytes()[:64], np.uint8),
     )

@@ -4,6 +4,7 @@ import base64
 import io
 import re
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -163,6 +164,15 @@ def test_every_metric_is_exported_with_its_labels(gateway):
     assert traced.headers["X-Request-ID"] == traced.json()["request_id"] == "trace-42"
     fused = gateway.client.post("/v1/classify?model=ensemble", content=png, headers=headers)
     assert fused.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", fused.headers["X-Request-ID"])
+    shadow = re.compile(r'kdserve_shadow_requests_total\{agreed="(?:true|false)",arm="(\w+)"\} ([0-9.]+)')
+
+    def shadows_by_arm() -> Counter:
+        counts: Counter = Counter()
+        for found in shadow.finditer(gateway.client.get("/metrics").text):
+            counts[found.group(1)] += float(found.group(2))
+        return counts
+
+    before = shadows_by_arm()  # other tests may have shadowed already: count this test's own
     ab = gateway.client.post("/v1/classify", content=png, headers={**headers, "X-Client-Key": "metrics"})
     assert ab.status_code == 200
     arm = ab.json()["arm"]
@@ -181,12 +191,12 @@ def test_every_metric_is_exported_with_its_labels(gateway):
         'kdserve_images_total{model="student_kd"}',
     ]
     # The shadow call goes to the other arm and runs after the primary response was sent.
-    shadow = re.compile(r'kdserve_shadow_requests_total\{agreed="(?:true|false)",arm="(\w+)"\} [1-9]')
+    other = next(a for a in ("student", "teacher") if a != arm)
     deadline = time.monotonic() + 5.0
-    while not (found := shadow.search(text := gateway.client.get("/metrics").text)) and time.monotonic() < deadline:
+    while shadows_by_arm()[other] <= before[other] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert found, "no shadow request counted"
-    assert found.group(1) != arm
+    assert shadows_by_arm()[other] >= before[other] + 1, "no shadow request to the other arm counted"
+    text = gateway.client.get("/metrics").text
     for needle in needles:
         assert needle in text, needle
 
@@ -224,6 +234,60 @@ def test_malformed_input_gets_a_clear_4xx_never_a_500(gateway, payload, content_
     resp = gateway.client.post("/v1/classify?model=student", content=payload, headers={"Content-Type": content_type})
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "kind"),
+    [
+        ("GET", "/v1/nowhere", 404, "not_found"),
+        ("GET", "/v1/classify", 405, "method_not_allowed"),
+        ("DELETE", "/v1/models", 405, "method_not_allowed"),
+    ],
+)
+def test_framework_errors_use_the_documented_shape_with_the_request_id(gateway, method, path, status, kind):
+    resp = gateway.client.request(method, path, headers={"X-Request-ID": "shape-check"})
+    assert resp.status_code == status
+    assert resp.json() == {
+        "error": {"kind": kind, "message": resp.json()["error"]["message"]},
+        "request_id": "shape-check",
+    }
+    assert resp.headers["X-Request-ID"] == "shape-check"
+    assert f'kdserve_errors_total{{kind="{kind}"}}' in gateway.client.get("/metrics").text
+
+
+def test_a_hostile_request_id_is_replaced_not_echoed(gateway):
+    for sent in ("x" * 300, "bad id with spaces", "\u00e9t\u00e9"):
+        resp = gateway.client.get("/v1/nowhere", headers={"X-Request-ID": sent.encode("utf-8")})
+        assert re.fullmatch(r"[0-9a-f]{32}", resp.headers["X-Request-ID"]) and resp.json()["request_id"] != sent
+
+
+def test_an_unhandled_exception_is_a_500_in_the_shape_counted_and_traceable():
+    """The handler the gateway installs, on an app whose route fails with a bug-like exception."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from gateway.errors import install_error_handlers
+    from gateway.metrics import GatewayMetrics
+    from gateway.observe import RequestObserver
+
+    metrics = GatewayMetrics()
+    app = FastAPI()
+    install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
+    app.add_middleware(RequestObserver, metrics=metrics)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        int("²")  # the kind of bug the review found: str.isdigit() accepts it, int() does not
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.get("/boom", headers={"X-Request-ID": "bug-1"})
+    assert resp.status_code == 500 and resp.headers["X-Request-ID"] == "bug-1"
+    assert resp.json() == {
+        "error": {"kind": "internal", "message": "internal error; quote the request id when reporting it"},
+        "request_id": "bug-1",
+    }
+    assert metrics.errors.labels("internal")._value.get() == 1
+    assert metrics.requests.labels("/boom", "", "", "500")._value.get() == 1
 
 
 def test_oversized_body_unknown_model_and_too_many_images(gateway):

@@ -26,6 +26,8 @@ MODEL_NAMES = {
     "variant_1",
     "multihead",
     "ensemble",
+    "cascade",
+    "student_pruned",
 }
 
 
@@ -111,6 +113,7 @@ def test_a_trained_student_classifies_real_digits(tmp_path):
                 "evaluation.seeds=[0]",
                 "ensemble.variants=[]",
                 "ensemble.multihead.heads=0",
+                "compression.enabled=false",
             ]
         ),
     )
@@ -129,6 +132,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(t
             "evaluation.seeds=[0]",
             "ensemble.variants=[]",
             "ensemble.multihead.heads=0",
+            "compression.enabled=false",
         ]
     )
     whole = tmp_path / "whole"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from training.errors import UserError
-from training.models import ImageClassifier, build_classifier
+from training.models import ImageClassifier, build_classifier, conform_to_state_dict
 
 
 @dataclass
@@ -24,6 +24,8 @@ class ModelSpec:
     std: tuple[float, ...]
     class_names: list[str]
     heads: int = 0
+    members: int = 1  # > 1: a `MemberMean` of this many networks (a teacher made of several)
+    pruned: bool = False  # layers narrower than the arch's: their widths come from the saved weights
     role: str = "student"
     temperature: float = 1.0  # fitted on the validation split after training
     metrics: dict[str, float] = field(default_factory=dict)
@@ -37,6 +39,7 @@ def build_from_spec(spec: ModelSpec) -> ImageClassifier:
         mean=spec.mean,
         std=spec.std,
         heads=spec.heads,
+        members=spec.members,
     )
 
 
@@ -54,6 +57,8 @@ def load_model(path: Path) -> tuple[ImageClassifier, ModelSpec, dict[str, Any]]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         spec = ModelSpec(**payload["spec"])
         model = build_from_spec(spec)
+        if spec.pruned:
+            conform_to_state_dict(model, payload["state_dict"])
         model.load_state_dict(payload["state_dict"])
     except Exception as exc:  # any unpickling/shape error means the file is not a usable checkpoint
         raise UserError(

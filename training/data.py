@@ -25,6 +25,7 @@ from training.recipe import DataConfig
 from training.splits import digits_gray, stratified_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+UNLABELLED = -1  # the label of a transfer image: only the teacher's soft targets teach from it
 
 
 class InMemoryImages(Dataset):
@@ -47,7 +48,26 @@ class InMemoryImages(Dataset):
 
     def subset(self, indices: np.ndarray) -> InMemoryImages:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return InMemoryImages(self.images[idx], self.labels[idx])
+        forms = self.client_forms[idx] if self.client_forms is not None else None
+        return InMemoryImages(self.images[idx], self.labels[idx], forms)
+
+    def unlabelled(self) -> InMemoryImages:
+        return InMemoryImages(self.images, torch.full_like(self.labels, UNLABELLED), self.client_forms)
+
+    def concat(self, other: InMemoryImages) -> InMemoryImages:
+        """Both sets in one; an image without client-form pictures stands in for its own."""
+
+        def forms(part: InMemoryImages, k: int) -> torch.Tensor:
+            if part.client_forms is not None:
+                return part.client_forms
+            return part.images.unsqueeze(1).expand(-1, k, -1, -1, -1)
+
+        k = max((p.client_forms.shape[1] for p in (self, other) if p.client_forms is not None), default=0)
+        return InMemoryImages(
+            torch.cat([self.images, other.images]),
+            torch.cat([self.labels, other.labels]),
+            torch.cat([forms(self, k), forms(other, k)]) if k else None,
+        )
 
 
 class ImageFiles(Dataset):
@@ -76,6 +96,9 @@ class SplitData:
     std: tuple[float, float, float]
     description: str
     preprocessing: Preprocessing  # what the manifest tells the gateway: how a picture becomes an input
+    # Unlabelled training images (labels UNLABELLED) only distilling stages see: the training split's
+    # images whose labels a few-labels recipe drops, and the recipe's `distill.transfer` folder.
+    transfer: InMemoryImages | None = None
 
     @property
     def num_classes(self) -> int:
@@ -126,7 +149,8 @@ def _load_digits(cfg: DataConfig, client_forms: bool = False) -> SplitData:
         train.client_forms = client_form_pictures(
             digits_gray()[0][train_idx], cfg.augment.client_forms, preprocessing(cfg), cfg.split_seed
         )
-    mean, std = _channel_stats(train.images)
+    mean, std = _channel_stats(train.images)  # of every training image: labels are not needed for it
+    train, transfer = labelled_split(train, cfg)
     return SplitData(
         train=train,
         val=full.subset(val_idx),
@@ -135,9 +159,27 @@ def _load_digits(cfg: DataConfig, client_forms: bool = False) -> SplitData:
         image_size=cfg.image_size,
         mean=mean,
         std=std,
-        description=f"sklearn digits, {len(labels)} images, split seed {cfg.split_seed}",
+        description=f"sklearn digits, {len(labels)} images, split seed {cfg.split_seed}"
+        + (f", {len(train)} training labels kept" if transfer is not None else ""),
         preprocessing=preprocessing(cfg, mean, std),
+        transfer=transfer,
     )
+
+
+def labelled_split(train: InMemoryImages, cfg: DataConfig) -> tuple[InMemoryImages, InMemoryImages | None]:
+    """The training images that keep their labels (a stratified `labelled_fraction`, at least one per
+    class) and the rest as unlabelled transfer images (None when every label is kept)."""
+    if cfg.labelled_fraction >= 1.0:
+        return train, None
+    labels = train.labels.numpy()
+    rng = np.random.default_rng(cfg.split_seed)
+    keep = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        keep.extend(members[: max(1, round(cfg.labelled_fraction * len(members)))])
+    kept = np.zeros(len(labels), dtype=bool)
+    kept[keep] = True
+    return train.subset(np.flatnonzero(kept)), train.subset(np.flatnonzero(~kept)).unlabelled()
 
 
 def _require_root(cfg: DataConfig) -> Path:
@@ -171,6 +213,7 @@ def _load_cifar10(cfg: DataConfig) -> SplitData:
     train_idx, val_idx, _ = stratified_split(full_train.labels.numpy(), cfg, with_test=False)
     train = full_train.subset(train_idx)
     mean, std = _channel_stats(train.images)
+    train, transfer = labelled_split(train, cfg)
     return SplitData(
         train=train,
         val=full_train.subset(val_idx),
@@ -181,6 +224,7 @@ def _load_cifar10(cfg: DataConfig) -> SplitData:
         std=std,
         description=f"CIFAR-10 from {root}",
         preprocessing=preprocessing(cfg, mean, std),
+        transfer=transfer,
     )
 
 
@@ -236,15 +280,19 @@ def iterate_batches(
     world_size: int = 1,
     num_workers: int = 0,
     client_form_share: float = 0.0,
+    repeat: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of (uint8 [B,H,W,3], int64 [B]). With world_size > 1, each rank gets its own shard.
+    `repeat` passes over the dataset make one iteration (each pass in its own order when shuffled).
 
     Shards have equal length (the permutation is padded by wrapping) so DDP ranks stay in step. With
     `client_form_share` and a dataset holding client forms, that share of each batch (drawn with
     `generator`) is one of the image's client-form pictures instead of the image itself.
     """
     n = len(dataset)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    passes = [torch.randperm(n, generator=generator) if shuffle else torch.arange(n) for _ in range(repeat)]
+    order = torch.cat(passes)
+    n = len(order)
     if world_size > 1:
         per_rank = -(-n // world_size)
         order = torch.cat([order, order[: per_rank * world_size - n]])[rank::world_size]
@@ -261,3 +309,21 @@ def iterate_batches(
         return
     loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=num_workers, shuffle=False)
     yield from loader
+
+
+def load_transfer_folder(folder: str, spec: Preprocessing) -> InMemoryImages:
+    """Every image under `folder` (any depth), prepared like the dataset's, as unlabelled images."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"distill.transfer folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"distill.transfer folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    pixels = np.empty((len(files), spec.image_size, spec.image_size, 3), dtype=np.uint8)
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                pixels[i] = prepare(image, spec)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"distill.transfer image {path} cannot be read: {exc}") from exc
+    return InMemoryImages(torch.from_numpy(pixels), torch.full((len(files),), UNLABELLED, dtype=torch.long))

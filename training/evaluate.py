@@ -96,3 +96,31 @@ def classification_metrics(
     if teacher_pred is not None:
         metrics["teacher_agreement"] = (probs.argmax(-1) == teacher_pred).float().mean().item()
     return metrics
+
+
+def cascade_answers(
+    student_probs: torch.Tensor, teacher_probs: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cascade's probabilities [N, C] and which images it escalated [N]: the student answers,
+    and the teacher where the student's calibrated confidence is below `threshold`."""
+    escalated = student_probs.max(dim=-1).values < threshold
+    return torch.where(escalated.unsqueeze(-1), teacher_probs, student_probs), escalated
+
+
+def fit_cascade_threshold(
+    student_probs: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor, max_drop: float
+) -> float:
+    """The lowest confidence threshold (fewest escalations) at which the cascade's top-1 on these
+    (validation) images is at most `max_drop` below the teacher's.
+
+    Candidates are midpoints between consecutive student confidences, so a threshold sits between
+    images rather than on one; escalating everything (the teacher alone) always qualifies.
+    """
+    teacher_top1 = top_k_accuracy(teacher_probs, labels, 1)
+    confidence = student_probs.max(dim=-1).values.sort().values
+    candidates = [0.0, *((confidence[:-1] + confidence[1:]) / 2).tolist(), 1.0 + 1e-6]
+    for threshold in candidates:
+        answers, _ = cascade_answers(student_probs, teacher_probs, threshold)
+        if top_k_accuracy(answers, labels, 1) >= teacher_top1 - max_drop - 1e-9:
+            return float(threshold)
+    return candidates[-1]

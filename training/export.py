@@ -17,8 +17,8 @@ import torch
 from training.checkpoint import ModelSpec, load_model
 from training.data import SplitData, iterate_batches, load_data
 from training.errors import UserError
-from training.evaluate import FusedEnsemble, predict_logits
-from training.manifest import Manifest, ModelEntry, TensorSpec, write_manifest
+from training.evaluate import FusedEnsemble, expected_calibration_error, predict_logits
+from training.manifest import Cascade, Manifest, ModelEntry, TensorSpec, write_manifest
 from training.onnx_tools import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -32,6 +32,7 @@ from training.onnx_tools import (
     run_logits,
     session,
 )
+from training.pareto import pareto_rows, write_pareto
 from training.recipe import load_recipe
 from training.triton_repo import (
     BACKEND_DIR,
@@ -45,21 +46,27 @@ from training.triton_repo import (
 FP32_MAX_ABS_DIFF = 1e-3  # ONNX Runtime vs PyTorch on the CPU, logits of magnitude ~10
 FP32_MIN_AGREEMENT = 0.999
 FP16_MIN_AGREEMENT = 0.99  # the gate for serving FP16 (TensorRT) on a GPU
-INT8_MODELS = ("student_kd",)
+INT8_MODELS = ("student_kd", "student_pruned")
 # Two Triton-side ensembles of the variants (the gateway's alias `ensemble_triton` picks the first):
 # the members and their fusion exported as one graph (one Triton call, one ONNX Runtime run; one
 # TensorRT engine on GPUs), and Triton's ensemble scheduler calling each member and then a fusion step.
 # The bench measures them side by side.
 FUSED_ENSEMBLE, SCHEDULER_ENSEMBLE, FUSION = "ensemble_fused", "ensemble_scheduler", "ensemble_fusion"
 PROBABILITIES = "probabilities"
+PARETO_REPEATS = 100
+PARETO_NOTE = (
+    "Every served model on the held-out test split. In-process: ONNX Runtime, one image, 2 threads, median of "
+    "100 runs at export. The cascade's cost is the student's plus the teacher's for the share it escalated. "
+    "Served latency (through the gateway) is filled in by `make bench` (benchmarks/pareto.md). "
+    "Frontier: no other model is both faster and more accurate."
+)
 BACKEND_MODEL = BACKEND_DIR / "model.py"
 
 
 def _served_models(run: Path, results: dict) -> list[str]:
     names = ["teacher", "student_kd", "student_plain"]
     names += sorted(n for n in results["models"] if n.startswith("variant_"))
-    if "multihead" in results["models"]:
-        names.append("multihead")
+    names += [n for n in ("multihead", "student_pruned") if n in results["models"]]
     missing = [n for n in names if not (run / n / "model.pt").exists()]
     if missing:
         raise UserError(f"run {run} lacks trained models {missing}; run `python -m training all --out {run}` first")
@@ -121,7 +128,12 @@ def write_served_model(
 
 
 def _int8_sibling(
-    name: str, fp32_onnx: Path, data: SplitData, test: tuple[np.ndarray, np.ndarray], fp32_logits: np.ndarray
+    name: str,
+    fp32_onnx: Path,
+    data: SplitData,
+    test: tuple[np.ndarray, np.ndarray],
+    fp32_logits: np.ndarray,
+    temperature: float,
 ) -> tuple[Path, dict]:
     train_images, _ = _as_numpy(data.train)
     # Calibrate on a fixed, seeded sample of training images (never the test split).
@@ -140,11 +152,15 @@ def _int8_sibling(
             "int8_ms": int8_ms["p50"],
             "speedup": fp32_ms["p50"] / int8_ms["p50"],
         }
+    probs = torch.softmax(torch.from_numpy(int8_logits) / temperature, dim=-1)
     report = {
         "fp32_top1": _accuracy(fp32_logits, labels),
         "int8_top1": _accuracy(int8_logits, labels),
+        "int8_ece": expected_calibration_error(probs, torch.from_numpy(labels)),
         "agreement_with_fp32": parity(fp32_logits, int8_logits).top1_agreement,
         "latency_p50": speed,
+        "onnx_bytes": int8_path.stat().st_size,
+        "latency_ms_batch1": latency_ms(int8_sess, images[:1], repeats=PARETO_REPEATS)["p50"],
     }
     report["top1_drop_points"] = 100 * (report["fp32_top1"] - report["int8_top1"])
     return int8_path, report
@@ -182,7 +198,13 @@ def _export_graph(
         f"fp16 agreement {fp16.top1_agreement:.2%}",
         flush=True,
     )
-    report = {"onnx_vs_torch": fp32.as_dict(), "fp16_vs_fp32": fp16.as_dict(), "onnx_bytes": onnx_path.stat().st_size}
+    report = {
+        "onnx_vs_torch": fp32.as_dict(),
+        "fp16_vs_fp32": fp16.as_dict(),
+        "onnx_bytes": onnx_path.stat().st_size,
+        # In-process cost of one image, for the accuracy-cost report.
+        "latency_ms_batch1": latency_ms(session(onnx_path), test[0][:1], repeats=PARETO_REPEATS)["p50"],
+    }
     return report, onnx_out
 
 
@@ -210,9 +232,9 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         report["models"][name]["version"] = entries[name].version
 
         if name in INT8_MODELS and flavor == "cpu":
-            int8_path, int8 = _int8_sibling(name, onnx_path, data, test, onnx_logits)
+            int8_path, int8 = _int8_sibling(name, onnx_path, data, test, onnx_logits, spec.temperature)
             int8_name = f"{name}_int8"
-            metrics = {**spec.metrics, "top1": int8["int8_top1"]}
+            metrics = {**spec.metrics, "top1": int8["int8_top1"], "ece": int8["int8_ece"]}
             entries[int8_name] = write_served_model(
                 repo,
                 int8_name,
@@ -255,9 +277,12 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         dataset=data.description,
         preprocessing=data.preprocessing,
         models=entries,
+        cascade=_cascade(results, entries),
     )
     write_manifest(repo, manifest)
     _write_report(run, report)
+    rows = pareto_rows(results, report)
+    write_pareto(rows, run, f"recipe {recipe.name}: accuracy vs. in-process cost", PARETO_NOTE, run / "results.md")
     return report
 
 
@@ -334,6 +359,21 @@ def _write_scheduler_ensemble(
     )
     entries[SCHEDULER_ENSEMBLE] = _ensemble_entry(
         SCHEDULER_ENSEMBLE, "ensemble", [*members, FUSION], first, version, files=hashes, metrics=metrics
+    )
+
+
+def _cascade(results: dict, entries: dict[str, ModelEntry]) -> Cascade | None:
+    measured = results["models"].get("cascade")
+    if measured is None:
+        return None
+    student, teacher = measured["members"]
+    if student not in entries or teacher not in entries:
+        raise UserError(f"the cascade needs {student} and {teacher} served; export serves {', '.join(entries)}")
+    return Cascade(
+        student=student,
+        teacher=teacher,
+        threshold=measured["threshold"],
+        metrics={k: float(v) for k, v in measured.items() if isinstance(v, float | int) and k != "threshold"},
     )
 
 

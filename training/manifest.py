@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_NAME = "manifest.json"
 # 2: preprocessing carries the resize method and, for digits, how a picture is framed (polarity, ink box).
-SCHEMA_VERSION = 2
+# 3: the confidence cascade (student first, the teacher below a threshold).
+SCHEMA_VERSION = 3
 
 Role = Literal["teacher", "student", "variant", "multihead", "quantized", "ensemble", "fusion"]
 
@@ -82,6 +83,16 @@ class ModelEntry(_Strict):
     source: str = Field("", description="checkpoint the model was exported from")
 
 
+class Cascade(_Strict):
+    """The student answers; an image whose calibrated student confidence is below `threshold` goes to
+    the teacher. The threshold was fitted on the validation split (see `metrics`)."""
+
+    student: str
+    teacher: str
+    threshold: float = Field(ge=0, le=1.001)
+    metrics: dict[str, float] = Field(default_factory=dict, description="held-out test split")
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     flavor: Literal["cpu", "gpu"]
@@ -89,6 +100,7 @@ class Manifest(_Strict):
     dataset: str
     preprocessing: Preprocessing
     models: dict[str, ModelEntry]
+    cascade: Cascade | None = None
 
     def by_role(self, role: Role) -> list[ModelEntry]:
         return [m for m in self.models.values() if m.role == role]

@@ -55,6 +55,22 @@ class MultiHeadResNet(nn.Module):
         return torch.stack([head(pooled) for head in self.heads], dim=1)
 
 
+class MemberMean(nn.Module):
+    """N networks as one: the log of their mean probability (a valid logit vector for softmax).
+
+    A teacher trained on few labels gains most from being several networks; as one module it is
+    distilled, calibrated, exported and served like a single model.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([member(x).float().softmax(-1) for member in self.members]).mean(dim=0)
+        return probs.clamp_min(1e-12).log()
+
+
 class ImageClassifier(nn.Module):
     """uint8 [N, H, W, 3] -> logits. Scaling to [0, 1] and mean/std normalisation are in the graph."""
 
@@ -78,13 +94,58 @@ def build_classifier(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     heads: int = 0,
+    members: int = 1,
 ) -> ImageClassifier:
     backbone: nn.Module
     if heads > 0:
         backbone = MultiHeadResNet(arch, num_classes, small_stem, heads)
+    elif members > 1:
+        backbone = MemberMean([build_resnet(arch, num_classes, small_stem) for _ in range(members)])
     else:
         backbone = build_resnet(arch, num_classes, small_stem)
     return ImageClassifier(backbone, mean, std)
+
+
+def member_mean(models: list[ImageClassifier]) -> ImageClassifier:
+    """Trained classifiers (same normalisation) as one `MemberMean` classifier."""
+    first = models[0]
+    return ImageClassifier(
+        MemberMean([m.backbone for m in models]),
+        tuple(first.mean.flatten().tolist()),
+        tuple(first.std.flatten().tolist()),
+    ).eval()
+
+
+def conform_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Resize the convolutions, batch norms and linear layers of `model` to the shapes in `state`.
+
+    A channel-pruned network is the same architecture with fewer channels per layer, so it is rebuilt
+    from its spec and then given its layers' saved widths; its weights load as usual (no pickled modules).
+    """
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if weight is None:
+            continue
+        if isinstance(module, nn.Conv2d) and tuple(weight.shape) != tuple(module.weight.shape):
+            replacement: nn.Module = nn.Conv2d(
+                weight.shape[1] * module.groups,
+                weight.shape[0],
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+                bias=module.bias is not None,
+            )
+        elif isinstance(module, nn.BatchNorm2d) and weight.shape[0] != module.num_features:
+            replacement = nn.BatchNorm2d(weight.shape[0], module.eps, module.momentum)
+        elif isinstance(module, nn.Linear) and tuple(weight.shape) != tuple(module.weight.shape):
+            replacement = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    return model
 
 
 def stage_module(model: ImageClassifier, stage: str) -> nn.Module:

@@ -17,18 +17,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from torch.utils.data import ConcatDataset, Dataset
 
 from training.checkpoint import ModelSpec, load_model, save_model
-from training.data import SplitData, load_data
+from training.compression import prune_with_recovery
+from training.data import InMemoryImages, SplitData, load_data, load_transfer_folder
+from training.errors import UserError
 from training.evaluate import (
+    cascade_answers,
     classification_metrics,
     expected_calibration_error,
+    fit_cascade_threshold,
     fit_temperature,
     fuse_probabilities,
     predict_logits,
     top_k_accuracy,
 )
-from training.models import ImageClassifier, build_classifier, count_macs, count_params
+from training.models import ImageClassifier, build_classifier, count_macs, count_params, member_mean
 from training.recipe import AugmentConfig, DistillConfig, ModelConfig, Recipe, dump_recipe
 from training.report import write_reports
 from training.runtime import Runtime
@@ -45,12 +50,22 @@ class Stage:
     distill: DistillConfig | None = None  # None: trained on labels alone
     heads: int = 0
     head_sample_fraction: float = 1.0
+    members: int = 1  # > 1: assembled from the `teacher_member_*` stages, not trained itself
 
 
 def plan_stages(recipe: Recipe) -> list[Stage]:
     """Every model `all` trains, in order (the teacher first: the others learn from it)."""
     aug = recipe.data.augment
-    stages = [Stage("teacher", "teacher", recipe.teacher, recipe.seed, aug)]
+    teacher_aug = recipe.teacher.augment or aug
+    n = recipe.teacher.members
+    if n == 1:
+        stages = [Stage("teacher", "teacher", recipe.teacher, recipe.seed, teacher_aug)]
+    else:
+        member_cfg = ModelConfig(**recipe.teacher.model_dump(exclude={"members", "augment"}))
+        stages = [
+            Stage(f"teacher_member_{i}", "teacher_member", member_cfg, recipe.seed + i, teacher_aug) for i in range(n)
+        ]
+        stages.append(Stage("teacher", "teacher", recipe.teacher, recipe.seed, teacher_aug, members=n))
     for i, seed in enumerate(recipe.evaluation.seeds):
         suffix = "" if i == 0 else f"_seed{seed}"
         stages.append(Stage(f"student_plain{suffix}", "student", recipe.student, seed, aug))
@@ -118,6 +133,103 @@ def init_model(stage: Stage, data: SplitData) -> ImageClassifier:
     )
 
 
+def stage_training_set(stage: Stage, data: SplitData) -> tuple[Dataset, int]:
+    """What one epoch of `stage` iterates over, and how many passes over it make that epoch.
+
+    With unlabelled transfer images, a distilling stage learns from the labelled and the transfer
+    images together; a stage trained on labels alone repeats its (smaller) labelled set to about as
+    many images, so both take the same number of steps and the comparison is about the teacher's
+    targets, not the length of the schedule.
+    """
+    if data.transfer is None:
+        return data.train, 1
+    if stage.distill is not None:
+        if isinstance(data.train, InMemoryImages):
+            return data.train.concat(data.transfer), 1
+        return ConcatDataset([data.train, data.transfer]), 1
+    return data.train, max(1, round((len(data.train) + len(data.transfer)) / len(data.train)))
+
+
+def _with_transfer_folder(data: SplitData, recipe: Recipe) -> SplitData:
+    """`distill.transfer`'s unlabelled images, added to the data's own (if any)."""
+    if recipe.distill.transfer is None:
+        return data
+    folder = load_transfer_folder(recipe.distill.transfer, data.preprocessing)
+    data.transfer = folder if data.transfer is None else data.transfer.concat(folder)
+    return data
+
+
+def _assemble_teacher(
+    stage: Stage, trained: dict[str, tuple[Stage, ImageClassifier]], out: Path, runtime: Runtime
+) -> tuple[ImageClassifier, float]:
+    """The teacher as one model of its trained members (`MemberMean`); their stages carry the time."""
+    names = [f"teacher_member_{i}" for i in range(stage.members)]
+    teacher = member_mean([trained[n][1] for n in names])
+    metas = [load_model(out / n / "model.pt")[2] for n in names]
+    if runtime.is_main:
+        _, spec, _ = load_model(out / names[0] / "model.pt")
+        spec.members, spec.role = stage.members, "teacher"
+        fingerprint = hashlib.sha256("".join(m["fingerprint"] for m in metas).encode()).hexdigest()[:16]
+        save_model(out / "teacher" / "model.pt", teacher, spec, {"fingerprint": fingerprint, "members": names})
+    _barrier(runtime)
+    return teacher, 0.0
+
+
+PRUNED = "student_pruned"
+
+
+def _prune_or_reuse(
+    recipe: Recipe, data: SplitData, trained: dict[str, tuple[Stage, ImageClassifier]], out: Path, runtime: Runtime
+) -> tuple[Stage, ImageClassifier, float, bool, dict]:
+    """The compression stage: the source student pruned with KD recovery, or the saved one when it was
+    made from the same source, teacher and settings. Returns the pruning record too."""
+    cfg = recipe.compression
+    if cfg.source not in trained or trained[cfg.source][0].heads:
+        choices = ", ".join(n for n, (st, _) in trained.items() if not st.heads and st.role != "teacher_member")
+        raise UserError(
+            f"compression.source {cfg.source!r} is not a single-head stage of this recipe; one of: {choices}"
+        )
+    source_stage, source = trained[cfg.source]
+    stage = Stage(PRUNED, "student", source_stage.model_cfg, source_stage.seed, source_stage.augment, recipe.distill)
+    _, spec, source_meta = load_model(out / cfg.source / "model.pt")
+    teacher_meta = load_model(out / "teacher" / "model.pt")[2]
+    settings = {
+        "compression": cfg.model_dump(mode="json"),
+        "distill": recipe.distill.model_dump(mode="json"),
+        "source": source_meta.get("fingerprint"),
+        "teacher": teacher_meta.get("fingerprint"),
+        "format": TRAINING_FORMAT,
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = out / PRUNED / "model.pt"
+    _barrier(runtime)
+    if path.exists():
+        model, _, meta = load_model(path)
+        if meta.get("fingerprint") == fingerprint:
+            return stage, model, float(meta.get("seconds", 0.0)), True, meta["pruning"]
+    train_set, repeat = stage_training_set(stage, data)
+    result = prune_with_recovery(
+        source,
+        trained["teacher"][1],
+        data,
+        train_set,
+        repeat,
+        cfg,
+        recipe.distill,
+        stage.augment,
+        stage.seed,
+        out / PRUNED,
+        runtime,
+    )
+    record = {"source": cfg.source, "kept_step": result.kept_step, "steps": result.steps}
+    if runtime.is_main:
+        spec.pruned, spec.role = True, "student"
+        meta = {"fingerprint": fingerprint, "stage": PRUNED, "seconds": result.seconds, "pruning": record}
+        save_model(path, result.model, spec, meta)
+    _barrier(runtime)
+    return stage, result.model, result.seconds, False, record
+
+
 def _barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
@@ -156,6 +268,7 @@ def _train_or_reuse(
         return model, 0.0, True
     cfg = stage.model_cfg
     model = init_model(stage, data)
+    train_set, repeat = stage_training_set(stage, data)
     job = FitJob(
         name=stage.name,
         model=model,
@@ -167,6 +280,8 @@ def _train_or_reuse(
         distill=stage.distill,
         head_sample_fraction=stage.head_sample_fraction,
         fingerprint=fingerprint,
+        train_set=train_set,
+        repeat=repeat,
     )
     if runtime.is_main:
         # The stage's resolved settings, next to its checkpoint, so the run can be reproduced from it.
@@ -194,6 +309,8 @@ def _train_or_reuse(
                 "stage": stage.name,
                 "recipe": recipe.name,
                 "seconds": result.seconds,
+                "batch_size": result.batch_size,
+                "accumulate_steps": result.accumulate_steps,
             },
         )
     done[fingerprint] = stage.name
@@ -238,6 +355,40 @@ def _evaluate_stage(
     return StageEval(metrics, test_logits, test_labels, val_logits, val_labels)
 
 
+def _calibrated(stage_eval: StageEval, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return (stage_eval.val_logits / temperature).softmax(-1), (stage_eval.test_logits / temperature).softmax(-1)
+
+
+def _evaluate_cascade(
+    recipe: Recipe, evals: dict[str, StageEval], models: dict[str, dict], teacher_pred: torch.Tensor, ece_bins: int
+) -> dict:
+    """Fit the cascade's threshold on validation, then measure it on test like any model."""
+    cfg = recipe.cascade
+    if cfg.student not in evals or evals[cfg.student].val_logits.ndim != 2:
+        choices = ", ".join(n for n, e in evals.items() if e.val_logits.ndim == 2 and n != "teacher")
+        raise UserError(f"cascade.student {cfg.student!r} is not a single-head stage of this recipe: {choices}")
+    student_val, student_test = _calibrated(evals[cfg.student], models[cfg.student]["temperature"])
+    teacher_val, teacher_test = _calibrated(evals["teacher"], models["teacher"]["temperature"])
+    threshold = fit_cascade_threshold(student_val, teacher_val, evals["teacher"].val_labels, cfg.max_accuracy_drop)
+    val_answers, val_escalated = cascade_answers(student_val, teacher_val, threshold)
+    answers, escalated = cascade_answers(student_test, teacher_test, threshold)
+    metrics = classification_metrics(answers, evals["teacher"].test_labels, teacher_pred, ece_bins)
+    rate = escalated.float().mean().item()
+    metrics.update(
+        val_top1=top_k_accuracy(val_answers, evals["teacher"].val_labels, 1),
+        threshold=threshold,
+        escalation_rate=rate,
+        val_escalation_rate=val_escalated.float().mean().item(),
+        arch=f"{models[cfg.student]['arch']} -> {models['teacher']['arch']}",
+        role="cascade",
+        members=[cfg.student, "teacher"],
+        params=models[cfg.student]["params"] + models["teacher"]["params"],
+        # Per image on average: the student always, the teacher for the escalated share.
+        macs=round(models[cfg.student]["macs"] + rate * models["teacher"]["macs"]),
+    )
+    return metrics
+
+
 def _spread(values: list[float]) -> dict:
     return {
         "top1": values,
@@ -249,7 +400,7 @@ def _spread(values: list[float]) -> dict:
 def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     """Train and evaluate everything; returns the results (on the main process only)."""
     started = time.perf_counter()
-    data = load_data(recipe.data, client_forms=True)
+    data = _with_transfer_folder(load_data(recipe.data, client_forms=True), recipe)
     out.mkdir(parents=True, exist_ok=True)
     if runtime.is_main:
         dump_recipe(recipe, out / "recipe.yaml")
@@ -260,7 +411,11 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     teacher: ImageClassifier | None = None
     done: dict[str, str] = {}
     for stage in plan_stages(recipe):
-        model, seconds, was_reused = _train_or_reuse(stage, recipe, data, teacher, out, runtime, done)
+        if stage.members > 1:
+            model, seconds = _assemble_teacher(stage, trained, out, runtime)
+            was_reused = all(f"teacher_member_{i}" in reused for i in range(stage.members))
+        else:
+            model, seconds, was_reused = _train_or_reuse(stage, recipe, data, teacher, out, runtime, done)
         stage_seconds[stage.name] = round(seconds, 1)
         if was_reused:
             reused.append(stage.name)
@@ -272,6 +427,15 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
                 f"[training] {stage.name}: {'reused' if was_reused else f'trained in {seconds:.1f}s'}",
                 flush=True,
             )
+    compression = None
+    if recipe.compression.enabled:
+        stage, model, seconds, was_reused, compression = _prune_or_reuse(recipe, data, trained, out, runtime)
+        stage_seconds[stage.name] = round(seconds, 1)
+        if was_reused:
+            reused.append(stage.name)
+        trained[stage.name] = (stage, model)
+        if runtime.is_main:
+            print(f"[training] {stage.name}: {'reused' if was_reused else f'pruned in {seconds:.1f}s'}", flush=True)
     if not runtime.is_main:
         return None
 
@@ -311,6 +475,9 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
         )
         models["ensemble"] = ensemble
 
+    if recipe.cascade.enabled:
+        models["cascade"] = _evaluate_cascade(recipe, evals, models, teacher_pred, ece_bins)
+
     seeds = recipe.evaluation.seeds
     seed_names = {
         kind: [kind if i == 0 else f"{kind}_seed{s}" for i, s in enumerate(seeds)]
@@ -324,7 +491,12 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     results = {
         "recipe": recipe.name,
         "dataset": data.description,
-        "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "split_sizes": {
+            "train": len(data.train),
+            "transfer": len(data.transfer) if data.transfer is not None else 0,
+            "val": len(data.val),
+            "test": len(data.test),
+        },
         "image_size": data.image_size,
         "device": str(runtime.device),
         "world_size": runtime.world_size,
@@ -337,5 +509,9 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
         "models": models,
         "seed_study": seed_study,
     }
+    if compression is not None:
+        source_macs = models[compression["source"]]["macs"]
+        models[PRUNED]["macs_share_of_source"] = models[PRUNED]["macs"] / source_macs
+        results["compression"] = compression
     write_reports(results, out)
     return results

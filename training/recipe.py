@@ -47,6 +47,13 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="ignored by cifar10 (own test set)")
     split_seed: int = 0
+    labelled_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of the training split that keeps its labels (stratified); the rest becomes "
+        "unlabelled transfer images that only distilling stages learn from (the teacher's soft targets)",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader workers for datasets decoded lazily")
     augment: AugmentConfig = AugmentConfig()
 
@@ -56,6 +63,11 @@ class DataConfig(_Strict):
             raise ValueError(
                 "data.augment.client_forms renders digits as clients send them, digits only: "
                 f"set data.augment.client_forms=0 for {self.dataset}"
+            )
+        if self.labelled_fraction < 1 and self.dataset == "imagefolder":
+            raise ValueError(
+                "data.labelled_fraction drops labels of an in-memory dataset (digits, cifar10); for an image "
+                "folder, put the unlabelled images in a folder of their own and name it as distill.transfer"
             )
         return self
 
@@ -70,6 +82,15 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    accumulate_steps: int = Field(
+        1, ge=1, description="micro-batches of batch_size per optimizer step (effective batch = their product)"
+    )
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the global gradient norm to this")
+    find_batch_size: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="before training, halve the micro-batch (doubling accumulate_steps, so the effective batch "
+        "stays) until a training step fits in device memory; auto = on CUDA only",
+    )
     # "auto": bf16 autocast on CPU and CUDA where supported, fp32 otherwise.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
@@ -78,6 +99,19 @@ class ModelConfig(_Strict):
     arch: Literal["resnet18", "resnet34", "resnet50"]
     small_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool, for small images")
     train: TrainConfig = TrainConfig()
+
+
+class TeacherConfig(ModelConfig):
+    augment: AugmentConfig | None = Field(
+        None, description="the teacher's own augmentation (None: data.augment); students keep data.augment"
+    )
+    members: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="networks in the teacher, each trained on the labels with its own seed; served and "
+        "distilled as one model (the log of their mean probability)",
+    )
 
 
 class FeatureDistillConfig(_Strict):
@@ -96,6 +130,14 @@ class DistillConfig(_Strict):
     dkd_alpha: float = Field(1.0, ge=0, description="DKD: weight of target-class KD")
     dkd_beta: float = Field(8.0, ge=0, description="DKD: weight of non-target-class KD")
     feature: FeatureDistillConfig = FeatureDistillConfig()
+    transfer: str | None = Field(
+        None,
+        description="a folder of unlabelled images (any depth) that distilling stages also learn from "
+        "through the teacher's soft targets, prepared like the dataset's images",
+    )
+    temperature_end: float | None = Field(
+        None, gt=0, description="anneal the temperature linearly to this by the last step (None: constant)"
+    )
 
 
 class VariantConfig(_Strict):
@@ -117,6 +159,42 @@ class EnsembleConfig(_Strict):
     multihead: MultiHeadConfig = MultiHeadConfig()
 
 
+class CascadeConfig(_Strict):
+    """The student answers; when its calibrated confidence is below a threshold, the teacher does."""
+
+    enabled: bool = True
+    student: str = Field("student_kd", description="the stage that answers first")
+    max_accuracy_drop: float = Field(
+        0.005, ge=0, lt=1, description="the threshold is fitted on validation to keep top-1 this close to the teacher's"
+    )
+
+
+class CompressionConfig(_Strict):
+    """Structured channel pruning of a trained student, a step at a time, each step followed by a
+    short distillation from the teacher; stops before validation top-1 falls too far."""
+
+    enabled: bool = False
+    source: str = Field("student_kd", description="the stage to prune")
+    step: float = Field(0.1, gt=0, lt=1, description="share of every prunable layer's channels removed per step")
+    max_steps: int = Field(8, ge=1)
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, lt=1, description="stop when validation top-1 is this far below the source's; keep the step before"
+    )
+    round_to: int = Field(8, ge=1, description="channel counts stay multiples of this (vector units like them)")
+    finetune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=0),
+        description="the distillation after each step",
+    )
+
+    @model_validator(mode="after")
+    def _leaves_channels(self) -> CompressionConfig:
+        if self.step * self.max_steps >= 1:
+            raise ValueError(
+                f"compression: step {self.step} x max_steps {self.max_steps} would remove every channel; keep it < 1"
+            )
+        return self
+
+
 class EvalConfig(_Strict):
     # The plain and KD students are trained once per seed so the KD gain is reported with spread.
     seeds: list[int] = Field(default_factory=lambda: [0])
@@ -127,16 +205,27 @@ class Recipe(_Strict):
     name: str
     seed: int = 0
     data: DataConfig = DataConfig()
-    teacher: ModelConfig
+    teacher: TeacherConfig
     student: ModelConfig
     distill: DistillConfig = DistillConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    cascade: CascadeConfig = CascadeConfig()
+    compression: CompressionConfig = CompressionConfig()
     evaluation: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
-    def _seeds_start_with_recipe_seed(self) -> Recipe:
+    def _consistent(self) -> Recipe:
         if not self.evaluation.seeds:
             raise ValueError("evaluation.seeds must name at least one seed")
+        hinted = [self.distill, *(v.distill for v in self.ensemble.variants if v.distill)]
+        own = self.teacher.augment
+        if own is not None and own.client_forms > self.data.augment.client_forms:
+            raise ValueError(
+                "teacher.augment.client_forms draws from the pictures data.augment.client_forms renders: "
+                f"set data.augment.client_forms >= {own.client_forms}"
+            )
+        if self.teacher.members > 1 and any(d.feature.enabled for d in hinted):
+            raise ValueError("distill.feature hints one teacher network's stage; set teacher.members=1 to use it")
         return self
 
 

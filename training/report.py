@@ -19,7 +19,9 @@ def results_markdown(results: dict) -> str:
         f"# Training results: recipe `{results['recipe']}`",
         "",
         f"Dataset: {results['dataset']} (train/val/test = "
-        f"{results['split_sizes']['train']}/{results['split_sizes']['val']}/{results['split_sizes']['test']}), "
+        f"{results['split_sizes']['train']}/{results['split_sizes']['val']}/{results['split_sizes']['test']}"
+        + (f", plus {results['split_sizes']['transfer']} unlabelled" if results["split_sizes"].get("transfer") else "")
+        + "), "
         f"input {results['image_size']}x{results['image_size']}. Device: {results['device']}, "
         f"{results['threads']} threads, {results['world_size']} process(es). Time to train and evaluate everything: "
         f"{results.get('training_seconds', results['seconds']):.0f} s (this invocation: {results['seconds']:.0f} s; "
@@ -60,7 +62,54 @@ def results_markdown(results: dict) -> str:
             f"| {kind} | {', '.join(_pct(v) for v in s['top1'])} | {_pct(s['mean'])} | {100 * s['std']:.2f} pt |"
         )
     gain = study["student_kd"]["mean"] - study["student_plain"]["mean"]
-    lines += ["", f"KD gain (mean): {100 * gain:+.2f} points."]
+    spread = max(study["student_kd"]["std"], study["student_plain"]["std"])
+    teacher_lead = results["models"]["teacher"]["top1"] - study["student_plain"]["mean"]
+    lines += [
+        "",
+        f"KD gain (mean): {100 * gain:+.2f} points; twice the larger seed spread: {200 * spread:.2f} points; "
+        f"the teacher leads the plain student by {100 * teacher_lead:+.2f} points. "
+        + (
+            "Distillation pays here: the gain exceeds 1 point and twice the spread."
+            if gain > max(0.01, 2 * spread)
+            else "No gain beyond 1 point and twice the seed spread here."
+        ),
+    ]
+    cascade = results["models"].get("cascade")
+    if cascade is not None:
+        student, teacher = cascade["members"]
+        lines += [
+            "",
+            "## Confidence cascade",
+            "",
+            f"{student} answers; below a calibrated confidence of {cascade['threshold']:.3f} (fitted on validation to "
+            f"keep top-1 within the recipe's margin of the teacher's) {teacher} does. Test: top-1 "
+            f"{_pct(cascade['top1'])} ({student} {_pct(results['models'][student]['top1'])}, {teacher} "
+            f"{_pct(results['models'][teacher]['top1'])}), {cascade['escalation_rate']:.1%} of images escalated "
+            f"(validation {cascade['val_escalation_rate']:.1%}); MACs per image on average "
+            f"{_count(cascade['macs'])}.",
+        ]
+    compression = results.get("compression")
+    if compression is not None:
+        lines += [
+            "",
+            f"## Compression: {compression['source']} pruned with KD recovery",
+            "",
+            "| step | channels removed | MACs (share of source) | params | val top-1 | kept |",
+            "|---:|---:|---:|---:|---:|:---:|",
+        ]
+        for st in compression["steps"]:
+            lines.append(
+                f"| {st['step']} | {st['channel_share_removed']:.0%} | {_count(st['macs'])} ({st['macs_share']:.0%}) | "
+                f"{_count(st['params'])} | {_pct(st['val_top1'])} | {'yes' if st['kept'] else 'no'} |"
+            )
+        pruned = results["models"].get("student_pruned")
+        if pruned is not None:
+            lines += [
+                "",
+                f"Kept step {compression['kept_step']}: student_pruned has {pruned['macs_share_of_source']:.0%} of "
+                f"{compression['source']}'s MACs; test top-1 {_pct(pruned['top1'])} vs "
+                f"{_pct(results['models'][compression['source']]['top1'])}.",
+            ]
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     for stage, seconds in results["stage_seconds"].items():
         reused = " (reused)" if stage in results.get("reused_stages", []) else ""

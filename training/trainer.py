@@ -1,7 +1,9 @@
 """The training loop: one model, optionally distilled from a frozen teacher.
 
-Covers SGD/AdamW with linear warm-up and cosine decay, mixed precision on CUDA, channels_last,
-seeded randomness, per-epoch checkpoints with resume, JSONL metrics and DDP.
+Covers SGD/AdamW with linear warm-up and cosine decay, mixed precision, channels_last, gradient
+accumulation and norm clipping, a batch-size finder for CUDA out-of-memory, a temperature schedule,
+unlabelled images (label -1: taught by the teacher alone), seeded randomness, per-epoch checkpoints
+with resume, JSONL metrics and DDP.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from training.augment import augment_batch
-from training.data import SplitData, iterate_batches
+from training.data import UNLABELLED, SplitData, iterate_batches
 from training.errors import UserError
 from training.evaluate import predict_logits, top_k_accuracy
 from training.losses import FeatureHint, logit_distillation
@@ -44,6 +47,10 @@ class FitJob:
     distill: DistillConfig | None = None
     head_sample_fraction: float = 1.0  # multi-head models: share of each batch each head learns from
     resume: bool = True
+    # What an epoch iterates over (None: data.train), `repeat` times: labelled-only stages of a
+    # few-labels recipe repeat their small set so every stage takes as many steps as the KD student.
+    train_set: Dataset | None = None
+    repeat: int = 1
     # The settings this run trains under: a checkpoint written under others is never resumed (it
     # would hand back the old run's weights under the new settings).
     fingerprint: str = ""
@@ -54,6 +61,8 @@ class FitResult:
     model: ImageClassifier
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    batch_size: int = 0  # the micro-batch the run used (the batch-size finder may have halved it)
+    accumulate_steps: int = 1
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -89,12 +98,24 @@ def _objective(
     target: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     job: FitJob,
+    distill: DistillConfig | None,
 ) -> torch.Tensor:
-    ce = F.cross_entropy(logits, target, label_smoothing=job.train.label_smoothing)
-    if teacher_logits is None or job.distill is None:
+    labelled = target != UNLABELLED
+    # Unlabelled images (a transfer set) carry no hard term; a batch of them alone has none at all.
+    if labelled.all():
+        ce = F.cross_entropy(logits, target, label_smoothing=job.train.label_smoothing)
+    elif labelled.any():
+        ce = F.cross_entropy(logits[labelled], target[labelled], label_smoothing=job.train.label_smoothing)
+    else:
+        ce = logits.new_zeros(())
+    if teacher_logits is None or distill is None:
         return ce
-    soft = logit_distillation(logits, teacher_logits, target, job.distill)
-    return job.distill.alpha * soft + (1.0 - job.distill.alpha) * ce
+    # DKD splits target from non-target classes: an unlabelled image's target is the teacher's guess.
+    kd_target = torch.where(labelled, target, teacher_logits.argmax(1))
+    soft = logit_distillation(logits, teacher_logits, kd_target, distill)
+    if not labelled.any():
+        return soft
+    return distill.alpha * soft + (1.0 - distill.alpha) * ce
 
 
 def _multihead_objective(
@@ -102,6 +123,7 @@ def _multihead_objective(
     target: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     job: FitJob,
+    distill: DistillConfig | None,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Mean of the per-head objectives, each head on its own random share of the batch."""
@@ -112,7 +134,7 @@ def _multihead_objective(
         if not keep.any():
             continue
         t_logits = teacher_logits[keep] if teacher_logits is not None else None
-        losses.append(_objective(logits[keep, head], target[keep], t_logits, job))
+        losses.append(_objective(logits[keep, head], target[keep], t_logits, job, distill))
     return torch.stack(losses).mean()
 
 
@@ -146,11 +168,58 @@ def _load_state(path: Path) -> dict:
         ) from exc
 
 
+def temperature_at(distill: DistillConfig, step: int, total_steps: int) -> float:
+    """The distillation temperature at optimizer step `step`: constant, or linear to `temperature_end`."""
+    if distill.temperature_end is None:
+        return distill.temperature
+    progress = min(1.0, step / max(1, total_steps - 1))
+    return distill.temperature + (distill.temperature_end - distill.temperature) * progress
+
+
+def _probe_step(model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, precision: str) -> None:
+    """One forward and backward pass at this batch size, to see whether it fits in device memory."""
+    with autocast(precision, images.device):
+        if teacher is not None:
+            with torch.no_grad():
+                teacher(images)
+        model(images).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def find_batch_size(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    sample: torch.Tensor,
+    precision: str,
+    batch_size: int,
+    accumulate_steps: int,
+    log=print,
+) -> tuple[int, int]:
+    """The largest micro-batch <= batch_size (halving) whose training step fits; accumulation doubles
+    with every halving so the effective batch, and with it the recipe's learning rate, stays right."""
+    # The probe's forward passes move BatchNorm statistics; put them back so a probe changes nothing.
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    while True:
+        try:
+            _probe_step(model, teacher, sample[:batch_size], precision)
+            model.load_state_dict(saved)
+            return batch_size, accumulate_steps
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise UserError("a training step of one image does not fit in device memory") from None
+            log(f"out of memory at micro-batch {batch_size}; trying {batch_size // 2} x {accumulate_steps * 2}")
+            batch_size, accumulate_steps = batch_size // 2, accumulate_steps * 2
+
+
 def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
     torch.manual_seed(job.seed)
     generator = torch.Generator().manual_seed(job.seed)
     device = runtime.device
     precision = resolve_precision(job.train.precision, device)
+    train_set = job.train_set if job.train_set is not None else data.train
     # channels_last on every device: oneDNN's CPU convolutions are never slower in it (ResNet18/50 at
     # 8x8: 1.02x at batch 64, 1.1-1.2x at 128-256), and the NHWC input already arrives in that layout.
     model = job.model.to(device).to(memory_format=torch.channels_last)
@@ -164,10 +233,21 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
         if job.distill and job.distill.feature.enabled:
             hint = FeatureHint(model, teacher, job.distill.feature.stage).to(device)
 
+    batch, accumulate = job.train.batch_size, job.train.accumulate_steps
+    finder = job.train.find_batch_size
+    if finder == "on" or (finder == "auto" and device.type == "cuda"):
+        sample, _ = next(iterate_batches(train_set, batch, repeat=-(-batch // max(1, len(train_set)))))
+        batch, accumulate = find_batch_size(
+            model, teacher, sample.to(device), precision, batch, accumulate,
+            log=lambda msg: runtime.is_main and print(f"[training] {job.name}: {msg}", flush=True),
+        )  # fmt: skip
+        if hint is not None:
+            hint.loss()  # drop the features the probe's forward captured
+
     trainable: nn.Module = nn.ModuleList([model, hint]) if hint else model
     optimizer = build_optimizer(trainable, job.train)
-    batch = job.train.batch_size
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / runtime.world_size) / batch)
+    micro_batches = math.ceil(math.ceil(len(train_set) * job.repeat / runtime.world_size) / batch)
+    steps_per_epoch = math.ceil(micro_batches / accumulate)
     total = steps_per_epoch * job.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, int(job.train.warmup_epochs * steps_per_epoch))
@@ -196,31 +276,49 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
     elif runtime.is_main:
         metrics_path.unlink(missing_ok=True)
 
+    def optimizer_step() -> float | None:
+        grad_norm = None
+        if job.train.clip_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(trainable.parameters(), job.train.clip_grad_norm).item()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
     started = time.perf_counter()
     show_progress = runtime.is_main and sys.stderr.isatty()
     for epoch in range(start_epoch, job.train.epochs):
         model.train()
         epoch_start = time.perf_counter()
-        seen, loss_sum, correct = 0, 0.0, 0
+        seen, labelled_seen, loss_sum, correct = 0, 0, 0.0, 0
+        grad_norms: list[float] = []
         batches = iterate_batches(
-            data.train,
+            train_set,
             batch,
             shuffle=True,
             generator=generator,
             rank=runtime.rank,
             world_size=runtime.world_size,
+            repeat=job.repeat,
             client_form_share=job.augment.client_form_share if job.augment.client_forms else 0.0,
         )
         bar = tqdm(
             batches,
-            total=steps_per_epoch,
+            total=micro_batches,
             desc=f"{job.name} {epoch + 1}/{job.train.epochs}",
             leave=False,
             disable=not show_progress,
         )
-        for images, target in bar:
+        optimizer.zero_grad(set_to_none=True)
+        for micro, (images, target) in enumerate(bar, start=1):
             images = augment_batch(images, job.augment, generator).to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
+            distill = job.distill
+            if distill is not None and distill.temperature_end is not None:
+                t = temperature_at(distill, scheduler.last_epoch, total)
+                distill = distill.model_copy(update={"temperature": t})
             with autocast(precision, device):
                 teacher_logits = None
                 if teacher is not None:
@@ -228,37 +326,45 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
                         teacher_logits = teacher(images).float()
                 logits = ddp_model(images).float()
                 if logits.ndim == 3:
-                    loss = _multihead_objective(logits, target, teacher_logits, job, generator)
+                    loss = _multihead_objective(logits, target, teacher_logits, job, distill, generator)
                     logits = logits.mean(dim=1)
                 else:
-                    loss = _objective(logits, target, teacher_logits, job)
+                    loss = _objective(logits, target, teacher_logits, job, distill)
                 if hint is not None:
                     loss = loss + job.distill.feature.weight * hint.loss()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if hint is not None and runtime.distributed:
-                # The hint adapter lives outside the DDP wrapper; average its gradients by hand.
-                for param in hint.parameters():
-                    if param.grad is not None:
-                        dist.all_reduce(param.grad)
-                        param.grad /= runtime.world_size
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            scaler.scale(loss / accumulate).backward()
+            if micro % accumulate == 0 or micro == micro_batches:
+                if hint is not None and runtime.distributed:
+                    # The hint adapter lives outside the DDP wrapper; average its gradients by hand.
+                    for param in hint.parameters():
+                        if param.grad is not None:
+                            dist.all_reduce(param.grad)
+                            param.grad /= runtime.world_size
+                norm = optimizer_step()
+                if norm is not None:
+                    grad_norms.append(norm)
             seen += len(target)
             loss_sum += loss.item() * len(target)
-            correct += (logits.argmax(1) == target).sum().item()
+            labelled = target != UNLABELLED
+            labelled_seen += int(labelled.sum())
+            correct += (logits.argmax(1)[labelled] == target[labelled]).sum().item()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
 
         epoch_seconds = time.perf_counter() - epoch_start
         record = {
             "epoch": epoch + 1,
             "train_loss": round(loss_sum / max(seen, 1), 5),
-            "train_top1": round(correct / max(seen, 1), 5),
+            "train_top1": round(correct / max(labelled_seen, 1), 5),
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(epoch_seconds, 3),
             "images_per_s": round(seen * runtime.world_size / epoch_seconds, 1),
+            "batch_size": batch,
+            "accumulate_steps": accumulate,
         }
+        if job.distill is not None and job.distill.temperature_end is not None:
+            record["temperature"] = round(temperature_at(job.distill, scheduler.last_epoch - 1, total), 4)
+        if grad_norms:
+            record["grad_norm_max"] = round(max(grad_norms), 4)  # before clipping
         if runtime.is_main:
             val_logits, val_labels = predict_logits(model, data.val, device)
             if val_logits.ndim == 3:  # multi-head: judge the fused heads
@@ -274,4 +380,10 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
     if hint is not None:
         hint.remove()
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    return FitResult(model=model, history=history, seconds=time.perf_counter() - started)
+    return FitResult(
+        model=model,
+        history=history,
+        seconds=time.perf_counter() - started,
+        batch_size=batch,
+        accumulate_steps=accumulate,
+    )

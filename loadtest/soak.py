@@ -1,0 +1,173 @@
+"""`python -m loadtest soak`: minutes of mixed traffic; memory, file descriptors and latency must stay flat.
+
+Clients send a mix (the A/B route with sticky keys, student, teacher, gateway and Triton ensembles, the
+cascade when served, 16-image batches, and a share of bad requests that must get their 4xx) to the real
+gateway and embedded Triton. Every 5 s the gateway's and Triton's resident memory and the gateway's
+open file descriptors are read from /proc; latency is summarised per minute. RSS growth is measured
+from the end of the first minute (warm-up: pools, caches, first batches) to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+
+from gateway.process import serving
+from loadtest.measure import load_client, summarize
+from training.manifest import read_manifest
+from training.splits import digit_png_bytes
+
+SAMPLE_S = 5.0
+BAD = b"this is not an image"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def traffic_mix(models: list[str]) -> itertools.cycle:
+    """(query, images, expected status) in a fixed rotation: mostly single images, some batches, some bad."""
+    mix = [("", 1, 200)] * 4 + [(f"model={m}", 1, 200) for m in models] + [("model=student", 16, 200)]
+    mix += [("model=student", 0, 415), ("model=nope", 1, 404)]
+    return itertools.cycle(mix)
+
+
+async def _client(url: str, mix, stop: float, key: str, log: list, client: aiohttp.ClientSession) -> None:
+    digits = itertools.cycle([digit_png_bytes(i) for i in range(1700, 1760)])
+    while time.monotonic() < stop:
+        query, images, expected = next(mix)
+        data = aiohttp.FormData()
+        for i in range(max(images, 1)):
+            data.add_field("images", next(digits) if images else BAD, filename=f"{i}.png", content_type="image/png")
+        sent = time.monotonic()
+        try:
+            async with client.post(f"{url}/v1/classify?{query}", data=data, headers={"X-Client-Key": key}) as resp:
+                await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError):
+            status = -1  # lost
+        log.append((sent, time.monotonic(), status, expected))
+
+
+async def _soak(url: str, models: list[str], seconds: float, clients: int, pids: dict[str, int]) -> dict:
+    log: list[tuple[float, float, int, int]] = []
+    samples: list[dict] = []
+    start = time.monotonic()
+    stop = start + seconds
+
+    async def sampler() -> None:
+        while time.monotonic() < stop:
+            samples.append(
+                {
+                    "t": round(time.monotonic() - start, 1),
+                    "gateway_rss_mb": round(rss_mb(pids["gateway"]), 1),
+                    "triton_rss_mb": round(rss_mb(pids["triton"]), 1),
+                    "gateway_fds": open_fds(pids["gateway"]),
+                }
+            )
+            await asyncio.sleep(SAMPLE_S)
+
+    async with load_client(clients) as client:
+        mixes = [traffic_mix(models) for _ in range(clients)]
+        await asyncio.gather(
+            sampler(), *(_client(url, mixes[i], stop, f"user-{i}", log, client) for i in range(clients))
+        )
+    return {"log": log, "samples": samples, "start": start}
+
+
+def run_soak(repo: Path, minutes: float, clients: int = 8) -> dict:
+    manifest = read_manifest(repo)
+    models = ["student", "teacher"]
+    models += [m for m in ("ensemble", "ensemble_triton", "cascade") if m != "cascade" or manifest.cascade]
+    with serving(repo, {"KDSERVE_SHADOW_FRACTION": "0.1"}) as (triton, gateway):
+        pids = {"gateway": gateway.proc.pid, "triton": triton.pid}
+        raw = asyncio.run(_soak(gateway.url, models, minutes * 60, clients, pids))
+    log, samples, start = raw["log"], raw["samples"], raw["start"]
+    outcomes = Counter("lost" if s < 0 else ("expected" if s == e else f"unexpected {s}") for _, _, s, e in log)
+    per_minute = []
+    for minute in range(int(minutes)):
+        window = [
+            (b - a) * 1000 for a, b, s, e in log if s == e == 200 and minute * 60 <= a - start < (minute + 1) * 60
+        ]
+        per_minute.append({"minute": minute + 1, **summarize(window)})
+    warm = next((s for s in samples if s["t"] >= 60), samples[0])
+    last = samples[-1]
+    return {
+        "minutes": minutes,
+        "clients": clients,
+        "requests": len(log),
+        "outcomes": dict(outcomes),
+        "errors": sum(n for k, n in outcomes.items() if k != "expected"),
+        "gateway_rss_growth": round(last["gateway_rss_mb"] / warm["gateway_rss_mb"] - 1, 4),
+        "triton_rss_growth": round(last["triton_rss_mb"] / warm["triton_rss_mb"] - 1, 4),
+        "gateway_fds": [warm["gateway_fds"], last["gateway_fds"]],
+        "per_minute": per_minute,
+        "samples": samples,
+    }
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem, lat) = plt.subplots(2, 1, figsize=(8, 6), dpi=110, sharex=False)
+    t = [s["t"] / 60 for s in results["samples"]]
+    mem.plot(t, [s["gateway_rss_mb"] for s in results["samples"]], label="gateway RSS (MB)")
+    mem.plot(t, [s["triton_rss_mb"] for s in results["samples"]], label="tritonserver RSS (MB)")
+    mem.set_xlabel("minutes")
+    mem.legend()
+    mem.grid(alpha=0.3)
+    minutes = [m["minute"] for m in results["per_minute"]]
+    lat.plot(minutes, [m["p50_ms"] for m in results["per_minute"]], marker="o", label="p50 ms")
+    lat.plot(minutes, [m["p99_ms"] for m in results["per_minute"]], marker="o", label="p99 ms")
+    lat.set_xlabel("minute")
+    lat.legend()
+    lat.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(results: dict, machine: str) -> str:
+    lines = [
+        f"# Soak: {results['minutes']:.0f} minutes of mixed traffic (`make soak`)",
+        "",
+        f"Machine: {machine}. {results['clients']} clients; {results['requests']:,} requests; outcomes "
+        f"{results['outcomes']} (expected = the status that request must get, 4xx included); **errors "
+        f"{results['errors']}**.",
+        "",
+        f"- gateway RSS growth after the first minute: **{results['gateway_rss_growth']:+.2%}**; tritonserver "
+        f"{results['triton_rss_growth']:+.2%}",
+        f"- gateway open file descriptors: {results['gateway_fds'][0]} -> {results['gateway_fds'][1]}",
+        "",
+        "| minute | requests (200) | p50 ms | p99 ms | max ms |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for m in results["per_minute"]:
+        lines.append(f"| {m['minute']} | {m['requests']} | {m['p50_ms']} | {m['p99_ms']} | {m['max_ms']} |")
+    lines += ["", "![memory and latency over the soak](soak.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out_dir: Path, machine: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "soak.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, out_dir / "soak.png")
+    path = out_dir / "soak.md"
+    path.write_text(markdown(results, machine))
+    return path
