@@ -163,6 +163,7 @@ async def _shadow(classifier: Classifier, request: Request, arm: str, images: np
     metrics = request.app.state.metrics
     target = classifier.resolve(arm)
     start = time.perf_counter()
+    metrics.in_flight.inc()  # shadow work is in flight too, after its request's own count ended
     try:
         with classifier.admit(target, len(images)):
             outcome = await classifier.classify(target, images)
@@ -172,6 +173,8 @@ async def _shadow(classifier: Classifier, request: Request, arm: str, images: np
     except Exception:
         metrics.errors.labels("shadow").inc()
         return
+    finally:
+        metrics.in_flight.dec()
     latency_ms = (time.perf_counter() - start) * 1000
     agreed = bool((outcome.probabilities.argmax(-1) == primary.argmax(-1)).all())
     request.app.state.ab_stats.record_shadow(arm, latency_ms, agreed)

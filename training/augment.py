@@ -34,7 +34,10 @@ def random_cutout(images: torch.Tensor, side: int, generator: torch.Generator) -
     cy = torch.randint(0, h, (b, 1, 1), generator=generator)
     cx = torch.randint(0, w, (b, 1, 1), generator=generator)
     ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-    inside = ((ys - cy).abs() <= side // 2) & ((xs - cx).abs() <= side // 2)
+    # A side x side window starting side // 2 before the centre: exactly side^2 pixels for any side
+    # (clipped at the border), even sides included.
+    top, left = cy - side // 2, cx - side // 2
+    inside = (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
     return images.masked_fill(inside.unsqueeze(-1), 0)
 
 

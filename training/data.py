@@ -99,6 +99,7 @@ class SplitData:
     # Unlabelled training images (labels UNLABELLED) only distilling stages see: the training split's
     # images whose labels a few-labels recipe drops, and the recipe's `distill.transfer` folder.
     transfer: InMemoryImages | None = None
+    num_workers: int = 0  # DataLoader workers for datasets decoded lazily (image folders)
 
     @property
     def num_classes(self) -> int:
@@ -256,6 +257,7 @@ def _load_imagefolder(cfg: DataConfig) -> SplitData:
         std=std,
         description=f"image folder {root}, {len(files)} images",
         preprocessing=preprocessing(cfg, mean, std),
+        num_workers=cfg.num_workers,
     )
 
 

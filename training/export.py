@@ -141,8 +141,8 @@ def _int8_sibling(
     int8_path = fp32_onnx.with_name(f"{name}_int8.onnx")
     quantize_int8(fp32_onnx, int8_path, train_images[np.sort(pick)])
     images, labels = test
-    int8_logits = run_logits(session(int8_path), images)
     fp32_sess, int8_sess = session(fp32_onnx), session(int8_path)
+    int8_logits = run_logits(int8_sess, images)
     speed = {}
     for batch in (1, 32):
         sample = images[:batch]

@@ -53,6 +53,11 @@ class Stage:
     members: int = 1  # > 1: assembled from the `teacher_member_*` stages, not trained itself
 
 
+def seed_stage(kind: str, index: int, seed: int) -> str:
+    """`student_kd` for the first evaluation seed, `student_kd_seed<N>` for the others."""
+    return kind if index == 0 else f"{kind}_seed{seed}"
+
+
 def plan_stages(recipe: Recipe) -> list[Stage]:
     """Every model `all` trains, in order (the teacher first: the others learn from it)."""
     aug = recipe.data.augment
@@ -67,9 +72,8 @@ def plan_stages(recipe: Recipe) -> list[Stage]:
         ]
         stages.append(Stage("teacher", "teacher", recipe.teacher, recipe.seed, teacher_aug, members=n))
     for i, seed in enumerate(recipe.evaluation.seeds):
-        suffix = "" if i == 0 else f"_seed{seed}"
-        stages.append(Stage(f"student_plain{suffix}", "student", recipe.student, seed, aug))
-        stages.append(Stage(f"student_kd{suffix}", "student", recipe.student, seed, aug, recipe.distill))
+        stages.append(Stage(seed_stage("student_plain", i, seed), "student", recipe.student, seed, aug))
+        stages.append(Stage(seed_stage("student_kd", i, seed), "student", recipe.student, seed, aug, recipe.distill))
     for i, variant in enumerate(recipe.ensemble.variants):
         stages.append(
             Stage(
@@ -451,11 +455,13 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
         metrics = models[name] = evals[name].metrics
         metrics["arch"] = stage.model_cfg.arch
         metrics["role"] = stage.role
-        # Keep the fitted temperature and test metrics with the weights: export and serving read them.
+        # Keep the fitted temperature and test metrics with the weights: export and serving read them
+        # (rewritten only when they changed, so a reused stage's checkpoint stays untouched).
         _, spec, meta = load_model(out / name / "model.pt")
-        spec.temperature = metrics["temperature"]
-        spec.metrics = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
-        save_model(out / name / "model.pt", model, spec, meta)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
+        if spec.temperature != metrics["temperature"] or spec.metrics != numbers:
+            spec.temperature, spec.metrics = metrics["temperature"], numbers
+            save_model(out / name / "model.pt", model, spec, meta)
 
     members = [n for n in models if n.startswith("variant_")]
     if members:
@@ -480,8 +486,7 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
 
     seeds = recipe.evaluation.seeds
     seed_names = {
-        kind: [kind if i == 0 else f"{kind}_seed{s}" for i, s in enumerate(seeds)]
-        for kind in ("student_plain", "student_kd")
+        kind: [seed_stage(kind, i, s) for i, s in enumerate(seeds)] for kind in ("student_plain", "student_kd")
     }
     seed_study = {"seeds": seeds}
     for kind, names in seed_names.items():

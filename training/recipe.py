@@ -91,7 +91,7 @@ class TrainConfig(_Strict):
         description="before training, halve the micro-batch (doubling accumulate_steps, so the effective batch "
         "stays) until a training step fits in device memory; auto = on CUDA only",
     )
-    # "auto": bf16 autocast on CPU and CUDA where supported, fp32 otherwise.
+    # "auto": bf16 autocast on CUDA GPUs that support it, fp32 on the CPU (see runtime.resolve_precision).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 

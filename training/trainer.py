@@ -302,6 +302,7 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
             rank=runtime.rank,
             world_size=runtime.world_size,
             repeat=job.repeat,
+            num_workers=data.num_workers,
             client_form_share=job.augment.client_form_share if job.augment.client_forms else 0.0,
         )
         bar = tqdm(
