@@ -10,23 +10,18 @@ mean latency closer to the student's than to the teacher's.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import httpx
 
 from gateway.process import serving
 from loadtest.bench import Served, machine, served_latency
+from loadtest.measure import metric_value
 from loadtest.served_accuracy import held_out, top1_through_gateway
 from training.client_forms import ClientForm
 from training.errors import UserError
 
 MAX_ACCURACY_GAP = 0.005
-
-
-def _counter(metrics_text: str, name: str, labels: str) -> float:
-    match = re.search(rf"^{name}\{{{labels}\}} ([0-9.e+]+)$", metrics_text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def check_cascade(repo: Path, requests: int = 300) -> dict:
@@ -42,9 +37,8 @@ def check_cascade(repo: Path, requests: int = 300) -> dict:
             before = client.get("/metrics").text
             top1 = {k: top1_through_gateway(client, m, form, digits, labels) for k, m in models.items()}
             after = client.get("/metrics").text
-        escalated = _counter(after, "kdserve_cascade_escalations_total", 'outcome="answered"') - _counter(
-            before, "kdserve_cascade_escalations_total", 'outcome="answered"'
-        )
+        answered = ("kdserve_cascade_escalations_total", {"outcome": "answered"})
+        escalated = metric_value(after, *answered) - metric_value(before, *answered)
         latency = served_latency(served, list(models.values()), requests)
         results = {
             "machine": machine(served.triton_http),

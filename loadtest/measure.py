@@ -99,6 +99,17 @@ def time_interleaved(
     return samples
 
 
+def metric_value(metrics_text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample of a Prometheus text exposition (0.0 when the series does not exist yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == (labels or {}):
+                return float(sample.value)
+    return 0.0
+
+
 def load_threads(call: Callable[[], object], concurrency: int, seconds: float) -> dict[str, float]:
     """`concurrency` threads calling in a loop for `seconds` (in-process ONNX Runtime releases the GIL)."""
     deadline = time.perf_counter() + seconds

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
 
 from gateway.process import GatewayProcess
+from loadtest.measure import metric_value
 from training.manifest import read_manifest
 from training.splits import digit_png_bytes
 
@@ -24,8 +24,7 @@ def classify(gateway: GatewayProcess, model: str) -> dict:
 
 def escalations(gateway: GatewayProcess) -> float:
     text = gateway.client.get("/metrics").text
-    found = re.search(r'^kdserve_cascade_escalations_total\{outcome="answered"\} ([0-9.]+)$', text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return metric_value(text, "kdserve_cascade_escalations_total", {"outcome": "answered"})
 
 
 @pytest.fixture(scope="module")

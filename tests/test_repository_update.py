@@ -8,7 +8,6 @@ answer shows which manifest entry produced it.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from gateway.process import GatewayProcess, free_port
 from gateway.triton_server import EmbeddedTriton, TritonPorts
+from loadtest.measure import metric_value
 from training.manifest import read_manifest, write_manifest
 from training.splits import digit_png_bytes
 
@@ -30,8 +30,7 @@ def student_answer(gateway: GatewayProcess) -> tuple[int, dict]:
 
 def reloads(gateway: GatewayProcess, outcome: str) -> float:
     text = gateway.client.get("/metrics").text
-    found = re.search(rf'^kdserve_manifest_reloads_total\{{outcome="{outcome}"\}} ([0-9.]+)$', text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return metric_value(text, "kdserve_manifest_reloads_total", {"outcome": outcome})
 
 
 @pytest.fixture

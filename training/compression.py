@@ -84,11 +84,12 @@ def prune_with_recovery(
         )
         fit(job, data, runtime)  # trains `model` in place: the pruner keeps its handles on its layers
         model.eval()
+        macs = count_macs(model, size)
         record = {
             "step": step,
             "channel_share_removed": round(cfg.step * step, 3),
-            "macs": count_macs(model, size),
-            "macs_share": round(count_macs(model, size) / baseline_macs, 4),
+            "macs": macs,
+            "macs_share": round(macs / baseline_macs, 4),
             "params": count_params(model),
             "val_top1": val_top1(model, data),
         }

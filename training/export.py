@@ -182,7 +182,8 @@ def _export_graph(
     """
     export_onnx(model, image_size, onnx_path, output_name)
     torch_out = predict_logits(model, data.test)[0].numpy()
-    onnx_out = run_logits(session(onnx_path), test[0])
+    onnx_session = session(onnx_path)
+    onnx_out = run_logits(onnx_session, test[0])
     fp32 = parity(torch_out, onnx_out)
     require_parity(name, fp32, FP32_MAX_ABS_DIFF, FP32_MIN_AGREEMENT)
     fp16_path = onnx_path.with_name(f"{onnx_path.stem}_fp16.onnx")
@@ -203,7 +204,7 @@ def _export_graph(
         "fp16_vs_fp32": fp16.as_dict(),
         "onnx_bytes": onnx_path.stat().st_size,
         # In-process cost of one image, for the accuracy-cost report.
-        "latency_ms_batch1": latency_ms(session(onnx_path), test[0][:1], repeats=PARETO_REPEATS)["p50"],
+        "latency_ms_batch1": latency_ms(onnx_session, test[0][:1], repeats=PARETO_REPEATS)["p50"],
     }
     return report, onnx_out
 
