@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.ab import ABRouter, ABStats
 from gateway.admission import AdmissionControl
-from gateway.errors import GatewayError, install_error_handlers
+from gateway.errors import GatewayError, error_kinds, install_error_handlers
 from gateway.manifest_follow import ManifestFollower, check_against_manifest
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RequestObserver
@@ -58,6 +58,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
         admission = AdmissionControl(settings.admission_max_images, settings.retry_after_s, metrics)
         app.state.classifier = Classifier(manifest, triton, settings, metrics, admission)
+        metrics.start_at_zero(
+            settings.ab_weights, app.state.classifier.routed_models(), error_kinds(), manifest.cascade is not None
+        )
         follower = None
         if settings.manifest_poll_s > 0:
             follower = asyncio.create_task(ManifestFollower(app, settings).run())

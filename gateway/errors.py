@@ -67,6 +67,16 @@ class UpstreamTimeout(GatewayError):
 HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 
+def error_kinds() -> list[str]:
+    """Every `kind` an error response can carry (the label values of `kdserve_errors_total`)."""
+    kinds, pending = {"internal", "bad_request", "shadow"}, [GatewayError]
+    while pending:
+        cls = pending.pop()
+        kinds.add(cls.kind)
+        pending.extend(cls.__subclasses__())
+    return sorted(kinds | set(HTTP_KINDS.values()))
+
+
 def error_response(
     request: Request, status: int, kind: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:

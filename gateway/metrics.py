@@ -95,3 +95,24 @@ class GatewayMetrics:
             registry=r,
         )
         self.images = Counter("kdserve_images_total", "Images classified", ["model"], registry=r)
+        # The configured split, next to the observed one: the A/B drift alert compares the two.
+        self.ab_weight = Gauge("kdserve_ab_weight", "Configured share of A/B traffic per arm", ["arm"], registry=r)
+
+    def start_at_zero(
+        self, ab_weights: dict[str, float], triton_models: list[str], error_kinds: list[str], cascade: bool
+    ) -> None:
+        """Export every series a dashboard or alert reads from the first scrape on, at 0.
+
+        A labelled series appears only when first incremented: until then `rate()` over it is empty,
+        not 0, so a panel says "No data" and a ratio alert cannot be evaluated.
+        """
+        for arm, weight in ab_weights.items():
+            self.ab_weight.labels(arm).set(weight)
+        for model in triton_models:
+            self.admitted_images.labels(model).set(0)
+            self.admission_rejected.labels(model)
+        for kind in error_kinds:
+            self.errors.labels(kind)
+        if cascade:
+            for outcome in ("answered", "failed"):
+                self.cascade_escalations.labels(outcome)

@@ -94,18 +94,28 @@ async def _soak(url: str, models: list[str], seconds: float, clients: int, pids:
             )
             await asyncio.sleep(SAMPLE_S)
 
-    async with load_client(clients) as client:
-        mixes = [traffic_mix(models) for _ in range(clients)]
-        await asyncio.gather(
-            sampler(), *(_client(url, mixes[i], stop, f"user-{i}", log, client) for i in range(clients))
-        )
+    await asyncio.gather(sampler(), mixed_traffic(url, models, stop, clients, log))
     return {"log": log, "samples": samples, "start": start}
 
 
-def run_soak(repo: Path, minutes: float, clients: int = 8) -> dict:
+def traffic_models(repo: Path) -> list[str]:
+    """The `?model=` values the mix names explicitly for `repo` (the cascade only where it is served)."""
     manifest = read_manifest(repo)
     models = ["student", "teacher"]
-    models += [m for m in ("ensemble", "ensemble_triton", "cascade") if m != "cascade" or manifest.cascade]
+    return models + [m for m in ("ensemble", "ensemble_triton", "cascade") if m != "cascade" or manifest.cascade]
+
+
+async def mixed_traffic(url: str, models: list[str], stop: float, clients: int, log: list) -> None:
+    """`clients` coroutines send `traffic_mix(models)` until `stop` (monotonic), appending to `log`
+    (sent, answered, status, expected status; status -1: lost)."""
+    async with load_client(clients) as client:
+        await asyncio.gather(
+            *(_client(url, traffic_mix(models), stop, f"user-{i}", log, client) for i in range(clients))
+        )
+
+
+def run_soak(repo: Path, minutes: float, clients: int = 8) -> dict:
+    models = traffic_models(repo)
     with serving(repo, {"KDSERVE_SHADOW_FRACTION": "0.1"}) as (triton, gateway):
         pids = {"gateway": gateway.proc.pid, "triton": triton.pid}
         raw = asyncio.run(_soak(gateway.url, models, minutes * 60, clients, pids))
