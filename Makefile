@@ -14,7 +14,7 @@ REPO ?= model_repository
 FLAVOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo bench fewlabels fuzz faults soak loadtest lint clean
+.PHONY: setup test demo bench fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch/torchvision are installed first
 # and by pip on purpose: pip takes the pinned wheels from this machine's disk (uv/poetry download ~3 GB).
@@ -32,10 +32,13 @@ $(LOCUST_STAMP): pyproject.toml
 	touch $@
 
 # System packages the tests use: Debian's chromium for the browser test (Playwright drives it; it
-# downloads no browser of its own). The test fails, not skips, without it.
+# downloads no browser of its own) and Debian's prometheus (the server and promtool) for the monitoring
+# and deploy tests. Those tests fail, not skip, without them.
 SYSTEM_STAMP := $(VENV)/.kdserve-system
+SYSTEM_PACKAGES := chromium prometheus
 $(SYSTEM_STAMP): | $(STAMP)
-	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
+	command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
 	touch $@
 
 setup: $(STAMP) $(LOCUST_STAMP) $(SYSTEM_STAMP)
@@ -91,6 +94,13 @@ soak: setup
 	test -f $(REPO)/manifest.json || $(MAKE) demo ONCE=1
 	$(PY) -m loadtest soak --repo $(REPO) --minutes $(SOAK_MINUTES) --out benchmarks/soak
 
+# The Grafana dashboard's panels drawn from a real Prometheus (Debian's) scraping the gateway and Triton
+# under DASHBOARD_MINUTES of mixed traffic: benchmarks/dashboard/dashboard.png and .md.
+DASHBOARD_MINUTES ?= 3
+dashboard: setup
+	test -f $(REPO)/manifest.json || $(MAKE) demo ONCE=1
+	$(PY) -m loadtest dashboard --repo $(REPO) --minutes $(DASHBOARD_MINUTES) --out benchmarks/dashboard
+
 # A 60-second A/B load test against a running demo gateway (`make demo` in another terminal).
 loadtest: setup
 	$(PY) -m loadtest run --host http://127.0.0.1:8080 --scenario ab --users 4 --duration 60s --out runs/loadtest-ab
@@ -102,3 +112,8 @@ lint: setup
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
 	find $(REPO) -mindepth 1 -maxdepth 1 ! -name README.md ! -name .gitignore -exec rm -rf {} +
+
+# The Kubernetes PrometheusRule carries the groups of deploy/monitoring/prometheus/rules.yml (the one
+# source); a test fails when they differ.
+deploy-rules: setup
+	$(PY) -c 'from loadtest.monitoring import PROMETHEUS_RULE, prometheus_rule_manifest as m; PROMETHEUS_RULE.write_text(m())'

@@ -31,7 +31,7 @@ def _embedded_triton(settings: GatewaySettings) -> EmbeddedTriton:
         settings.repo,
         TritonPorts(int(port), settings.triton_grpc_port, settings.triton_metrics_port),
         host=host or "127.0.0.1",
-        log_file=Path(settings.repo).resolve().parent / "triton.log",
+        log_file=settings.triton_log or Path(settings.repo).resolve().parent / "triton.log",
     )
 
 

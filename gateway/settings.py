@@ -28,6 +28,9 @@ class GatewaySettings(BaseSettings):
     embedded_triton: bool = False
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
+    triton_log: Path | None = Field(
+        None, description="the embedded Triton's log file (default: triton.log beside the repository)"
+    )
     triton_timeout_s: float = Field(5.0, gt=0, description="deadline of one Triton call")
     triton_connections: int = Field(32, ge=1, description="pooled HTTP connections to Triton")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503s")

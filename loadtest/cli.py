@@ -66,6 +66,13 @@ def _cmd_soak(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> None:
+    from loadtest.bench import cpu_description
+    from loadtest.dashboard import run_dashboard
+
+    print(run_dashboard(Path(args.repo), args.minutes, args.clients, Path(args.out), cpu_description()).read_text())
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from loadtest.report import write_report
     from loadtest.run import run_load
@@ -129,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--clients", type=int, default=8)
     soak.add_argument("--out", default="benchmarks/soak")
     soak.set_defaults(func=_cmd_soak)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="the Grafana dashboard's panels drawn from a real Prometheus over served traffic"
+    )
+    dashboard.add_argument("--repo", default="model_repository")
+    dashboard.add_argument("--minutes", type=float, default=3.0)
+    dashboard.add_argument("--clients", type=int, default=4)
+    dashboard.add_argument("--out", default="benchmarks/dashboard")
+    dashboard.set_defaults(func=_cmd_dashboard)
 
     run = commands.add_parser("run", help="Locust headless against the gateway; CSVs, metrics, report")
     run.add_argument("--host", default="http://127.0.0.1:8080", help="the gateway")

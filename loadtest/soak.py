@@ -59,7 +59,7 @@ def traffic_mix(models: list[str]) -> itertools.cycle:
     return itertools.cycle(mix)
 
 
-async def _client(url: str, mix, stop: float, key: str, log: list, client: aiohttp.ClientSession) -> None:
+async def _client(url: str, mix, stop: float, keys, log: list, client: aiohttp.ClientSession) -> None:
     digits = itertools.cycle([digit_png_bytes(i) for i in range(1700, 1760)])
     while time.monotonic() < stop:
         query, images, expected = next(mix)
@@ -68,7 +68,8 @@ async def _client(url: str, mix, stop: float, key: str, log: list, client: aioht
             data.add_field("images", next(digits) if images else BAD, filename=f"{i}.png", content_type="image/png")
         sent = time.monotonic()
         try:
-            async with client.post(f"{url}/v1/classify?{query}", data=data, headers={"X-Client-Key": key}) as resp:
+            headers = {"X-Client-Key": next(keys)}
+            async with client.post(f"{url}/v1/classify?{query}", data=data, headers=headers) as resp:
                 await resp.read()
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError):
@@ -105,13 +106,21 @@ def traffic_models(repo: Path) -> list[str]:
     return models + [m for m in ("ensemble", "ensemble_triton", "cascade") if m != "cascade" or manifest.cascade]
 
 
-async def mixed_traffic(url: str, models: list[str], stop: float, clients: int, log: list) -> None:
+async def mixed_traffic(
+    url: str, models: list[str], stop: float, clients: int, log: list, users_per_client: int = 1
+) -> None:
     """`clients` coroutines send `traffic_mix(models)` until `stop` (monotonic), appending to `log`
-    (sent, answered, status, expected status; status -1: lost)."""
+    (sent, answered, status, expected status; status -1: lost). Each client speaks for
+    `users_per_client` A/B users in turn (sticky keys: few users put whole users, not requests, in an
+    arm, so the observed split only nears the configured one with many users)."""
     async with load_client(clients) as client:
         await asyncio.gather(
-            *(_client(url, traffic_mix(models), stop, f"user-{i}", log, client) for i in range(clients))
+            *(_client(url, traffic_mix(models), stop, _keys(i, users_per_client), log, client) for i in range(clients))
         )
+
+
+def _keys(client: int, users: int) -> itertools.cycle:
+    return itertools.cycle([f"user-{client}-{user}" for user in range(users)])
 
 
 def run_soak(repo: Path, minutes: float, clients: int = 8) -> dict:

@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pytest
@@ -134,3 +135,18 @@ def test_translation_moves_pixels_and_cutout_zeroes_a_square():
     for side in (2, 3):  # an even side zeroes side^2 pixels too, not (side + 1)^2
         zeroed = (random_cutout(ones, side, gen)[..., 0] == 0).sum(dim=(1, 2))
         assert zeroed.max() == side * side and zeroed.min() >= 1
+
+
+def test_check_data_loads_splits_and_reports_them_before_training(tmp_path):
+    from tests.conftest import override_args, run_training
+
+    proc = run_training("check-data", "--recipe", "digits-fewlabels", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "data_summary.json").read_text())
+    images = summary["images"]
+    # Every one of sklearn's 1,797 digits lands in exactly one place; 5% of the training labels are kept.
+    assert sum(images.values()) == 1797 and images["train"] == 60 and images["unlabelled"] == 1197
+    assert summary["classes"] == 10
+    overrides = ["data.dataset=imagefolder", "data.augment.client_forms=0", f"data.root={tmp_path / 'none'}"]
+    missing = run_training("check-data", *override_args(overrides))
+    assert missing.returncode == 2 and str(tmp_path / "none") in missing.stderr

@@ -29,6 +29,38 @@ def _cmd_all(args: argparse.Namespace) -> None:
         print(results_markdown(results))
 
 
+def _cmd_check_data(args: argparse.Namespace) -> None:
+    """Load and split the recipe's data (and transfer folder) as training will: bad files, empty class
+    folders and missing roots fail here, on a CPU, before any GPU time is spent."""
+    import json
+
+    from training.data import load_data
+    from training.pipeline import with_transfer_folder
+    from training.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    data = with_transfer_folder(load_data(recipe.data), recipe)
+    summary = {
+        "recipe": recipe.name,
+        "dataset": data.description,
+        "classes": data.num_classes,
+        "image_size": data.image_size,
+        "images": {
+            "train": len(data.train),
+            "val": len(data.val),
+            "test": len(data.test),
+            "unlabelled": len(data.transfer) if data.transfer is not None else 0,
+        },
+        "mean": [round(v, 4) for v in data.mean],
+        "std": [round(v, 4) for v in data.std],
+    }
+    text = json.dumps(summary, indent=2)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "data_summary.json").write_text(text + "\n")
+    print(text)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from training.export import export_run
     from training.triton_repo import ServingOptions
@@ -72,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     run.set_defaults(func=_cmd_all)
+
+    check_data = commands.add_parser("check-data", help="load and split the recipe's data; print a summary")
+    check_data.add_argument("--recipe", default="digits", help="recipe name (training/recipes/) or path to a YAML file")
+    check_data.add_argument("--out", help="also write <out>/data_summary.json")
+    check_data.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check_data.set_defaults(func=_cmd_check_data)
 
     export = commands.add_parser("export", help="export a trained run into a Triton model repository")
     export.add_argument("--run", default="runs/digits", help="run directory written by `all`")

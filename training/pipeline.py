@@ -154,7 +154,7 @@ def stage_training_set(stage: Stage, data: SplitData) -> tuple[Dataset, int]:
     return data.train, max(1, round((len(data.train) + len(data.transfer)) / len(data.train)))
 
 
-def _with_transfer_folder(data: SplitData, recipe: Recipe) -> SplitData:
+def with_transfer_folder(data: SplitData, recipe: Recipe) -> SplitData:
     """`distill.transfer`'s unlabelled images, added to the data's own (if any)."""
     if recipe.distill.transfer is None:
         return data
@@ -404,7 +404,7 @@ def _spread(values: list[float]) -> dict:
 def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     """Train and evaluate everything; returns the results (on the main process only)."""
     started = time.perf_counter()
-    data = _with_transfer_folder(load_data(recipe.data, client_forms=True), recipe)
+    data = with_transfer_folder(load_data(recipe.data, client_forms=True), recipe)
     out.mkdir(parents=True, exist_ok=True)
     if runtime.is_main:
         dump_recipe(recipe, out / "recipe.yaml")
