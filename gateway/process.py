@@ -7,13 +7,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
+from gateway.readiness import wait_until_ready
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 
 
@@ -21,6 +21,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    """Whether `url` answers 200 now."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 class GatewayProcess:
@@ -60,17 +68,12 @@ class GatewayProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited during start-up: {self.log_path.read_text().strip()}")
-            try:
-                if httpx.get(f"{self.url}{ready_path}", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
+        outcome = wait_until_ready(
+            lambda: answers(f"{self.url}{ready_path}"), lambda: self.proc.poll() is not None, timeout
+        )
+        if outcome == "exited":
+            raise RuntimeError(f"gateway exited during start-up: {self.log_path.read_text().strip()}")
+        if outcome == "timeout":
             self.stop()
             raise RuntimeError(f"gateway not answering {ready_path} after {timeout:.0f}s")
         self.client = httpx.Client(base_url=self.url, timeout=60)

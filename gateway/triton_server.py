@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.readiness import wait_until_ready
+
 log = logging.getLogger("kdserve.triton")
 
 
@@ -192,17 +194,16 @@ class EmbeddedTriton:
             return False
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                raise TritonError(
-                    f"tritonserver exited with code {self._process.returncode} during start-up"
-                    + (f"; see {self.log_file}" if self.log_file else "")
-                )
-            if self.is_ready():
-                return
-            time.sleep(0.25)
-        raise TritonError(f"tritonserver not ready after {timeout:.0f}s")
+        outcome = wait_until_ready(
+            self.is_ready, lambda: self._process is not None and self._process.poll() is not None, timeout
+        )
+        if outcome == "exited":
+            raise TritonError(
+                f"tritonserver exited with code {self._process.returncode} during start-up"
+                + (f"; see {self.log_file}" if self.log_file else "")
+            )
+        if outcome == "timeout":
+            raise TritonError(f"tritonserver not ready after {timeout:.0f}s")
 
     def _watch(self) -> None:
         while not self._stopping.is_set():

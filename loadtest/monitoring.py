@@ -14,14 +14,14 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import yaml
 
-from gateway.process import free_port
+from gateway.process import answers, free_port
+from gateway.readiness import wait_until_ready
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 MONITORING = DEPLOY / "monitoring"
@@ -163,18 +163,13 @@ class PrometheusServer:
                 env={**os.environ, "GOMAXPROCS": "1"},
             )
         self.client = httpx.Client(base_url=self.url, timeout=30)
-        deadline = time.monotonic() + start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if self.client.get("/-/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"prometheus not ready after {start_timeout:.0f}s")
+        outcome = wait_until_ready(
+            lambda: answers(f"{self.url}/-/ready"), lambda: self.proc.poll() is not None, start_timeout
+        )
+        if outcome != "ready":
+            log = self.log_path.read_text()[-2000:]
+            self.stop()
+            raise RuntimeError(f"prometheus {'exited' if outcome == 'exited' else 'not ready'} during start-up: {log}")
 
     def _get(self, path: str, **params) -> dict | list:
         body = self.client.get(path, params=params).json()
@@ -202,17 +197,10 @@ class PrometheusServer:
             if a["state"] == "firing"
         }
 
-    def wait_for(self, check, timeout: float, what: str):
-        """Poll `check()` (returns a truthy value when done) every half second for up to `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = check()
-            if result or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        if not result:
+    def wait_for(self, check, timeout: float, what: str) -> None:
+        """Poll `check()` every half second until it is truthy; TimeoutError after `timeout` s."""
+        if wait_until_ready(lambda: bool(check()), lambda: self.proc.poll() is not None, timeout, 0.5) != "ready":
             raise TimeoutError(f"prometheus: {what} not seen within {timeout:.0f}s")
-        return result
 
     def stop(self) -> None:
         self.client.close()

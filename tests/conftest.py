@@ -86,16 +86,17 @@ def triton(tiny_repo: Path, tmp_path_factory):
     server.stop()
 
 
+# The test gateways' settings: a 70/30 A/B split with every request shadowed, ensembles answering with
+# one member left.
+GATEWAY_ENV = {
+    "KDSERVE_AB_WEIGHTS": '{"student": 0.7, "teacher": 0.3}',
+    "KDSERVE_SHADOW_FRACTION": "1.0",
+    "KDSERVE_ENSEMBLE_QUORUM": "1",
+}
+
+
 @pytest.fixture(scope="session")
 def gateway(tiny_repo: Path, triton):
-    gw = GatewayProcess(
-        tiny_repo,
-        triton.http_url,
-        env={
-            "KDSERVE_AB_WEIGHTS": '{"student": 0.7, "teacher": 0.3}',
-            "KDSERVE_SHADOW_FRACTION": "1.0",
-            "KDSERVE_ENSEMBLE_QUORUM": "1",
-        },
-    )
+    gw = GatewayProcess(tiny_repo, triton.http_url, env=GATEWAY_ENV)
     yield gw
     gw.stop()

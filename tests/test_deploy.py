@@ -1,7 +1,8 @@
 """deploy/ checked by the real tools: kubectl's kustomize renders every kustomization, kubernetes-validate
-(--strict) checks core kinds, the vendored published schemas check custom resources, the compose
-specification's schema checks the compose files, promtool checks and unit-tests the rules; then the
-files are checked against each other (ports, selectors, metric names, datasource uid, image tags)."""
+(--strict) checks core kinds, the vendored published schemas custom resources, the compose
+specification's schema the compose files, promtool the rules (and unit-tests them), hadolint the
+Dockerfiles; then the files are checked against each other (ports, selectors, metric names, settings,
+datasource uid, image tags)."""
 
 from __future__ import annotations
 
@@ -437,6 +438,17 @@ def test_image_tags_agree():
 
 
 # --- the gateway image ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gateway", "training"])
+def test_dockerfiles_pass_hadolint(name, tmp_path):
+    dockerfile = DOCKER / f"{name}.Dockerfile"
+    proc = subprocess.run([tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    as_root = tmp_path / "Dockerfile"
+    as_root.write_text(dockerfile.read_text() + "USER root\n")
+    proc = subprocess.run([tool("hadolint"), "--no-color", str(as_root)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "DL3002" in proc.stdout
 
 
 def _requirement_closure(root: str, extra: str) -> set[str]:

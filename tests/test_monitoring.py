@@ -26,6 +26,7 @@ from loadtest.monitoring import (
     referenced_metrics,
 )
 from loadtest.soak import mixed_traffic, traffic_models
+from tests.conftest import GATEWAY_ENV
 from training.splits import digit_png_bytes
 
 
@@ -44,12 +45,7 @@ def observed(tiny_repo, tmp_path_factory):
         gateway = GatewayProcess(
             tiny_repo,
             triton.http_url,
-            env={
-                "KDSERVE_AB_WEIGHTS": '{"student": 0.7, "teacher": 0.3}',
-                "KDSERVE_SHADOW_FRACTION": "1.0",
-                "KDSERVE_ENSEMBLE_QUORUM": "1",
-                "KDSERVE_MANIFEST_POLL_S": "0",
-            },
+            env={**GATEWAY_ENV, "KDSERVE_MANIFEST_POLL_S": "0"},
             ready_path="/readyz",
         )
         targets = {"kdserve-gateway": f"127.0.0.1:{gateway.port}", "triton": f"127.0.0.1:{ports.metrics}"}

@@ -26,7 +26,8 @@ ENV PATH=/opt/kdserve/bin:$PATH \
     KDSERVE_HOST=0.0.0.0 \
     KDSERVE_PORT=8080 \
     KDSERVE_REPO=/models \
-    KDSERVE_TRITON_LOG=/tmp/triton.log
+    KDSERVE_TRITON_LOG=/tmp/triton.log \
+    HOME=/tmp
 COPY --from=build /opt/kdserve /opt/kdserve
 RUN groupadd --gid 10001 kdserve && useradd --uid 10001 --gid kdserve --no-create-home --shell /usr/sbin/nologin kdserve
 USER 10001:10001
