@@ -26,10 +26,8 @@ import numpy as np
 from PIL import Image
 
 from gateway.process import serving
-from loadtest.measure import load_client, summarize
+from loadtest.measure import LOST, REFUSED, load_client, post_images, summarize
 from training.splits import digit_png_bytes
-
-REFUSED, LOST = "refused", "lost"
 
 
 @dataclass
@@ -61,18 +59,8 @@ class Traffic:
 
 
 async def _send(client: aiohttp.ClientSession, url: str, form: list[tuple[str, bytes]], traffic: Traffic) -> None:
-    data = aiohttp.FormData()
-    for name, payload in form:
-        data.add_field("images", payload, filename=name, content_type="image/png")
     sent = time.monotonic()
-    try:
-        async with client.post(url, data=data) as resp:
-            await resp.read()
-            status = str(resp.status)
-    except aiohttp.ClientConnectorError:
-        status = REFUSED
-    except (TimeoutError, aiohttp.ClientError):
-        status = LOST
+    status = await post_images(client, url, form)
     traffic.records.append((sent, time.monotonic(), status))
 
 

@@ -136,6 +136,27 @@ def load_client(concurrency: int) -> aiohttp.ClientSession:
     )
 
 
+REFUSED, LOST = "refused", "lost"
+
+
+async def post_images(
+    client: aiohttp.ClientSession, url: str, images: list[tuple[str, bytes]], headers: dict[str, str] | None = None
+) -> str:
+    """POST `images` (filename, PNG bytes) as the multipart `images` field; the status code as text,
+    REFUSED when no connection could be made, LOST when one broke or timed out without an answer."""
+    data = aiohttp.FormData()
+    for name, payload in images:
+        data.add_field("images", payload, filename=name, content_type="image/png")
+    try:
+        async with client.post(url, data=data, headers=headers) as resp:
+            await resp.read()
+            return str(resp.status)
+    except aiohttp.ClientConnectorError:
+        return REFUSED
+    except (TimeoutError, aiohttp.ClientError):
+        return LOST
+
+
 def load_async(
     call: Callable[[aiohttp.ClientSession], Awaitable[object]], concurrency: int, seconds: float
 ) -> dict[str, float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.process import serving
-from loadtest.measure import load_client, summarize
+from loadtest.measure import load_client, post_images, summarize
 from training.manifest import read_manifest
 from training.splits import digit_png_bytes
 
@@ -63,18 +63,10 @@ async def _client(url: str, mix, stop: float, keys, log: list, client: aiohttp.C
     digits = itertools.cycle([digit_png_bytes(i) for i in range(1700, 1760)])
     while time.monotonic() < stop:
         query, images, expected = next(mix)
-        data = aiohttp.FormData()
-        for i in range(max(images, 1)):
-            data.add_field("images", next(digits) if images else BAD, filename=f"{i}.png", content_type="image/png")
+        form = [(f"{i}.png", next(digits) if images else BAD) for i in range(max(images, 1))]
         sent = time.monotonic()
-        try:
-            headers = {"X-Client-Key": next(keys)}
-            async with client.post(f"{url}/v1/classify?{query}", data=data, headers=headers) as resp:
-                await resp.read()
-                status = resp.status
-        except (TimeoutError, aiohttp.ClientError):
-            status = -1  # lost
-        log.append((sent, time.monotonic(), status, expected))
+        status = await post_images(client, f"{url}/v1/classify?{query}", form, {"X-Client-Key": next(keys)})
+        log.append((sent, time.monotonic(), int(status) if status.isdigit() else -1, expected))  # -1: lost
 
 
 async def _soak(url: str, models: list[str], seconds: float, clients: int, pids: dict[str, int]) -> dict:

@@ -142,6 +142,19 @@ def test_a_new_export_adds_a_version_and_keeps_the_newest(tmp_path):
     assert (tmp_path / "repo" / "m" / "4" / "model.onnx").read_bytes() == bytes([3])
 
 
+def test_a_version_appears_whole_under_its_number_and_a_dead_export_leaves_nothing_triton_loads(tmp_path):
+    model_dir = tmp_path / "repo" / "m"
+    # An export killed while copying version 1: its half-written files under the staging name.
+    (model_dir / ".incoming-1").mkdir(parents=True)
+    (model_dir / ".incoming-1" / "model.onnx").write_bytes(b"half")
+    assert existing_versions(model_dir) == []  # nothing with a version number for Triton to load
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"complete graph")
+    version, _ = write_model(tmp_path / "repo", "m", ModelConfig(name="m"), {"model.onnx": src}, ["a"], 2)
+    assert version == 1 and (model_dir / "1" / "model.onnx").read_bytes() == b"complete graph"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+
+
 def test_parity_gate_refuses_an_export_that_drifts():
     require_parity("ok", Parity(1e-5, 1.0, 10), 1e-3, 0.999)
     with pytest.raises(UserError, match="export refused"):

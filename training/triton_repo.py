@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,16 @@ def existing_versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+STAGING_PREFIX = ".incoming-"
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a reader sees the old file or the new one, never half)."""
+    partial = path.with_name(f"{STAGING_PREFIX}{path.name}")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def write_model(
     repo: Path,
     name: str,
@@ -183,14 +194,19 @@ def write_model(
     model_dir = repo / name
     version = (existing_versions(model_dir) or [0])[-1] + 1
     version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True)
+    # Copied under a name Triton ignores ("ignore version directory ... fails to convert to integral
+    # number") and renamed into place: a Triton polling the repository never loads a half-copied version.
+    staging = model_dir / f"{STAGING_PREFIX}{version}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that died part-way
+    staging.mkdir(parents=True)
     for target, source in files.items():
-        shutil.copyfile(source, version_dir / target)
+        shutil.copyfile(source, staging / target)
+    os.replace(staging, version_dir)
     for old in existing_versions(model_dir)[:-keep_versions]:
         shutil.rmtree(model_dir / str(old))
-    (model_dir / "config.pbtxt").write_text(config_text(config))
+    _write_replacing(model_dir / "config.pbtxt", config_text(config))
     if labels is not None:
-        (model_dir / "labels.txt").write_text("\n".join(labels) + "\n")
+        _write_replacing(model_dir / "labels.txt", "\n".join(labels) + "\n")
     hashed = [version_dir / t for t in files] + [model_dir / "config.pbtxt"]
     if labels is not None:
         hashed.append(model_dir / "labels.txt")
