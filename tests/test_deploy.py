@@ -393,6 +393,44 @@ def test_gateway_environment_names_real_settings(monkeypatch):
     assert settings_from(sources[0], monkeypatch).ab_weights == {"student": 0.9, "teacher": 0.1}
 
 
+DISTILL_OBJECTS = {
+    "training": {"Service/kdserve-distill", "Job/kdserve-distill", "NetworkPolicy/kdserve-distill"},
+    "training-pytorchjob": {"PyTorchJob/kdserve-distill", "NetworkPolicy/kdserve-distill"},
+}
+
+
+@pytest.mark.parametrize("kustomization", TRAINING)
+def test_training_stages_apply_one_at_a_time_by_label(kustomization):
+    """deploy/README.md applies the training stages in order with `kubectl apply -k ... -l <selector>`:
+    each selector must pick exactly its stage's objects (and the first one the shared PVC and config)."""
+    readme = (DEPLOY / "README.md").read_text()
+    selectors = re.findall(r"kubectl apply -k deploy/k8s/training -l (\S+(?: \S+)*)", readme)
+    assert len(selectors) == 3, selectors
+
+    def picked(selector: str) -> set[str]:
+        selector = selector.strip("'")
+        names = set()
+        for obj in rendered(kustomization):
+            value = obj["metadata"].get("labels", {}).get("app.kubernetes.io/name")
+            if " notin " in selector:
+                excluded = {v.strip() for v in selector.split("(", 1)[1].rstrip(")").split(",")}
+                chosen = value not in excluded
+            else:
+                chosen = value == selector.split("=", 1)[1]
+            if chosen:
+                names.add(f"{obj['kind']}/{obj['metadata']['name']}")
+        return names
+
+    assert [picked(s) for s in selectors] == [
+        {"PersistentVolumeClaim/training-data", "ConfigMap/kdserve-training", "Job/kdserve-check-data"},
+        DISTILL_OBJECTS[kustomization],
+        {"Job/kdserve-export"},
+    ]
+    assert set().union(*map(picked, selectors)) == {
+        f"{o['kind']}/{o['metadata']['name']}" for o in rendered(kustomization)
+    }
+
+
 def test_hpa_metrics_are_what_prometheus_adapter_serves():
     served = {rule["name"]["as"] for rule in yaml.safe_load(ADAPTER_CONFIG.read_text())["rules"]}
     wanted = {
