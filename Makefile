@@ -65,7 +65,7 @@ bench: setup
 	$(PY) -m loadtest bench --repo $(REPO) --run $(RUN_DIR) --timing-repo runs/timing-224 --out benchmarks
 
 # Few labels and an unlabelled transfer set, where distillation pays: trains the digits-fewlabels recipe
-# (3 seeds of plain and KD students), exports it into its own repository and serves the confidence
+# (5 seeds of plain and KD students), exports it into its own repository and serves the confidence
 # cascade next to its student and teacher. Results in benchmarks/fewlabels/.
 FEWLABELS_RUN := runs/digits-fewlabels
 fewlabels: setup

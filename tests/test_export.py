@@ -4,14 +4,18 @@ import json
 import shutil
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+import torch
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 from tests.conftest import run_training
 from training.check_repo import check_repository
 from training.errors import UserError
 from training.manifest import read_manifest
-from training.onnx_tools import Parity, require_parity
+from training.models import build_classifier
+from training.onnx_tools import OPSET, Parity, drop_padding_taps, export_onnx, require_parity, run_logits, session
 from training.triton_repo import (
     config_text,
     existing_versions,
@@ -153,6 +157,63 @@ def test_a_version_appears_whole_under_its_number_and_a_dead_export_leaves_nothi
     version, _ = write_model(tmp_path / "repo", "m", ModelConfig(name="m"), {"model.onnx": src}, ["a"], 2)
     assert version == 1 and (model_dir / "1" / "model.onnx").read_bytes() == b"complete graph"
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "pad", "trimmed"),
+    [
+        (1, 3, 1, 1, 1),  # a 3x3 conv on a 1x1 map reads its centre tap only
+        (2, 3, 2, 1, 2),  # stride 2 from 2x2 to 1x1: the first row and column read padding
+        (2, 5, 1, 2, 3),
+        (3, 5, 1, 2, 5),  # every tap reads a pixel somewhere: unchanged
+        (8, 3, 1, 1, 3),
+    ],
+)
+def test_padding_only_kernel_taps_are_sliced_out_and_the_function_is_the_same(size, kernel, stride, pad, trimmed):
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 3, kernel, kernel)).astype(np.float32)
+    out = (size + 2 * pad - kernel) // stride + 1
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node(
+                "Conv", ["x", "w"], ["y"], kernel_shape=[kernel] * 2, pads=[pad] * 4, strides=[stride] * 2
+            )
+        ],
+        "conv",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, size, size])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, out, out])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+        # The exporter records weights' shapes as well; they must follow the sliced weights.
+        value_info=[onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, list(weight.shape))],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+    x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert drop_padding_taps(model) == (trimmed != kernel)
+    (conv,) = model.graph.node
+    assert onnx.numpy_helper.to_array(model.graph.initializer[0]).shape[2:] == (trimmed, trimmed)
+    assert list(onnx.helper.get_attribute_value(conv.attribute[0])) == [trimmed] * 2
+    onnx.checker.check_model(model, full_check=True)
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert after.shape == before.shape
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_digits_resnet_keeps_only_the_taps_its_1x1_maps_read(tmp_path):
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 10, small_stem=True, mean=(0.5,) * 3, std=(0.25,) * 3).eval()
+    export_onnx(model, 8, tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    kernels = sorted(
+        tuple(onnx.helper.get_attribute_value(a)) for n in graph.graph.node if n.op_type == "Conv"
+        for a in n.attribute if a.name == "kernel_shape"
+    )  # fmt: skip
+    # layer4 works on 1x1 maps: its first conv keeps 2x2 taps, the other three 3x3 convs one tap.
+    assert kernels.count((1, 1)) == 3 + 3 and kernels.count((2, 2)) == 1
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(run_logits(session(tmp_path / "m.onnx"), images), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_parity_gate_refuses_an_export_that_drifts():

@@ -14,7 +14,7 @@ from torch import nn
 import training.trainer as trainer
 from training.checkpoint import ModelSpec, load_model, save_model
 from training.data import UNLABELLED, InMemoryImages, SplitData, load_data
-from training.evaluate import cascade_answers, fit_cascade_threshold, top_k_accuracy
+from training.evaluate import cascade_answers, fit_cascade_threshold, predict_logits, top_k_accuracy
 from training.models import ImageClassifier, build_classifier, count_macs
 from training.recipe import AugmentConfig, DataConfig, DistillConfig, TrainConfig
 from training.runtime import Runtime
@@ -102,6 +102,32 @@ def test_temperature_schedule_is_linear_from_start_to_end():
     assert temperature_at(cfg, 5, 11) == pytest.approx(2.5)
     assert temperature_at(cfg, 10, 11) == 1.0
     assert temperature_at(DistillConfig(temperature=3.0), 7, 11) == 3.0
+
+
+def test_weight_average_is_the_exponential_mean_of_every_step_and_what_the_run_returns(digits, tmp_path, monkeypatch):
+    steps: list[list[torch.Tensor]] = []
+    update = trainer.AveragedModel.update_parameters
+
+    def record(self, model):
+        steps.append([p.detach().clone() for p in model.parameters()])
+        return update(self, model)
+
+    monkeypatch.setattr(trainer.AveragedModel, "update_parameters", record)
+    decay = 0.5
+    averaged, history = run(digits, tmp_path / "a", epochs=2, ema_decay=decay)
+    assert len(steps) == 8  # 2 epochs of 4 optimizer steps
+    expected = steps[0]  # the first update copies the weights
+    for weights in steps[1:]:
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights, strict=True)]
+    for got, want in zip(averaged.model.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    last = steps[-1]
+    assert not torch.allclose(next(averaged.model.parameters()), last[0])  # not the last step's weights
+    # Validation judged the average, and the checkpoint carries it for a resumed run.
+    val_logits, val_labels = predict_logits(averaged.model, digits.val, torch.device("cpu"))
+    assert history[-1]["val_top1"] == pytest.approx(top_k_accuracy(val_logits, val_labels, 1), abs=1e-5)
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert int(state["ema"]["n_averaged"]) == 8
 
 
 def test_unlabelled_images_learn_from_the_teacher_alone():

@@ -102,14 +102,27 @@ def plan_stages(recipe: Recipe) -> list[Stage]:
     return stages
 
 
+# Training settings added after TRAINING_FORMAT 3: they enter a fingerprint only when set, so a model
+# trained before they existed (necessarily without them) is still recognised as trained from its settings.
+_ADDED_TRAIN_SETTINGS = ("ema_decay",)
+
+
+def _model_settings(cfg: ModelConfig) -> dict:
+    dumped = cfg.model_dump(mode="json")
+    for key in _ADDED_TRAIN_SETTINGS:
+        if dumped["train"][key] is None:
+            del dumped["train"][key]
+    return dumped
+
+
 def _stage_settings(stage: Stage, recipe: Recipe) -> dict:
     return {
         "data": recipe.data.model_dump(mode="json"),
-        "model": stage.model_cfg.model_dump(mode="json"),
+        "model": _model_settings(stage.model_cfg),
         "seed": stage.seed,
         "augment": stage.augment.model_dump(mode="json"),
         "distill": stage.distill.model_dump(mode="json") if stage.distill else None,
-        "teacher": recipe.teacher.model_dump(mode="json") if stage.distill else None,
+        "teacher": _model_settings(recipe.teacher) if stage.distill else None,
         "heads": [stage.heads, stage.head_sample_fraction],
     }
 

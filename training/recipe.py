@@ -93,6 +93,13 @@ class TrainConfig(_Strict):
     )
     # "auto": bf16 autocast on CUDA GPUs that support it, fp32 on the CPU (see runtime.resolve_precision).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the weights (and BatchNorm statistics) with this "
+        "decay per optimizer step; validation, checkpoints and the saved model use the average",
+    )
 
 
 class ModelConfig(_Strict):

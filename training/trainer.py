@@ -2,8 +2,8 @@
 
 Covers SGD/AdamW with linear warm-up and cosine decay, mixed precision, channels_last, gradient
 accumulation and norm clipping, a batch-size finder for CUDA out-of-memory, a temperature schedule,
-unlabelled images (label -1: taught by the teacher alone), seeded randomness, per-epoch checkpoints
-with resume, JSONL metrics and DDP.
+a moving average of the weights, unlabelled images (label -1: taught by the teacher alone), seeded
+randomness, per-epoch checkpoints with resume, JSONL metrics and DDP.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -139,13 +140,24 @@ def _multihead_objective(
 
 
 def _save_state(
-    path: Path, fingerprint: str, model: nn.Module, hint, optimizer, scheduler, scaler, epoch: int, history, generator
+    path: Path,
+    fingerprint: str,
+    model: nn.Module,
+    ema: AveragedModel | None,
+    hint,
+    optimizer,
+    scheduler,
+    scaler,
+    epoch: int,
+    history,
+    generator,
 ) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
             "fingerprint": fingerprint,
             "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
             "hint": hint.state_dict() if hint is not None else None,  # the FitNets adapter learns too
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -253,6 +265,12 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
         optimizer, warmup_cosine(total, int(job.train.warmup_epochs * steps_per_epoch))
     )
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
+    # The average of the weights over the last ~1/(1-decay) steps: with few labels the weights at the
+    # last step vary a lot from seed to seed, their average much less. BatchNorm statistics are averaged
+    # too (use_buffers), so the averaged model is evaluated with statistics that match its weights.
+    ema = None
+    if job.train.ema_decay is not None:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.train.ema_decay), use_buffers=True)
     ddp_model = DistributedDataParallel(model) if runtime.distributed else model
 
     job.out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +284,8 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
         state = None
     if state is not None:
         model.load_state_dict(state["model"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         if hint is not None and state.get("hint") is not None:
             hint.load_state_dict(state["hint"])
         optimizer.load_state_dict(state["optimizer"])
@@ -285,6 +305,8 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(model)
         return grad_norm
 
     started = time.perf_counter()
@@ -367,7 +389,7 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
         if grad_norms:
             record["grad_norm_max"] = round(max(grad_norms), 4)  # before clipping
         if runtime.is_main:
-            val_logits, val_labels = predict_logits(model, data.val, device)
+            val_logits, val_labels = predict_logits(ema.module if ema is not None else model, data.val, device)
             if val_logits.ndim == 3:  # multi-head: judge the fused heads
                 val_logits = val_logits.softmax(-1).mean(dim=1)
             record["val_top1"] = round(top_k_accuracy(val_logits, val_labels, 1), 5)
@@ -375,11 +397,23 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             _save_state(
-                state_path, job.fingerprint, model, hint, optimizer, scheduler, scaler, epoch + 1, history, generator
+                state_path,
+                job.fingerprint,
+                model,
+                ema,
+                hint,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch + 1,
+                history,
+                generator,
             )
 
     if hint is not None:
         hint.remove()
+    if ema is not None:
+        model = ema.module
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return FitResult(
         model=model,
