@@ -50,11 +50,27 @@ def save_model(path: Path, model: ImageClassifier, spec: ModelSpec, recipe: dict
     tmp.replace(path)  # atomic: a crash mid-write never leaves a half-written model behind
 
 
-def load_model(path: Path) -> tuple[ImageClassifier, ModelSpec, dict[str, Any]]:
+def _load_payload(path: Path, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"model checkpoint {path} does not exist; train it first (python -m training all)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        raise UserError(
+            f"checkpoint {path} is corrupt or not a kdserve model ({type(exc).__name__}); delete it and retrain"
+        ) from exc
+
+
+def load_metadata(path: Path) -> tuple[ModelSpec, dict[str, Any]]:
+    """The spec and training metadata of a saved model, without building it or reading its weights
+    (memory-mapped: only the pages of the small entries are read)."""
+    payload = _load_payload(path, mmap=True)
+    return ModelSpec(**payload["spec"]), payload.get("recipe", {})
+
+
+def load_model(path: Path) -> tuple[ImageClassifier, ModelSpec, dict[str, Any]]:
+    payload = _load_payload(path)
+    try:
         spec = ModelSpec(**payload["spec"])
         model = build_from_spec(spec)
         if spec.pruned:

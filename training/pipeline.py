@@ -19,7 +19,7 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import ConcatDataset, Dataset
 
-from training.checkpoint import ModelSpec, load_model, save_model
+from training.checkpoint import ModelSpec, load_metadata, load_model, save_model
 from training.compression import prune_with_recovery
 from training.data import InMemoryImages, SplitData, load_data, load_transfer_folder
 from training.errors import UserError
@@ -182,9 +182,9 @@ def _assemble_teacher(
     """The teacher as one model of its trained members (`MemberMean`); their stages carry the time."""
     names = [f"teacher_member_{i}" for i in range(stage.members)]
     teacher = member_mean([trained[n][1] for n in names])
-    metas = [load_model(out / n / "model.pt")[2] for n in names]
+    metas = [load_metadata(out / n / "model.pt")[1] for n in names]
     if runtime.is_main:
-        _, spec, _ = load_model(out / names[0] / "model.pt")
+        spec, _ = load_metadata(out / names[0] / "model.pt")
         spec.members, spec.role = stage.members, "teacher"
         fingerprint = hashlib.sha256("".join(m["fingerprint"] for m in metas).encode()).hexdigest()[:16]
         save_model(out / "teacher" / "model.pt", teacher, spec, {"fingerprint": fingerprint, "members": names})
@@ -208,8 +208,8 @@ def _prune_or_reuse(
         )
     source_stage, source = trained[cfg.source]
     stage = Stage(PRUNED, "student", source_stage.model_cfg, source_stage.seed, source_stage.augment, recipe.distill)
-    _, spec, source_meta = load_model(out / cfg.source / "model.pt")
-    teacher_meta = load_model(out / "teacher" / "model.pt")[2]
+    spec, source_meta = load_metadata(out / cfg.source / "model.pt")
+    teacher_meta = load_metadata(out / "teacher" / "model.pt")[1]
     settings = {
         "compression": cfg.model_dump(mode="json"),
         "distill": recipe.distill.model_dump(mode="json"),

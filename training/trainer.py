@@ -101,22 +101,21 @@ def _objective(
     job: FitJob,
     distill: DistillConfig | None,
 ) -> torch.Tensor:
-    labelled = target != UNLABELLED
     # Unlabelled images (a transfer set) carry no hard term; a batch of them alone has none at all.
-    if labelled.all():
-        ce = F.cross_entropy(logits, target, label_smoothing=job.train.label_smoothing)
-    elif labelled.any():
-        ce = F.cross_entropy(logits[labelled], target[labelled], label_smoothing=job.train.label_smoothing)
-    else:
-        ce = logits.new_zeros(())
+    # Masked sums, not branches on the mask: a branch reads the mask back to the host, on a GPU a
+    # synchronisation every step.
+    labelled = target != UNLABELLED
+    count = labelled.sum()
+    per_image = F.cross_entropy(
+        logits, target.clamp(min=0), reduction="none", label_smoothing=job.train.label_smoothing
+    )
+    ce = (per_image * labelled).sum() / count.clamp(min=1)
     if teacher_logits is None or distill is None:
         return ce
     # DKD splits target from non-target classes: an unlabelled image's target is the teacher's guess.
     kd_target = torch.where(labelled, target, teacher_logits.argmax(1))
     soft = logit_distillation(logits, teacher_logits, kd_target, distill)
-    if not labelled.any():
-        return soft
-    return distill.alpha * soft + (1.0 - distill.alpha) * ce
+    return torch.where(count > 0, distill.alpha * soft + (1.0 - distill.alpha) * ce, soft)
 
 
 def _multihead_objective(
@@ -296,11 +295,11 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
     elif runtime.is_main:
         metrics_path.unlink(missing_ok=True)
 
-    def optimizer_step() -> float | None:
+    def optimizer_step() -> torch.Tensor | None:
         grad_norm = None
         if job.train.clip_grad_norm is not None:
             scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(trainable.parameters(), job.train.clip_grad_norm).item()
+            grad_norm = nn.utils.clip_grad_norm_(trainable.parameters(), job.train.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -314,8 +313,10 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
     for epoch in range(start_epoch, job.train.epochs):
         model.train()
         epoch_start = time.perf_counter()
-        seen, labelled_seen, loss_sum, correct = 0, 0, 0.0, 0
-        grad_norms: list[float] = []
+        # Summed on the device and read once an epoch (a read per step is a GPU synchronisation).
+        seen = 0
+        loss_sum, labelled_seen, correct = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
+        grad_norms: list[torch.Tensor] = []
         batches = iterate_batches(
             train_set,
             batch,
@@ -367,17 +368,18 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
                 if norm is not None:
                     grad_norms.append(norm)
             seen += len(target)
-            loss_sum += loss.item() * len(target)
+            loss_sum += loss.detach() * len(target)
             labelled = target != UNLABELLED
-            labelled_seen += int(labelled.sum())
-            correct += (logits.argmax(1)[labelled] == target[labelled]).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            labelled_seen += labelled.sum()
+            correct += ((logits.argmax(1) == target) & labelled).sum()
+            if show_progress:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
 
         epoch_seconds = time.perf_counter() - epoch_start
         record = {
             "epoch": epoch + 1,
-            "train_loss": round(loss_sum / max(seen, 1), 5),
-            "train_top1": round(correct / max(labelled_seen, 1), 5),
+            "train_loss": round(loss_sum.item() / max(seen, 1), 5),
+            "train_top1": round(correct.item() / max(labelled_seen.item(), 1), 5),
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(epoch_seconds, 3),
             "images_per_s": round(seen * runtime.world_size / epoch_seconds, 1),
@@ -387,7 +389,7 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
         if job.distill is not None and job.distill.temperature_end is not None:
             record["temperature"] = round(temperature_at(job.distill, scheduler.last_epoch - 1, total), 4)
         if grad_norms:
-            record["grad_norm_max"] = round(max(grad_norms), 4)  # before clipping
+            record["grad_norm_max"] = round(torch.stack(grad_norms).max().item(), 4)  # before clipping
         if runtime.is_main:
             val_logits, val_labels = predict_logits(ema.module if ema is not None else model, data.val, device)
             if val_logits.ndim == 3:  # multi-head: judge the fused heads
