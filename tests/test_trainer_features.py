@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.utils.data import ConcatDataset
 
 import training.trainer as trainer
 from training.checkpoint import ModelSpec, load_model, save_model
-from training.data import UNLABELLED, InMemoryImages, SplitData, load_data
+from training.data import UNLABELLED, InMemoryImages, SplitData, holds_unlabelled, load_data
 from training.evaluate import cascade_answers, fit_cascade_threshold, predict_logits, top_k_accuracy
 from training.models import ImageClassifier, build_classifier, count_macs
 from training.recipe import AugmentConfig, DataConfig, DistillConfig, TrainConfig
@@ -146,6 +147,20 @@ def test_unlabelled_images_learn_from_the_teacher_alone():
     mixed = torch.tensor([1, 2, UNLABELLED, UNLABELLED, 3, UNLABELLED])
     ce = torch.nn.functional.cross_entropy(logits[mixed >= 0], mixed[mixed >= 0])
     torch.testing.assert_close(_objective(logits, mixed, teacher, job, distill), 0.5 * kl * 4 + 0.5 * ce)
+
+
+def test_a_set_known_to_be_labelled_skips_the_label_check_and_gives_the_same_loss():
+    torch.manual_seed(0)
+    logits, teacher, target = torch.randn(6, 10), torch.randn(6, 10), torch.tensor([1, 2, 3, 4, 5, 6])
+    job = FitJob("t", linear_model(), TrainConfig(label_smoothing=0.1), AugmentConfig(), seed=0, out_dir=Path("."))
+    for distill, teacher_logits in ((None, None), (DistillConfig(alpha=0.3, temperature=2.0), teacher)):
+        checked = _objective(logits, target, teacher_logits, job, distill)
+        assert torch.equal(_objective(logits, target, teacher_logits, job, distill, all_labelled=True), checked)
+    labelled = InMemoryImages(torch.zeros(4, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
+    assert not holds_unlabelled(labelled)
+    assert holds_unlabelled(labelled.unlabelled())
+    assert holds_unlabelled(ConcatDataset([labelled, labelled.unlabelled()]))
+    assert not holds_unlabelled(ConcatDataset([labelled, labelled]))
 
 
 def test_few_labels_keep_a_stratified_share_and_the_rest_is_unlabelled():

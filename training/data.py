@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from training.client_forms import encode, random_form, render_image
 from training.errors import UserError
@@ -83,6 +83,14 @@ class ImageFiles(Dataset):
         with Image.open(self.files[index]) as image:
             pixels = prepare(image, self.spec)
         return torch.from_numpy(pixels.copy()), self.labels[index]
+
+
+def holds_unlabelled(dataset: Dataset) -> bool:
+    """Whether any image of `dataset` is unlabelled (label -1); True when it cannot tell."""
+    if isinstance(dataset, ConcatDataset):
+        return any(holds_unlabelled(part) for part in dataset.datasets)
+    labels = getattr(dataset, "labels", None)
+    return not isinstance(labels, torch.Tensor) or bool((labels == UNLABELLED).any())
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from training.augment import augment_batch
-from training.data import UNLABELLED, SplitData, iterate_batches
+from training.data import UNLABELLED, SplitData, holds_unlabelled, iterate_batches
 from training.errors import UserError
 from training.evaluate import predict_logits, top_k_accuracy
 from training.losses import FeatureHint, logit_distillation
@@ -100,22 +100,32 @@ def _objective(
     teacher_logits: torch.Tensor | None,
     job: FitJob,
     distill: DistillConfig | None,
+    all_labelled: bool = False,
 ) -> torch.Tensor:
-    # Unlabelled images (a transfer set) carry no hard term; a batch of them alone has none at all.
-    # Masked sums, not branches on the mask: a branch reads the mask back to the host, on a GPU a
-    # synchronisation every step.
+    """The loss of one micro-batch. `all_labelled` (known for the whole training set before the run)
+    skips looking at the labels for -1: that look is a host synchronisation every step on a GPU."""
+    smoothing = job.train.label_smoothing
+    if all_labelled:
+        ce = F.cross_entropy(logits, target, label_smoothing=smoothing)
+        if teacher_logits is None or distill is None:
+            return ce
+        return distill.alpha * logit_distillation(logits, teacher_logits, target, distill) + (1.0 - distill.alpha) * ce
     labelled = target != UNLABELLED
-    count = labelled.sum()
-    per_image = F.cross_entropy(
-        logits, target.clamp(min=0), reduction="none", label_smoothing=job.train.label_smoothing
-    )
-    ce = (per_image * labelled).sum() / count.clamp(min=1)
+    # Unlabelled images (a transfer set) carry no hard term; a batch of them alone has none at all.
+    if labelled.all():
+        ce = F.cross_entropy(logits, target, label_smoothing=smoothing)
+    elif labelled.any():
+        ce = F.cross_entropy(logits[labelled], target[labelled], label_smoothing=smoothing)
+    else:
+        ce = logits.new_zeros(())
     if teacher_logits is None or distill is None:
         return ce
     # DKD splits target from non-target classes: an unlabelled image's target is the teacher's guess.
     kd_target = torch.where(labelled, target, teacher_logits.argmax(1))
     soft = logit_distillation(logits, teacher_logits, kd_target, distill)
-    return torch.where(count > 0, distill.alpha * soft + (1.0 - distill.alpha) * ce, soft)
+    if not labelled.any():
+        return soft
+    return distill.alpha * soft + (1.0 - distill.alpha) * ce
 
 
 def _multihead_objective(
@@ -231,6 +241,7 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
     device = runtime.device
     precision = resolve_precision(job.train.precision, device)
     train_set = job.train_set if job.train_set is not None else data.train
+    all_labelled = not holds_unlabelled(train_set)
     # channels_last on every device: oneDNN's CPU convolutions are never slower in it (ResNet18/50 at
     # 8x8: 1.02x at batch 64, 1.1-1.2x at 128-256), and the NHWC input already arrives in that layout.
     model = job.model.to(device).to(memory_format=torch.channels_last)
@@ -353,7 +364,7 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
                     loss = _multihead_objective(logits, target, teacher_logits, job, distill, generator)
                     logits = logits.mean(dim=1)
                 else:
-                    loss = _objective(logits, target, teacher_logits, job, distill)
+                    loss = _objective(logits, target, teacher_logits, job, distill, all_labelled)
                 if hint is not None:
                     loss = loss + job.distill.feature.weight * hint.loss()
             scaler.scale(loss / accumulate).backward()
