@@ -66,7 +66,9 @@ TARGETS = {
     "healthz_p99_ms": 100.0,
     "gateway_over_triton_c16": 0.7,
     "ensemble_over_student_p50": 1.5,
+    "int8_ensemble_over_int8_student_p50": 1.5,  # the same target, both sides INT8
 }
+INT8_STUDENT = "one INT8 student"
 
 
 def cpu_info() -> tuple[str, set[str]]:
@@ -287,9 +289,11 @@ def healthz_under_large_images(served: Served, seconds: float = 6.0) -> dict:
 def ensembles(served: Served, requests: int) -> dict:
     manifest = served.manifest
     choices = [("one student", "student")]
+    if "student_kd_int8" in manifest.models:
+        choices.append((INT8_STUDENT, "student_kd_int8"))
     if manifest.by_role("variant"):
         choices.append(("variants fused in the gateway", "ensemble"))
-    triton_side = [name for name in ("ensemble_fused", "ensemble_scheduler") if name in manifest.models]
+    triton_side = [n for n in ("ensemble_fused", "ensemble_fused_int8", "ensemble_scheduler") if n in manifest.models]
     choices += [(f"Triton: {name}", name) for name in triton_side]
     if "multihead" in manifest.models:
         choices.append(("K-head model", "multihead"))
@@ -410,8 +414,18 @@ def checks(results: dict) -> dict[str, dict]:
     direct, gw = student["triton_direct"], student["gateway"]
     c16 = {p: results["throughput"]["student_kd"][p][16]["throughput_per_s"] for p in ("triton_direct", "gateway")}
     ens = results["ensembles"]
-    fused = [row for label, row in ens.items() if label != "one student" and row["model"] != "multihead"]
-    best_ensemble = min((row["latency_c1"]["p50_ms"] for row in fused), default=None)
+    single = {"one student", INT8_STUDENT}
+
+    def fastest(int8: bool) -> float | None:
+        fused = [
+            row["latency_c1"]["p50_ms"]
+            for label, row in ens.items()
+            if label not in single and row["model"] != "multihead" and row["model"].endswith("_int8") == int8
+        ]
+        return min(fused, default=None)
+
+    # Like with like: fp32 ensembles against the fp32 student, the INT8 ensemble against the INT8 student.
+    best_ensemble, best_int8 = fastest(False), fastest(True)
     values = {
         "triton_c1_max_ms": direct["max_ms"],
         "triton_c1_p99_ms": direct["p99_ms"],
@@ -421,6 +435,9 @@ def checks(results: dict) -> dict[str, dict]:
         "gateway_over_triton_c16": _ratio(c16["gateway"], c16["triton_direct"]),
         "ensemble_over_student_p50": (
             _ratio(best_ensemble, ens["one student"]["latency_c1"]["p50_ms"]) if best_ensemble else None
+        ),
+        "int8_ensemble_over_int8_student_p50": (
+            _ratio(best_int8, ens[INT8_STUDENT]["latency_c1"]["p50_ms"]) if best_int8 and INT8_STUDENT in ens else None
         ),
     }
     at_least = {"gateway_over_triton_c16"}
@@ -439,7 +456,8 @@ CHECK_TEXT = {
     "overhead_p99_ms": "gateway minus Triton direct, c=1: p99 (ms)",
     "healthz_p99_ms": "/healthz p99 while 4000x4000 PNGs are classified (ms)",
     "gateway_over_triton_c16": "gateway / Triton direct throughput at 16 clients",
-    "ensemble_over_student_p50": "fastest fused ensemble / one student, gateway p50 at c=1",
+    "ensemble_over_student_p50": "fastest fp32 fused ensemble / one fp32 student, gateway p50 at c=1",
+    "int8_ensemble_over_int8_student_p50": "INT8 fused ensemble / one INT8 student, gateway p50 at c=1",
 }
 
 

@@ -35,6 +35,7 @@ SERVED = {
     "student_pruned",
     "student_pruned_int8",
     "ensemble_fused",
+    "ensemble_fused_int8",
     "ensemble_scheduler",
     "ensemble_fusion",
 }
@@ -79,6 +80,10 @@ def test_export_report_has_parity_fp16_and_int8_measurements(tiny_run, tiny_repo
     int8 = report["models"]["student_kd_int8"]
     assert int8["agreement_with_fp32"] > 0.85
     assert int8["latency_p50"]["batch_1"]["int8_ms"] > 0
+    # The fused ensemble's INT8 graph: its output is probabilities, judged as such (rows sum to 1).
+    fused8 = report["models"]["ensemble_fused_int8"]
+    assert fused8["fp32_top1"] == pytest.approx(report["models"]["ensemble_fused"]["test_top1"], abs=1e-6)
+    assert fused8["agreement_with_fp32"] > 0.85 and 0 <= fused8["int8_ece"] < 0.5
     assert "INT8 static quantisation" in (tiny_run / "export_report.md").read_text()
 
 
@@ -91,6 +96,9 @@ def test_pruned_student_is_served_with_its_int8_sibling_and_the_cascade_in_the_m
         tiny_results["models"]["student_pruned"]["top1"]
     )
     assert manifest.models["student_pruned_int8"].precision == "int8"
+    fused8 = manifest.models["ensemble_fused_int8"]
+    assert fused8.role == "ensemble" and fused8.precision == "int8" and fused8.output.name == "probabilities"
+    assert fused8.members == manifest.models["ensemble_fused"].members
     assert manifest.cascade.student == "student_kd" and manifest.cascade.teacher == "teacher"
     report = json.loads((tiny_run / "export_report.json").read_text())
     assert report["models"]["student_pruned"]["onnx_vs_torch"]["top1_agreement"] == 1.0

@@ -24,7 +24,8 @@ def pareto_rows(results: dict, export_report: dict, served_ms: dict[str, float] 
         if "latency_ms_batch1" not in report:
             continue
         if name.endswith("_int8"):
-            base = trained[name.removesuffix("_int8")]
+            stem = name.removesuffix("_int8")
+            base = trained[TRAINED_AS.get(stem, stem)]
             quality = {"top1": report["int8_top1"], "ece": report["int8_ece"]}
             precision = "int8"
         else:
