@@ -105,27 +105,20 @@ def _objective(
     """The loss of one micro-batch. `all_labelled` (known for the whole training set before the run)
     skips looking at the labels for -1: that look is a host synchronisation every step on a GPU."""
     smoothing = job.train.label_smoothing
-    if all_labelled:
-        ce = F.cross_entropy(logits, target, label_smoothing=smoothing)
-        if teacher_logits is None or distill is None:
-            return ce
-        return distill.alpha * logit_distillation(logits, teacher_logits, target, distill) + (1.0 - distill.alpha) * ce
-    labelled = target != UNLABELLED
+    labelled = None if all_labelled else target != UNLABELLED
     # Unlabelled images (a transfer set) carry no hard term; a batch of them alone has none at all.
-    if labelled.all():
-        ce = F.cross_entropy(logits, target, label_smoothing=smoothing)
+    if labelled is None or labelled.all():
+        ce, has_labels = F.cross_entropy(logits, target, label_smoothing=smoothing), True
     elif labelled.any():
-        ce = F.cross_entropy(logits[labelled], target[labelled], label_smoothing=smoothing)
+        ce, has_labels = F.cross_entropy(logits[labelled], target[labelled], label_smoothing=smoothing), True
     else:
-        ce = logits.new_zeros(())
+        ce, has_labels = logits.new_zeros(()), False
     if teacher_logits is None or distill is None:
         return ce
     # DKD splits target from non-target classes: an unlabelled image's target is the teacher's guess.
-    kd_target = torch.where(labelled, target, teacher_logits.argmax(1))
+    kd_target = target if labelled is None else torch.where(labelled, target, teacher_logits.argmax(1))
     soft = logit_distillation(logits, teacher_logits, kd_target, distill)
-    if not labelled.any():
-        return soft
-    return distill.alpha * soft + (1.0 - distill.alpha) * ce
+    return distill.alpha * soft + (1.0 - distill.alpha) * ce if has_labels else soft
 
 
 def _multihead_objective(
