@@ -54,7 +54,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             server = _embedded_triton(settings)
             await asyncio.to_thread(server.start)
         triton = TritonClient(
-            settings.triton_url, settings.triton_timeout_s, settings.triton_connections, settings.retry_after_s, metrics
+            settings.triton_url,
+            settings.triton_timeout_s,
+            settings.triton_connections,
+            settings.retry_after_s,
+            metrics,
+            settings.triton_calls_in_flight,
+            settings.max_images,
         )
         admission = AdmissionControl(settings.admission_max_images, settings.retry_after_s, metrics)
         app.state.classifier = Classifier(manifest, triton, settings, metrics, admission)

@@ -47,6 +47,13 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.triton_call_images = Histogram(
+            "kdserve_triton_call_images",
+            "Images in one Triton call (concurrent requests for a model share calls)",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.decode_seconds = Histogram(
             "kdserve_decode_duration_seconds",
             "Decoding and resizing the images of one request",

@@ -33,6 +33,9 @@ class GatewaySettings(BaseSettings):
     )
     triton_timeout_s: float = Field(5.0, gt=0, description="deadline of one Triton call")
     triton_connections: int = Field(32, ge=1, description="pooled HTTP connections to Triton")
+    triton_calls_in_flight: int = Field(
+        2, ge=1, description="Triton calls under way per model before concurrent requests share the next one"
+    )
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503s")
     drain_s: float = Field(
         0.0, ge=0, description="on SIGTERM: seconds /readyz reports 503 while requests are still served"

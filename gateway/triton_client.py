@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from gateway.coalesce import Coalescer
 from gateway.errors import BadRequest, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.metrics import GatewayMetrics
 from gateway.triton_http import TritonHTTP, TritonHTTPError, model_path
@@ -24,10 +25,20 @@ NOT_SERVING = ("unknown model", "no available versions", "not ready", "is not fo
 
 
 class TritonClient:
-    def __init__(self, url: str, timeout_s: float, connections: int, retry_after_s: int, metrics: GatewayMetrics):
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        connections: int,
+        retry_after_s: int,
+        metrics: GatewayMetrics,
+        calls_in_flight: int,
+        max_images: int,
+    ):
         self.url, self.timeout_s, self.retry_after = url, timeout_s, str(retry_after_s)
         self.metrics = metrics
         self._http = TritonHTTP(url, connections)
+        self._coalescer = Coalescer(self._call, calls_in_flight, max_images, self._count_images)
 
     async def close(self) -> None:
         await self._http.close()
@@ -44,22 +55,33 @@ class TritonClient:
         return "failed", UpstreamError(f"model {model} failed to run")
 
     async def infer(
-        self,
-        model: str,
-        images: np.ndarray,
-        output: str = "logits",
-        timeout_s: float | None = None,
-        version: int | None = None,
+        self, model: str, images: np.ndarray, output: str = "logits", version: int | None = None
     ) -> np.ndarray:
-        deadline = timeout_s or self.timeout_s
-        start = time.perf_counter()
-        outcome = "ok"
+        """The named output for `images`; concurrent calls for the same model may share one Triton
+        request (`gateway.coalesce`). The caller waits at most the deadline of one call."""
+        key = (model, version, output, images.shape[1:], images.dtype.str)
         try:
-            async with asyncio.timeout(deadline):
-                return await self._http.infer(model, images, output, version)
+            async with asyncio.timeout(self.timeout_s):
+                return await self._coalescer.run(key, images)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"model {model} did not answer within {self.timeout_s:.2f}s") from exc
+
+    def _count_images(self, key: tuple, images: int) -> None:
+        self.metrics.triton_call_images.labels(key[0]).observe(images)
+
+    async def _call(self, key: tuple, images: np.ndarray) -> np.ndarray:
+        """One Triton request, timed and counted, its errors mapped to domain errors."""
+        model, version, output = key[:3]
+        start = time.perf_counter()
+        outcome = "cancelled"  # unless set below: its caller stopped waiting (deadline, shutdown)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                answer = await self._http.infer(model, images, output, version)
+            outcome = "ok"
+            return answer
         except TimeoutError as exc:
             outcome = "timeout"
-            raise UpstreamTimeout(f"model {model} did not answer within {deadline:.2f}s") from exc
+            raise UpstreamTimeout(f"model {model} did not answer within {self.timeout_s:.2f}s") from exc
         except TritonHTTPError as exc:
             # Triton's own text goes to the log, never to the client.
             log.warning("triton refused a request to %s: %s", model, exc)

@@ -184,6 +184,7 @@ def test_every_metric_is_exported_with_its_labels(gateway):
         'kdserve_request_duration_seconds_bucket{arm="",le="0.001",model="student_kd",route="/v1/classify",status="200"}',
         f'kdserve_requests_total{{arm="{arm}",model="{ab.json()["model"]}",route="/v1/classify",status="200"}}',
         'kdserve_triton_call_duration_seconds_count{model="student_kd",outcome="ok"}',
+        'kdserve_triton_call_images_count{model="student_kd"}',
         "kdserve_decode_duration_seconds_count",
         'kdserve_fusion_duration_seconds_count{method="mean_prob"}',
         'kdserve_requests_total{arm="",model="student_kd",route="/v1/classify",status="200"}',

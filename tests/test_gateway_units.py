@@ -1,5 +1,7 @@
-"""Gateway pieces that need no server: fusion arithmetic, A/B assignment, settings, image decoding."""
+"""Gateway pieces that need no server: fusion arithmetic, A/B assignment, settings, image decoding,
+merging concurrent Triton calls."""
 
+import asyncio
 import io
 
 import numpy as np
@@ -8,6 +10,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from gateway.ab import ABRouter, ABStats
+from gateway.coalesce import Coalescer
 from gateway.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
 from gateway.fusion import fuse, softmax
 from gateway.images import decode_image
@@ -87,3 +90,71 @@ def test_decode_matches_training_preparation_and_refuses_bad_images():
         decode_image(_png(Image.new("1", (200, 200))), spec, FORMATS, 10_000)
     with pytest.raises(UnsupportedMediaType, match="not allowed"):
         decode_image(_png(Image.new("RGB", (8, 8)), "BMP"), spec, ["PNG"], 10_000)
+
+
+class GatedTriton:
+    """A stand-in for Triton's answer to a call: each call waits until the test opens its gate, then
+    answers every image with its own id (so the test sees which rows went to whom) or fails."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.gates: list[asyncio.Event] = []
+        self.fail: set[int] = set()
+
+    async def send(self, key: str, images: np.ndarray) -> np.ndarray:
+        call = len(self.calls)
+        self.calls.append(images[:, 0].tolist())
+        self.gates.append(asyncio.Event())
+        await self.gates[call].wait()
+        if call in self.fail:
+            raise RuntimeError(f"call {call} failed")
+        return images * 10
+
+
+def test_waiting_requests_share_the_next_call_within_the_image_bound():
+    async def scenario() -> None:
+        triton, sizes = GatedTriton(), []
+        coalescer = Coalescer(triton.send, in_flight=1, max_images=4, on_batch=lambda key, n: sizes.append(n))
+
+        def request(*ids: int) -> asyncio.Task:
+            return asyncio.create_task(coalescer.run("m", np.array([[i] for i in ids])))
+
+        first = request(1)
+        await asyncio.sleep(0)
+        assert triton.calls == [[1]]  # alone: sent at once, nothing waited for
+        waiting = [request(2, 3), request(4), request(5), request(6, 7, 8)]
+        cancelled = request(9)
+        await asyncio.sleep(0)
+        cancelled.cancel()  # its caller stops waiting before its call is sent
+        triton.fail.add(1)
+        triton.gates[0].set()
+        assert (await first).tolist() == [[10]]
+        await asyncio.sleep(0)
+        assert triton.calls == [[1], [2, 3, 4, 5]]  # the next call takes what fits in 4 images
+        triton.gates[1].set()
+        for task in waiting[:3]:  # a failed call fails every request in it
+            with pytest.raises(RuntimeError, match="call 1 failed"):
+                await task
+        await asyncio.sleep(0)
+        assert triton.calls[2] == [6, 7, 8]  # the rest follow; the cancelled request never reaches Triton
+        triton.gates[2].set()
+        assert (await waiting[3]).tolist() == [[60], [70], [80]]
+        assert triton.calls == [[1], [2, 3, 4, 5], [6, 7, 8]] and sizes == [1, 4, 3]
+
+    asyncio.run(scenario())
+
+
+def test_lone_requests_are_not_held_back_while_calls_are_free():
+    async def scenario() -> None:
+        triton = GatedTriton()
+        coalescer = Coalescer(triton.send, in_flight=2, max_images=64, on_batch=lambda key, n: None)
+        a = asyncio.create_task(coalescer.run("m", np.array([[1]])))
+        b = asyncio.create_task(coalescer.run("m", np.array([[2]])))
+        other = asyncio.create_task(coalescer.run("other model", np.array([[3]])))
+        await asyncio.sleep(0)
+        assert triton.calls == [[1], [2], [3]]  # two calls may be under way per model, models apart
+        for gate in triton.gates:
+            gate.set()
+        assert [(await t).tolist() for t in (a, b, other)] == [[[10]], [[20]], [[30]]]
+
+    asyncio.run(scenario())

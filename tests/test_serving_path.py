@@ -88,6 +88,72 @@ def test_admission_control_sheds_at_its_bound_with_exact_counts(tiny_repo, own_t
         assert 'kdserve_errors_total{kind="overloaded"} 2.0' in gateway.client.get("/metrics").text
 
 
+def triton_requests(server: EmbeddedTriton, model: str) -> int:
+    with httpx.Client() as client:
+        stats = client.get(f"http://{server.http_url}/v2/models/{model}/stats").json()["model_stats"][0]
+    return int(stats["inference_stats"]["success"]["count"])
+
+
+def test_concurrent_requests_share_one_triton_call_with_their_own_answers(tiny_repo, own_triton):
+    """One Triton call in flight per model. While Triton is frozen, request A's call is under way;
+    B (2 images) and C (1 image) arrive and wait. When Triton resumes, A's call answers A alone, and
+    B and C leave together as one 3-image call: 3 client requests, 2 Triton requests, 4 images. Each
+    client gets the rows of its own images, equal to what it gets when it is alone."""
+    env = {"KDSERVE_TRITON_CALLS_IN_FLIGHT": "1", "KDSERVE_TRITON_TIMEOUT_S": "60"}
+    digits = {"A": [1700], "B": [1701, 1702], "C": [1703]}
+
+    def files(name: str) -> list:
+        return [("images", (f"{i}.png", digit_png_bytes(i), "image/png")) for i in digits[name]]
+
+    def probabilities(resp: httpx.Response) -> list[list[float]]:
+        assert resp.status_code == 200, resp.text
+        return [sorted((p["index"], p["probability"]) for p in pred["top_k"]) for pred in resp.json()["predictions"]]
+
+    with GatewayProcess(tiny_repo, own_triton.http_url, env=env) as gateway:
+        alone = {
+            name: probabilities(gateway.client.post("/v1/classify?model=student&top_k=10", files=files(name)))
+            for name in digits
+        }
+        calls_before, metrics_before = triton_requests(own_triton, "student_kd"), gateway.client.get("/metrics").text
+
+        async def scenario() -> dict[str, httpx.Response]:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+
+                def post(name: str):
+                    return asyncio.create_task(client.post("/v1/classify?model=student&top_k=10", files=files(name)))
+
+                async def until_admitted(images: float) -> None:
+                    deadline = time.monotonic() + 10
+                    while admitted_images(gateway, "student_kd") != images:
+                        assert time.monotonic() < deadline, "request never admitted"
+                        await asyncio.sleep(0.05)
+
+                os.kill(own_triton.pid, signal.SIGSTOP)
+                first = post("A")
+                await until_admitted(1)
+                waiting = [post("B"), post("C")]
+                await until_admitted(4)
+                os.kill(own_triton.pid, signal.SIGCONT)
+                return dict(zip(digits, [await first, *[await w for w in waiting]], strict=True))
+
+        together = asyncio.run(scenario())
+        metrics = gateway.client.get("/metrics").text
+
+    for name in digits:
+        assert np.allclose(probabilities(together[name]), alone[name], atol=1e-6), name
+    assert triton_requests(own_triton, "student_kd") - calls_before == 2
+    calls = 'kdserve_triton_call_images_count{model="student_kd"}'
+    images = 'kdserve_triton_call_images_sum{model="student_kd"}'
+    assert metric(metrics, calls) - metric(metrics_before, calls) == 2
+    assert metric(metrics, images) - metric(metrics_before, images) == 4
+
+
+def metric(text: str, series: str) -> float:
+    found = re.search(rf"^{re.escape(series)} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert found, f"{series} not exported"
+    return float(found.group(1))
+
+
 def test_settings_refuse_a_bound_below_one_full_request(tiny_repo, triton):
     with pytest.raises(RuntimeError, match="admission_max_images"):
         GatewayProcess(tiny_repo, triton.http_url, env={"KDSERVE_ADMISSION_MAX_IMAGES": "8"})
