@@ -38,6 +38,14 @@ def rejected(gateway: GatewayProcess, model: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+async def until_admitted(gateway: GatewayProcess, model: str, images: float) -> None:
+    """Wait until the gateway holds `images` images in flight to `model` (admitted, not yet answered)."""
+    deadline = time.monotonic() + 10
+    while admitted_images(gateway, model) != images:
+        assert time.monotonic() < deadline, "request never admitted"
+        await asyncio.sleep(0.05)
+
+
 def test_admission_control_sheds_at_its_bound_with_exact_counts(tiny_repo, own_triton):
     """Bound 4 images in flight to a model. With Triton frozen nothing completes, so what is admitted stays
     admitted: 3 + 1 images fit, a 2-image and a 1-image request past the bound get an immediate 503."""
@@ -56,18 +64,12 @@ def test_admission_control_sheds_at_its_bound_with_exact_counts(tiny_repo, own_t
                 def post(n: int):
                     return asyncio.create_task(client.post("/v1/classify?model=student", files=files(n)))
 
-                async def until_admitted(images: float) -> None:
-                    deadline = time.monotonic() + 10
-                    while admitted_images(gateway, "student_kd") != images:
-                        assert time.monotonic() < deadline, "request never admitted"
-                        await asyncio.sleep(0.05)
-
                 os.kill(own_triton.pid, signal.SIGSTOP)
                 three = post(3)
-                await until_admitted(3)
+                await until_admitted(gateway, "student_kd", 3)
                 shed_two = await client.post("/v1/classify?model=student", files=files(2))
                 one = post(1)
-                await until_admitted(4)
+                await until_admitted(gateway, "student_kd", 4)
                 shed_one = await client.post("/v1/classify?model=student", files=files(1))
                 other_model = await asyncio.wait_for(
                     client.get("/healthz"), timeout=5
@@ -122,17 +124,11 @@ def test_concurrent_requests_share_one_triton_call_with_their_own_answers(tiny_r
                 def post(name: str):
                     return asyncio.create_task(client.post("/v1/classify?model=student&top_k=10", files=files(name)))
 
-                async def until_admitted(images: float) -> None:
-                    deadline = time.monotonic() + 10
-                    while admitted_images(gateway, "student_kd") != images:
-                        assert time.monotonic() < deadline, "request never admitted"
-                        await asyncio.sleep(0.05)
-
                 os.kill(own_triton.pid, signal.SIGSTOP)
                 first = post("A")
-                await until_admitted(1)
+                await until_admitted(gateway, "student_kd", 1)
                 waiting = [post("B"), post("C")]
-                await until_admitted(4)
+                await until_admitted(gateway, "student_kd", 4)
                 os.kill(own_triton.pid, signal.SIGCONT)
                 return dict(zip(digits, [await first, *[await w for w in waiting]], strict=True))
 
