@@ -38,7 +38,7 @@ class TritonClient:
         self.url, self.timeout_s, self.retry_after = url, timeout_s, str(retry_after_s)
         self.metrics = metrics
         self._http = TritonHTTP(url, connections)
-        self._coalescer = Coalescer(self._call, calls_in_flight, max_images, self._count_images)
+        self._coalescer = Coalescer(self._call, calls_in_flight, max_images, timeout_s, self._count_images)
 
     async def close(self) -> None:
         await self._http.close()
@@ -61,9 +61,8 @@ class TritonClient:
         request (`gateway.coalesce`). The caller waits at most the deadline of one call."""
         key = (model, version, output, images.shape[1:], images.dtype.str)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                return await self._coalescer.run(key, images)
-        except TimeoutError as exc:
+            return await self._coalescer.run(key, images)
+        except TimeoutError as exc:  # waited for a shared call past the deadline (a call's own is mapped in _call)
             raise UpstreamTimeout(f"model {model} did not answer within {self.timeout_s:.2f}s") from exc
 
     def _count_images(self, key: tuple, images: int) -> None:
@@ -73,7 +72,7 @@ class TritonClient:
         """One Triton request, timed and counted, its errors mapped to domain errors."""
         model, version, output = key[:3]
         start = time.perf_counter()
-        outcome = "cancelled"  # unless set below: its caller stopped waiting (deadline, shutdown)
+        outcome = "cancelled"  # unless set below: the gateway stopped while it was under way
         try:
             async with asyncio.timeout(self.timeout_s):
                 answer = await self._http.infer(model, images, output, version)

@@ -114,7 +114,9 @@ class GatedTriton:
 def test_waiting_requests_share_the_next_call_within_the_image_bound():
     async def scenario() -> None:
         triton, sizes = GatedTriton(), []
-        coalescer = Coalescer(triton.send, in_flight=1, max_images=4, on_batch=lambda key, n: sizes.append(n))
+        coalescer = Coalescer(
+            triton.send, in_flight=1, max_images=4, wait_s=10, on_batch=lambda key, n: sizes.append(n)
+        )
 
         def request(*ids: int) -> asyncio.Task:
             return asyncio.create_task(coalescer.run("m", np.array([[i] for i in ids])))
@@ -147,7 +149,7 @@ def test_waiting_requests_share_the_next_call_within_the_image_bound():
 def test_lone_requests_are_not_held_back_while_calls_are_free():
     async def scenario() -> None:
         triton = GatedTriton()
-        coalescer = Coalescer(triton.send, in_flight=2, max_images=64, on_batch=lambda key, n: None)
+        coalescer = Coalescer(triton.send, in_flight=2, max_images=64, wait_s=10, on_batch=lambda key, n: None)
         a = asyncio.create_task(coalescer.run("m", np.array([[1]])))
         b = asyncio.create_task(coalescer.run("m", np.array([[2]])))
         other = asyncio.create_task(coalescer.run("other model", np.array([[3]])))
@@ -156,5 +158,21 @@ def test_lone_requests_are_not_held_back_while_calls_are_free():
         for gate in triton.gates:
             gate.set()
         assert [(await t).tolist() for t in (a, b, other)] == [[[10]], [[20]], [[30]]]
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_waits_past_the_deadline_times_out_and_is_never_sent():
+    async def scenario() -> None:
+        triton = GatedTriton()
+        coalescer = Coalescer(triton.send, in_flight=1, max_images=64, wait_s=0.05, on_batch=lambda key, n: None)
+        first = asyncio.create_task(coalescer.run("m", np.array([[1]])))
+        await asyncio.sleep(0)
+        with pytest.raises(TimeoutError):
+            await coalescer.run("m", np.array([[2]]))
+        triton.gates[0].set()
+        assert (await first).tolist() == [[10]]
+        await asyncio.sleep(0)
+        assert triton.calls == [[1]]
 
     asyncio.run(scenario())
