@@ -110,22 +110,25 @@ class GatedTriton:
             raise RuntimeError(f"call {call} failed")
         return images * 10
 
+    def coalescer(self, in_flight: int, max_images: int = 64, wait_s: float = 10.0, sizes: list | None = None):
+        record = sizes.append if sizes is not None else (lambda n: None)
+        return Coalescer(self.send, in_flight, max_images, wait_s, on_batch=lambda key, n: record(n))
+
+
+def request(coalescer: Coalescer, *ids: int, model: str = "m") -> asyncio.Task:
+    """One request of images that each carry their id (the stand-in answers id * 10)."""
+    return asyncio.create_task(coalescer.run(model, np.array([[i] for i in ids])))
+
 
 def test_waiting_requests_share_the_next_call_within_the_image_bound():
     async def scenario() -> None:
         triton, sizes = GatedTriton(), []
-        coalescer = Coalescer(
-            triton.send, in_flight=1, max_images=4, wait_s=10, on_batch=lambda key, n: sizes.append(n)
-        )
-
-        def request(*ids: int) -> asyncio.Task:
-            return asyncio.create_task(coalescer.run("m", np.array([[i] for i in ids])))
-
-        first = request(1)
+        coalescer = triton.coalescer(in_flight=1, max_images=4, sizes=sizes)
+        first = request(coalescer, 1)
         await asyncio.sleep(0)
         assert triton.calls == [[1]]  # alone: sent at once, nothing waited for
-        waiting = [request(2, 3), request(4), request(5), request(6, 7, 8)]
-        cancelled = request(9)
+        waiting = [request(coalescer, *ids) for ids in ((2, 3), (4,), (5,), (6, 7, 8))]
+        cancelled = request(coalescer, 9)
         await asyncio.sleep(0)
         cancelled.cancel()  # its caller stops waiting before its call is sent
         triton.fail.add(1)
@@ -149,10 +152,8 @@ def test_waiting_requests_share_the_next_call_within_the_image_bound():
 def test_lone_requests_are_not_held_back_while_calls_are_free():
     async def scenario() -> None:
         triton = GatedTriton()
-        coalescer = Coalescer(triton.send, in_flight=2, max_images=64, wait_s=10, on_batch=lambda key, n: None)
-        a = asyncio.create_task(coalescer.run("m", np.array([[1]])))
-        b = asyncio.create_task(coalescer.run("m", np.array([[2]])))
-        other = asyncio.create_task(coalescer.run("other model", np.array([[3]])))
+        coalescer = triton.coalescer(in_flight=2)
+        a, b, other = request(coalescer, 1), request(coalescer, 2), request(coalescer, 3, model="other model")
         await asyncio.sleep(0)
         assert triton.calls == [[1], [2], [3]]  # two calls may be under way per model, models apart
         for gate in triton.gates:
@@ -165,11 +166,11 @@ def test_lone_requests_are_not_held_back_while_calls_are_free():
 def test_a_request_that_waits_past_the_deadline_times_out_and_is_never_sent():
     async def scenario() -> None:
         triton = GatedTriton()
-        coalescer = Coalescer(triton.send, in_flight=1, max_images=64, wait_s=0.05, on_batch=lambda key, n: None)
-        first = asyncio.create_task(coalescer.run("m", np.array([[1]])))
+        coalescer = triton.coalescer(in_flight=1, wait_s=0.05)
+        first = request(coalescer, 1)
         await asyncio.sleep(0)
         with pytest.raises(TimeoutError):
-            await coalescer.run("m", np.array([[2]]))
+            await request(coalescer, 2)
         triton.gates[0].set()
         assert (await first).tolist() == [[10]]
         await asyncio.sleep(0)

@@ -128,6 +128,7 @@ def _multihead_objective(
     job: FitJob,
     distill: DistillConfig | None,
     generator: torch.Generator,
+    all_labelled: bool = False,
 ) -> torch.Tensor:
     """Mean of the per-head objectives, each head on its own random share of the batch."""
     losses = []
@@ -137,7 +138,7 @@ def _multihead_objective(
         if not keep.any():
             continue
         t_logits = teacher_logits[keep] if teacher_logits is not None else None
-        losses.append(_objective(logits[keep, head], target[keep], t_logits, job, distill))
+        losses.append(_objective(logits[keep, head], target[keep], t_logits, job, distill, all_labelled))
     return torch.stack(losses).mean()
 
 
@@ -354,7 +355,7 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
                         teacher_logits = teacher(images).float()
                 logits = ddp_model(images).float()
                 if logits.ndim == 3:
-                    loss = _multihead_objective(logits, target, teacher_logits, job, distill, generator)
+                    loss = _multihead_objective(logits, target, teacher_logits, job, distill, generator, all_labelled)
                     logits = logits.mean(dim=1)
                 else:
                     loss = _objective(logits, target, teacher_logits, job, distill, all_labelled)
