@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# The gateway image: the `serve` extra only (FastAPI, uvicorn, tritonclient, ONNX Runtime and the
-# embedded Triton of nvidia-pytriton for machines without NVIDIA's Triton container), no torch.
+# The gateway image: the contract package and the gateway with the `serve` extra only (FastAPI, uvicorn,
+# tritonclient, ONNX Runtime and the embedded Triton of nvidia-pytriton for machines without NVIDIA's
+# Triton container); no training code, no load tools, no torch.
 # Build from the repository root:
 #   docker build -f deploy/docker/gateway.Dockerfile -t kdserve-gateway:0.1.0 .
 # Settings are KDSERVE_* variables (gateway/settings.py); the model repository is mounted at /models.
@@ -10,9 +11,8 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY training ./training
+COPY kdcontract ./kdcontract
 COPY gateway ./gateway
-COPY loadtest ./loadtest
 RUN python -m venv /opt/kdserve \
  && /opt/kdserve/bin/pip install --upgrade pip \
  && /opt/kdserve/bin/pip install '.[serve]' \

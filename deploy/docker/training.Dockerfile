@@ -8,9 +8,8 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY kdcontract ./kdcontract
 COPY training ./training
-COPY gateway ./gateway
-COPY loadtest ./loadtest
 RUN python -m venv /opt/kdserve \
  && /opt/kdserve/bin/pip install --upgrade pip \
  && /opt/kdserve/bin/pip install torch==2.14.1 torchvision==0.29.1 'numpy<2' \

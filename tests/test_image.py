@@ -1,0 +1,102 @@
+"""The gateway image, built with podman from the repository's Dockerfile and run as production runs it:
+read-only root, uid 10001, the model repository mounted read-only, its HEALTHCHECK passing, answering
+classifications exactly as the gateway on the host does, and stopping cleanly on SIGTERM.
+
+The image is built once per content hash (deploy/podman/image.sh); a fresh machine pays for the base
+(debootstrap, ~1.5 min) and the build (~2 min) once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.process import free_port
+from kdcontract.digits import digit_png_bytes
+from tests.conftest import ROOT
+
+PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy" / "podman" / "containers.conf")}
+HELD_OUT = [1500, 1600, 1700, 1750]
+READY_WITHIN_S = 240  # Triton loads ~15 Python-backend models; generous for a machine 3x slower
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["podman", *args], env=PODMAN_ENV, capture_output=True, text=True, timeout=timeout, check=check
+    )
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    for tool in ("podman", "buildah", "runc", "debootstrap"):
+        assert shutil.which(tool), f"{tool} is missing: `make setup` installs Debian's {tool} package"
+    built = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "podman" / "image.sh")], capture_output=True, text=True, timeout=1500
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    return built.stdout.strip().splitlines()[-1]
+
+
+def start_gateway_container(image: str, repo) -> tuple[str, str]:
+    """The image run as in production: read-only root, the repository mounted read-only, its embedded
+    Triton on free loopback ports (host network: no port publishing needed on these machines)."""
+    name = f"kdserve-test-{uuid.uuid4().hex[:8]}"
+    port, http, grpc, metrics = free_port(), free_port(), free_port(), free_port()
+    podman(
+        "run", "--detach", "--name", name, "--read-only", "--network", "host",
+        "--volume", f"{repo}:/models:ro",
+        "--env", f"KDSERVE_PORT={port}", "--env", "KDSERVE_EMBEDDED_TRITON=true",
+        "--env", f"KDSERVE_TRITON_URL=127.0.0.1:{http}",
+        "--env", f"KDSERVE_TRITON_GRPC_PORT={grpc}", "--env", f"KDSERVE_TRITON_METRICS_PORT={metrics}",
+        image,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_WITHIN_S
+    while time.monotonic() < deadline:
+        state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+        assert state == "running", podman("logs", name, check=False).stderr[-3000:]
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return name, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"not ready in {READY_WITHIN_S} s: {podman('logs', name, check=False).stderr[-3000:]}")
+
+
+def test_the_image_serves_read_only_as_uid_10001_passes_its_healthcheck_and_stops_cleanly(image, tiny_repo, gateway):
+    name, url = start_gateway_container(image, tiny_repo)
+    try:
+        assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
+        assert podman("inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", name).stdout.strip() == "true"
+        assert podman("exec", name, "touch", "/opt/kdserve/written", check=False).returncode != 0
+        # Serving only: neither the training code nor the load tools nor torch are in the image.
+        probe = "import importlib.util as u; print([m for m in ('torch', 'training', 'loadtest') if u.find_spec(m)])"
+        assert podman("exec", name, "python", "-c", probe).stdout.strip() == "[]"
+
+        assert podman("healthcheck", "run", name, check=False).returncode == 0
+
+        # The container answers exactly what the gateway on the host answers for the same repository.
+        files = [("images", (f"{i}.png", digit_png_bytes(i), "image/png")) for i in HELD_OUT]
+        for model in ("student", "teacher", "ensemble"):
+            params = {"model": model, "top_k": 10}
+            served = httpx.post(f"{url}/v1/classify", params=params, files=files, timeout=60)
+            assert served.status_code == 200, served.text
+            host = gateway.client.post("/v1/classify", params=params, files=files).json()["predictions"]
+            for ours, theirs in zip(served.json()["predictions"], host, strict=True):
+                expected = {p["label"]: p["probability"] for p in theirs["top_k"]}
+                got = {p["label"]: p["probability"] for p in ours["top_k"]}
+                assert got.keys() == expected.keys()
+                np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), atol=1e-5)
+
+        podman("stop", "--time", "30", name, timeout=90)  # SIGTERM; SIGKILL only after 30 s
+        state = podman("inspect", "--format", "{{.State.ExitCode}} {{.State.OOMKilled}}", name).stdout.split()
+        assert state == ["0", "false"], podman("logs", name, check=False).stderr[-3000:]
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)
