@@ -13,8 +13,9 @@ RUN_DIR ?= runs/$(RECIPE)
 REPO ?= model_repository
 FLAVOR ?= cpu
 export PYTHONUNBUFFERED := 1
+export NO_MKDOCS_2_WARNING := 1  # Material's notice about its successor, printed on every build
 
-.PHONY: setup test demo bench fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
+.PHONY: setup test docs demo bench fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch/torchvision are installed first
 # and by pip on purpose: pip takes the pinned wheels from this machine's disk (uv/poetry download ~3 GB).
@@ -32,30 +33,39 @@ $(LOCUST_STAMP): pyproject.toml
 	touch $@
 
 # System packages the tests use: Debian's chromium for the browser test (Playwright drives it; it
-# downloads no browser of its own) and Debian's prometheus (the server and promtool) for the monitoring
-# and deploy tests. Those tests fail, not skip, without them.
+# downloads no browser of its own), Debian's prometheus (the server and promtool) for the monitoring
+# and deploy tests, and podman, buildah, runc and debootstrap to build and run the gateway image
+# (deploy/podman/). Those tests fail, not skip, without them.
 SYSTEM_STAMP := $(VENV)/.kdserve-system
-SYSTEM_PACKAGES := chromium prometheus
-$(SYSTEM_STAMP): | $(STAMP)
-	command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
+SYSTEM_PACKAGES := chromium prometheus podman buildah runc debootstrap
+SYSTEM_COMMANDS := chromium prometheus promtool podman buildah runc debootstrap
+$(SYSTEM_STAMP): Makefile | $(STAMP)
+	for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); fi
 	touch $@
 
 setup: $(STAMP) $(LOCUST_STAMP) $(SYSTEM_STAMP)
 
-# In a new random order every run (pytest-randomly); SEED=N repeats the order of an earlier run.
+# The layering contracts first (import-linter, [tool.importlinter] in pyproject.toml), then the suite in a
+# new random order every run (pytest-randomly; SEED=N repeats the order of an earlier run), slowest 15 listed.
 test: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mkdocs build --strict --quiet
 	@seed=$${SEED:-$$RANDOM}; echo "test order: SEED=$$seed (make test SEED=$$seed repeats it)"; \
-	$(PY) -m pytest -q --randomly-seed=$$seed
+	$(PY) -m pytest -q --durations=15 --randomly-seed=$$seed
 
 # Train (stages already trained with the same settings are reused), export and check the repository,
 # then start Triton + the gateway and classify held-out digits over HTTP. It keeps serving until
-# Ctrl-C; `make demo ONCE=1` exits after the demo (for scripts).
+# Ctrl-C; `make demo ONCE=1` exits after the demo (for scripts). The run's results and export report are
+# copied to benchmarks/$(RECIPE)/, where the docs read them.
 demo: setup
 	$(PY) -m training all --recipe $(RECIPE) --out $(RUN_DIR)
 	$(PY) -m training export --run $(RUN_DIR) --repo $(REPO) --flavor $(FLAVOR)
 	@cat $(RUN_DIR)/export_report.md
-	$(PY) -m gateway demo --repo $(REPO) --recipe $(RECIPE) $(if $(ONCE),--once)
+	mkdir -p benchmarks/$(RECIPE)
+	cp $(RUN_DIR)/results.md $(RUN_DIR)/results.json $(RUN_DIR)/export_report.md benchmarks/$(RECIPE)/
+	$(PY) -m loadtest demo --repo $(REPO) $(if $(ONCE),--once)
 
 # Needs the demo's repository; training and export reuse what is already there. The timing repository
 # (untrained ResNet18/ResNet50 at 224x224) shows the student's speed-up where compute dominates.
@@ -104,6 +114,10 @@ dashboard: setup
 # A 60-second A/B load test against a running demo gateway (`make demo` in another terminal).
 loadtest: setup
 	$(PY) -m loadtest run --host http://127.0.0.1:8080 --scenario ab --users 4 --duration 60s --out runs/loadtest-ab
+
+# The docs site (MkDocs, Material theme) into build/site/; strict: a broken link or missing page fails.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
 
 lint: setup
 	$(VENV)/bin/ruff check .

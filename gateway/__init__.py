@@ -1,1 +1,4 @@
-"""kdserve gateway: runs the embedded Triton server and (next) the FastAPI front end. Never imports torch."""
+"""kdserve gateway: the FastAPI front end over Triton, and the supervisor of the embedded Triton.
+
+It reads the model repository through `kdcontract` and never imports `training` or torch (import-linter
+contracts in `make test`)."""

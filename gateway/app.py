@@ -22,7 +22,7 @@ from gateway.service import Classifier
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
 from gateway.triton_server import EmbeddedTriton, TritonPorts
-from training.manifest import SchemaMismatch, read_manifest
+from kdcontract.manifest import SchemaMismatch, read_manifest
 
 
 def _embedded_triton(settings: GatewaySettings) -> EmbeddedTriton:

@@ -75,18 +75,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     DrainingServer(config, app.state, settings.drain_s).run()
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
-    from gateway.demo import run_demo
-
-    run_demo(
-        Path(args.repo),
-        args.recipe,
-        args.port,
-        TritonPorts(args.http_port, args.grpc_port, args.metrics_port),
-        once=args.once,
-    )
-
-
 def _add_triton_port_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
@@ -118,19 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_serve)
 
-    demo = commands.add_parser("demo", help="start Triton + gateway and classify held-out digits over HTTP")
-    demo.add_argument("--repo", default="model_repository")
-    demo.add_argument("--recipe", default="digits", help="the recipe whose test split is sent")
-    demo.add_argument("--port", type=int, default=8080, help="gateway port")
-    _add_triton_port_flags(demo)
-    demo.add_argument("--once", action="store_true", help="exit after the demo instead of serving on")
-    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per demo request would bury the results
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from gateway.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from training.imageprep import prepare
-from training.manifest import Preprocessing
+from kdcontract.imageprep import prepare
+from kdcontract.manifest import Preprocessing
 
 # Our own pixel limit is checked from the header before decoding, so Pillow's bomb warning (emitted
 # past its 89-Mpixel default) is noise. Filtered once for the process: `warnings.catch_warnings`

@@ -18,9 +18,10 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from gateway.errors import GatewayError
-from gateway.service import GATEWAY_NAMES, Classifier, model_aliases
+from gateway.service import Classifier
 from gateway.settings import GatewaySettings
-from training.manifest import MANIFEST_NAME, Manifest, SchemaMismatch, read_manifest
+from kdcontract.manifest import MANIFEST_NAME, Manifest, SchemaMismatch, read_manifest
+from kdcontract.names import GATEWAY_NAMES, model_aliases
 
 log = logging.getLogger("kdserve.gateway")
 

@@ -31,6 +31,10 @@ def answers(url: str) -> bool:
         return False
 
 
+class GatewayStartError(RuntimeError):
+    """The gateway exited during start-up or never became ready; the message carries its log."""
+
+
 class GatewayProcess:
     """Start the gateway under uvicorn and wait until `ready_path` answers 200 (or it exits)."""
 
@@ -72,10 +76,10 @@ class GatewayProcess:
             lambda: answers(f"{self.url}{ready_path}"), lambda: self.proc.poll() is not None, timeout
         )
         if outcome == "exited":
-            raise RuntimeError(f"gateway exited during start-up: {self.log_path.read_text().strip()}")
+            raise GatewayStartError(f"gateway exited during start-up: {self.log_path.read_text().strip()}")
         if outcome == "timeout":
             self.stop()
-            raise RuntimeError(f"gateway not answering {ready_path} after {timeout:.0f}s")
+            raise GatewayStartError(f"gateway not answering {ready_path} after {timeout:.0f}s")
         self.client = httpx.Client(base_url=self.url, timeout=60)
 
     def stop(self) -> None:

@@ -21,7 +21,8 @@ from gateway.errors import BadRequest, Overloaded, PayloadTooLarge, UnsupportedM
 from gateway.images import open_image, prepare_images
 from gateway.schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, ModelInfo, ModelsResponse
 from gateway.service import Classifier
-from training.manifest import Preprocessing
+from kdcontract.manifest import Preprocessing
+from kdcontract.names import AUTO
 
 router = APIRouter()
 
@@ -35,7 +36,7 @@ CLASSIFY_OPENAPI = {
             "in": "query",
             "required": False,
             "description": "student | teacher | ensemble | ensemble_triton | cascade | a served model | auto (A/B)",
-            "schema": {"type": "string", "default": "auto"},
+            "schema": {"type": "string", "default": AUTO},
         },
         {
             "name": "top_k",
@@ -194,11 +195,11 @@ async def classify(request: Request) -> Response:
     classifier: Classifier = state.classifier
     query = request.query_params
     files, model, top_k = await parse_classify_request(
-        request, query.get("model") or "auto", parse_top_k(query["top_k"]) if "top_k" in query else 3
+        request, query.get("model") or AUTO, parse_top_k(query["top_k"]) if "top_k" in query else 3
     )
 
     arm = None
-    if model == "auto":
+    if model == AUTO:
         arm = state.ab_router.assign(request.headers.get(state.settings.ab_key_header))
         model = arm
     target = classifier.resolve(model)
@@ -267,6 +268,7 @@ async def models(request: Request) -> ModelsResponse:
             )
             for (n, m), r in zip(manifest.models.items(), ready, strict=True)
         ],
+        split=manifest.split,
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from kdcontract.manifest import DataSplit
+
 
 class ClassifyJSON(BaseModel):
     images: list[str] = Field(..., min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
@@ -59,6 +61,9 @@ class ModelInfo(BaseModel):
 class ModelsResponse(BaseModel):
     aliases: dict[str, str]
     models: list[ModelInfo]
+    split: DataSplit | None = Field(
+        None, description="how the models' dataset was split: clients draw held-out images from it"
+    )
 
 
 class ErrorBody(BaseModel):

@@ -11,48 +11,22 @@ import numpy as np
 
 from gateway.admission import AdmissionControl
 from gateway.errors import GatewayError, Unavailable, UnknownModel
-from gateway.fusion import fuse, softmax
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
-from training.manifest import Manifest, ModelEntry
-
-GATEWAY_ENSEMBLE = "ensemble"  # the variants, called concurrently and fused in the gateway
-TRITON_ENSEMBLE = "ensemble_triton"  # alias of the Triton-side ensemble (server-side fusion)
-# Triton-side ensembles in order of preference: members and fusion as one graph (one Triton call),
-# then Triton's ensemble scheduler (members, then a fusion step).
-TRITON_ENSEMBLES = ("ensemble_fused", "ensemble_scheduler")
-NOT_CALLABLE = {"fusion"}  # internal step of the scheduler ensemble
-CASCADE = "cascade"  # the student, and the teacher for images the student is unsure of
-GATEWAY_NAMES = (GATEWAY_ENSEMBLE, CASCADE)  # what the gateway composes; no served model may take these names
-
-
-def model_aliases(manifest: Manifest) -> dict[str, str]:
-    """The names clients may use besides served model names -> what each one runs."""
-    aliases = {"student": "student_kd", "teacher": "teacher"}
-    if manifest.by_role("variant"):
-        aliases[GATEWAY_ENSEMBLE] = GATEWAY_ENSEMBLE
-    served = [name for name in TRITON_ENSEMBLES if name in manifest.models]
-    if served:
-        aliases[TRITON_ENSEMBLE] = served[0]
-    if manifest.cascade is not None:
-        aliases[CASCADE] = CASCADE
-    return aliases
-
-
-def trained_entry(manifest: Manifest, name: str) -> ModelEntry | None:
-    """The manifest entry whose training-time metrics describe an alias or served model.
-
-    Every ensemble (fused in the gateway or in Triton) applies training's fusion rule, so each reports
-    the fused ensemble's test metrics, which the export writes on the Triton-side ensembles' entries.
-    """
-    target = model_aliases(manifest).get(name, name)
-    if target == GATEWAY_ENSEMBLE:
-        return next(iter(manifest.by_role("ensemble")), None)
-    if target == CASCADE and manifest.cascade is not None:
-        student = manifest.models[manifest.cascade.student]
-        return student.model_copy(update={"name": CASCADE, "metrics": manifest.cascade.metrics})
-    return manifest.models.get(target)
+from kdcontract.fusion import fuse, fuse_heads, softmax
+from kdcontract.manifest import Manifest, ModelEntry
+from kdcontract.names import (
+    AUTO,
+    CASCADE,
+    ENSEMBLE,
+    GATEWAY_NAMES,
+    NOT_CALLABLE_ROLES,
+    STUDENT_KD,
+    TEACHER,
+    callable_names,
+    model_aliases,
+)
 
 
 @dataclass
@@ -88,11 +62,9 @@ class Classifier:
         if name in self.aliases:
             return self.aliases[name]
         entry = self.manifest.models.get(name)
-        if entry is None or entry.role in NOT_CALLABLE:
-            callable_names = sorted(
-                set(self.aliases) | {n for n, m in self.manifest.models.items() if m.role not in NOT_CALLABLE}
-            )
-            raise UnknownModel(f"unknown model {name!r}; choose one of: {', '.join(callable_names)}, auto")
+        if entry is None or entry.role in NOT_CALLABLE_ROLES:
+            known = ", ".join(callable_names(self.manifest))
+            raise UnknownModel(f"unknown model {name!r}; choose one of: {known}, {AUTO}")
         return name
 
     def admit(self, target: str, images: int) -> AbstractContextManager[None]:
@@ -100,7 +72,7 @@ class Classifier:
         return self.admission.admit(self.triton_models(target), images)
 
     def triton_models(self, target: str) -> list[str]:
-        if target == GATEWAY_ENSEMBLE:
+        if target == ENSEMBLE:
             return self.variants
         if target == CASCADE:
             return [self.manifest.cascade.student, self.manifest.cascade.teacher]
@@ -109,14 +81,14 @@ class Classifier:
     def routed_models(self) -> list[str]:
         """Every Triton model some route depends on (for /readyz)."""
         needed = {self.aliases[a] for a in self.settings.ab_weights if a in self.aliases}
-        needed |= {"student_kd", "teacher"} & set(self.manifest.models)
+        needed |= {STUDENT_KD, TEACHER} & set(self.manifest.models)
         needed |= set(self.variants)
         if CASCADE in needed:
             needed |= set(self.triton_models(CASCADE))
         return sorted(needed - set(GATEWAY_NAMES))
 
     async def classify(self, target: str, images: np.ndarray) -> Outcome:
-        if target == GATEWAY_ENSEMBLE:
+        if target == ENSEMBLE:
             return await self._ensemble(images)
         if target == CASCADE:
             return await self._cascade(images)
@@ -136,9 +108,8 @@ class Classifier:
         if entry.role == "ensemble":
             return raw.astype(np.float64)  # Triton's ensemble already fused calibrated probabilities
         if raw.ndim == 3:  # K-head model: the heads are fused like ensemble members
-            heads = [raw[:, k] for k in range(raw.shape[1])]
             with self.metrics.fusion_seconds.labels("heads").time():
-                return fuse(heads, [entry.temperature] * len(heads), "mean_prob")
+                return fuse_heads(raw, entry.temperature)
         return softmax(raw, entry.temperature)
 
     async def _ensemble(self, images: np.ndarray) -> Outcome:
@@ -173,7 +144,7 @@ class Classifier:
         )
         fusion_s = time.perf_counter() - start
         self.metrics.fusion_seconds.labels(self.settings.fusion).observe(fusion_s)
-        return Outcome(GATEWAY_ENSEMBLE, None, probabilities, inference_ms, fusion_s * 1000, degraded, names)
+        return Outcome(ENSEMBLE, None, probabilities, inference_ms, fusion_s * 1000, degraded, names)
 
     async def _cascade(self, images: np.ndarray) -> Outcome:
         """The student answers every image; those below the threshold are asked of the teacher.

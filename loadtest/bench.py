@@ -30,13 +30,28 @@ from pathlib import Path
 import aiohttp
 import httpx
 import numpy as np
-import onnxruntime as ort
 from PIL import Image, ImageDraw
 
 from gateway.process import GatewayProcess, serving
-from gateway.service import trained_entry
 from gateway.triton_http import infer_request
 from gateway.triton_server import EmbeddedTriton
+from kdcontract.client_forms import ClientForm, render
+from kdcontract.digits import digits_gray
+from kdcontract.imageprep import prepare
+from kdcontract.manifest import Manifest, read_manifest
+from kdcontract.names import (
+    ENSEMBLE,
+    FUSED_ENSEMBLE,
+    MULTIHEAD,
+    SCHEDULER_ENSEMBLE,
+    STUDENT,
+    STUDENT_KD,
+    TEACHER,
+    int8_name,
+    trained_entry,
+)
+from kdcontract.ort_session import open_session
+from kdcontract.pareto import pareto_rows, write_pareto
 from loadtest.measure import (
     STALL_MS,
     TritonStats,
@@ -47,15 +62,10 @@ from loadtest.measure import (
     time_interleaved,
 )
 from loadtest.served_accuracy import held_out
-from training.client_forms import ClientForm, render
-from training.imageprep import prepare
-from training.manifest import Manifest, read_manifest
-from training.pareto import pareto_rows, write_pareto
-from training.splits import digits_gray
 
 CONCURRENCY = (1, 4, 16, 64)
 LOAD_SECONDS = 3.0
-HELD_OUT = 1700  # a held-out digit, sent as a user would send it
+SAMPLE_DIGIT = 1700  # any digit serves: latency does not depend on which one is sent
 
 # What the serving issue asked of these figures; results.md says which were met.
 TARGETS = {
@@ -125,7 +135,7 @@ class Served:
         self.triton_http, self.gateway_url = triton.http_url, gateway.url
         self.client = httpx.Client(timeout=60)
         size = self.manifest.preprocessing.image_size
-        self.png = render(digits_gray()[0][HELD_OUT], ClientForm(size=size, resample="bicubic"))
+        self.png = render(digits_gray()[0][SAMPLE_DIGIT], ClientForm(size=size, resample="bicubic"))
         self.tensor = prepare(Image.open(io.BytesIO(self.png)), self.manifest.preprocessing)[None]
 
     def close(self) -> None:
@@ -136,11 +146,7 @@ class Served:
 
     def in_process(self, model: str, images: int = 1) -> Callable[[], object]:
         entry = self.manifest.models[model]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 2, 1, 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as served
-        path = str(self.repo / model / str(entry.version) / "model.onnx")
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = open_session(self.repo / model / str(entry.version) / "model.onnx")  # as Triton serves it
         batch = np.repeat(self.tensor, images, axis=0)
         return lambda: session.run(None, {"images": batch})
 
@@ -172,7 +178,7 @@ class Served:
 
     def gateway_held_out(self, alias: str) -> Callable[[], object]:
         """One held-out test digit a call, the next one each time (as sent by a client at the served size)."""
-        digits, _ = held_out(self.manifest.recipe)
+        digits, _ = held_out(self.manifest.split)
         size = self.manifest.preprocessing.image_size
         pngs = itertools.cycle([render(d, ClientForm(size=size, resample="bicubic")) for d in digits])
         url = f"{self.gateway_url}/v1/classify?model={alias}"
@@ -288,15 +294,15 @@ def healthz_under_large_images(served: Served, seconds: float = 6.0) -> dict:
 
 def ensembles(served: Served, requests: int) -> dict:
     manifest = served.manifest
-    choices = [("one student", "student")]
-    if "student_kd_int8" in manifest.models:
-        choices.append((INT8_STUDENT, "student_kd_int8"))
+    choices = [("one student", STUDENT)]
+    if int8_name(STUDENT_KD) in manifest.models:
+        choices.append((INT8_STUDENT, int8_name(STUDENT_KD)))
     if manifest.by_role("variant"):
-        choices.append(("variants fused in the gateway", "ensemble"))
-    triton_side = [n for n in ("ensemble_fused", "ensemble_fused_int8", "ensemble_scheduler") if n in manifest.models]
-    choices += [(f"Triton: {name}", name) for name in triton_side]
-    if "multihead" in manifest.models:
-        choices.append(("K-head model", "multihead"))
+        choices.append(("variants fused in the gateway", ENSEMBLE))
+    triton_side = [FUSED_ENSEMBLE, int8_name(FUSED_ENSEMBLE), SCHEDULER_ENSEMBLE]
+    choices += [(f"Triton: {name}", name) for name in triton_side if name in manifest.models]
+    if MULTIHEAD in manifest.models:
+        choices.append(("K-head model", MULTIHEAD))
     samples = time_interleaved({label: served.gateway(alias) for label, alias in choices}, requests)
     rows = {}
     for label, alias in choices:
@@ -338,11 +344,11 @@ def _ratio(a: float, b: float) -> float:
 
 def teacher_over_student(served: Served, figures: dict[str, dict]) -> dict:
     s, t = figures["student"], figures["teacher"]
-    macs = {n: served.manifest.models[n].metrics.get("macs") for n in ("student_kd", "teacher")}
+    macs = {n: served.manifest.models[n].metrics.get("macs") for n in (STUDENT_KD, TEACHER)}
     return {
         "image_size": served.manifest.preprocessing.image_size,
         "latency_p50": {p: _ratio(t[p]["p50_ms"], s[p]["p50_ms"]) for p in ("in_process", "triton_direct", "gateway")},
-        "macs": _ratio(macs["teacher"], macs["student_kd"]) if all(macs.values()) else None,
+        "macs": _ratio(macs["teacher"], macs[STUDENT_KD]) if all(macs.values()) else None,
     }
 
 
@@ -357,9 +363,9 @@ def run_bench(
         manifest: Manifest = served.manifest
         paths = {}
         for label, model, alias, n in (
-            ("student", "student_kd", "student", requests),
-            ("teacher", "teacher", "teacher", requests // 3),
-            ("student_int8", "student_kd_int8", "student_kd_int8", requests // 3),
+            (STUDENT, STUDENT_KD, STUDENT, requests),
+            (TEACHER, TEACHER, TEACHER, requests // 3),
+            ("student_int8", int8_name(STUDENT_KD), int8_name(STUDENT_KD), requests // 3),
         ):
             if model in manifest.models:
                 paths[label] = {"model": model, "top1": manifest.models[model].metrics.get("top1")}
@@ -373,11 +379,10 @@ def run_bench(
                 )
         results["latency_c1"] = paths
         results["images_per_request"] = {
-            str(n): latency_c1(served, "student_kd", "student", requests // 5, images=n) for n in (1, 16)
+            str(n): latency_c1(served, STUDENT_KD, STUDENT, requests // 5, images=n) for n in (1, 16)
         }
         results["throughput"] = {
-            name: throughput_curve(served, name, alias)
-            for name, alias in (("student_kd", "student"), ("teacher", "teacher"))
+            name: throughput_curve(served, name, alias) for name, alias in ((STUDENT_KD, STUDENT), (TEACHER, TEACHER))
         }
         results["healthz_under_large_images"] = healthz_under_large_images(served)
         results["ensembles"] = ensembles(served, requests // 3)
@@ -395,7 +400,7 @@ def run_bench(
             served = Served(timing_repo, triton, gateway)
             large = {
                 label: latency_c1(served, model, alias, max(30, requests // 20))
-                for label, model, alias in (("student", "student_kd", "student"), ("teacher", "teacher", "teacher"))
+                for label, model, alias in ((STUDENT, STUDENT_KD, STUDENT), (TEACHER, TEACHER, TEACHER))
             }
             results["latency_c1_224"] = large
             results["teacher_over_student"]["224"] = teacher_over_student(served, large)
@@ -412,7 +417,7 @@ def checks(results: dict) -> dict[str, dict]:
     """Each target of the serving issue against this run's figure: value, target, met."""
     student = results["latency_c1"]["student"]
     direct, gw = student["triton_direct"], student["gateway"]
-    c16 = {p: results["throughput"]["student_kd"][p][16]["throughput_per_s"] for p in ("triton_direct", "gateway")}
+    c16 = {p: results["throughput"][STUDENT_KD][p][16]["throughput_per_s"] for p in ("triton_direct", "gateway")}
     ens = results["ensembles"]
     single = {"one student", INT8_STUDENT}
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import httpx
 
 from gateway.process import serving
+from kdcontract.client_forms import ClientForm
+from kdcontract.errors import UserError
+from kdcontract.names import CASCADE, STUDENT, TEACHER
 from loadtest.bench import Served, machine, served_latency
 from loadtest.measure import metric_value
 from loadtest.served_accuracy import held_out, top1_through_gateway
-from training.client_forms import ClientForm
-from training.errors import UserError
 
 MAX_ACCURACY_GAP = 0.005
 
@@ -30,8 +31,8 @@ def check_cascade(repo: Path, requests: int = 300) -> dict:
         cascade = served.manifest.cascade
         if cascade is None:
             raise UserError(f"{repo} serves no cascade (train with cascade.enabled and export)")
-        models = {"student": cascade.student, "teacher": cascade.teacher, "cascade": "cascade"}
-        digits, labels = held_out(served.manifest.recipe)
+        models = {STUDENT: cascade.student, TEACHER: cascade.teacher, CASCADE: CASCADE}
+        digits, labels = held_out(served.manifest.split)
         form = ClientForm(size=served.manifest.preprocessing.image_size)
         with httpx.Client(base_url=gateway.url, timeout=120) as client:
             before = client.get("/metrics").text

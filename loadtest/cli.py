@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from gateway.triton_server import TritonPorts
+    from loadtest.demo import run_demo
+
+    run_demo(Path(args.repo), args.port, TritonPorts(args.http_port, args.grpc_port, args.metrics_port), args.once)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -26,7 +35,7 @@ def _cmd_served_accuracy(args: argparse.Namespace) -> None:
 
     def measure(url: str) -> dict:
         with httpx.Client(base_url=url, timeout=120) as client:
-            return served_accuracy(client, recipe=args.recipe)
+            return served_accuracy(client)
 
     if args.host:
         results = measure(args.host)
@@ -85,7 +94,6 @@ def _cmd_run(args: argparse.Namespace) -> None:
         Path(args.out),
         args.triton_metrics,
         args.stages,
-        args.recipe,
         args.max_fail_ratio,
         args.triton_http or None,
     )
@@ -93,6 +101,13 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"[loadtest] {args.scenario}: locust exit code {summary['locust_exit_code']}; report {report}")
     if summary["locust_exit_code"] != 0:
         raise SystemExit(summary["locust_exit_code"])
+
+
+def _cmd_headline(args: argparse.Namespace) -> None:
+    from loadtest.headline import write_headline
+
+    changed = write_headline(Path(args.readme), Path(args.benchmarks))
+    print(f"[headline] {args.readme} {'updated' if changed else 'already current'}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -104,6 +119,15 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest")
     commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="start Triton + gateway and classify held-out digits over HTTP")
+    demo.add_argument("--repo", default="model_repository")
+    demo.add_argument("--port", type=int, default=8080, help="gateway port")
+    demo.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
+    demo.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
+    demo.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
+    demo.add_argument("--once", action="store_true", help="exit after the demo instead of serving on")
+    demo.set_defaults(func=_cmd_demo)
+
     bench = commands.add_parser("bench", help="latency of in-process ORT vs Triton vs gateway, one run")
     bench.add_argument("--repo", default="model_repository")
     bench.add_argument("--out", default="benchmarks")
@@ -159,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1:8000",
         help="Triton for perf_analyzer at the same concurrencies ('' skips it)",
     )
-    run.add_argument("--recipe", default="digits", help="whose held-out split is sent")
     run.add_argument("--max-fail-ratio", type=float, default=0.01, help="stop rule")
     run.set_defaults(func=_cmd_run)
 
@@ -168,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     accuracy.add_argument("--repo", default="model_repository", help="served by its own Triton + gateway")
     accuracy.add_argument("--host", help="a running gateway instead, e.g. http://127.0.0.1:8080")
-    accuracy.add_argument("--recipe", default="digits", help="whose held-out split is sent")
     accuracy.add_argument("--out", default="benchmarks/served_accuracy", help="writes <out>.md and <out>.json")
     accuracy.set_defaults(func=_cmd_served_accuracy)
+
+    headline = commands.add_parser("headline", help="the README's headline table from the committed benchmark files")
+    headline.add_argument("--readme", default="README.md")
+    headline.add_argument("--benchmarks", default="benchmarks")
+    headline.set_defaults(func=_cmd_headline)
 
     report = commands.add_parser("report", help="report.md and charts from a run directory")
     report.add_argument("run")
@@ -179,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gateway.process import GatewayStartError
+    from gateway.triton_server import TritonError
+    from kdcontract.errors import UserError
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the results
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (UserError, TritonError, GatewayStartError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # one line and exit code 2, as every kdserve command
+        return 2
     return 0

@@ -21,16 +21,19 @@ from locust import LoadTestShape, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.runners import MasterRunner, WorkerRunner
 
+from kdcontract.names import AUTO, ENSEMBLE, STUDENT, STUDENT_KD, TEACHER
+
 IMAGES_DIR = Path(os.environ.get("KDSERVE_IMAGES_DIR", "."))
 LABELS: dict[str, str] = (
     json.loads((IMAGES_DIR / "labels.json").read_text()) if IMAGES_DIR.joinpath("labels.json").exists() else {}
 )
 IMAGES = [(name, (IMAGES_DIR / name).read_bytes(), label) for name, label in sorted(LABELS.items())]
+# The model a response may name for each `?model=` (the A/B entry: either arm).
 EXPECTED_MODEL = {
-    "student": {"student_kd"},
-    "teacher": {"teacher"},
-    "ensemble": {"ensemble"},
-    "auto": {"student_kd", "teacher"},
+    STUDENT: {STUDENT_KD},
+    TEACHER: {TEACHER},
+    ENSEMBLE: {ENSEMBLE},
+    AUTO: {STUDENT_KD, TEACHER},
 }
 CORRECT: dict[str, list[int]] = {}
 

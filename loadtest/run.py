@@ -16,19 +16,20 @@ from pathlib import Path
 
 import httpx
 
+from kdcontract.digits import digit_png_bytes, digits_gray, held_out_indices
+from kdcontract.manifest import DataSplit
+from kdcontract.names import ENSEMBLE, STUDENT, TEACHER, TRITON_ENSEMBLE
 from loadtest.perf_analyzer import UnstableMeasurement, measure
-from training.recipe import load_recipe
-from training.splits import digit_png_bytes, digits_gray, digits_test_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 # The alias behind each scenario's requests, for the direct (perf_analyzer) figures. The gateway's
 # `ensemble` fuses the variants itself; its direct counterpart is Triton's own ensemble.
 DIRECT_ALIASES = {
-    "student": [("classify student", "student")],
-    "teacher": [("classify teacher", "teacher")],
-    "ensemble": [("classify ensemble", "ensemble_triton")],
-    "compare": [("classify student", "student"), ("classify teacher", "teacher")],
+    "student": [("classify student", STUDENT)],
+    "teacher": [("classify teacher", TEACHER)],
+    "ensemble": [("classify ensemble", TRITON_ENSEMBLE)],
+    "compare": [("classify student", STUDENT), ("classify teacher", TEACHER)],
 }
 SCENARIOS = {
     "student": ["StudentUser"],
@@ -47,12 +48,13 @@ def locust_binary() -> Path:
     return path
 
 
-def write_images(out: Path, recipe: str) -> Path:
+def write_images(out: Path, split: DataSplit | None) -> Path:
+    """The held-out digits of `split` as PNG files, and their labels, for the Locust users to send."""
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     labels = digits_gray()[1]
     mapping = {}
-    for index in digits_test_indices(load_recipe(recipe).data):
+    for index in held_out_indices(split):
         name = f"{int(index):04d}.png"
         (images / name).write_bytes(digit_png_bytes(int(index)))
         mapping[name] = str(labels[index])
@@ -64,7 +66,7 @@ def warm_up(host: str, images: Path, requests: int = 5) -> None:
     """A few requests per model first, so first-call costs do not land in the measured percentiles."""
     sample = sorted(images.glob("*.png"))[0].read_bytes()
     with httpx.Client(base_url=host, timeout=30) as client:
-        for model in ("student", "teacher", "ensemble"):
+        for model in (STUDENT, TEACHER, ENSEMBLE):
             for _ in range(requests):
                 client.post(f"/v1/classify?model={model}", content=sample, headers={"Content-Type": "image/png"})
 
@@ -89,13 +91,12 @@ def run_load(
     out: Path,
     triton_metrics: str | None,
     stages: str | None = None,
-    recipe: str = "digits",
     max_fail_ratio: float = 0.01,
     triton_http: str | None = None,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    images = write_images(out, recipe)
     models = _get_json(f"{host}/v1/models")
+    images = write_images(out, DataSplit.model_validate(models["split"]) if models.get("split") else None)
     ab_weights = _get_json(f"{host}/v1/ab/summary")["weights"]
     warm_up(host, images)
     scrape(f"{host}/metrics", out / "gateway_metrics_before.txt")

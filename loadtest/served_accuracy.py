@@ -14,17 +14,24 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from training.client_forms import SERVED_FORMS, ClientForm, render
-from training.recipe import load_recipe
-from training.splits import digits_gray, digits_test_indices
+from kdcontract.client_forms import SERVED_FORMS, ClientForm, render
+from kdcontract.digits import digits_gray, held_out_indices
+from kdcontract.manifest import DataSplit
+from kdcontract.names import ENSEMBLE, STUDENT, TEACHER
 
-MODELS = ("student", "teacher", "ensemble")
+MODELS = (STUDENT, TEACHER, ENSEMBLE)
 
 
-def held_out(recipe: str = "digits") -> tuple[np.ndarray, np.ndarray]:
-    """The test split's 8x8 digits and labels."""
+def served_split(client: httpx.Client) -> DataSplit | None:
+    """The data split of the models the gateway at `client` serves."""
+    split = client.get("/v1/models").json().get("split")
+    return DataSplit.model_validate(split) if split else None
+
+
+def held_out(split: DataSplit | None) -> tuple[np.ndarray, np.ndarray]:
+    """The 8x8 digits and labels of `split`'s held-out test split."""
     images, labels = digits_gray()
-    indices = digits_test_indices(load_recipe(recipe).data)
+    indices = held_out_indices(split)
     return images[indices], labels[indices]
 
 
@@ -46,8 +53,8 @@ def top1_through_gateway(
     return correct / len(digits)
 
 
-def served_accuracy(client: httpx.Client, forms=SERVED_FORMS, models=MODELS, recipe: str = "digits") -> dict:
-    digits, labels = held_out(recipe)
+def served_accuracy(client: httpx.Client, forms=SERVED_FORMS, models=MODELS) -> dict:
+    digits, labels = held_out(served_split(client))
     table = {form.label: {m: top1_through_gateway(client, m, form, digits, labels) for m in models} for form in forms}
     native = table[forms[0].label]
     worst = {m: min(row[m] for row in table.values()) for m in models}

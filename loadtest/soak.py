@@ -19,9 +19,10 @@ from pathlib import Path
 import aiohttp
 
 from gateway.process import serving
+from kdcontract.digits import digit_png_bytes
+from kdcontract.manifest import read_manifest
+from kdcontract.names import CASCADE, ENSEMBLE, STUDENT, TEACHER, TRITON_ENSEMBLE, available
 from loadtest.measure import load_client, post_images, summarize
-from training.manifest import read_manifest
-from training.splits import digit_png_bytes
 
 SAMPLE_S = 5.0
 BAD = b"this is not an image"
@@ -94,8 +95,7 @@ async def _soak(url: str, models: list[str], seconds: float, clients: int, pids:
 def traffic_models(repo: Path) -> list[str]:
     """The `?model=` values the mix names explicitly for `repo` (the cascade only where it is served)."""
     manifest = read_manifest(repo)
-    models = ["student", "teacher"]
-    return models + [m for m in ("ensemble", "ensemble_triton", "cascade") if m != "cascade" or manifest.cascade]
+    return available(manifest, (STUDENT, TEACHER, ENSEMBLE, TRITON_ENSEMBLE, CASCADE))
 
 
 async def mixed_traffic(

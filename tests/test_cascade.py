@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from gateway.process import GatewayProcess
+from kdcontract.digits import digit_png_bytes
+from kdcontract.manifest import read_manifest
 from loadtest.measure import metric_value
-from training.manifest import read_manifest
-from training.splits import digit_png_bytes
 
 HELD_OUT = list(range(1700, 1760))  # 60 digits, as 8x8 PNG files
 

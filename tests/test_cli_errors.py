@@ -1,5 +1,8 @@
 """Bad input ends with one line that says what to fix, exit code 2, and no traceback."""
 
+import subprocess
+import sys
+
 from tests.conftest import run_training
 
 
@@ -42,3 +45,20 @@ def test_corrupt_checkpoint(tmp_path):
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "model.pt").write_bytes(b"not a checkpoint at all")
     assert_one_line_error(run_training("all", "--out", str(tmp_path)), "corrupt", "teacher/model.pt")
+
+
+def test_a_misspelt_stage_reference_fails_before_anything_trains(tmp_path):
+    for key in ("compression.source", "cascade.student"):
+        proc = run_training("all", "--out", str(tmp_path), "--set", f"{key}=student_kdd")
+        assert_one_line_error(proc, key, "'student_kdd'", "student_kd")
+        assert not (tmp_path / "teacher").exists()  # refused at load, not after the teacher trained
+
+
+def test_the_load_tools_end_user_errors_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "demo", "--repo", str(tmp_path / "missing"), "--once"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_line_error(proc, "manifest.json")

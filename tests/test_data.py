@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
+from kdcontract.digits import digits_gray
+from kdcontract.errors import UserError
+from kdcontract.imageprep import prepare
+from kdcontract.manifest import DigitFraming, Preprocessing
 from training.augment import random_cutout, random_translate
 from training.data import iterate_batches, load_data
-from training.errors import UserError
-from training.imageprep import prepare
-from training.manifest import DigitFraming, Preprocessing
 from training.recipe import DataConfig
-from training.splits import digits_gray
 
 
 def test_digits_split_is_stratified_disjoint_and_reproducible():

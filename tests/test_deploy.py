@@ -520,7 +520,7 @@ def test_gateway_image_installs_the_serve_extra_only_and_it_has_no_torch():
     assert "fastapi" in closure and "nvidia-pytriton" in closure
     assert not closure & {"torch", "torchvision"}, "the serve extra pulls in torch"
     # ... and the gateway's code imports none: started with torch made unimportable.
-    modules = "gateway.app, gateway.cli, gateway.triton_server, training.manifest"
+    modules = "gateway.app, gateway.cli, gateway.triton_server, kdcontract.manifest"
     probe = f"import sys; sys.modules['torch'] = None; import {modules}"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr

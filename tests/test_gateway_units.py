@@ -12,9 +12,9 @@ from pydantic import ValidationError
 from gateway.ab import ABRouter, ABStats
 from gateway.coalesce import Coalescer
 from gateway.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from gateway.fusion import fuse, softmax
 from gateway.images import decode_image
 from gateway.settings import GatewaySettings
+from kdcontract.fusion import fuse, softmax
 
 FORMATS = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]
 
@@ -74,13 +74,13 @@ def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def test_decode_matches_training_preparation_and_refuses_bad_images():
+    from kdcontract.digits import digit_png_bytes
     from training.data import load_data, load_digits_images
     from training.recipe import DataConfig
-    from training.splits import digit_as_png_image
 
     images, _ = load_digits_images(8)
     spec = load_data(DataConfig(dataset="digits", image_size=8)).preprocessing
-    decoded = decode_image(_png(digit_as_png_image(5)), spec, FORMATS, 10_000)
+    decoded = decode_image(digit_png_bytes(5), spec, FORMATS, 10_000)
     np.testing.assert_array_equal(decoded, images[5].numpy())
     with pytest.raises(UnsupportedMediaType):
         decode_image(b"definitely not an image", spec, FORMATS, 10_000)

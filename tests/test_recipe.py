@@ -1,6 +1,6 @@
 import pytest
 
-from training.errors import UserError
+from kdcontract.errors import UserError
 from training.recipe import load_recipe, parse_overrides
 
 

@@ -16,9 +16,9 @@ import pytest
 
 from gateway.process import GatewayProcess, free_port
 from gateway.triton_server import EmbeddedTriton, TritonPorts
+from kdcontract.digits import digit_png_bytes
+from kdcontract.manifest import read_manifest, write_manifest
 from loadtest.measure import metric_value
-from training.manifest import read_manifest, write_manifest
-from training.splits import digit_png_bytes
 
 PNG = {"content": digit_png_bytes(1700), "headers": {"Content-Type": "image/png"}}
 

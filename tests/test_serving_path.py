@@ -12,8 +12,8 @@ import pytest
 
 from gateway.process import GatewayProcess, free_port
 from gateway.triton_server import EmbeddedTriton, TritonPorts
+from kdcontract.digits import digit_png_bytes
 from loadtest.bench import large_png
-from training.splits import digit_png_bytes
 
 
 @pytest.fixture

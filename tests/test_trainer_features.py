@@ -225,9 +225,9 @@ def test_concat_keeps_client_forms_and_lets_a_plain_set_stand_in_for_its_own():
 def test_transfer_folder_images_are_prepared_like_the_data_and_bad_files_are_named(tmp_path):
     from PIL import Image, ImageOps
 
+    from kdcontract.digits import digits_gray
+    from kdcontract.imageprep import prepare
     from training.data import load_transfer_folder
-    from training.imageprep import prepare
-    from training.splits import digits_gray
 
     data = load_data(DataConfig(dataset="digits", image_size=8))
     (tmp_path / "a" / "b").mkdir(parents=True)

@@ -9,12 +9,13 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from gateway.fusion import fuse
 from gateway.process import free_port
 from gateway.triton_server import EmbeddedTriton, TritonError, TritonPorts
+from kdcontract.fusion import fuse
+from kdcontract.manifest import read_manifest
+from kdcontract.ort_session import open_session
 from training.data import load_data
-from training.manifest import read_manifest
-from training.onnx_tools import run_logits, session
+from training.onnx_tools import run_logits
 from training.recipe import load_recipe
 
 
@@ -56,7 +57,7 @@ def test_served_predictions_equal_in_process_onnx_runtime(triton, tiny_repo, tes
     for name, entry in manifest.models.items():
         if entry.role in ("ensemble", "fusion"):
             continue
-        local = run_logits(session(tiny_repo / name / str(entry.version) / "model.onnx"), test_images)
+        local = run_logits(open_session(tiny_repo / name / str(entry.version) / "model.onnx"), test_images)
         served = infer(triton.http_url, name, test_images)
         assert served.shape == local.shape, name
         np.testing.assert_allclose(served, local, rtol=1e-5, atol=1e-5, err_msg=name)
@@ -67,7 +68,7 @@ def test_served_predictions_equal_in_process_onnx_runtime(triton, tiny_repo, tes
 def test_triton_ensembles_fuse_calibrated_member_probabilities(triton, tiny_repo, test_images, ensemble):
     manifest = read_manifest(tiny_repo)
     members = [m for m in manifest.models[ensemble].members if m.startswith("variant_")]
-    logits = [run_logits(session(tiny_repo / m / "1" / "model.onnx"), test_images) for m in members]
+    logits = [run_logits(open_session(tiny_repo / m / "1" / "model.onnx"), test_images) for m in members]
     expected = fuse(logits, [manifest.models[m].temperature for m in members], "mean_prob")  # the gateway's rule
     served = infer(triton.http_url, ensemble, test_images, output="probabilities")
     np.testing.assert_allclose(served, expected, atol=1e-5)

@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, sync_playwright
 
+from kdcontract.client_forms import ClientForm, render
 from loadtest.served_accuracy import held_out as served_held_out
+from loadtest.served_accuracy import served_split
 from tests.conftest import ROOT
-from training.client_forms import ClientForm, render
 
 ARTIFACTS = ROOT / "runs" / "test-artifacts"
 PHONE = {"width": 390, "height": 844}
@@ -48,8 +49,8 @@ def page(browser, gateway) -> Page:
     context.close()
 
 
-def held_out() -> tuple[np.ndarray, np.ndarray]:
-    digits, labels = served_held_out()
+def held_out(gateway) -> tuple[np.ndarray, np.ndarray]:
+    digits, labels = served_held_out(served_split(gateway.client))
     return digits[:DRAWN], labels[:DRAWN]
 
 
@@ -88,7 +89,7 @@ def wait_for_answers(page: Page, count: int) -> dict[str, str]:
 
 
 def test_page_classifies_digits_drawn_with_pointer_strokes(page, gateway):
-    digits, labels = held_out()
+    digits, labels = held_out(gateway)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shown = []
     for n, (digit, label) in enumerate(zip(digits, labels, strict=True), start=1):
@@ -115,8 +116,8 @@ def test_page_classifies_digits_drawn_with_pointer_strokes(page, gateway):
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
 
 
-def test_page_classifies_an_uploaded_photo(page):
-    digits, labels = held_out()
+def test_page_classifies_an_uploaded_photo(page, gateway):
+    digits, labels = held_out(gateway)
     photo = render(
         digits[0], ClientForm(size=480, resample="bicubic", encoding="JPEG", color="RGB", dark_on_light=True)
     )

@@ -1,5 +1,5 @@
 """kdserve training: distil a ResNet teacher into ResNet18 students and export them for serving.
 
-This package's top level imports nothing heavy: the gateway imports its torch-free modules
-(`training.manifest`, `training.imageprep`) without pulling in torch.
+What serving must agree on (manifest schema, image preparation, model names, fusion, ONNX Runtime
+settings) lives in the torch-free `kdcontract` package, which this one imports; serving never imports this.
 """

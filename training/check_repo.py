@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
-from training.manifest import MANIFEST_NAME, ModelEntry, SchemaMismatch, read_manifest
+from kdcontract.manifest import MANIFEST_NAME, ModelEntry, SchemaMismatch, read_manifest
 from training.triton_repo import DTYPES, STALL_REASON, parse_config, sha256, stalling_queue_policy
 
 ONNX_DTYPES = {onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16"}

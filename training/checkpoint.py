@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from training.errors import UserError
+from kdcontract.errors import UserError
 from training.models import ImageClassifier, build_classifier, conform_to_state_dict
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.errors import UserError
+from kdcontract.errors import UserError
 
 
 def _cmd_all(args: argparse.Namespace) -> None:

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from training.client_forms import encode, random_form, render_image
-from training.errors import UserError
-from training.imageprep import prepare
-from training.manifest import DigitFraming, Preprocessing
+from kdcontract.client_forms import encode, random_form, render_image
+from kdcontract.digits import digits_gray, split_indices
+from kdcontract.errors import UserError
+from kdcontract.imageprep import prepare
+from kdcontract.manifest import DigitFraming, Preprocessing
 from training.recipe import DataConfig
-from training.splits import digits_gray, stratified_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 UNLABELLED = -1  # the label of a transfer image: only the teacher's soft targets teach from it
@@ -151,7 +151,7 @@ def client_form_pictures(digits: np.ndarray, per_image: int, spec: Preprocessing
 
 def _load_digits(cfg: DataConfig, client_forms: bool = False) -> SplitData:
     images, labels = load_digits_images(cfg.image_size)
-    train_idx, val_idx, test_idx = stratified_split(labels.numpy(), cfg, with_test=True)
+    train_idx, val_idx, test_idx = split_indices(labels.numpy(), cfg.split, with_test=True)
     full = InMemoryImages(images, labels)
     train = full.subset(train_idx)
     if client_forms and cfg.augment.client_forms:
@@ -219,7 +219,7 @@ def _load_cifar10(cfg: DataConfig) -> SplitData:
         return InMemoryImages(torch.from_numpy(pixels), torch.as_tensor(ds.targets, dtype=torch.long))
 
     full_train, test = prepared(train_set), prepared(test_set)
-    train_idx, val_idx, _ = stratified_split(full_train.labels.numpy(), cfg, with_test=False)
+    train_idx, val_idx, _ = split_indices(full_train.labels.numpy(), cfg.split, with_test=False)
     train = full_train.subset(train_idx)
     mean, std = _channel_stats(train.images)
     train, transfer = labelled_split(train, cfg)
@@ -250,7 +250,7 @@ def _load_imagefolder(cfg: DataConfig) -> SplitData:
         files += found
         labels += [label] * len(found)
     label_array = np.asarray(labels)
-    train_idx, val_idx, test_idx = stratified_split(label_array, cfg, with_test=True)
+    train_idx, val_idx, test_idx = split_indices(label_array, cfg.split, with_test=True)
     full = ImageFiles(files, labels, preprocessing(cfg))
     # Normalisation statistics from a sample of training images keeps start-up fast on big folders.
     sample = np.random.default_rng(cfg.split_seed).choice(train_idx, size=min(512, len(train_idx)), replace=False)

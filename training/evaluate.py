@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from training.data import iterate_batches
+from training.models import calibrated_mean
 
 
 @torch.no_grad()
@@ -62,17 +63,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.exp().clamp(0.05, 20.0).item())
 
 
-def fuse_probabilities(member_logits: list[torch.Tensor], temperatures: list[float]) -> torch.Tensor:
-    """The ensemble's default fusion: mean of the members' calibrated probabilities."""
-    probs = [F.softmax(logits / t, dim=-1) for logits, t in zip(member_logits, temperatures, strict=True)]
-    return torch.stack(probs).mean(dim=0)
-
-
 class FusedEnsemble(nn.Module):
     """uint8 images -> the members' fused probabilities: the ensemble as one exportable graph.
 
     Serving it as one ONNX graph costs one Triton call and one ONNX Runtime run instead of one per
-    member plus a fusion step; its rule is `fuse_probabilities`, so it is the ensemble training measured.
+    member plus a fusion step; its rule is `calibrated_mean`, so it is the ensemble training measured.
     """
 
     def __init__(self, members: list[nn.Module], temperatures: list[float]):
@@ -81,7 +76,7 @@ class FusedEnsemble(nn.Module):
         self.temperatures = list(temperatures)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return fuse_probabilities([member(images) for member in self.members], self.temperatures)
+        return calibrated_mean([member(images) for member in self.members], self.temperatures)
 
 
 def classification_metrics(

@@ -2,7 +2,8 @@
 
 For every served model: ONNX export, parity against PyTorch on the held-out test images (export
 is refused past the tolerance), an FP16 sibling whose agreement with fp32 gates GPU FP16 serving,
-and for the KD student an INT8 model with its accuracy and speed-up measured. Results go to
+and INT8 siblings (the KD student, the pruned student, the fused ensemble) with their accuracy and
+speed-up measured. Results go to
 `<run>/export_report.{json,md}`; the repository gets configs, versions, labels and the manifest.
 """
 
@@ -14,11 +15,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import kdcontract.fusion
+import kdcontract.ort_session
+from kdcontract.errors import UserError
+from kdcontract.fusion import top1
+from kdcontract.manifest import Cascade, Manifest, ModelEntry, TensorSpec, write_manifest
+from kdcontract.names import (
+    ENSEMBLE,
+    FUSED_ENSEMBLE,
+    FUSION_STEP,
+    INT8_SOURCES,
+    MULTIHEAD,
+    SCHEDULER_ENSEMBLE,
+    STUDENT_KD,
+    STUDENT_PLAIN,
+    STUDENT_PRUNED,
+    TEACHER,
+    VARIANT_PREFIX,
+    int8_name,
+)
+from kdcontract.ort_session import open_session
+from kdcontract.pareto import pareto_rows, write_pareto
 from training.checkpoint import ModelSpec, load_model
 from training.data import SplitData, iterate_batches, load_data
-from training.errors import UserError
 from training.evaluate import FusedEnsemble, expected_calibration_error, predict_logits
-from training.manifest import Cascade, Manifest, ModelEntry, TensorSpec, write_manifest
 from training.onnx_tools import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -26,13 +46,10 @@ from training.onnx_tools import (
     export_onnx,
     latency_ms,
     parity,
-    predictions,
     quantize_int8,
     require_parity,
     run_logits,
-    session,
 )
-from training.pareto import pareto_rows, write_pareto
 from training.recipe import load_recipe
 from training.triton_repo import (
     BACKEND_DIR,
@@ -46,12 +63,10 @@ from training.triton_repo import (
 FP32_MAX_ABS_DIFF = 1e-3  # ONNX Runtime vs PyTorch on the CPU, logits of magnitude ~10
 FP32_MIN_AGREEMENT = 0.999
 FP16_MIN_AGREEMENT = 0.99  # the gate for serving FP16 (TensorRT) on a GPU
-INT8_MODELS = ("student_kd", "student_pruned")
 # Two Triton-side ensembles of the variants (the gateway's alias `ensemble_triton` picks the first):
 # the members and their fusion exported as one graph (one Triton call, one ONNX Runtime run; one
 # TensorRT engine on GPUs), and Triton's ensemble scheduler calling each member and then a fusion step.
 # The bench measures them side by side.
-FUSED_ENSEMBLE, SCHEDULER_ENSEMBLE, FUSION = "ensemble_fused", "ensemble_scheduler", "ensemble_fusion"
 PROBABILITIES = "probabilities"
 PARETO_REPEATS = 100
 PARETO_NOTE = (
@@ -60,13 +75,20 @@ PARETO_NOTE = (
     "Served latency (through the gateway) is filled in by `make bench` (benchmarks/pareto.md). "
     "Frontier: no other model is both faster and more accurate."
 )
-BACKEND_MODEL = BACKEND_DIR / "model.py"
+# The Python-backend model and the kdcontract modules it runs with, shipped beside it (see its docstring).
+BACKEND_FILES = {
+    "model.py": BACKEND_DIR / "model.py",
+    "kd_fusion.py": Path(kdcontract.fusion.__file__),
+    "kd_ort_session.py": Path(kdcontract.ort_session.__file__),
+}
 
 
 def _served_models(run: Path, results: dict) -> list[str]:
-    names = ["teacher", "student_kd", "student_plain"]
-    names += sorted(n for n in results["models"] if n.startswith("variant_"))
-    names += [n for n in ("multihead", "student_pruned") if n in results["models"]]
+    names = [TEACHER, STUDENT_KD, STUDENT_PLAIN]
+    names += sorted(n for n in results["models"] if n.startswith(VARIANT_PREFIX))
+    names += [n for n in (MULTIHEAD, STUDENT_PRUNED) if n in results["models"]]
+    if results.get("compression", {}).get("kept_step") == 0:
+        print(f"[export] WARNING: compression kept no pruning step; {STUDENT_PRUNED} is not exported", flush=True)
     missing = [n for n in names if not (run / n / "model.pt").exists()]
     if missing:
         raise UserError(f"run {run} lacks trained models {missing}; run `python -m training all --out {run}` first")
@@ -87,7 +109,7 @@ def _tensors(spec: ModelSpec) -> tuple[TensorSpec, TensorSpec]:
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((predictions(logits) == labels).mean())
+    return float((top1(logits) == labels).mean())
 
 
 def write_served_model(
@@ -105,7 +127,7 @@ def write_served_model(
     inp, out = _tensors(spec)
     files = {"model.onnx": onnx_path}
     if flavor == "cpu":
-        files["model.py"] = BACKEND_MODEL
+        files.update(BACKEND_FILES)
     version, hashes = write_model(
         repo, name, model_config(name, inp, out, flavor, opts), files, spec.class_names, opts.keep_versions
     )
@@ -142,7 +164,7 @@ def _int8_sibling(
     int8_path = fp32_onnx.with_name(f"{name}_int8.onnx")
     quantize_int8(fp32_onnx, int8_path, train_images[np.sort(pick)])
     images, labels = test
-    fp32_sess, int8_sess = session(fp32_onnx), session(int8_path)
+    fp32_sess, int8_sess = open_session(fp32_onnx), open_session(int8_path)
     int8_logits = run_logits(int8_sess, images)
     speed = {}
     for batch in (1, 32):
@@ -184,13 +206,13 @@ def _export_graph(
     """
     export_onnx(model, image_size, onnx_path, output_name)
     torch_out = predict_logits(model, data.test)[0].numpy()
-    onnx_session = session(onnx_path)
+    onnx_session = open_session(onnx_path)
     onnx_out = run_logits(onnx_session, test[0])
     fp32 = parity(torch_out, onnx_out)
     require_parity(name, fp32, FP32_MAX_ABS_DIFF, FP32_MIN_AGREEMENT)
     fp16_path = onnx_path.with_name(f"{onnx_path.stem}_fp16.onnx")
     convert_fp16(onnx_path, fp16_path)
-    fp16 = parity(onnx_out, run_logits(session(fp16_path), test[0]))
+    fp16 = parity(onnx_out, run_logits(open_session(fp16_path), test[0]))
     if flavor == "gpu" and fp16.top1_agreement < FP16_MIN_AGREEMENT:
         raise UserError(
             f"{name}: FP16 agrees with fp32 on {fp16.top1_agreement:.2%} of test images "
@@ -229,18 +251,18 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         model, spec, _ = load_model(run / name / "model.pt")
         onnx_path = onnx_dir / f"{name}.onnx"
         report["models"][name], onnx_logits = _export_graph(name, model, spec.image_size, onnx_path, data, test, flavor)
-        role = spec.role if name not in ("student_kd", "student_plain") else "student"
+        role = spec.role if name not in (STUDENT_KD, STUDENT_PLAIN) else "student"
         source = str(run / name / "model.pt")
         entries[name] = write_served_model(repo, name, role, spec, onnx_path, flavor, opts, source)
         report["models"][name]["version"] = entries[name].version
 
-        if name in INT8_MODELS and flavor == "cpu":
+        if name in INT8_SOURCES and flavor == "cpu":
             int8_path, int8 = _int8_sibling(name, onnx_path, data, test, onnx_logits, spec.temperature)
-            int8_name = f"{name}_int8"
+            quantized = int8_name(name)
             metrics = {**spec.metrics, "top1": int8["int8_top1"], "ece": int8["int8_ece"]}
-            entries[int8_name] = write_served_model(
+            entries[quantized] = write_served_model(
                 repo,
-                int8_name,
+                quantized,
                 "quantized",
                 spec,
                 int8_path,
@@ -250,13 +272,13 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
                 precision="int8",
                 metrics=metrics,
             )
-            report["models"][int8_name] = int8
-            _print_int8(int8_name, int8)
+            report["models"][quantized] = int8
+            _print_int8(quantized, int8)
 
-    members = [n for n in entries if n.startswith("variant_")]
+    members = [n for n in entries if n.startswith(VARIANT_PREFIX)]
     if members:
         # Both apply the fusion of training's report, so its test metrics are theirs.
-        measured = results["models"].get("ensemble", {})
+        measured = results["models"].get(ENSEMBLE, {})
         metrics = {k: float(v) for k, v in measured.items() if isinstance(v, float | int)}
         fused = FusedEnsemble(
             [load_model(run / m / "model.pt")[0] for m in members], [entries[m].temperature for m in members]
@@ -272,16 +294,17 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         if flavor == "cpu":
             # The ensemble's cost at 8x8 is reading three members' weights: INT8 reads a quarter of them.
             int8_path, int8 = _int8_sibling(FUSED_ENSEMBLE, onnx_path, data, test, fused_probs, None)
-            int8_name = f"{FUSED_ENSEMBLE}_int8"
+            quantized = int8_name(FUSED_ENSEMBLE)
             int8_metrics = {**metrics, "top1": int8["int8_top1"], "ece": int8["int8_ece"]}
-            _write_fused_ensemble(repo, int8_name, members, entries, int8_path, flavor, opts, int8_metrics, "int8")
-            report["models"][int8_name] = int8
-            _print_int8(int8_name, int8)
+            _write_fused_ensemble(repo, quantized, members, entries, int8_path, flavor, opts, int8_metrics, "int8")
+            report["models"][quantized] = int8
+            _print_int8(quantized, int8)
         _write_scheduler_ensemble(repo, members, entries, opts, metrics)
     manifest = Manifest(
         flavor=flavor,
         recipe=recipe.name,
         dataset=data.description,
+        split=recipe.data.split,
         preprocessing=data.preprocessing,
         models=entries,
         cascade=_cascade(results, entries),
@@ -297,7 +320,7 @@ def _ensemble_entry(name: str, backend: str, members: list[str], first: ModelEnt
     return ModelEntry(
         name=name,
         role="ensemble",
-        arch=f"{len([m for m in members if m != FUSION])} x {first.arch}",
+        arch=f"{len([m for m in members if m != FUSION_STEP])} x {first.arch}",
         version=version,
         backend=backend,
         input=first.input,
@@ -331,7 +354,7 @@ def _write_fused_ensemble(
     out = TensorSpec(name=PROBABILITIES, dtype="FP32", shape=first.output.shape)
     files = {"model.onnx": onnx_path}
     if flavor == "cpu":
-        files["model.py"] = BACKEND_MODEL
+        files.update(BACKEND_FILES)
     config = model_config(name, first.input, out, flavor, opts)
     version, hashes = write_model(repo, name, config, files, first.class_names, opts.keep_versions)
     entries[name] = _ensemble_entry(
@@ -347,15 +370,15 @@ def _write_scheduler_ensemble(
     max_batch = opts.max_batch_size
     version, hashes = write_model(
         repo,
-        FUSION,
-        fusion_config(FUSION, members, first.output, temperatures, max_batch),
-        {"model.py": BACKEND_MODEL},
+        FUSION_STEP,
+        fusion_config(FUSION_STEP, members, first.output, temperatures, max_batch),
+        BACKEND_FILES,
         None,
         opts.keep_versions,
     )
     probs = TensorSpec(name="probabilities", dtype="FP32", shape=first.output.shape)
-    entries[FUSION] = ModelEntry(
-        name=FUSION,
+    entries[FUSION_STEP] = ModelEntry(
+        name=FUSION_STEP,
         role="fusion",
         arch="mean of calibrated probabilities",
         version=version,
@@ -369,13 +392,13 @@ def _write_scheduler_ensemble(
     version, hashes = write_model(
         repo,
         SCHEDULER_ENSEMBLE,
-        ensemble_config(SCHEDULER_ENSEMBLE, FUSION, members, first.input, first.output, max_batch),
+        ensemble_config(SCHEDULER_ENSEMBLE, FUSION_STEP, members, first.input, first.output, max_batch),
         {},
         first.class_names,
         opts.keep_versions,
     )
     entries[SCHEDULER_ENSEMBLE] = _ensemble_entry(
-        SCHEDULER_ENSEMBLE, "ensemble", [*members, FUSION], first, version, files=hashes, metrics=metrics
+        SCHEDULER_ENSEMBLE, "ensemble", [*members, FUSION_STEP], first, version, files=hashes, metrics=metrics
     )
 
 

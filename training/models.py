@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from training.errors import UserError
+from kdcontract.errors import UserError
 
 ARCHS: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet18": torchvision.models.resnet18,
@@ -55,6 +55,20 @@ class MultiHeadResNet(nn.Module):
         return torch.stack([head(pooled) for head in self.heads], dim=1)
 
 
+def calibrated_mean(member_logits: list[torch.Tensor], temperatures: list[float]) -> torch.Tensor:
+    """kdserve's fusion rule (`kdcontract.fusion.calibrated_mean`) in torch ops, for what is trained or
+    exported as a graph: the mean of the members' temperature-calibrated probabilities. Tests hold the
+    two equal."""
+    probs = [(logits.float() / t).softmax(-1) for logits, t in zip(member_logits, temperatures, strict=True)]
+    return torch.stack(probs).mean(dim=0)
+
+
+def fuse_heads(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """A K-head model's logits [N, K, C] -> probabilities [N, C], its heads fused like ensemble members
+    (as serving fuses them)."""
+    return calibrated_mean(list(logits.unbind(dim=1)), [temperature] * logits.shape[1])
+
+
 class MemberMean(nn.Module):
     """N networks as one: the log of their mean probability (a valid logit vector for softmax).
 
@@ -67,7 +81,7 @@ class MemberMean(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([member(x).float().softmax(-1) for member in self.members]).mean(dim=0)
+        probs = calibrated_mean([member(x) for member in self.members], [1.0] * len(self.members))
         return probs.clamp_min(1e-12).log()
 
 

@@ -13,7 +13,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from training.errors import UserError
+from kdcontract.errors import UserError
+from kdcontract.fusion import top1
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 OPSET = 18
@@ -50,26 +51,10 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path, output_name
     onnx.checker.check_model(str(path), full_check=True)  # full: shapes must infer, strictly
 
 
-def session(path: Path, threads: int = 2) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def run_logits(sess: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """The graph's output (logits, or a fused ensemble's probabilities) for `images`, in batches."""
     outputs = [sess.run(None, {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
     return np.concatenate(outputs).astype(np.float32)
-
-
-def predictions(logits: np.ndarray) -> np.ndarray:
-    """Top-1 class; multi-head logits [N, K, C] are fused by the mean of the heads' softmax."""
-    if logits.ndim == 3:
-        shifted = np.exp(logits - logits.max(-1, keepdims=True))
-        return (shifted / shifted.sum(-1, keepdims=True)).mean(1).argmax(-1)
-    return logits.argmax(-1)
 
 
 @dataclass
@@ -85,7 +70,7 @@ class Parity:
 def parity(reference: np.ndarray, candidate: np.ndarray) -> Parity:
     return Parity(
         max_abs_diff=float(np.abs(reference - candidate).max()),
-        top1_agreement=float((predictions(reference) == predictions(candidate)).mean()),
+        top1_agreement=float((top1(reference) == top1(candidate)).mean()),
         images=len(reference),
     )
 

@@ -19,21 +19,28 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import ConcatDataset, Dataset
 
+from kdcontract.errors import UserError
 from training.checkpoint import ModelSpec, load_metadata, load_model, save_model
 from training.compression import prune_with_recovery
 from training.data import InMemoryImages, SplitData, load_data, load_transfer_folder
-from training.errors import UserError
 from training.evaluate import (
     cascade_answers,
     classification_metrics,
     expected_calibration_error,
     fit_cascade_threshold,
     fit_temperature,
-    fuse_probabilities,
     predict_logits,
     top_k_accuracy,
 )
-from training.models import ImageClassifier, build_classifier, count_macs, count_params, member_mean
+from training.models import (
+    ImageClassifier,
+    build_classifier,
+    calibrated_mean,
+    count_macs,
+    count_params,
+    fuse_heads,
+    member_mean,
+)
 from training.recipe import AugmentConfig, DistillConfig, ModelConfig, Recipe, dump_recipe
 from training.report import write_reports
 from training.runtime import Runtime
@@ -200,12 +207,7 @@ def _prune_or_reuse(
 ) -> tuple[Stage, ImageClassifier, float, bool, dict]:
     """The compression stage: the source student pruned with KD recovery, or the saved one when it was
     made from the same source, teacher and settings. Returns the pruning record too."""
-    cfg = recipe.compression
-    if cfg.source not in trained or trained[cfg.source][0].heads:
-        choices = ", ".join(n for n, (st, _) in trained.items() if not st.heads and st.role != "teacher_member")
-        raise UserError(
-            f"compression.source {cfg.source!r} is not a single-head stage of this recipe; one of: {choices}"
-        )
+    cfg = recipe.compression  # its source was checked before training (check_stage_references)
     source_stage, source = trained[cfg.source]
     stage = Stage(PRUNED, "student", source_stage.model_cfg, source_stage.seed, source_stage.augment, recipe.distill)
     spec, source_meta = load_metadata(out / cfg.source / "model.pt")
@@ -354,10 +356,8 @@ def _evaluate_stage(
         # One temperature shared by all heads; the heads are fused like independent members.
         k = val_logits.shape[1]
         temperature = fit_temperature(val_logits.flatten(0, 1), val_labels.repeat_interleave(k))
-        heads = list(test_logits.unbind(dim=1))
-        probs = fuse_probabilities(heads, [temperature] * k)
-        raw = fuse_probabilities(heads, [1.0] * k)
-        val_probs = fuse_probabilities(list(val_logits.unbind(dim=1)), [temperature] * k)
+        probs, raw = fuse_heads(test_logits, temperature), fuse_heads(test_logits)
+        val_probs = fuse_heads(val_logits, temperature)
     else:
         temperature = fit_temperature(val_logits, val_labels)
         probs = torch.softmax(test_logits / temperature, dim=-1)
@@ -380,10 +380,7 @@ def _evaluate_cascade(
     recipe: Recipe, evals: dict[str, StageEval], models: dict[str, dict], teacher_pred: torch.Tensor, ece_bins: int
 ) -> dict:
     """Fit the cascade's threshold on validation, then measure it on test like any model."""
-    cfg = recipe.cascade
-    if cfg.student not in evals or evals[cfg.student].val_logits.ndim != 2:
-        choices = ", ".join(n for n, e in evals.items() if e.val_logits.ndim == 2 and n != "teacher")
-        raise UserError(f"cascade.student {cfg.student!r} is not a single-head stage of this recipe: {choices}")
+    cfg = recipe.cascade  # its student was checked before training (check_stage_references)
     student_val, student_test = _calibrated(evals[cfg.student], models[cfg.student]["temperature"])
     teacher_val, teacher_test = _calibrated(evals["teacher"], models["teacher"]["temperature"])
     threshold = fit_cascade_threshold(student_val, teacher_val, evals["teacher"].val_labels, cfg.max_accuracy_drop)
@@ -414,9 +411,24 @@ def _spread(values: list[float]) -> dict:
     }
 
 
+def check_stage_references(recipe: Recipe) -> list[Stage]:
+    """The planned stages, once the recipe's references to them are known to name single-head
+    students: a typo in `cascade.student` or `compression.source` fails here, before anything trains."""
+    stages = plan_stages(recipe)
+    students = [st.name for st in stages if not st.heads and st.role in ("student", "variant")]
+    references = {"compression.source": (recipe.compression.enabled, recipe.compression.source)}
+    references["cascade.student"] = (recipe.cascade.enabled, recipe.cascade.student)
+    for key, (enabled, name) in references.items():
+        if enabled and name not in students:
+            known = ", ".join(students)
+            raise UserError(f"{key} {name!r} is not a single-head student of this recipe; one of: {known}")
+    return stages
+
+
 def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     """Train and evaluate everything; returns the results (on the main process only)."""
     started = time.perf_counter()
+    stages = check_stage_references(recipe)
     data = with_transfer_folder(load_data(recipe.data, client_forms=True), recipe)
     out.mkdir(parents=True, exist_ok=True)
     if runtime.is_main:
@@ -427,7 +439,7 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     trained: dict[str, tuple[Stage, ImageClassifier]] = {}
     teacher: ImageClassifier | None = None
     done: dict[str, str] = {}
-    for stage in plan_stages(recipe):
+    for stage in stages:
         if stage.members > 1:
             model, seconds = _assemble_teacher(stage, trained, out, runtime)
             was_reused = all(f"teacher_member_{i}" in reused for i in range(stage.members))
@@ -450,9 +462,19 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
         stage_seconds[stage.name] = round(seconds, 1)
         if was_reused:
             reused.append(stage.name)
-        trained[stage.name] = (stage, model)
+        if compression["kept_step"] > 0:
+            trained[stage.name] = (stage, model)
         if runtime.is_main:
             print(f"[training] {stage.name}: {'reused' if was_reused else f'pruned in {seconds:.1f}s'}", flush=True)
+            if compression["kept_step"] == 0:
+                # Loud, not silent: serving the unpruned source under the pruned name would claim a saving.
+                first = compression["steps"][0]
+                print(
+                    f"[training] WARNING: compression kept no step: the first already lost "
+                    f"{first['val_drop']:.2%} of validation top-1 (at least {first['val_drop_lower_95']:.2%} at 95%, "
+                    f"limit {recipe.compression.max_accuracy_drop:.2%}); no {PRUNED} is trained or exported",
+                    flush=True,
+                )
     if not runtime.is_main:
         return None
 
@@ -479,9 +501,9 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     members = [n for n in models if n.startswith("variant_")]
     if members:
         temperatures = [models[n]["temperature"] for n in members]
-        fused = fuse_probabilities([evals[n].test_logits for n in members], temperatures)
+        fused = calibrated_mean([evals[n].test_logits for n in members], temperatures)
         ensemble = classification_metrics(fused, test_labels, teacher_pred, ece_bins)
-        val_fused = fuse_probabilities([evals[n].val_logits for n in members], temperatures)
+        val_fused = calibrated_mean([evals[n].val_logits for n in members], temperatures)
         ensemble.update(
             val_top1=top_k_accuracy(val_fused, evals[members[0]].val_labels, 1),
             best_member_val_top1=max(models[n]["val_top1"] for n in members),
@@ -528,8 +550,8 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
         "seed_study": seed_study,
     }
     if compression is not None:
-        source_macs = models[compression["source"]]["macs"]
-        models[PRUNED]["macs_share_of_source"] = models[PRUNED]["macs"] / source_macs
+        if PRUNED in models:
+            models[PRUNED]["macs_share_of_source"] = models[PRUNED]["macs"] / models[compression["source"]]["macs"]
         results["compression"] = compression
     write_reports(results, out)
     return results

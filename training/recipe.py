@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.errors import UserError
+from kdcontract.errors import UserError
+from kdcontract.manifest import DataSplit
+from kdcontract.names import STUDENT_KD
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -56,6 +58,15 @@ class DataConfig(_Strict):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader workers for datasets decoded lazily")
     augment: AugmentConfig = AugmentConfig()
+
+    @property
+    def split(self) -> DataSplit:
+        return DataSplit(
+            dataset=self.dataset,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            seed=self.split_seed,
+        )
 
     @model_validator(mode="after")
     def _client_forms_need_digits(self) -> DataConfig:
@@ -170,7 +181,7 @@ class CascadeConfig(_Strict):
     """The student answers; when its calibrated confidence is below a threshold, the teacher does."""
 
     enabled: bool = True
-    student: str = Field("student_kd", description="the stage that answers first")
+    student: str = Field(STUDENT_KD, description="the stage that answers first")
     max_accuracy_drop: float = Field(
         0.005, ge=0, lt=1, description="the threshold is fitted on validation to keep top-1 this close to the teacher's"
     )
@@ -181,11 +192,18 @@ class CompressionConfig(_Strict):
     short distillation from the teacher; stops before validation top-1 falls too far."""
 
     enabled: bool = False
-    source: str = Field("student_kd", description="the stage to prune")
+    source: str = Field(STUDENT_KD, description="the stage to prune")
     step: float = Field(0.1, gt=0, lt=1, description="share of every prunable layer's channels removed per step")
     max_steps: int = Field(8, ge=1)
     max_accuracy_drop: float = Field(
-        0.01, ge=0, lt=1, description="stop when validation top-1 is this far below the source's; keep the step before"
+        0.01,
+        ge=0,
+        lt=1,
+        description="stop when validation top-1 is this far below the source's (one-sided 95% lower bound of "
+        "the paired drop); keep the step before",
+    )
+    max_extra_epochs: int = Field(
+        3, ge=0, description="after each step's finetune: more epochs, one at a time, while validation improves"
     )
     round_to: int = Field(8, ge=1, description="channel counts stay multiples of this (vector units like them)")
     finetune: TrainConfig = Field(

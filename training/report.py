@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdcontract.names import STUDENT_KD, STUDENT_PLAIN, STUDENT_PRUNED, TEACHER
+
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
@@ -12,6 +14,39 @@ def _pct(value: float | None) -> str:
 
 def _count(value: int) -> str:
     return f"{value / 1e6:.2f} M" if value >= 1e5 else f"{value / 1e3:.1f} k"
+
+
+def compression_markdown(compression: dict, models: dict) -> list[str]:
+    """The pruning steps, each with what it was judged by, and what was kept (or that nothing was)."""
+    lines = [
+        "",
+        f"## Compression: {compression['source']} pruned with KD recovery",
+        "",
+        "Each step is judged against the source on the same validation images: kept unless the drop's "
+        "one-sided 95% lower bound is beyond the limit.",
+        "",
+        "| step | channels removed | MACs (share of source) | params | recovery epochs | val top-1 | "
+        "images lost / gained | drop (95% lower bound) | kept |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for st in compression["steps"]:
+        lines.append(
+            f"| {st['step']} | {st['channel_share_removed']:.0%} | {_count(st['macs'])} ({st['macs_share']:.0%}) | "
+            f"{_count(st['params'])} | {st['recovery_epochs']} | {_pct(st['val_top1'])} | "
+            f"{st['val_images_lost']} / {st['val_images_gained']} | {_pct(st['val_drop'])} "
+            f"({_pct(st['val_drop_lower_95'])}) | {'yes' if st['kept'] else 'no'} |"
+        )
+    pruned = models.get(STUDENT_PRUNED)
+    if pruned is None:
+        lines += ["", "**No step was kept: nothing is pruned, and no `student_pruned` is exported.**"]
+    else:
+        lines += [
+            "",
+            f"Kept step {compression['kept_step']}: student_pruned has {pruned['macs_share_of_source']:.0%} of "
+            f"{compression['source']}'s MACs; test top-1 {_pct(pruned['top1'])} vs "
+            f"{_pct(models[compression['source']]['top1'])}.",
+        ]
+    return lines
 
 
 def results_markdown(results: dict) -> str:
@@ -56,14 +91,14 @@ def results_markdown(results: dict) -> str:
         "| student | top-1 per seed | mean | std |",
         "|---|---|---:|---:|",
     ]
-    for kind in ("student_plain", "student_kd"):
+    for kind in (STUDENT_PLAIN, STUDENT_KD):
         s = study[kind]
         lines.append(
             f"| {kind} | {', '.join(_pct(v) for v in s['top1'])} | {_pct(s['mean'])} | {100 * s['std']:.2f} pt |"
         )
-    gain = study["student_kd"]["mean"] - study["student_plain"]["mean"]
-    spread = max(study["student_kd"]["std"], study["student_plain"]["std"])
-    teacher_lead = results["models"]["teacher"]["top1"] - study["student_plain"]["mean"]
+    gain = study[STUDENT_KD]["mean"] - study[STUDENT_PLAIN]["mean"]
+    spread = max(study[STUDENT_KD]["std"], study[STUDENT_PLAIN]["std"])
+    teacher_lead = results["models"][TEACHER]["top1"] - study[STUDENT_PLAIN]["mean"]
     lines += [
         "",
         f"KD gain (mean): {100 * gain:+.2f} points; twice the larger seed spread: {200 * spread:.2f} points; "
@@ -88,28 +123,8 @@ def results_markdown(results: dict) -> str:
             f"(validation {cascade['val_escalation_rate']:.1%}); MACs per image on average "
             f"{_count(cascade['macs'])}.",
         ]
-    compression = results.get("compression")
-    if compression is not None:
-        lines += [
-            "",
-            f"## Compression: {compression['source']} pruned with KD recovery",
-            "",
-            "| step | channels removed | MACs (share of source) | params | val top-1 | kept |",
-            "|---:|---:|---:|---:|---:|:---:|",
-        ]
-        for st in compression["steps"]:
-            lines.append(
-                f"| {st['step']} | {st['channel_share_removed']:.0%} | {_count(st['macs'])} ({st['macs_share']:.0%}) | "
-                f"{_count(st['params'])} | {_pct(st['val_top1'])} | {'yes' if st['kept'] else 'no'} |"
-            )
-        pruned = results["models"].get("student_pruned")
-        if pruned is not None:
-            lines += [
-                "",
-                f"Kept step {compression['kept_step']}: student_pruned has {pruned['macs_share_of_source']:.0%} of "
-                f"{compression['source']}'s MACs; test top-1 {_pct(pruned['top1'])} vs "
-                f"{_pct(results['models'][compression['source']]['top1'])}.",
-            ]
+    if results.get("compression") is not None:
+        lines += compression_markdown(results["compression"], results["models"])
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     for stage, seconds in results["stage_seconds"].items():
         reused = " (reused)" if stage in results.get("reused_stages", []) else ""

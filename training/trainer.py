@@ -24,12 +24,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from kdcontract.errors import UserError
 from training.augment import augment_batch
 from training.data import UNLABELLED, SplitData, holds_unlabelled, iterate_batches
-from training.errors import UserError
 from training.evaluate import predict_logits, top_k_accuracy
 from training.losses import FeatureHint, logit_distillation
-from training.models import ImageClassifier
+from training.models import ImageClassifier, fuse_heads
 from training.recipe import AugmentConfig, DistillConfig, TrainConfig
 from training.runtime import Runtime, autocast, resolve_precision
 
@@ -356,7 +356,7 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
                 logits = ddp_model(images).float()
                 if logits.ndim == 3:
                     loss = _multihead_objective(logits, target, teacher_logits, job, distill, generator, all_labelled)
-                    logits = logits.mean(dim=1)
+                    logits = fuse_heads(logits.detach())  # judged as served: the heads' mean probability
                 else:
                     loss = _objective(logits, target, teacher_logits, job, distill, all_labelled)
                 if hint is not None:
@@ -398,7 +398,7 @@ def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
         if runtime.is_main:
             val_logits, val_labels = predict_logits(ema.module if ema is not None else model, data.val, device)
             if val_logits.ndim == 3:  # multi-head: judge the fused heads
-                val_logits = val_logits.softmax(-1).mean(dim=1)
+                val_logits = fuse_heads(val_logits)
             record["val_top1"] = round(top_k_accuracy(val_logits, val_labels, 1), 5)
             history.append(record)
             with metrics_path.open("a") as fh:

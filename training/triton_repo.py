@@ -1,4 +1,6 @@
-"""Writes the Triton model repository: configs, numbered versions, labels, the ensembles, the manifest.
+"""Writes the Triton model repository's models: configs, numbered versions, labels, the ensembles' configs.
+
+(`training.export` decides what is served and writes the manifest through `kdcontract.manifest`.)
 
 Configs are `model_config_pb2.ModelConfig` messages written with protobuf's `text_format`: Triton's
 own schema, so a config that Triton would refuse cannot be written (and `check_repo` reads it back
@@ -28,7 +30,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from training.manifest import TensorSpec
+from kdcontract.manifest import TensorSpec
 
 BACKEND_DIR = Path(__file__).parent / "triton_backend"
 DTYPES = {"UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32", "FP16": "TYPE_FP16"}

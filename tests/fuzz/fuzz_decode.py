@@ -23,7 +23,7 @@ with atheris.instrument_imports():
     from gateway.errors import GatewayError
     from gateway.images import decode_image
     from gateway.settings import GatewaySettings
-    from training.manifest import DigitFraming, Preprocessing
+    from kdcontract.manifest import DigitFraming, Preprocessing
 
 SPECS = [  # digits framing (polarity, ink box) and plain resizing take different paths
     Preprocessing(image_size=8, mean=[0.0] * 3, std=[1.0] * 3, digit=DigitFraming()),
@@ -48,8 +48,8 @@ def seed_corpus(folder: Path) -> None:
     """Real digits as clients send them, in every allowed format and several modes."""
     from PIL import Image
 
-    from training.client_forms import ClientForm, render
-    from training.splits import digits_gray
+    from kdcontract.client_forms import ClientForm, render
+    from kdcontract.digits import digits_gray
 
     folder.mkdir(parents=True, exist_ok=True)
     digit = digits_gray()[0][1700]

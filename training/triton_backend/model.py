@@ -1,8 +1,9 @@
 """Triton Python-backend model for the `cpu` flavour: ONNX graphs run by ONNX Runtime, optionally fused.
 
 Copied as `model.py` into a version directory (Triton 2.51 from nvidia-pytriton has no ONNX Runtime
-backend). Self-contained on purpose: NVIDIA's container runs it without kdserve installed. What it
-does is set by config.pbtxt parameters:
+backend), beside `kd_fusion.py` and `kd_ort_session.py`: copies of `kdcontract.fusion` and
+`kdcontract.ort_session`, so it runs where kdserve is not installed (NVIDIA's container) with the
+same fusion and session settings as the rest of kdserve. What it does is set by config.pbtxt parameters:
 
 - `onnx_file`: a served graph (student, teacher, variant, the fused ensemble...), its output as is;
 - no `onnx_file`: the fusion step of Triton's ensemble scheduler, fusing `logits_<i>` inputs with
@@ -14,23 +15,14 @@ request gets its own response or its own error (INVALID_ARG for bad input, INTER
 
 import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-def calibrated_mean(member_logits, temperatures):
-    """Mean of temperature-calibrated softmax probabilities: the gateway's `mean_prob` rule.
-
-    A copy of `gateway.fusion`'s rule, kept because this file must run without kdserve installed;
-    tests compare the two on the same logits.
-    """
-    probabilities = []
-    for logits, temperature in zip(member_logits, temperatures, strict=True):
-        z = logits.astype(np.float64) / temperature
-        z = np.exp(z - z.max(axis=-1, keepdims=True))
-        probabilities.append(z / z.sum(axis=-1, keepdims=True))
-    return np.mean(probabilities, axis=0).astype(np.float32)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shipped kdcontract modules beside this file
+from kd_fusion import calibrated_mean
+from kd_ort_session import open_session
 
 
 class TritonPythonModel:
@@ -42,18 +34,13 @@ class TritonPythonModel:
         self.temperatures = [float(t) for t in json.loads(params.get("temperatures", "[]"))]
         self.session = None
         if "onnx_file" in params:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            # Thread counts come from config.pbtxt so instance count x threads can match the cores.
-            options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
-            options.inter_op_num_threads = 1
-            # Spinning pool threads take the cores a co-located gateway needs (ServingOptions.allow_spinning).
-            options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
-            options.log_severity_level = 3
             version_dir = os.path.join(args["model_repository"], args["model_version"])
-            onnx_path = os.path.join(version_dir, params["onnx_file"])
-            self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+            # Thread counts come from config.pbtxt so instance count x threads can match the cores.
+            self.session = open_session(
+                os.path.join(version_dir, params["onnx_file"]),
+                intra_op_threads=int(params.get("intra_op_threads", "1")),
+                allow_spinning=params.get("allow_spinning", "0") == "1",
+            )
             self.item_shape = tuple(int(d) for d in config["input"][0]["dims"])
         elif len(self.temperatures) != len(self.input_names):
             raise ValueError("the fusion step needs one temperature per member's logits input")
@@ -87,7 +74,7 @@ class TritonPythonModel:
                 if problem:
                     responses.append(self._error(problem, pb_utils.TritonError.INVALID_ARG))
                     continue
-                fused = calibrated_mean(arrays, self.temperatures)
+                fused = calibrated_mean(arrays, self.temperatures).astype(np.float32)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, fused)]))
             return responses
 

@@ -1,6 +1,7 @@
 """The schema of `model_repository/manifest.json`: the one contract between training and serving.
 
-Imports pydantic only (no torch), so the gateway reads the manifest with this same definition.
+Imports pydantic only (no torch): training writes the manifest and the gateway and load tools read it
+with this one definition.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 MANIFEST_NAME = "manifest.json"
 # 2: preprocessing carries the resize method and, for digits, how a picture is framed (polarity, ink box).
 # 3: the confidence cascade (student first, the teacher below a threshold).
-SCHEMA_VERSION = 3
+# 4: the data split (serving-side tools draw the held-out images from it instead of reading the recipe).
+SCHEMA_VERSION = 4
 
 Role = Literal["teacher", "student", "variant", "multihead", "quantized", "ensemble", "fusion"]
 
@@ -49,9 +51,19 @@ class DigitFraming(_Strict):
     fit: Literal["longer-side"] = Field("longer-side", description="the ink box's longer side fills the input")
 
 
+class DataSplit(_Strict):
+    """How the dataset was split into train / validation / test (stratified, seeded): what a client
+    needs to draw the held-out images no model trained on."""
+
+    dataset: Literal["digits", "cifar10", "imagefolder"]
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5, description="datasets with their own test set ignore it")
+    seed: int = 0
+
+
 class Preprocessing(_Strict):
     """How a picture becomes the model's input; training and the gateway both apply exactly this
-    through `training.imageprep.prepare`."""
+    through `kdcontract.imageprep.prepare`."""
 
     image_size: int
     resize: Literal["area"] = Field(
@@ -98,6 +110,7 @@ class Manifest(_Strict):
     flavor: Literal["cpu", "gpu"]
     recipe: str
     dataset: str
+    split: DataSplit | None = Field(None, description="None: weights trained on no dataset (timing repositories)")
     preprocessing: Preprocessing
     models: dict[str, ModelEntry]
     cascade: Cascade | None = None

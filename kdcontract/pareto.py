@@ -3,16 +3,17 @@
 Rows join three records: training's `results.json` (accuracy, ECE, params, MACs), export's report (ONNX
 file size, in-process ONNX Runtime latency of one image, INT8 accuracy) and, when `make bench` ran, the
 gateway's latency per model. Written as a table and a chart (`pareto.md`, `pareto.png`) and as a
-section of the run's `results.md`.
+section of the run's `results.md`. Both sides write it (export with in-process figures, the bench with
+served ones), so it lives in the contract package; matplotlib is imported only to draw.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from kdcontract.names import CASCADE, INT8_SUFFIX, trained_result_name
+
 SECTION = "## Accuracy vs. cost"
-# Served model -> the training result that describes it (the Triton-side ensemble is the fused variants).
-TRAINED_AS = {"ensemble_fused": "ensemble"}
 
 
 def pareto_rows(results: dict, export_report: dict, served_ms: dict[str, float] | None = None) -> list[dict]:
@@ -23,13 +24,11 @@ def pareto_rows(results: dict, export_report: dict, served_ms: dict[str, float] 
     for name, report in exported.items():
         if "latency_ms_batch1" not in report:
             continue
-        if name.endswith("_int8"):
-            stem = name.removesuffix("_int8")
-            base = trained[TRAINED_AS.get(stem, stem)]
+        base = trained[trained_result_name(name)]
+        if name.endswith(INT8_SUFFIX):
             quality = {"top1": report["int8_top1"], "ece": report["int8_ece"]}
             precision = "int8"
         else:
-            base = trained[TRAINED_AS.get(name, name)]
             quality = {"top1": base["top1"], "ece": base["ece"]}
             precision = "fp32"
         rows.append(
@@ -43,7 +42,7 @@ def pareto_rows(results: dict, export_report: dict, served_ms: dict[str, float] 
                 "in_process_ms": report["latency_ms_batch1"],
             }
         )
-    cascade = trained.get("cascade")
+    cascade = trained.get(CASCADE)
     if cascade is not None:
         student, teacher = cascade["members"]
         by_name = {r["model"]: r for r in rows}
@@ -51,7 +50,7 @@ def pareto_rows(results: dict, export_report: dict, served_ms: dict[str, float] 
             rate = cascade["escalation_rate"]
             rows.append(
                 {
-                    "model": "cascade",
+                    "model": CASCADE,
                     "precision": "fp32",
                     "top1": cascade["top1"],
                     "ece": cascade["ece"],
@@ -110,7 +109,7 @@ def pareto_chart(rows: list[dict], path: Path, title: str) -> None:
     same_accuracy: dict[float, int] = {}  # models with equal top-1 get their labels stacked, not overprinted
     for r in rows:
         colour = "tab:green" if r["precision"] == "int8" else "tab:blue"
-        if r["model"] == "cascade":
+        if r["model"] == CASCADE:
             colour = "tab:red"
         point = (r["in_process_ms"], 100 * r["top1"])
         ax.scatter(*point, s=30 + r["file_bytes"] / 2**20 * 2, color=colour, alpha=0.7)  # area grows with file size

@@ -1,4 +1,4 @@
-"""`python -m gateway demo`: Triton + gateway up, held-out digits classified over HTTP, side by side.
+"""`python -m loadtest demo`: Triton + gateway up, held-out digits classified over HTTP, side by side.
 
 Starts the embedded Triton and the gateway (uvicorn, as `python -m gateway serve` runs it), sends
 the digits test split as PNG files through HTTP to the student, the teacher and the ensemble,
@@ -15,13 +15,10 @@ from pathlib import Path
 import httpx
 
 from gateway.process import GatewayProcess
-from gateway.service import model_aliases, trained_entry
 from gateway.triton_server import EmbeddedTriton, TritonPorts
-from training.manifest import read_manifest
-from training.recipe import load_recipe
-from training.splits import digit_png_bytes, digits_gray, digits_test_indices
-
-MODELS = ("student", "teacher", "ensemble", "cascade", "student_pruned")  # those the repository serves
+from kdcontract.digits import digit_png_bytes, digits_gray, held_out_indices
+from kdcontract.manifest import read_manifest
+from kdcontract.names import available, trained_entry
 
 
 def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> tuple[list[dict], list[dict]]:
@@ -38,17 +35,17 @@ def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> 
     return predictions, latencies
 
 
-def run_demo(repo: Path, recipe: str, gateway_port: int, ports: TritonPorts, once: bool) -> int:
+def run_demo(repo: Path, gateway_port: int, ports: TritonPorts, once: bool) -> int:
     manifest = read_manifest(repo)
     labels = digits_gray()[1]
-    test = digits_test_indices(load_recipe(recipe).data)
+    test = held_out_indices(manifest.split)
     triton_log = repo.resolve().parent / "triton.log"
     with (
         EmbeddedTriton(repo, ports, log_file=triton_log) as triton,
         GatewayProcess(repo, triton.http_url, port=gateway_port, ready_path="/readyz") as gateway,
     ):
         url = gateway.url
-        models = [m for m in MODELS if m in model_aliases(manifest) or m in manifest.models]
+        models = available(manifest)
         results = {m: classify_all(gateway.client, m, test) for m in models}
         # One image per request, for latencies a single user sees.
         single = {m: [classify_all(gateway.client, m, [i])[1][0] for i in test[:20]] for m in models}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-from training.manifest import DigitFraming, Preprocessing
+from kdcontract.manifest import DigitFraming, Preprocessing
 
 
 def _flatten(image: Image.Image) -> Image.Image:
