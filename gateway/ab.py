@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kdcontract.stats import percentiles
+
 
 class ABRouter:
     def __init__(self, weights: dict[str, float], shadow_fraction: float = 0.0, seed: int | None = None):
@@ -72,22 +74,15 @@ class ABStats:
         stats.shadow_agreements += int(agreed)
         stats.shadow_latencies_ms.append(latency_ms)
 
-    @staticmethod
-    def _percentiles(values) -> dict[str, float | None]:
-        if not values:
-            return {"p50": None, "p95": None, "p99": None}
-        p50, p95, p99 = np.percentile(np.fromiter(values, float), [50, 95, 99])
-        return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3)}
-
     def summary(self) -> dict:
         return {
             arm: {
                 "count": s.count,
-                "latency_ms": self._percentiles(s.latencies_ms),
+                "latency_ms": percentiles(s.latencies_ms),
                 "shadow": {
                     "count": s.shadow_count,
                     "agreement_rate": (s.shadow_agreements / s.shadow_count) if s.shadow_count else None,
-                    "latency_ms": self._percentiles(s.shadow_latencies_ms),
+                    "latency_ms": percentiles(s.shadow_latencies_ms),
                 },
             }
             for arm, s in self._arms.items()

@@ -70,7 +70,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         follower = None
         if settings.manifest_poll_s > 0:
             follower = asyncio.create_task(ManifestFollower(app, settings).run())
-        app.state.triton_server = server
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         # Everything allocated so far (FastAPI, pydantic, numpy, the manifest) lives as long as the process:
         # frozen out of the collector, a full collection no longer walks it (measured: a ~65 ms stall
@@ -94,7 +93,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         "A/B and shadow traffic between teacher and student; Prometheus metrics.",
         lifespan=lifespan,
     )
-    app.state.settings, app.state.metrics, app.state.manifest = settings, metrics, manifest
+    app.state.settings, app.state.metrics = settings, metrics  # the manifest lives in app.state.classifier
     app.state.ab_router = ABRouter(settings.ab_weights, settings.shadow_fraction)
     app.state.ab_stats = ABStats(list(settings.ab_weights), settings.ab_window)
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())

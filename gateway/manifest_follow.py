@@ -97,7 +97,7 @@ class ManifestFollower:
         if not all(ready):
             metrics.manifest_reloads.labels("waiting").inc()
             return "waiting"
-        self.app.state.classifier, self.app.state.manifest = candidate, self.waiting_for
+        self.app.state.classifier = candidate
         self.waiting_for = None
         metrics.manifest_reloads.labels("switched").inc()
         log.warning("switched to the re-exported manifest: %s", dict(zip(needed, versions, strict=True)))

@@ -52,10 +52,11 @@ CLASSIFY_OPENAPI = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
                         "model": {"type": "string"},
                         "top_k": {"type": "integer", "minimum": 1, "maximum": 100},
                     },
+                    "required": ["images"],  # a form without an image is a 400, so the schema says so
                 }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},

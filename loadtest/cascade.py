@@ -18,6 +18,7 @@ from gateway.process import serving
 from kdcontract.client_forms import ClientForm
 from kdcontract.errors import UserError
 from kdcontract.names import CASCADE, STUDENT, TEACHER
+from kdcontract.tables import markdown_table
 from loadtest.bench import Served, machine, served_latency
 from loadtest.measure import metric_value
 from loadtest.served_accuracy import held_out, top1_through_gateway
@@ -72,12 +73,12 @@ def markdown(results: dict) -> str:
         f"{results['images']} held-out test digits through the gateway (8x8 PNG); latency: one-image requests at "
         "concurrency 1, interleaved, cycling through the held-out digits (`python -m loadtest cascade`).",
         "",
-        "| model | served top-1 | mean ms | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for k in ("student", "cascade", "teacher"):
-        f = results["latency"][k]
-        lines.append(f"| {k} | {100 * top1[k]:.2f}% | {ms[k]:.2f} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} |")
+    rows = [
+        [k, f"{100 * top1[k]:.2f}%", f"{ms[k]:.2f}", f"{f['p50_ms']:.2f}", f"{f['p99_ms']:.2f}"]
+        for k, f in ((k, results["latency"][k]) for k in (STUDENT, CASCADE, TEACHER))
+    ]
+    lines.append(markdown_table(["model", "served top-1", "mean ms", "p50 ms", "p99 ms"], rows))
     checks = {k: "yes" if v else "no" for k, v in results["checks"].items()}
     lines += [
         "",

@@ -28,6 +28,7 @@ from PIL import Image
 
 from gateway.process import serving
 from kdcontract.digits import digit_png_bytes
+from kdcontract.tables import markdown_table
 from loadtest.measure import LOST, REFUSED, load_client, post_images, summarize
 
 
@@ -258,19 +259,25 @@ def markdown(hostile: list[dict], faults: list[FaultResult], machine: str) -> st
         "",
         f"Machine: {machine}. Real gateway and embedded Triton; each fault on its own pair.",
         "",
-        "| hostile input | status | expected | error shape + request id |",
-        "|---|---:|---:|:---:|",
+        markdown_table(
+            ["hostile input", "status", "expected", "error shape + request id"],
+            [[r["input"], r["status"], r["expected"], "yes" if r["error_shape"] else "no"] for r in hostile],
+            align="l r r c",
+        ),
+        "",
     ]
-    for row in hostile:
-        shape = "yes" if row["error_shape"] else "no"
-        lines.append(f"| {row['input']} | {row['status']} | {row['expected']} | {shape} |")
-    lines += ["", "| fault | statuses seen | figures | targets | met | lost |", "|---|---|---|---|:---:|---:|"]
-    for f in faults:
-        seen = ", ".join(f"{k}: {v}" for k, v in sorted(f.statuses.items()))
-        figures = ", ".join(f"{k} {v}" for k, v in f.figures.items())
-        targets = ", ".join(f"{k} ≤ {v:g}" for k, v in f.targets.items())
-        met = "yes" if not f.missed() else "no: " + ", ".join(f.missed())
-        lines.append(f"| {f.name} | {seen} | {figures} | {targets} | {met} | {f.lost} |")
+    rows = [
+        [
+            f.name,
+            ", ".join(f"{k}: {v}" for k, v in sorted(f.statuses.items())),
+            ", ".join(f"{k} {v}" for k, v in f.figures.items()),
+            ", ".join(f"{k} ≤ {v:g}" for k, v in f.targets.items()),
+            "yes" if not f.missed() else "no: " + ", ".join(f.missed()),
+            f.lost,
+        ]
+        for f in faults
+    ]
+    lines.append(markdown_table(["fault", "statuses seen", "figures", "targets", "met", "lost"], rows, "l l l l c r"))
     lines += [
         "",
         "*lost*: accepted, then dropped without an answer; *refused*: a connection refused once the gateway had "

@@ -22,6 +22,7 @@ from locust.contrib.fasthttp import FastHttpUser
 from locust.runners import MasterRunner, WorkerRunner
 
 from kdcontract.names import AUTO, ENSEMBLE, STUDENT, STUDENT_KD, TEACHER
+from loadtest.stages import parse_stages
 
 IMAGES_DIR = Path(os.environ.get("KDSERVE_IMAGES_DIR", "."))
 LABELS: dict[str, str] = (
@@ -107,10 +108,7 @@ class ABUser(ClassifyUser):
         return f"client-{random.randrange(self.CLIENTS)}"
 
 
-STAGES = [
-    (int(seconds), int(users))
-    for seconds, users in (s.split(":") for s in os.environ.get("KDSERVE_STAGES", "").split(",") if s)
-]
+STAGES = parse_stages(os.environ.get("KDSERVE_STAGES"))
 
 if STAGES:  # Locust uses a shape class when the locustfile defines one; without stages, -u/-r/-t apply.
 

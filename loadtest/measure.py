@@ -18,15 +18,18 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
+from kdcontract.stats import percentiles
+
 STALL_MS = 100.0  # a call slower than this at concurrency 1 is a stall (the queue-policy bug took ~500 ms)
 
 
 def summarize(samples_ms: list[float]) -> dict[str, float]:
     values = np.asarray(samples_ms, dtype=np.float64)
+    p = percentiles(values, (50, 99))
     return {
         "requests": int(values.size),
-        "p50_ms": round(float(np.percentile(values, 50)), 3),
-        "p99_ms": round(float(np.percentile(values, 99)), 3),
+        "p50_ms": p["p50"],
+        "p99_ms": p["p99"],
         "max_ms": round(float(values.max()), 3),
         "mean_ms": round(float(values.mean()), 3),
         "over_100ms": int((values > STALL_MS).sum()),

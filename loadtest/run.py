@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -17,11 +18,14 @@ from pathlib import Path
 import httpx
 
 from kdcontract.digits import digit_png_bytes, digits_gray, held_out_indices
+from kdcontract.errors import UserError
 from kdcontract.manifest import DataSplit
 from kdcontract.names import ENSEMBLE, STUDENT, TEACHER, TRITON_ENSEMBLE
 from loadtest.perf_analyzer import UnstableMeasurement, measure
+from loadtest.stages import parse_stages
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCUST_GRACE_S = 120  # past its run time (stop timeout, CSV writing), Locust is stuck
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 # The alias behind each scenario's requests, for the direct (perf_analyzer) figures. The gateway's
 # `ensemble` fuses the variants itself; its direct counterpart is Triton's own ensemble.
@@ -44,7 +48,7 @@ def locust_binary() -> Path:
     """Locust lives in its own virtualenv (it cannot share one with nvidia-pytriton's tritonclient pin)."""
     path = Path(os.environ.get("KDSERVE_LOCUST", ROOT / ".venv-locust" / "bin" / "locust"))
     if not path.exists():
-        raise SystemExit(f"error: {path} not found; run `make setup` (it creates .venv-locust)")
+        raise UserError(f"{path} not found; run `make setup` (it creates .venv-locust)")
     return path
 
 
@@ -62,13 +66,18 @@ def write_images(out: Path, split: DataSplit | None) -> Path:
     return images
 
 
-def warm_up(host: str, images: Path, requests: int = 5) -> None:
-    """A few requests per model first, so first-call costs do not land in the measured percentiles."""
+def warm_up(host: str, images: Path, models: list[str], requests: int = 5) -> None:
+    """A few requests per model first, so first-call costs do not land in the measured percentiles.
+
+    A 4xx here is a broken set-up (a model the gateway does not serve, an image it refuses), found before
+    minutes of load; 5xx are left to the run, which measures them (and its stop rule acts on them)."""
     sample = sorted(images.glob("*.png"))[0].read_bytes()
     with httpx.Client(base_url=host, timeout=30) as client:
-        for model in (STUDENT, TEACHER, ENSEMBLE):
+        for model in models:
             for _ in range(requests):
-                client.post(f"/v1/classify?model={model}", content=sample, headers={"Content-Type": "image/png"})
+                resp = client.post(f"/v1/classify?model={model}", content=sample, headers={"Content-Type": "image/png"})
+                if 400 <= resp.status_code < 500:
+                    raise UserError(f"warm-up: {model} answered {resp.status_code}: {resp.text[:200]}")
 
 
 def scrape(url: str, path: Path) -> None:
@@ -98,11 +107,12 @@ def run_load(
     models = _get_json(f"{host}/v1/models")
     images = write_images(out, DataSplit.model_validate(models["split"]) if models.get("split") else None)
     ab_weights = _get_json(f"{host}/v1/ab/summary")["weights"]
-    warm_up(host, images)
+    warm_up(host, images, [m for m in (STUDENT, TEACHER, ENSEMBLE) if m in models["aliases"]])
     scrape(f"{host}/metrics", out / "gateway_metrics_before.txt")
     if triton_metrics:
         scrape(triton_metrics, out / "triton_metrics_before.txt")
-    seconds = sum(int(s.split(":")[0]) for s in stages.split(",")) if stages else parse_duration(duration)
+    steps = parse_stages(stages)
+    seconds = sum(s for s, _ in steps) if steps else parse_duration(duration)
     command = [
         str(locust_binary()),
         "-f",
@@ -134,12 +144,19 @@ def run_load(
         "KDSERVE_STAGES": stages or "",
     }
     started = time.perf_counter()
+    # The children's CPU time around the run is Locust's own: how hard the load generator itself worked.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with (out / "locust.log").open("w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        # wait4 gives the child's own CPU time: how hard the load generator itself worked.
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            exit_code = proc.wait(timeout=seconds + LOCUST_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise UserError(f"Locust ran {LOCUST_GRACE_S} s past its {seconds} s; see {out / 'locust.log'}") from None
     wall = time.perf_counter() - started
-    exit_code = os.waitstatus_to_exitcode(status)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    generator_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     scrape(f"{host}/metrics", out / "gateway_metrics_after.txt")
     if triton_metrics:
         scrape(triton_metrics, out / "triton_metrics_after.txt")
@@ -152,8 +169,8 @@ def run_load(
         "seconds": seconds,
         "wall_seconds": round(wall, 2),
         "locust_exit_code": exit_code,
-        "generator_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
-        "generator_cpu_share_of_one_core": round((usage.ru_utime + usage.ru_stime) / wall, 3),
+        "generator_cpu_seconds": round(generator_cpu, 2),
+        "generator_cpu_share_of_one_core": round(generator_cpu / wall, 3),
         "cores": os.cpu_count(),
         "manifest_top1": {m["name"]: m["top1"] for m in models["models"]},
         "aliases": models["aliases"],
@@ -170,7 +187,7 @@ def run_load(
 def _get_json(url: str) -> dict:
     response = httpx.get(url, timeout=10)
     if response.status_code != 200:
-        raise SystemExit(f"error: {url} answered {response.status_code}: {response.text[:200]}")
+        raise UserError(f"{url} answered {response.status_code}: {response.text[:200]}")
     return response.json()
 
 
@@ -198,7 +215,7 @@ def triton_direct(
     triton_http: str, targets: list[dict], users: int, stages: str | None, out: Path, size: int
 ) -> list[dict]:
     """perf_analyzer on the same Triton models at the concurrency each saw during the Locust steps."""
-    steps = sorted({int(s.split(":")[1]) for s in stages.split(",")}) if stages else [users]
+    steps = sorted({u for _, u in parse_stages(stages)}) or [users]
     results = []
     for target in targets:
         model = target["model"]

@@ -18,6 +18,7 @@ from kdcontract.client_forms import SERVED_FORMS, ClientForm, render
 from kdcontract.digits import digits_gray, held_out_indices
 from kdcontract.manifest import DataSplit
 from kdcontract.names import ENSEMBLE, STUDENT, TEACHER
+from kdcontract.tables import markdown_table
 
 MODELS = (STUDENT, TEACHER, ENSEMBLE)
 
@@ -73,16 +74,10 @@ def markdown(results: dict) -> str:
         f"Top-1 on the {results['images']} held-out test digits, sent through the gateway in each form "
         "(`python -m loadtest served-accuracy`).",
         "",
-        "| the same held-out digits, sent as | " + " | ".join(models) + " |",
-        "|---|" + "---:|" * len(models),
     ]
-    for label, row in results["forms"].items():
-        lines.append(f"| {label} | " + " | ".join(f"{100 * row[m]:.2f}%" for m in models) + " |")
-    lines.append(
-        "| **largest drop from native 8x8** | "
-        + " | ".join(f"{results['largest_drop_points'][m]:.2f} pt" for m in models)
-        + " |"
-    )
+    rows = [[label, *(f"{100 * row[m]:.2f}%" for m in models)] for label, row in results["forms"].items()]
+    rows.append(["**largest drop from native 8x8**", *(f"{results['largest_drop_points'][m]:.2f} pt" for m in models)])
+    lines.append(markdown_table(["the same held-out digits, sent as", *models], rows))
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ from gateway.process import serving
 from kdcontract.digits import digit_png_bytes
 from kdcontract.manifest import read_manifest
 from kdcontract.names import CASCADE, ENSEMBLE, STUDENT, TEACHER, TRITON_ENSEMBLE, available
+from kdcontract.tables import markdown_table
 from loadtest.measure import load_client, post_images, summarize
 
 SAMPLE_S = 5.0
@@ -180,11 +181,12 @@ def markdown(results: dict, machine: str) -> str:
         f"and its Python-backend stubs) {results['triton_rss_growth']:+.2%}",
         f"- gateway open file descriptors: {results['gateway_fds'][0]} -> {results['gateway_fds'][1]}",
         "",
-        "| minute | requests (200) | p50 ms | p99 ms | max ms |",
-        "|---:|---:|---:|---:|---:|",
+        markdown_table(
+            ["minute", "requests (200)", "p50 ms", "p99 ms", "max ms"],
+            [[m["minute"], m["requests"], m["p50_ms"], m["p99_ms"], m["max_ms"]] for m in results["per_minute"]],
+            align="r r r r r",
+        ),
     ]
-    for m in results["per_minute"]:
-        lines.append(f"| {m['minute']} | {m['requests']} | {m['p50_ms']} | {m['p99_ms']} | {m['max_ms']} |")
     lines += ["", "![memory and latency over the soak](soak.png)"]
     return "\n".join(lines) + "\n"
 

@@ -26,6 +26,7 @@ TINY_OVERRIDES = [
     "ensemble.multihead.heads=2",
     "compression.max_steps=2",
     "compression.finetune.epochs=1",
+    "compression.max_extra_epochs=1",
 ]
 
 

@@ -177,3 +177,11 @@ def test_a_request_that_waits_past_the_deadline_times_out_and_is_never_sent():
         assert triton.calls == [[1]]
 
     asyncio.run(scenario())
+
+
+def test_percentiles_are_numpys_linear_interpolation_and_none_without_samples():
+    from kdcontract.stats import percentiles
+
+    # Linear interpolation over 1..100: the q-th percentile sits at rank 1 + 0.99 * q.
+    assert percentiles(range(1, 101)) == {"p50": 50.5, "p95": 95.05, "p99": 99.01}
+    assert percentiles([], (50, 90)) == {"p50": None, "p90": None}

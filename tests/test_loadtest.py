@@ -3,6 +3,8 @@
 import csv
 import json
 
+import pytest
+
 from gateway.process import GatewayProcess, free_port
 from loadtest.report import write_report
 from loadtest.run import direct_targets, model_concurrency, run_load
@@ -74,3 +76,14 @@ def test_ab_traffic_is_compared_with_both_arms_and_the_ensemble_with_tritons():
     assert model_concurrency(4, 0.1) == 1  # an arm with any traffic is measured at least at concurrency 1
     (ensemble,) = direct_targets("ensemble", aliases, {"student": 1.0})
     assert ensemble["model"] == "ensemble_fused"  # not the gateway's own fusion, which Triton cannot run
+
+
+def test_load_stages_parse_once_and_refuse_what_locust_could_not_run():
+    from kdcontract.errors import UserError
+    from loadtest.stages import parse_stages
+
+    assert parse_stages("20:1, 20:2,20:4") == [(20, 1), (20, 2), (20, 4)]
+    assert parse_stages(None) == [] and parse_stages("") == []
+    for bad in ("20", "20:x", "0:3", "20:0", "²:1"):
+        with pytest.raises(UserError, match="stage"):
+            parse_stages(bad)

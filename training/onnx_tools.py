@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ import torch
 
 from kdcontract.errors import UserError
 from kdcontract.fusion import top1
+from kdcontract.stats import percentiles
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 OPSET = 18
@@ -142,7 +142,7 @@ def latency_ms(sess: ort.InferenceSession, images: np.ndarray, repeats: int = 30
         sess.run(None, {INPUT_NAME: images})
         times.append((time.perf_counter() - start) * 1000)
     times.sort()
-    return {"p50": statistics.median(times), "p90": times[int(0.9 * (len(times) - 1))]}
+    return percentiles(times, (50, 90), digits=6)
 
 
 def _conv_attributes(node: onnx.NodeProto) -> dict:

@@ -139,9 +139,13 @@ def _stage_settings(stage: Stage, recipe: Recipe) -> dict:
 TRAINING_FORMAT = 3
 
 
-def _fingerprint(stage: Stage, recipe: Recipe) -> str:
-    settings = {**_stage_settings(stage, recipe), "format": TRAINING_FORMAT}
+def fingerprint_of(settings: object) -> str:
+    """What a saved model was made from, as a short hash: a model is reused only under the same one."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fingerprint(stage: Stage, recipe: Recipe) -> str:
+    return fingerprint_of({**_stage_settings(stage, recipe), "format": TRAINING_FORMAT})
 
 
 def init_model(stage: Stage, data: SplitData) -> ImageClassifier:
@@ -193,7 +197,7 @@ def _assemble_teacher(
     if runtime.is_main:
         spec, _ = load_metadata(out / names[0] / "model.pt")
         spec.members, spec.role = stage.members, "teacher"
-        fingerprint = hashlib.sha256("".join(m["fingerprint"] for m in metas).encode()).hexdigest()[:16]
+        fingerprint = fingerprint_of([m["fingerprint"] for m in metas])
         save_model(out / "teacher" / "model.pt", teacher, spec, {"fingerprint": fingerprint, "members": names})
     _barrier(runtime)
     return teacher, 0.0
@@ -209,17 +213,20 @@ def _prune_or_reuse(
     made from the same source, teacher and settings. Returns the pruning record too."""
     cfg = recipe.compression  # its source was checked before training (check_stage_references)
     source_stage, source = trained[cfg.source]
-    stage = Stage(PRUNED, "student", source_stage.model_cfg, source_stage.seed, source_stage.augment, recipe.distill)
+    seed = source_stage.seed if cfg.seed is None else cfg.seed
+    stage = Stage(PRUNED, "student", source_stage.model_cfg, seed, source_stage.augment, recipe.distill)
     spec, source_meta = load_metadata(out / cfg.source / "model.pt")
     teacher_meta = load_metadata(out / "teacher" / "model.pt")[1]
     settings = {
-        "compression": cfg.model_dump(mode="json"),
+        # Unset, the seed is the source's and already in its fingerprint (and runs pruned before the
+        # setting existed keep theirs).
+        "compression": cfg.model_dump(mode="json", exclude={"seed"} if cfg.seed is None else None),
         "distill": recipe.distill.model_dump(mode="json"),
         "source": source_meta.get("fingerprint"),
         "teacher": teacher_meta.get("fingerprint"),
         "format": TRAINING_FORMAT,
     }
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = fingerprint_of(settings)
     path = out / PRUNED / "model.pt"
     _barrier(runtime)
     if path.exists():

@@ -205,6 +205,7 @@ class CompressionConfig(_Strict):
     max_extra_epochs: int = Field(
         3, ge=0, description="after each step's finetune: more epochs, one at a time, while validation improves"
     )
+    seed: int | None = Field(None, description="seed of the recovery training (None: the source stage's seed)")
     round_to: int = Field(8, ge=1, description="channel counts stay multiples of this (vector units like them)")
     finetune: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=0),
