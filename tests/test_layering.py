@@ -1,0 +1,51 @@
+"""The layering contracts (import-linter, [tool.importlinter] in pyproject.toml) hold, and catch a breach."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+PACKAGES = ("kdcontract", "training", "gateway", "loadtest")
+
+
+def lint_imports(tree: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def copy_of_the_packages(tmp_path: Path) -> Path:
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    return tmp_path
+
+
+def test_the_contracts_hold_on_the_tree(tmp_path):
+    proc = lint_imports(copy_of_the_packages(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "4 kept, 0 broken" in proc.stdout
+
+
+def test_an_import_of_training_from_the_gateway_breaks_the_build(tmp_path):
+    tree = copy_of_the_packages(tmp_path)
+    routes = tree / "gateway" / "routes.py"
+    routes.write_text(routes.read_text() + "\nfrom training.models import build_classifier  # noqa\n")
+    torch_in_contract = tree / "kdcontract" / "fusion.py"
+    torch_in_contract.write_text(torch_in_contract.read_text() + "\nimport torch  # noqa\n")
+    proc = lint_imports(tree)
+    assert proc.returncode != 0
+    assert "The gateway imports neither training nor torch BROKEN" in proc.stdout
+    assert "The contract package imports no torch and none of the packages built on it BROKEN" in proc.stdout
+    assert "gateway.routes -> training.models" in proc.stdout
