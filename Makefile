@@ -64,7 +64,7 @@ demo: setup
 	$(PY) -m training export --run $(RUN_DIR) --repo $(REPO) --flavor $(FLAVOR)
 	@cat $(RUN_DIR)/export_report.md
 	mkdir -p benchmarks/$(RECIPE)
-	cp $(RUN_DIR)/results.md $(RUN_DIR)/results.json $(RUN_DIR)/export_report.md benchmarks/$(RECIPE)/
+	cp $(RUN_DIR)/results.md $(RUN_DIR)/results.json $(RUN_DIR)/pareto.png $(RUN_DIR)/export_report.md benchmarks/$(RECIPE)/
 	$(PY) -m loadtest demo --repo $(REPO) $(if $(ONCE),--once)
 
 # Needs the demo's repository; training and export reuse what is already there. The timing repository
