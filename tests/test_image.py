@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -43,7 +44,15 @@ def image() -> str:
     return built.stdout.strip().splitlines()[-1]
 
 
-def start_gateway_container(image: str, repo) -> tuple[str, str]:
+def readable_by_anyone(repo: Path) -> Path:
+    """pytest's temporary folders are root's alone (0700); the image runs as uid 10001, as in production,
+    where the repository volume is readable by it."""
+    for path in [repo, *repo.rglob("*")]:
+        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+    return repo
+
+
+def start_gateway_container(image: str, repo: Path) -> tuple[str, str]:
     """The image run as in production: read-only root, the repository mounted read-only, its embedded
     Triton on free loopback ports (host network: no port publishing needed on these machines)."""
     name = f"kdserve-test-{uuid.uuid4().hex[:8]}"
@@ -71,7 +80,7 @@ def start_gateway_container(image: str, repo) -> tuple[str, str]:
 
 
 def test_the_image_serves_read_only_as_uid_10001_passes_its_healthcheck_and_stops_cleanly(image, tiny_repo, gateway):
-    name, url = start_gateway_container(image, tiny_repo)
+    name, url = start_gateway_container(image, readable_by_anyone(tiny_repo))
     try:
         assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
         assert podman("inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", name).stdout.strip() == "true"
