@@ -18,6 +18,7 @@ def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
         "ensemble.variants=[]",
         "ensemble.multihead.heads=0",
         "compression.enabled=false",
+        "cascade.enabled=false",
         "distill.feature.enabled=true",
     ]
     proc = subprocess.run(
