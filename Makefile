@@ -15,7 +15,7 @@ FLAVOR ?= cpu
 export PYTHONUNBUFFERED := 1
 export NO_MKDOCS_2_WARNING := 1  # Material's notice about its successor, printed on every build
 
-.PHONY: setup test docs demo bench fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
+.PHONY: setup test docs demo bench pruning-seeds fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch/torchvision are installed first
 # and by pip on purpose: pip takes the pinned wheels from this machine's disk (uv/poetry download ~3 GB).
@@ -84,6 +84,16 @@ fewlabels: setup
 	mkdir -p benchmarks/fewlabels
 	cp $(FEWLABELS_RUN)/results.md $(FEWLABELS_RUN)/pareto.png benchmarks/fewlabels/
 	$(PY) -m loadtest cascade --repo $(FEWLABELS_RUN)/repo --out benchmarks/fewlabels
+
+# The pruning stage again with other seeds for its recovery training, every other stage reused from the
+# demo's run (copied): does compression hold beyond one draw? benchmarks/$(RECIPE)/pruning_seeds.md.
+PRUNE_SEEDS ?= 1 2
+pruning-seeds: setup
+	test -f $(RUN_DIR)/results.json || $(MAKE) demo ONCE=1
+	for s in $(PRUNE_SEEDS); do rm -rf $(RUN_DIR)-prune-seed$$s && cp -r $(RUN_DIR) $(RUN_DIR)-prune-seed$$s && \
+	  $(PY) -m training all --recipe $(RECIPE) --out $(RUN_DIR)-prune-seed$$s --set compression.seed=$$s || exit 1; done
+	$(PY) -m training pruning-report --out benchmarks/$(RECIPE)/pruning_seeds.md \
+	  --runs $(RUN_DIR) $(foreach s,$(PRUNE_SEEDS),$(RUN_DIR)-prune-seed$(s))
 
 # Longer fuzzing than `make test` runs: Atheris on image decoding for FUZZ_SECONDS (findings land in
 # runs/fuzz/ as crash-*/oom-*/timeout-* inputs), then Schemathesis with 10x the generated requests.

@@ -67,7 +67,8 @@ def headline_rows(benchmarks: Path) -> list[list[str]]:
 def headline_block(benchmarks: Path) -> str:
     machine = json.loads((benchmarks / "results.json").read_text())["machine"]
     table = markdown_table(["what", "measured", "from"], headline_rows(benchmarks), align="l l l")
-    return f"{START}\n{table}\nMachine: {machine['cpu']}, {machine['cores']} cores, no GPU.\n{END}"
+    cpu = f"{machine['cpu']} ({', '.join(machine['simd'])}), {machine['cores']} cores, no GPU"
+    return f"{START}\n{table}\nServing figures measured on {cpu}; each file records the machine of its own run.\n{END}"
 
 
 def write_headline(readme: Path, benchmarks: Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -87,6 +88,25 @@ def _cmd_timing_repo(args: argparse.Namespace) -> None:
     print(f"[timing-repo] {args.repo}: {'written' if written else 'up to date'}")
 
 
+def _cmd_pruning_report(args: argparse.Namespace) -> None:
+    from training.recipe import load_recipe
+    from training.report import pruning_runs_markdown
+
+    runs = [Path(r) for r in args.runs]
+    missing = [str(r) for r in runs if not (r / "results.json").is_file()]
+    if missing:
+        raise UserError(f"no results.json in {', '.join(missing)}; train them first (python -m training all)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seeds = [load_recipe(str(r / "recipe.yaml")).compression.seed for r in runs]
+    out.write_text(
+        pruning_runs_markdown(
+            [(s, json.loads((r / "results.json").read_text())) for s, r in zip(seeds, runs, strict=True)]
+        )
+    )
+    print(out.read_text())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument("--repo", default="runs/timing-224", help="Triton model repository to write")
     timing.add_argument("--image-size", type=int, default=224)
     timing.set_defaults(func=_cmd_timing_repo)
+
+    pruning = commands.add_parser(
+        "pruning-report", help="the pruned student of several runs (e.g. pruning seeds) side by side"
+    )
+    pruning.add_argument("--runs", nargs="+", required=True, help="run directories with results.json")
+    pruning.add_argument("--out", required=True, help="markdown file to write")
+    pruning.set_defaults(func=_cmd_pruning_report)
     return parser
 
 

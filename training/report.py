@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from kdcontract.names import STUDENT_KD, STUDENT_PLAIN, STUDENT_PRUNED, TEACHER
+from kdcontract.tables import markdown_table
 
 
 def _pct(value: float | None) -> str:
@@ -47,6 +48,35 @@ def compression_markdown(compression: dict, models: dict) -> list[str]:
             f"{_pct(models[compression['source']]['top1'])}.",
         ]
     return lines
+
+
+def pruning_runs_markdown(runs: list[tuple[int | None, dict]]) -> str:
+    """One row per run: the pruning seed, the step kept, the pruned student's share of its source's MACs
+    and its test top-1 beside the source's (the same test images)."""
+    rows = []
+    for seed, results in runs:
+        compression, models = results["compression"], results["models"]
+        source = models[compression["source"]]
+        pruned = models.get(STUDENT_PRUNED)
+        rows.append(
+            [
+                "source's" if seed is None else seed,
+                compression["kept_step"],
+                f"{pruned['macs_share_of_source']:.0%}" if pruned else "— (nothing kept)",
+                _pct(pruned["top1"]) if pruned else "—",
+                _pct(source["top1"]),
+                f"{100 * (source['top1'] - pruned['top1']):+.2f}" if pruned else "—",
+                f"{results['stage_seconds'][STUDENT_PRUNED]:.0f}",
+            ]
+        )
+    header = ["pruning seed", "steps kept", "MACs of the source", "test top-1", "source test top-1", "drop (points)"]
+    return (
+        f"# Pruning of `{runs[0][1]['compression']['source']}` over seeds (`make pruning-seeds`)\n\n"
+        "Each run prunes the same trained KD student with another seed for its recovery training, judged by the\n"
+        "paired validation rule (docs: Training, Compression); test top-1 on the same 270 held-out images.\n\n"
+        + markdown_table([*header, "seconds"], rows)
+        + "\n"
+    )
 
 
 def results_markdown(results: dict) -> str:
