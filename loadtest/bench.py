@@ -52,6 +52,7 @@ from kdcontract.names import (
 )
 from kdcontract.ort_session import open_session
 from kdcontract.pareto import pareto_rows, write_pareto
+from kdcontract.tables import markdown_table
 from loadtest.measure import (
     STALL_MS,
     TritonStats,
@@ -481,9 +482,9 @@ def _triton(f: dict) -> str:
     return f"{t['queue_ms']:.3f} / {t['compute_ms']:.3f} / {t['mean_batch']:.2f}"
 
 
-def results_markdown(results: dict) -> str:
+def _header(results: dict) -> list[str]:
     m = results["machine"]
-    lines = [
+    return [
         "# kdserve benchmarks",
         "",
         f"Machine: {m['cpu']} ({', '.join(m['simd']) or 'no AVX2'}), {m['cores']} cores, GPU: {m['gpu'] or 'none'}; "
@@ -495,61 +496,83 @@ def results_markdown(results: dict) -> str:
         "under load), interleaved, so their difference is what the gateway adds. In-process is ONNX Runtime",
         "with the served settings (2 threads, no spinning). **Triton columns**: Triton's own statistics for that",
         "phase, mean queue ms / mean compute ms per request / mean batch it formed.",
-        "",
-        "## Targets",
-        "",
-        "| what | this run | target | met |",
-        "|---|---:|---:|:---:|",
     ]
-    for key, c in results["checks"].items():
-        met = {True: "yes", False: "**no**", None: "—"}[c["met"]]
-        lines.append(f"| {CHECK_TEXT[key]} | {c['value']} | {c['target']} | {met} |")
-    lines += [
-        "",
-        f"## Concurrency 1, one image: in-process vs Triton direct vs gateway ({results['requests_c1']} student calls)",
-        "",
-        "| model | top-1 | in-process p50 / p99 / max ms | Triton p50 / p99 / max ms | Triton: queue / compute / "
-        "batch | gateway p50 / p99 / max ms | gateway's Triton: queue / compute / batch | calls over 100 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+
+
+def _section(title: str, header: list[str], rows: list[list], align: str = "", intro: str = "") -> list[str]:
+    return ["", f"## {title}", "", *([intro, ""] if intro else []), markdown_table(header, rows, align)]
+
+
+def _targets(results: dict) -> list[str]:
+    met = {True: "yes", False: "**no**", None: "—"}
+    rows = [[CHECK_TEXT[key], c["value"], c["target"], met[c["met"]]] for key, c in results["checks"].items()]
+    return _section("Targets", ["what", "this run", "target", "met"], rows, "l r r c")
+
+
+def _concurrency_1(results: dict) -> list[str]:
+    rows = [
+        [
+            f"{label} (`{f['model']}`)",
+            _pct(f["top1"]),
+            _ms(f["in_process"]),
+            _ms(f["triton_direct"]),
+            _triton(f["triton_direct"]),
+            _ms(f["gateway"]),
+            _triton(f["gateway"]),
+            f["triton_direct"]["over_100ms"] + f["gateway"]["over_100ms"],
+        ]
+        for label, f in results["latency_c1"].items()
     ]
-    for label, f in results["latency_c1"].items():
-        stalls = f["triton_direct"]["over_100ms"] + f["gateway"]["over_100ms"]
-        lines.append(
-            f"| {label} (`{f['model']}`) | {_pct(f['top1'])} | {_ms(f['in_process'])} | {_ms(f['triton_direct'])} | "
-            f"{_triton(f['triton_direct'])} | {_ms(f['gateway'])} | {_triton(f['gateway'])} | {stalls} |"
-        )
-    lines += [
-        "",
-        "## Images per request (student, c=1)",
-        "",
-        "| images | in-process p50 ms | Triton p50 ms | gateway p50 ms | gateway ms per image | Triton: queue / "
-        "compute / batch |",
-        "|---:|---:|---:|---:|---:|---:|",
+    header = [
+        "model", "top-1", "in-process p50 / p99 / max ms", "Triton p50 / p99 / max ms",
+        "Triton: queue / compute / batch", "gateway p50 / p99 / max ms", "gateway's Triton: queue / compute / batch",
+        "calls over 100 ms",
+    ]  # fmt: skip
+    title = f"Concurrency 1, one image: in-process vs Triton direct vs gateway ({results['requests_c1']} student calls)"
+    return _section(title, header, rows)
+
+
+def _images_per_request(results: dict) -> list[str]:
+    rows = [
+        [
+            n,
+            f"{f['in_process']['p50_ms']:.2f}",
+            f"{f['triton_direct']['p50_ms']:.2f}",
+            f"{f['gateway']['p50_ms']:.2f}",
+            f"{f['gateway']['p50_ms'] / int(n):.3f}",
+            _triton(f["gateway"]),
+        ]
+        for n, f in results["images_per_request"].items()
     ]
-    for n, f in results["images_per_request"].items():
-        lines.append(
-            f"| {n} | {f['in_process']['p50_ms']:.2f} | {f['triton_direct']['p50_ms']:.2f} | "
-            f"{f['gateway']['p50_ms']:.2f} | {f['gateway']['p50_ms'] / int(n):.3f} | {_triton(f['gateway'])} |"
-        )
-    lines += [
-        "",
-        f"## Throughput by concurrency (one image a request, {results['load_seconds']:.0f} s a point)",
-        "",
-        "In-process: that many threads; Triton and gateway: that many concurrent requests from one async client.",
-        "",
-        "| model | clients | in-process img/s | Triton img/s | Triton p50 ms | Triton: queue / compute / batch | "
-        "gateway img/s | gateway p50 ms | gateway's Triton: queue / compute / batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["images", "in-process p50 ms", "Triton p50 ms", "gateway p50 ms", "gateway ms per image"]
+    return _section(
+        "Images per request (student, c=1)", [*header, "Triton: queue / compute / batch"], rows, "r " * 5 + "r"
+    )
+
+
+def _throughput(results: dict) -> list[str]:
+    rows = []
     for model, curve in results["throughput"].items():
         for c in curve["in_process"]:
             ip, td, gw = curve["in_process"][c], curve["triton_direct"][c], curve["gateway"][c]
-            lines.append(
-                f"| {model} | {c} | {ip['throughput_per_s']:.0f} | {td['throughput_per_s']:.0f} | {td['p50_ms']:.1f} | "
-                f"{_triton(td)} | {gw['throughput_per_s']:.0f} | {gw['p50_ms']:.1f} | {_triton(gw)} |"
-            )
+            rows.append(
+                [
+                    model, c, f"{ip['throughput_per_s']:.0f}", f"{td['throughput_per_s']:.0f}", f"{td['p50_ms']:.1f}",
+                    _triton(td), f"{gw['throughput_per_s']:.0f}", f"{gw['p50_ms']:.1f}", _triton(gw),
+                ]
+            )  # fmt: skip
+    header = [
+        "model", "clients", "in-process img/s", "Triton img/s", "Triton p50 ms", "Triton: queue / compute / batch",
+        "gateway img/s", "gateway p50 ms", "gateway's Triton: queue / compute / batch",
+    ]  # fmt: skip
+    intro = "In-process: that many threads; Triton and gateway: that many concurrent requests from one async client."
+    title = f"Throughput by concurrency (one image a request, {results['load_seconds']:.0f} s a point)"
+    return _section(title, header, rows, intro=intro)
+
+
+def _event_loop(results: dict) -> list[str]:
     h = results["healthz_under_large_images"]
-    lines += [
+    return [
         "",
         "## The event loop while large images decode",
         "",
@@ -557,52 +580,61 @@ def results_markdown(results: dict) -> str:
         f"classified, p50 {h['large_image_requests']['p50_ms']:.0f} ms each) while a third calls `/healthz`: "
         f"p50 {h['healthz']['p50_ms']:.2f} ms, p99 {h['healthz']['p99_ms']:.2f} ms, "
         f"max {h['healthz']['max_ms']:.1f} ms over {h['healthz']['requests']} calls.",
-        "",
-        "## Ensembles through the gateway, against one student",
-        "",
-        "| what | top-1 | c=1 p50 / p99 / max ms | img/s at 16 clients |",
-        "|---|---:|---:|---:|",
     ]
-    for label, e in results["ensembles"].items():
-        lines.append(
-            f"| {label} (`{e['model']}`) | {_pct(e['top1'])} | {_ms(e['latency_c1'])} | {e['throughput_c16']:.0f} |"
-        )
-    lines += [
-        "",
-        "## Teacher / student: how much of the speed-up survives serving",
-        "",
-        "| input | MACs ratio | in-process p50 ratio | Triton p50 ratio | gateway p50 ratio |",
-        "|---|---:|---:|---:|---:|",
+
+
+def _ensembles(results: dict) -> list[str]:
+    rows = [
+        [f"{label} (`{e['model']}`)", _pct(e["top1"]), _ms(e["latency_c1"]), f"{e['throughput_c16']:.0f}"]
+        for label, e in results["ensembles"].items()
     ]
-    for key, r in results["teacher_over_student"].items():
-        size = r["image_size"]
-        lat = r["latency_p50"]
-        lines.append(
-            f"| {key} ({size}x{size}) | {r['macs'] or '—'} | {lat['in_process']} | {lat['triton_direct']} | "
-            f"{lat['gateway']} |"
-        )
+    header = ["what", "top-1", "c=1 p50 / p99 / max ms", "img/s at 16 clients"]
+    return _section("Ensembles through the gateway, against one student", header, rows)
+
+
+def _teacher_over_student(results: dict) -> list[str]:
+    rows = [
+        [
+            f"{key} ({r['image_size']}x{r['image_size']})",
+            r["macs"] or "—",
+            r["latency_p50"]["in_process"],
+            r["latency_p50"]["triton_direct"],
+            r["latency_p50"]["gateway"],
+        ]
+        for key, r in results["teacher_over_student"].items()
+    ]
+    header = ["input", "MACs ratio", "in-process p50 ratio", "Triton p50 ratio", "gateway p50 ratio"]
+    lines = _section("Teacher / student: how much of the speed-up survives serving", header, rows)
     if "latency_c1_224" in results:
+        rows = [
+            [label, _ms(f["in_process"]), _ms(f["triton_direct"]), _ms(f["gateway"])]
+            for label, f in results["latency_c1_224"].items()
+        ]
+        header = ["model", "in-process p50 / p99 / max ms", "Triton p50 / p99 / max ms", "gateway p50 / p99 / max ms"]
         lines += [
             "",
             "At 224x224 (untrained ResNet18 student vs ResNet50 teacher, from `python -m training timing-repo`), c=1:",
             "",
-            "| model | in-process p50 / p99 / max ms | Triton p50 / p99 / max ms | gateway p50 / p99 / max ms |",
-            "|---|---:|---:|---:|",
+            markdown_table(header, rows),
         ]
-        for label, f in results["latency_c1_224"].items():
-            lines.append(f"| {label} | {_ms(f['in_process'])} | {_ms(f['triton_direct'])} | {_ms(f['gateway'])} |")
-    if "served_models" in results:
-        lines += [
-            "",
-            "## Every served model through the gateway",
-            "",
-            "Mean / p99 ms of one-image requests at c=1, interleaved, cycling through the held-out digits. With "
-            "accuracy, size and in-process cost: [pareto.md](pareto.md) (table and chart).",
-            "",
-            "| model | mean ms | p99 ms |",
-            "|---|---:|---:|",
-        ]
-        for name, f in results["served_models"].items():
-            lines.append(f"| {name} | {f['mean_ms']:.2f} | {f['p99_ms']:.2f} |")
+    return lines
+
+
+def _served_models(results: dict) -> list[str]:
+    if "served_models" not in results:
+        return []
+    rows = [[name, f"{f['mean_ms']:.2f}", f"{f['p99_ms']:.2f}"] for name, f in results["served_models"].items()]
+    intro = (
+        "Mean / p99 ms of one-image requests at c=1, interleaved, cycling through the held-out digits. With "
+        "accuracy, size and in-process cost: [pareto.md](pareto.md) (table and chart)."
+    )
+    return _section("Every served model through the gateway", ["model", "mean ms", "p99 ms"], rows, intro=intro)
+
+
+def results_markdown(results: dict) -> str:
+    sections = (_targets, _concurrency_1, _images_per_request, _throughput, _event_loop, _ensembles)
+    lines = _header(results)
+    for section in (*sections, _teacher_over_student, _served_models):
+        lines += section(results)
     lines += ["", f"A call over {STALL_MS:.0f} ms at concurrency 1 counts as a stall in the first table."]
     return "\n".join(lines) + "\n"

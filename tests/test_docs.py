@@ -18,3 +18,13 @@ def test_the_readme_headline_table_is_the_one_generated_from_the_benchmark_files
     # A figure typed by hand, or a benchmark rerun without `python -m loadtest headline`, fails here.
     assert block == headline_block(ROOT / "benchmarks")
     assert "| gateway p50 at concurrency 1, student / teacher |" in block
+
+
+def test_the_committed_bench_report_is_what_its_json_renders_to():
+    import json
+
+    from loadtest.bench import results_markdown
+
+    # One renderer for the report: the committed pair must agree (a hand edit of either fails here).
+    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    assert results_markdown(results) == (ROOT / "benchmarks" / "results.md").read_text()
