@@ -57,8 +57,8 @@ def check_cascade(repo: Path, requests: int = 300) -> dict:
         served.close()
     ms = results["mean_ms"]
     results["checks"] = {
-        "accuracy_within_half_point_of_teacher": top1["cascade"] >= top1["teacher"] - MAX_ACCURACY_GAP - 1e-9,
-        "latency_closer_to_student": ms["cascade"] - ms["student"] < ms["teacher"] - ms["cascade"],
+        "accuracy_within_half_point_of_teacher": top1[CASCADE] >= top1[TEACHER] - MAX_ACCURACY_GAP - 1e-9,
+        "latency_closer_to_student": ms[CASCADE] - ms[STUDENT] < ms[TEACHER] - ms[CASCADE],
     }
     return results
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdcontract.names import CASCADE, ENSEMBLE, STUDENT, TEACHER
 from kdcontract.tables import markdown_table
 
 START, END = "<!-- headline:start (python -m loadtest headline) -->", "<!-- headline:end -->"
@@ -24,7 +25,7 @@ def headline_rows(benchmarks: Path) -> list[list[str]]:
     bench = json.loads((benchmarks / "results.json").read_text())
     served = json.loads((benchmarks / "served_accuracy.json").read_text())
     cascade = json.loads((benchmarks / "fewlabels" / "cascade.json").read_text())
-    student, teacher = bench["latency_c1"]["student"], bench["latency_c1"]["teacher"]
+    student, teacher = bench["latency_c1"][STUDENT], bench["latency_c1"][TEACHER]
     c16 = bench["throughput"][student["model"]]
     direct, gateway = c16["triton_direct"]["16"], c16["gateway"]["16"]
     drops = served["largest_drop_points"]
@@ -51,12 +52,12 @@ def headline_rows(benchmarks: Path) -> list[list[str]]:
         ],
         [
             "largest drop from native 8x8 over 13 client forms (student / teacher / ensemble)",
-            " / ".join(f"{drops[m]:.2f}" for m in ("student", "teacher", "ensemble")) + " points",
+            " / ".join(f"{drops[m]:.2f}" for m in (STUDENT, TEACHER, ENSEMBLE)) + " points",
             "served_accuracy.md",
         ],
         [
             "few labels: served top-1, KD student / teacher / cascade",
-            " / ".join(_pct(cascade["top1"][m]) for m in ("student", "teacher", "cascade"))
+            " / ".join(_pct(cascade["top1"][m]) for m in (STUDENT, TEACHER, CASCADE))
             + f" ({_pct(cascade['escalated_share'])} escalated)",
             "fewlabels/cascade.md",
         ],
