@@ -12,7 +12,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from gateway.triton_server import TritonPorts
     from loadtest.demo import run_demo
 
-    run_demo(Path(args.repo), args.port, TritonPorts(args.http_port, args.grpc_port, args.metrics_port), args.once)
+    ports = TritonPorts(args.http_port, args.grpc_port, args.metrics_port)
+    run_demo(Path(args.repo), args.port, ports, args.once, args.then)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -126,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
     demo.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
     demo.add_argument("--once", action="store_true", help="exit after the demo instead of serving on")
+    demo.add_argument(
+        "--then",
+        metavar="COMMAND",
+        help="a shell command run while serving that exports more models into the repository (make demo: "
+        "the rest of the recipe); the models it adds are shown once served",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     bench = commands.add_parser("bench", help="latency of in-process ORT vs Triton vs gateway, one run")

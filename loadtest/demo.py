@@ -9,7 +9,9 @@ accuracy training measured, then keeps serving (or exits with --once).
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +19,7 @@ import httpx
 from gateway.process import GatewayProcess
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes, digits_gray, held_out_indices
-from kdcontract.manifest import read_manifest
+from kdcontract.manifest import Manifest, read_manifest
 from kdcontract.names import available, trained_entry
 
 
@@ -35,28 +37,39 @@ def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> 
     return predictions, latencies
 
 
-def run_demo(repo: Path, gateway_port: int, ports: TritonPorts, once: bool) -> int:
-    manifest = read_manifest(repo)
-    labels = digits_gray()[1]
-    test = held_out_indices(manifest.split)
+# Triton polls the repository so that an export made while the demo serves (the rest of the recipe, or
+# a user's) is loaded; the gateway follows the manifest and switches once Triton serves it.
+POLL_ARGS = ["--model-control-mode=poll", "--repository-poll-secs=5"]
+
+
+def run_demo(repo: Path, gateway_port: int, ports: TritonPorts, once: bool, then: str | None = None) -> int:
+    """Serve `repo` and show it; with `then`, run that command (which exports more models into `repo`)
+    while serving, and show the models it added once the gateway serves them."""
     triton_log = repo.resolve().parent / "triton.log"
     with (
-        EmbeddedTriton(repo, ports, log_file=triton_log) as triton,
+        EmbeddedTriton(repo, ports, log_file=triton_log, extra_args=POLL_ARGS) as triton,
         GatewayProcess(repo, triton.http_url, port=gateway_port, ready_path="/readyz") as gateway,
     ):
         url = gateway.url
-        models = available(manifest)
-        results = {m: classify_all(gateway.client, m, test) for m in models}
-        # One image per request, for latencies a single user sees.
-        single = {m: [classify_all(gateway.client, m, [i])[1][0] for i in test[:20]] for m in models}
-        _print_side_by_side(test, labels, results, single, manifest)
         print(f"\nWeb page {url}/  (draw a digit or drop a photo: student, teacher and ensemble side by side)")
         print(f"Gateway  {url}  (docs {url}/docs, metrics {url}/metrics, A/B {url}/v1/ab/summary)")
         print(
             f"Triton   http://{triton.http_url}  grpc {triton.grpc_url}  "
             f"metrics http://127.0.0.1:{ports.metrics}/metrics"
         )
-        print(f"Try:     curl -s -F images=@some_digit.png '{url}/v1/classify?model=student'")
+        print(f"Try:     curl -s -F images=@some_digit.png '{url}/v1/classify?model=student'", flush=True)
+        shown = show_served(gateway.client, read_manifest(repo), set())
+        if then is not None:
+            print(f"\nServing; the rest of the recipe trains meanwhile and is exported into {repo}: {then}", flush=True)
+            rest = subprocess.run(then, shell=True, check=False)
+            if rest.returncode != 0:
+                print(f"\nThe rest of the recipe failed (exit {rest.returncode}); what is shown above keeps serving.")
+            else:
+                manifest = read_manifest(repo)
+                if wait_until_served(gateway.client, manifest):
+                    show_served(gateway.client, manifest, shown)
+                else:
+                    print(f"\nThe new export is not served after {FOLLOW_TIMEOUT_S:.0f} s; see {triton_log}.")
         if not once:
             print("Serving; Ctrl-C stops.", flush=True)
             stop = threading.Event()
@@ -64,6 +77,34 @@ def run_demo(repo: Path, gateway_port: int, ports: TritonPorts, once: bool) -> i
                 signal.signal(sig, lambda *_: stop.set())
             stop.wait()
     return 0
+
+
+FOLLOW_TIMEOUT_S = 120.0
+
+
+def wait_until_served(client: httpx.Client, manifest: Manifest) -> bool:
+    """True once the gateway routes to every model of `manifest` (it follows the file)."""
+    wanted = {name: entry.version for name, entry in manifest.models.items()}
+    deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+    while time.monotonic() < deadline:
+        served = {m["name"]: m["version"] for m in client.get("/v1/models").json()["models"]}
+        if served == wanted:
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def show_served(client: httpx.Client, manifest: Manifest, already: set[str]) -> set[str]:
+    """The held-out digits through HTTP for each served model not in `already`; returns all shown."""
+    models = [m for m in available(manifest) if m not in already]
+    if models:
+        labels = digits_gray()[1]
+        test = held_out_indices(manifest.split)
+        results = {m: classify_all(client, m, test) for m in models}
+        # One image per request, for latencies a single user sees.
+        single = {m: [classify_all(client, m, [i])[1][0] for i in test[:20]] for m in models}
+        _print_side_by_side(test, labels, results, single, manifest)
+    return already | set(models)
 
 
 def _print_side_by_side(test, labels, results, single, manifest) -> None:

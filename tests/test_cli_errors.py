@@ -61,4 +61,4 @@ def test_the_load_tools_end_user_errors_with_one_line(tmp_path):
         text=True,
         timeout=120,
     )
-    assert_one_line_error(proc, "manifest.json")
+    assert_one_line_error(proc, "missing is not a model repository", "python -m training export")

@@ -12,8 +12,10 @@ def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
     out = tmp_path / "ddp"
     overrides = [
         "teacher.arch=resnet18",
+        "teacher.width=0.5",
+        "student.width=0.25",
         "teacher.train.epochs=1",
-        "student.train.epochs=2",
+        "student.train.epochs=4",
         "evaluation.seeds=[0]",
         "ensemble.variants=[]",
         "ensemble.multihead.heads=0",
@@ -49,5 +51,5 @@ def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
     assert results["world_size"] == 2
     # Each rank trains on half of the 1,257 training images per epoch; rank 0 logs once per epoch.
     history = [json.loads(x) for x in (out / "student_kd" / "metrics.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert results["models"]["student_plain"]["top1"] > 0.3  # learning happened across both ranks

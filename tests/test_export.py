@@ -12,11 +12,20 @@ from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 from kdcontract.errors import UserError
 from kdcontract.manifest import read_manifest
+from kdcontract.names import FUSED_ENSEMBLE, STUDENT_KD, TEACHER
 from kdcontract.ort_session import open_session
 from tests.conftest import run_training
 from training.check_repo import check_repository
 from training.models import build_classifier
-from training.onnx_tools import OPSET, Parity, drop_padding_taps, export_onnx, require_parity, run_logits
+from training.onnx_tools import (
+    OPSET,
+    Parity,
+    drop_padding_taps,
+    export_onnx,
+    graph_key,
+    require_parity,
+    run_logits,
+)
 from training.triton_repo import (
     config_text,
     existing_versions,
@@ -168,6 +177,23 @@ def test_a_version_appears_whole_under_its_number_and_a_dead_export_leaves_nothi
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
 
 
+def test_a_graph_is_kept_only_for_the_same_weights_and_constants(tmp_path):
+    model = build_classifier("resnet18", 10, small_stem=True, width=0.25, mean=(0.5,) * 3, std=(0.25,) * 3).eval()
+    path = tmp_path / "m.onnx"
+    key = graph_key(model, 8, "logits")
+    assert export_onnx(model, 8, path, key=key) is False
+    first = path.stat().st_mtime_ns
+    assert export_onnx(model, 8, path, key=graph_key(model, 8, "logits")) is True
+    assert path.stat().st_mtime_ns == first
+    # One weight changed, a baked-in constant changed, another input size: each a new graph.
+    with torch.no_grad():
+        model.backbone.fc.bias[0] += 1
+    assert graph_key(model, 8, "logits") != key
+    assert graph_key(model, 8, "logits", (1.5,)) != graph_key(model, 8, "logits", (1.4,))
+    assert graph_key(model, 16, "logits") != graph_key(model, 8, "logits")
+    assert export_onnx(model, 8, path, key=graph_key(model, 8, "logits")) is False
+
+
 @pytest.mark.parametrize(
     ("size", "kernel", "stride", "pad", "trimmed"),
     [
@@ -240,11 +266,14 @@ def test_export_without_a_trained_run_is_a_one_line_error(tmp_path):
 
 def test_gpu_flavour_configs_use_onnxruntime_with_tensorrt_fp16(tiny_run, tmp_path):
     # A copy of the run: export writes its report, graphs and chart into the run, which other tests read.
+    # Its graphs come along: the same weights make the same graph, so they are kept, not exported again.
     run = tmp_path / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("onnx", "checkpoint.pt", "export_report.*"))
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoint.pt", "export_report.*"))
     repo = tmp_path / "gpu"
     proc = run_training("export", "--run", str(run), "--repo", str(repo), "--flavor", "gpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((run / "export_report.json").read_text())["models"]
+    assert all(report[name]["graph_kept"] for name in (STUDENT_KD, TEACHER, FUSED_ENSEMBLE)), report
     config = (repo / "student_kd" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config and '"tensorrt"' in config and '"FP16"' in config
     assert "KIND_GPU" in config and not (repo / "student_kd" / "1" / "model.py").exists()

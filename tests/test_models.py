@@ -34,3 +34,24 @@ def test_params_and_macs_match_published_resnet_figures():
     assert count_macs(model, 224) == pytest.approx(1.814e9, rel=0.005)
     resnet50 = build_classifier("resnet50", 1000, small_stem=False, **NORM)
     assert count_params(resnet50) == 25_557_032
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_a_narrow_resnet_has_a_quarter_of_the_channels_and_starts_each_block_as_identity(arch, tmp_path):
+    full = build_classifier(arch, 10, small_stem=True, **NORM)
+    narrow = build_classifier(arch, 10, small_stem=True, width=0.25, **NORM)
+    # Every layer's channels x 0.25: compute and (conv) parameters shrink ~16x.
+    assert count_macs(narrow, 8) == pytest.approx(count_macs(full, 8) / 16, rel=0.05)
+    blocks = [m for m in narrow.backbone.modules() if hasattr(m, "downsample")]
+    assert blocks and all(not (b.bn3 if hasattr(b, "bn3") else b.bn2).weight.any() for b in blocks)
+    assert narrow.backbone.layer4[-1].conv1.in_channels == full.backbone.layer4[-1].conv1.in_channels // 4
+    # Saved and loaded through the spec, as export and serving rebuild it.
+    from training.checkpoint import ModelSpec, load_model, save_model
+
+    spec = ModelSpec(arch, 10, True, 8, NORM["mean"], NORM["std"], [str(i) for i in range(10)], width=0.25)
+    save_model(tmp_path / "model.pt", narrow, spec, {})
+    loaded, loaded_spec, _ = load_model(tmp_path / "model.pt")
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), narrow.eval()(images))
+    assert loaded_spec.width == 0.25

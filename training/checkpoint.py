@@ -27,6 +27,7 @@ class ModelSpec:
     members: int = 1  # > 1: a `MemberMean` of this many networks (a teacher made of several)
     pruned: bool = False  # layers narrower than the arch's: their widths come from the saved weights
     role: str = "student"
+    width: float = 1.0  # channels relative to the published architecture (recipe `width`)
     temperature: float = 1.0  # fitted on the validation split after training
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -40,6 +41,7 @@ def build_from_spec(spec: ModelSpec) -> ImageClassifier:
         std=spec.std,
         heads=spec.heads,
         members=spec.members,
+        width=spec.width,
     )
 
 

@@ -30,6 +30,17 @@ def _cmd_all(args: argparse.Namespace) -> None:
         print(results_markdown(results))
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from training.pipeline import plan_status
+    from training.recipe import load_recipe
+
+    status = plan_status(load_recipe(args.recipe, args.overrides), Path(args.out or f"runs/{args.recipe}"))
+    for stage, trained in status.items():
+        print(f"{stage:<24} {'trained (reused)' if trained else 'to train'}")
+    if args.exit_code and not all(status.values()):
+        raise SystemExit(1)
+
+
 def _cmd_check_data(args: argparse.Namespace) -> None:
     """Load and split the recipe's data (and transfer folder) as training will: bad files, empty class
     folders and missing roots fail here, on a CPU, before any GPU time is spent."""
@@ -124,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     run.set_defaults(func=_cmd_all)
+
+    plan = commands.add_parser("plan", help="which stages `all` would train and which it would reuse")
+    plan.add_argument("--recipe", default="digits", help="recipe name (training/recipes/) or path to a YAML file")
+    plan.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--exit-code", action="store_true", help="exit 1 when a stage is still to train (for scripts)")
+    plan.set_defaults(func=_cmd_plan)
 
     check_data = commands.add_parser("check-data", help="load and split the recipe's data; print a summary")
     check_data.add_argument("--recipe", default="digits", help="recipe name (training/recipes/) or path to a YAML file")

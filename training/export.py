@@ -44,6 +44,7 @@ from training.onnx_tools import (
     OUTPUT_NAME,
     convert_fp16,
     export_onnx,
+    graph_key,
     latency_ms,
     parity,
     quantize_int8,
@@ -199,12 +200,14 @@ def _export_graph(
     test: tuple[np.ndarray, np.ndarray],
     flavor: str,
     output_name: str = OUTPUT_NAME,
+    constants: tuple = (),
 ) -> tuple[dict, np.ndarray]:
-    """Export one graph and gate it: ONNX vs PyTorch on the test images, and FP16 vs fp32 for GPU serving.
+    """Export one graph (or keep the one exported from the same weights before) and gate it: ONNX vs
+    PyTorch on the test images, and FP16 vs fp32 for GPU serving.
 
     Returns the parity report and the ONNX outputs on the test images.
     """
-    export_onnx(model, image_size, onnx_path, output_name)
+    kept = export_onnx(model, image_size, onnx_path, output_name, graph_key(model, image_size, output_name, constants))
     torch_out = predict_logits(model, data.test)[0].numpy()
     onnx_session = open_session(onnx_path)
     onnx_out = run_logits(onnx_session, test[0])
@@ -220,10 +223,11 @@ def _export_graph(
         )
     print(
         f"[export] {name}: max |diff| {fp32.max_abs_diff:.1e}, agreement {fp32.top1_agreement:.2%}, "
-        f"fp16 agreement {fp16.top1_agreement:.2%}",
+        f"fp16 agreement {fp16.top1_agreement:.2%}{' (graph kept: same weights)' if kept else ''}",
         flush=True,
     )
     report = {
+        "graph_kept": kept,
         "onnx_vs_torch": fp32.as_dict(),
         "fp16_vs_fp32": fp16.as_dict(),
         "onnx_bytes": onnx_path.stat().st_size,
@@ -280,13 +284,12 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         # Both apply the fusion of training's report, so its test metrics are theirs.
         measured = results["models"].get(ENSEMBLE, {})
         metrics = {k: float(v) for k, v in measured.items() if isinstance(v, float | int)}
-        fused = FusedEnsemble(
-            [load_model(run / m / "model.pt")[0] for m in members], [entries[m].temperature for m in members]
-        )
+        temperatures = [entries[m].temperature for m in members]
+        fused = FusedEnsemble([load_model(run / m / "model.pt")[0] for m in members], temperatures)
         onnx_path = onnx_dir / f"{FUSED_ENSEMBLE}.onnx"
         image_size = entries[members[0]].input.shape[0]
         report["models"][FUSED_ENSEMBLE], fused_probs = _export_graph(
-            FUSED_ENSEMBLE, fused, image_size, onnx_path, data, test, flavor, PROBABILITIES
+            FUSED_ENSEMBLE, fused, image_size, onnx_path, data, test, flavor, PROBABILITIES, tuple(temperatures)
         )
         # The exported graph is the ensemble training evaluated: same top-1 on the same test split.
         report["models"][FUSED_ENSEMBLE]["test_top1"] = _accuracy(fused_probs, test[1])

@@ -22,8 +22,11 @@ ARCHS: dict[str, Callable[..., torchvision.models.ResNet]] = {
 }
 
 
-def build_resnet(arch: str, num_classes: int, small_stem: bool) -> torchvision.models.ResNet:
-    """A randomly initialised torchvision ResNet (weights are never fetched from a hub)."""
+def build_resnet(arch: str, num_classes: int, small_stem: bool, width: float = 1.0) -> torchvision.models.ResNet:
+    """A randomly initialised torchvision ResNet (weights are never fetched from a hub).
+
+    `width` scales every layer's channels (0.25: a quarter); 1.0 is the architecture as published.
+    """
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
     # zero_init_residual: each block starts as identity, so deep nets train stably from scratch on
@@ -33,7 +36,43 @@ def build_resnet(arch: str, num_classes: int, small_stem: bool) -> torchvision.m
         # For 8-32 px inputs the 7x7/2 stem and max-pool would throw away most of the image.
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    if width != 1.0:
+        _scale_channels(net, width)
     return net
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+def _scale_channels(net: torchvision.models.ResNet, width: float) -> None:
+    """Every convolution, batch norm and the classifier's input rebuilt with `width` times the channels
+    (the image's 3 stay), initialised as torchvision initialises a ResNet. Each tensor's channel count
+    goes through the same function of its published count, so residual sums keep matching shapes."""
+    for name, module in list(net.named_modules()):
+        replacement: nn.Module
+        if isinstance(module, nn.Conv2d):
+            inputs = module.in_channels if module.in_channels == 3 else scaled_channels(module.in_channels, width)
+            replacement = nn.Conv2d(
+                inputs,
+                scaled_channels(module.out_channels, width),
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                bias=False,
+            )
+            nn.init.kaiming_normal_(replacement.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            replacement = nn.BatchNorm2d(scaled_channels(module.num_features, width))
+            # zero_init_residual, kept: a block's last batch norm starts at zero, as the original's did.
+            if not module.weight.detach().any():
+                nn.init.zeros_(replacement.weight)
+        elif isinstance(module, nn.Linear):
+            replacement = nn.Linear(scaled_channels(module.in_features, width), module.out_features)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent_name) if parent_name else net, child, replacement)
 
 
 class MultiHeadResNet(nn.Module):
@@ -42,9 +81,9 @@ class MultiHeadResNet(nn.Module):
     Returns logits [N, K, C]; the server fuses the heads like independent members.
     """
 
-    def __init__(self, arch: str, num_classes: int, small_stem: bool, heads: int):
+    def __init__(self, arch: str, num_classes: int, small_stem: bool, heads: int, width: float = 1.0):
         super().__init__()
-        trunk = build_resnet(arch, num_classes, small_stem)
+        trunk = build_resnet(arch, num_classes, small_stem, width)
         features = trunk.fc.in_features
         trunk.fc = nn.Identity()
         self.trunk = trunk
@@ -109,14 +148,15 @@ def build_classifier(
     std: tuple[float, ...],
     heads: int = 0,
     members: int = 1,
+    width: float = 1.0,
 ) -> ImageClassifier:
     backbone: nn.Module
     if heads > 0:
-        backbone = MultiHeadResNet(arch, num_classes, small_stem, heads)
+        backbone = MultiHeadResNet(arch, num_classes, small_stem, heads, width)
     elif members > 1:
-        backbone = MemberMean([build_resnet(arch, num_classes, small_stem) for _ in range(members)])
+        backbone = MemberMean([build_resnet(arch, num_classes, small_stem, width) for _ in range(members)])
     else:
-        backbone = build_resnet(arch, num_classes, small_stem)
+        backbone = build_resnet(arch, num_classes, small_stem, width)
     return ImageClassifier(backbone, mean, std)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -20,14 +22,42 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 OPSET = 18
 
 
-def export_onnx(model: torch.nn.Module, image_size: int, path: Path, output_name: str = OUTPUT_NAME) -> None:
+# Bumped when what export_onnx writes changes for the same model (a new graph rewrite, say), so graphs
+# kept from an earlier export are made again.
+GRAPH_FORMAT = 1
+
+
+def graph_key(model: torch.nn.Module, image_size: int, output_name: str, constants: tuple = ()) -> str:
+    """What an exported graph is a function of: the module's type and weights (with their shapes, so a
+    pruned model differs), the input size, the output, the exporter and opset, and `constants` baked
+    into the graph that are not weights (an ensemble's temperatures)."""
+    digest = hashlib.sha256()
+    settings = [type(model).__name__, image_size, output_name, list(constants), torch.__version__, OPSET, GRAPH_FORMAT]
+    digest.update(json.dumps(settings).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export_onnx(
+    model: torch.nn.Module, image_size: int, path: Path, output_name: str = OUTPUT_NAME, key: str | None = None
+) -> bool:
     """uint8 [N,H,W,3] -> logits (or `output_name`) with a dynamic batch axis, weights inside the one .onnx file.
 
     The dynamo exporter is torch's default; `external_data=False` stops it writing the weights to
     a separate `.onnx.data` file, which a Triton version directory would then have to carry too.
     Height and width are fixed, so kernel taps that only ever read padding are dropped
     (`drop_padding_taps`); the parity gate in export compares the result with PyTorch.
+
+    With a `key` (`graph_key`), a graph exported earlier from the same key is kept instead of exported
+    again (the dynamo exporter takes 5-15 s a model on 2 cores; a re-export of unchanged models is then
+    a matter of the parity checks). Returns whether the graph was kept.
     """
+    key_file = path.with_name(f"{path.name}.key")
+    if key is not None and path.is_file() and key_file.is_file() and key_file.read_text() == key:
+        return True
+    key_file.unlink(missing_ok=True)  # written after the graph: a crash in between leaves no stale key
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -49,6 +79,9 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path, output_name
     if drop_padding_taps(graph):
         onnx.save(graph, str(path))
     onnx.checker.check_model(str(path), full_check=True)  # full: shapes must infer, strictly
+    if key is not None:
+        key_file.write_text(key)
+    return False
 
 
 def run_logits(sess: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -109,9 +109,10 @@ def plan_stages(recipe: Recipe) -> list[Stage]:
     return stages
 
 
-# Training settings added after TRAINING_FORMAT 3: they enter a fingerprint only when set, so a model
-# trained before they existed (necessarily without them) is still recognised as trained from its settings.
+# Settings added after TRAINING_FORMAT 3: they enter a fingerprint only when not at their default, so a
+# model trained before they existed (necessarily without them) is still recognised from its settings.
 _ADDED_TRAIN_SETTINGS = ("ema_decay",)
+_ADDED_MODEL_SETTINGS = {"width": 1.0}
 
 
 def _model_settings(cfg: ModelConfig) -> dict:
@@ -119,6 +120,9 @@ def _model_settings(cfg: ModelConfig) -> dict:
     for key in _ADDED_TRAIN_SETTINGS:
         if dumped["train"][key] is None:
             del dumped["train"][key]
+    for key, default in _ADDED_MODEL_SETTINGS.items():
+        if dumped.get(key) == default:
+            del dumped[key]
     return dumped
 
 
@@ -157,7 +161,13 @@ def init_model(stage: Stage, data: SplitData) -> ImageClassifier:
     cfg = stage.model_cfg
     torch.manual_seed(stage.seed)
     return build_classifier(
-        cfg.arch, data.num_classes, small_stem=cfg.small_stem, mean=data.mean, std=data.std, heads=stage.heads
+        cfg.arch,
+        data.num_classes,
+        small_stem=cfg.small_stem,
+        mean=data.mean,
+        std=data.std,
+        heads=stage.heads,
+        width=cfg.width,
     )
 
 
@@ -215,18 +225,8 @@ def _prune_or_reuse(
     source_stage, source = trained[cfg.source]
     seed = source_stage.seed if cfg.seed is None else cfg.seed
     stage = Stage(PRUNED, "student", source_stage.model_cfg, seed, source_stage.augment, recipe.distill)
-    spec, source_meta = load_metadata(out / cfg.source / "model.pt")
-    teacher_meta = load_metadata(out / "teacher" / "model.pt")[1]
-    settings = {
-        # Unset, the seed is the source's and already in its fingerprint (and runs pruned before the
-        # setting existed keep theirs).
-        "compression": cfg.model_dump(mode="json", exclude={"seed"} if cfg.seed is None else None),
-        "distill": recipe.distill.model_dump(mode="json"),
-        "source": source_meta.get("fingerprint"),
-        "teacher": teacher_meta.get("fingerprint"),
-        "format": TRAINING_FORMAT,
-    }
-    fingerprint = fingerprint_of(settings)
+    spec = load_metadata(out / cfg.source / "model.pt")[0]
+    fingerprint = _compression_fingerprint(recipe, out)
     path = out / PRUNED / "model.pt"
     _barrier(runtime)
     if path.exists():
@@ -254,6 +254,46 @@ def _prune_or_reuse(
         save_model(path, result.model, spec, meta)
     _barrier(runtime)
     return stage, result.model, result.seconds, False, record
+
+
+def _compression_fingerprint(recipe: Recipe, out: Path) -> str:
+    """The pruned student's settings: its own, and the fingerprints of the saved source and teacher."""
+    cfg = recipe.compression
+    settings = {
+        # Unset, the seed is the source's and already in its fingerprint (and runs pruned before the
+        # setting existed keep theirs).
+        "compression": cfg.model_dump(mode="json", exclude={"seed"} if cfg.seed is None else None),
+        "distill": recipe.distill.model_dump(mode="json"),
+        "source": load_metadata(out / cfg.source / "model.pt")[1].get("fingerprint"),
+        "teacher": load_metadata(out / "teacher" / "model.pt")[1].get("fingerprint"),
+        "format": TRAINING_FORMAT,
+    }
+    return fingerprint_of(settings)
+
+
+def _saved_fingerprint(path: Path) -> str | None:
+    return load_metadata(path)[1].get("fingerprint") if path.is_file() else None
+
+
+def plan_status(recipe: Recipe, out: Path) -> dict[str, bool]:
+    """Every stage `all` would run in `out`, and whether it is trained already (saved from the same
+    settings, or a copy of a stage that is): what `all` would reuse, without loading any data."""
+    trained: dict[str, bool] = {}
+    done: set[str] = set()
+    for stage in check_stage_references(recipe):
+        if stage.members > 1:
+            trained[stage.name] = all(trained[f"teacher_member_{i}"] for i in range(stage.members))
+            continue
+        fingerprint = _fingerprint(stage, recipe)
+        trained[stage.name] = fingerprint in done or _saved_fingerprint(out / stage.name / "model.pt") == fingerprint
+        if trained[stage.name]:
+            done.add(fingerprint)
+    if recipe.compression.enabled:
+        sources_trained = trained["teacher"] and trained[recipe.compression.source]
+        trained[PRUNED] = sources_trained and (
+            _saved_fingerprint(out / PRUNED / "model.pt") == _compression_fingerprint(recipe, out)
+        )
+    return trained
 
 
 def _barrier(runtime: Runtime) -> None:
@@ -319,6 +359,7 @@ def _train_or_reuse(
             arch=cfg.arch,
             num_classes=data.num_classes,
             small_stem=cfg.small_stem,
+            width=cfg.width,
             image_size=data.image_size,
             mean=data.mean,
             std=data.std,

@@ -116,6 +116,13 @@ class TrainConfig(_Strict):
 class ModelConfig(_Strict):
     arch: Literal["resnet18", "resnet34", "resnet50"]
     small_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool, for small images")
+    width: float = Field(
+        1.0,
+        gt=0,
+        le=4,
+        description="channels of every layer relative to the published architecture (0.25: a quarter); "
+        "the tests train narrow models where what they check is plumbing, not accuracy",
+    )
     train: TrainConfig = TrainConfig()
 
 
