@@ -10,10 +10,10 @@ from pathlib import Path
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from gateway.triton_server import TritonPorts
-    from loadtest.demo import run_demo
+    from loadtest.demo import DemoClock, run_demo
 
     ports = TritonPorts(args.http_port, args.grpc_port, args.metrics_port)
-    run_demo(Path(args.repo), args.port, ports, args.once, args.then)
+    run_demo(Path(args.repo), args.port, ports, args.once, args.then, DemoClock(args.started_at, args.record))
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a shell command run while serving that exports more models into the repository (make demo: "
         "the rest of the recipe); the models it adds are shown once served",
     )
+    demo.add_argument("--started-at", type=float, help="epoch seconds the demo began (make demo: after set-up)")
+    demo.add_argument("--record", type=Path, help="JSON file for the seconds from --started-at to the page serving")
     demo.set_defaults(func=_cmd_demo)
 
     bench = commands.add_parser("bench", help="latency of in-process ORT vs Triton vs gateway, one run")

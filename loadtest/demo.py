@@ -8,6 +8,7 @@ accuracy training measured, then keeps serving (or exits with --once).
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -42,9 +43,36 @@ def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> 
 POLL_ARGS = ["--model-control-mode=poll", "--repository-poll-secs=5"]
 
 
-def run_demo(repo: Path, gateway_port: int, ports: TritonPorts, once: bool, then: str | None = None) -> int:
+class DemoClock:
+    """Seconds from `started_at` (when `make demo` began, after set-up) to the page serving and to
+    everything served, written with the CPU to `record` as they happen."""
+
+    def __init__(self, started_at: float | None, record: Path | None):
+        self.started_at, self.record = started_at, record
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, event: str) -> None:
+        if self.started_at is None or self.record is None:
+            return
+        from loadtest.bench import cpu_description
+
+        self.seconds[event] = round(time.time() - self.started_at, 1)
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        self.record.write_text(json.dumps({"cpu": cpu_description(), "seconds_after_start": self.seconds}, indent=2))
+        print(f"[demo] {event}: {self.seconds[event]:.0f} s after make demo started", flush=True)
+
+
+def run_demo(
+    repo: Path,
+    gateway_port: int,
+    ports: TritonPorts,
+    once: bool,
+    then: str | None = None,
+    clock: DemoClock | None = None,
+) -> int:
     """Serve `repo` and show it; with `then`, run that command (which exports more models into `repo`)
     while serving, and show the models it added once the gateway serves them."""
+    clock = clock or DemoClock(None, None)
     triton_log = repo.resolve().parent / "triton.log"
     with (
         EmbeddedTriton(repo, ports, log_file=triton_log, extra_args=POLL_ARGS) as triton,
@@ -58,6 +86,7 @@ def run_demo(repo: Path, gateway_port: int, ports: TritonPorts, once: bool, then
             f"metrics http://127.0.0.1:{ports.metrics}/metrics"
         )
         print(f"Try:     curl -s -F images=@some_digit.png '{url}/v1/classify?model=student'", flush=True)
+        clock.mark("page_serving")
         shown = show_served(gateway.client, read_manifest(repo), set())
         if then is not None:
             print(f"\nServing; the rest of the recipe trains meanwhile and is exported into {repo}: {then}", flush=True)
@@ -67,6 +96,7 @@ def run_demo(repo: Path, gateway_port: int, ports: TritonPorts, once: bool, then
             else:
                 manifest = read_manifest(repo)
                 if wait_until_served(gateway.client, manifest):
+                    clock.mark("everything_served")
                     show_served(gateway.client, manifest, shown)
                 else:
                     print(f"\nThe new export is not served after {FOLLOW_TIMEOUT_S:.0f} s; see {triton_log}.")
@@ -83,12 +113,13 @@ FOLLOW_TIMEOUT_S = 120.0
 
 
 def wait_until_served(client: httpx.Client, manifest: Manifest) -> bool:
-    """True once the gateway routes to every model of `manifest` (it follows the file)."""
+    """True once the gateway routes by `manifest` (it follows the file) and Triton reports every one of
+    its models ready (the gateway switches once the models its routes need are; the others may load later)."""
     wanted = {name: entry.version for name, entry in manifest.models.items()}
     deadline = time.monotonic() + FOLLOW_TIMEOUT_S
     while time.monotonic() < deadline:
-        served = {m["name"]: m["version"] for m in client.get("/v1/models").json()["models"]}
-        if served == wanted:
+        models = client.get("/v1/models").json()["models"]
+        if {m["name"]: m["version"] for m in models} == wanted and all(m["ready"] for m in models):
             return True
         time.sleep(1.0)
     return False

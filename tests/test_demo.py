@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 from gateway.process import free_port
 from tests.conftest import ROOT, TINY_OVERRIDES, override_args, run_training
@@ -35,12 +37,19 @@ def test_the_demo_serves_its_core_then_shows_what_the_rest_of_the_recipe_exports
         f"{python} -m training export --run {run} --repo {repo}"
     )
     ports = [str(free_port()) for _ in range(4)]
+    started, timing = time.time(), tmp_path / "demo_timing.json"
     proc = subprocess.run(
         [sys.executable, "-m", "loadtest", "demo", "--repo", str(repo), "--once", "--then", rest,
-         "--port", ports[0], "--http-port", ports[1], "--grpc-port", ports[2], "--metrics-port", ports[3]],
+         "--port", ports[0], "--http-port", ports[1], "--grpc-port", ports[2], "--metrics-port", ports[3],
+         "--started-at", str(started), "--record", str(timing)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The clock: the page served before everything was, both within this test's own time, on a named CPU.
+    recorded = json.loads(timing.read_text())
+    seconds = recorded["seconds_after_start"]
+    assert 0 < seconds["page_serving"] < seconds["everything_served"] < time.time() - started
+    assert recorded["cpu"] and "cores" in recorded["cpu"]
     out = proc.stdout
     # The page's address comes first; the core's table has no ensemble; the rest's table adds it.
     assert out.index("Web page http://") < out.index("served top-1"), out
