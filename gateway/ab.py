@@ -60,6 +60,11 @@ class ABStats:
         self.window = window
         self._arms = {arm: ArmStats(window) for arm in arms}
 
+    def add_arms(self, arms: list[str]) -> None:
+        """Arms shown from now on (at zero until they see traffic): an experiment's, when it changes."""
+        for arm in arms:
+            self._arm(arm)
+
     def _arm(self, arm: str) -> ArmStats:
         return self._arms.setdefault(arm, ArmStats(self.window))
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.ab import ABRouter, ABStats
+from gateway.ab import ABStats
 from gateway.admission import AdmissionControl
 from gateway.errors import GatewayError, error_kinds, install_error_handlers
+from gateway.experiment import start_experiment
 from gateway.manifest_follow import ManifestFollower, check_against_manifest
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RequestObserver
@@ -65,11 +66,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         admission = AdmissionControl(settings.admission_max_images, settings.retry_after_s, metrics)
         app.state.classifier = Classifier(manifest, triton, settings, metrics, admission)
         metrics.start_at_zero(
-            settings.ab_weights, app.state.classifier.routed_models(), error_kinds(), manifest.cascade is not None
+            app.state.experiment.weights,
+            app.state.classifier.routed_models(),
+            error_kinds(),
+            manifest.cascade is not None,
         )
         follower = None
         if settings.manifest_poll_s > 0:
             follower = asyncio.create_task(ManifestFollower(app, settings).run())
+        experiment_task = None
+        if app.state.experiment_follower is not None:
+            experiment_task = asyncio.create_task(app.state.experiment_follower.run())
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         # Everything allocated so far (FastAPI, pydantic, numpy, the manifest) lives as long as the process:
         # frozen out of the collector, a full collection no longer walks it (measured: a ~65 ms stall
@@ -79,8 +86,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            if follower is not None:
-                follower.cancel()
+            for task in (follower, experiment_task):
+                if task is not None:
+                    task.cancel()
             app.state.decode_pool.shutdown(wait=True)
             await triton.close()
             if server is not None:
@@ -94,8 +102,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings, app.state.metrics = settings, metrics  # the manifest lives in app.state.classifier
-    app.state.ab_router = ABRouter(settings.ab_weights, settings.shadow_fraction)
-    app.state.ab_stats = ABStats(list(settings.ab_weights), settings.ab_window)
+    app.state.ab_stats = ABStats([], settings.ab_window)
+    start_experiment(app, settings, manifest)
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
 
     app.add_middleware(RequestObserver, metrics=metrics)

@@ -37,6 +37,12 @@ class PayloadTooLarge(GatewayError):
     status_code, kind = 413, "payload_too_large"
 
 
+class Conflict(GatewayError):
+    """The request is valid but the gateway's state does not allow it (e.g. no writable experiment file)."""
+
+    status_code, kind = 409, "conflict"
+
+
 class UnsupportedMediaType(GatewayError):
     status_code, kind = 415, "unsupported_media_type"
 
@@ -69,7 +75,7 @@ HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_lar
 
 def error_kinds() -> list[str]:
     """Every `kind` an error response can carry (the label values of `kdserve_errors_total`)."""
-    kinds, pending = {"internal", "bad_request", "shadow"}, [GatewayError]
+    kinds, pending = {"internal", "bad_request", "shadow", "experiment_refused"}, [GatewayError]
     while pending:
         cls = pending.pop()
         kinds.add(cls.kind)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -17,9 +18,25 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from gateway.errors import BadRequest, Overloaded, PayloadTooLarge, UnsupportedMediaType
+from gateway.auth import require_admin
+from gateway.errors import BadRequest, Conflict, Overloaded, PayloadTooLarge, UnsupportedMediaType
+from gateway.experiment import (
+    Experiment,
+    ExperimentRefused,
+    apply_experiment,
+    check_arms,
+    parse_experiment,
+    write_experiment,
+)
 from gateway.images import open_image, prepare_images
-from gateway.schemas import ClassifyJSON, ClassifyResponse, ErrorResponse, ModelInfo, ModelsResponse
+from gateway.schemas import (
+    ClassifyJSON,
+    ClassifyResponse,
+    ErrorResponse,
+    ExperimentResponse,
+    ModelInfo,
+    ModelsResponse,
+)
 from gateway.service import Classifier
 from kdcontract.manifest import Preprocessing
 from kdcontract.names import AUTO
@@ -201,7 +218,7 @@ async def classify(request: Request) -> Response:
 
     arm = None
     if model == AUTO:
-        arm = state.ab_router.assign(request.headers.get(state.settings.ab_key_header))
+        arm = state.ab_router.assign(request.headers.get(state.experiment.sticky_header))
         model = arm
     target = classifier.resolve(model)
     request.state.model, request.state.arm = target, arm or ""
@@ -308,4 +325,57 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/v1/ab/summary", summary="Per A/B arm: count, latency percentiles, shadow agreement")
 async def ab_summary(request: Request) -> dict:
-    return {"weights": request.app.state.settings.ab_weights, "arms": request.app.state.ab_stats.summary()}
+    return {"weights": request.app.state.experiment.weights, "arms": request.app.state.ab_stats.summary()}
+
+
+EXPERIMENT_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 409, 422)}
+
+
+@router.get("/v1/experiment", response_model=ExperimentResponse, summary="The A/B experiment this gateway runs")
+async def get_experiment(request: Request) -> ExperimentResponse:
+    return _experiment_response(request)
+
+
+@router.put(
+    "/v1/experiment",
+    response_model=ExperimentResponse,
+    responses=EXPERIMENT_ERRORS,
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": Experiment.model_json_schema()}}}},
+    summary="Change the A/B experiment (admin): every replica following its file takes it up",
+)
+async def put_experiment(request: Request) -> ExperimentResponse:
+    require_admin(request)
+    state = request.app.state
+    body = await read_body_limited(request, 64 * 1024)
+    try:
+        json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    try:
+        experiment = parse_experiment(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "body"
+        raise ExperimentRefused(f"{where}: {first['msg']}") from exc
+    check_arms(state.classifier.manifest, experiment)
+    path = state.settings.experiment_file
+    if path is None:
+        raise Conflict("no experiment file is configured (KDSERVE_EXPERIMENT_FILE): replicas would not follow")
+    try:
+        write_experiment(path, experiment)
+    except OSError as exc:
+        raise Conflict(f"the experiment file cannot be written ({exc.strerror}); change it where it is kept") from exc
+    apply_experiment(request.app, experiment)
+    if state.experiment_follower is not None:
+        state.experiment_follower.mark_written()
+    return _experiment_response(request)
+
+
+def _experiment_response(request: Request) -> ExperimentResponse:
+    state = request.app.state
+    path = state.settings.experiment_file
+    return ExperimentResponse(
+        experiment=state.experiment,
+        source="file" if path is not None and path.is_file() else "settings",
+        file=str(path) if path is not None else None,
+    )

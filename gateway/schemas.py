@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
+from gateway.experiment import Experiment
 from kdcontract.manifest import DataSplit
 
 
@@ -74,3 +77,11 @@ class ErrorBody(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorBody
     request_id: str | None = None
+
+
+class ExperimentResponse(BaseModel):
+    experiment: Experiment
+    source: Literal["file", "settings"] = Field(
+        description="file: read from (or written to) the experiment file; settings: the start-up settings'"
+    )
+    file: str | None = Field(None, description="the experiment file every replica follows, when configured")

@@ -69,6 +69,13 @@ class GatewaySettings(BaseSettings):
     ab_key_header: str = "X-Client-Key"
     shadow_fraction: float = Field(0.0, ge=0, le=1, description="share of requests mirrored to the other arm")
     ab_window: int = Field(10_000, ge=100, description="latencies kept per arm for /v1/ab/summary")
+    # The experiment every replica follows (arms, weights, shadow, gates, rollout); without the file, the
+    # three settings above. Changed with PUT /v1/experiment, which needs the admin bearer token.
+    experiment_file: Path | None = Field(None, description="the experiment's JSON file, shared by every replica")
+    experiment_poll_s: float = Field(2.0, gt=0, description="seconds between checks of the experiment file")
+    admin_token_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the admin bearer token; unset: no admin API"
+    )
 
     @field_validator("ab_weights")
     @classmethod
