@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.ab import ABRouter
 from gateway.errors import GatewayError
+from gateway.manifest_follow import file_stamp
 from gateway.settings import GatewaySettings
 from kdcontract.manifest import Manifest
 from kdcontract.names import AUTO, STUDENT, TEACHER, callable_names
@@ -213,25 +214,17 @@ def write_experiment(path: Path, experiment: Experiment) -> None:
         raise
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
 class ExperimentFollower:
     """Re-reads the experiment file when it changes and hands each valid new experiment to `apply`;
     an unreadable or invalid file is logged and counted, and the running experiment stays."""
 
     def __init__(self, path: Path, poll_s: float, apply, on_refused) -> None:
         self.path, self.poll_s, self.apply, self.on_refused = path, poll_s, apply, on_refused
-        self.seen = _stamp(path)
+        self.seen = file_stamp(path)
 
     def mark_written(self) -> None:
         """This replica wrote the file itself (PUT) and applied it already."""
-        self.seen = _stamp(self.path)
+        self.seen = file_stamp(self.path)
 
     async def run(self) -> None:
         while True:
@@ -242,7 +235,7 @@ class ExperimentFollower:
                 log.exception("experiment check failed")
 
     def check(self) -> str:
-        stamp = _stamp(self.path)
+        stamp = file_stamp(self.path)
         if stamp == self.seen:
             return "same"
         self.seen = stamp

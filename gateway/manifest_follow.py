@@ -45,7 +45,8 @@ def check_against_manifest(settings: GatewaySettings, manifest: Manifest) -> Non
         raise GatewayError(f"ensemble_quorum {settings.ensemble_quorum} exceeds the {len(variants)} served variants")
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime, size) of a followed file, or None when it does not exist: a change is a new stamp."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -57,7 +58,7 @@ class ManifestFollower:
     def __init__(self, app: FastAPI, settings: GatewaySettings):
         self.app, self.settings = app, settings
         self.path = Path(settings.repo) / MANIFEST_NAME
-        self.seen = _stamp(self.path)  # the file the gateway started with
+        self.seen = file_stamp(self.path)  # the file the gateway started with
         self.waiting_for: Manifest | None = None
 
     async def run(self) -> None:
@@ -72,7 +73,7 @@ class ManifestFollower:
         """One poll: 'same', 'refused' (unreadable or inconsistent), 'waiting' (Triton does not serve
         the new versions yet) or 'switched'."""
         metrics = self.app.state.metrics
-        stamp = _stamp(self.path)
+        stamp = file_stamp(self.path)
         if stamp == self.seen and self.waiting_for is None:
             return "same"
         if stamp != self.seen:
