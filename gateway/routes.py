@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -348,13 +347,11 @@ async def put_experiment(request: Request) -> ExperimentResponse:
     state = request.app.state
     body = await read_body_limited(request, 64 * 1024)
     try:
-        json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from exc
-    try:
-        experiment = parse_experiment(body)
+        experiment = parse_experiment(body)  # one parse: pydantic reports broken JSON as `json_invalid`
     except ValidationError as exc:
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise BadRequest(f"body is not valid JSON: {first['msg']}") from exc
         where = ".".join(map(str, first["loc"])) or "body"
         raise ExperimentRefused(f"{where}: {first['msg']}") from exc
     check_arms(state.classifier.manifest, experiment)
