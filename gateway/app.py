@@ -13,8 +13,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.ab import ABStats
 from gateway.admission import AdmissionControl
+from gateway.answers import AnswerStore
 from gateway.errors import GatewayError, error_kinds, install_error_handlers
 from gateway.experiment import start_experiment
+from gateway.feedback import FeedbackJoin
+from gateway.figures import LocalStep
 from gateway.manifest_follow import ManifestFollower, check_against_manifest
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RequestObserver
@@ -72,11 +75,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             manifest.cascade is not None,
         )
         follower = None
-        if settings.manifest_poll_s > 0:
-            follower = asyncio.create_task(ManifestFollower(app, settings).run())
+        app.state.manifest_follower = ManifestFollower(app, settings) if settings.manifest_poll_s > 0 else None
+        if app.state.manifest_follower is not None:
+            follower = asyncio.create_task(app.state.manifest_follower.run())
         experiment_task = None
         if app.state.experiment_follower is not None:
             experiment_task = asyncio.create_task(app.state.experiment_follower.run())
+        app.state.answers = app.state.feedback = None
+        answers_task = None
+        if settings.answers_dir is not None:
+            app.state.answers = AnswerStore(
+                settings.answers_dir, settings.answers_ttl_s, settings.answers_max_records, settings.answers_queue
+            )
+            app.state.feedback = FeedbackJoin(app.state.answers, app.state.classifier.class_names, metrics)
+            answers_task = asyncio.create_task(app.state.answers.run())
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         # Everything allocated so far (FastAPI, pydantic, numpy, the manifest) lives as long as the process:
         # frozen out of the collector, a full collection no longer walks it (measured: a ~65 ms stall
@@ -86,7 +98,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in (follower, experiment_task):
+            if app.state.answers is not None:
+                await app.state.answers.flush()  # answers already given stay joinable after a restart
+            for task in (follower, experiment_task, answers_task):
                 if task is not None:
                     task.cancel()
             app.state.decode_pool.shutdown(wait=True)
@@ -103,6 +117,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.metrics = settings, metrics  # the manifest lives in app.state.classifier
     app.state.ab_stats = ABStats([], settings.ab_window)
+    app.state.local_step = LocalStep(metrics.registry)
     start_experiment(app, settings, manifest)
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gateway.errors import GatewayError
+from gateway.experiment import read_experiment
 from gateway.triton_server import EmbeddedTriton, TritonError, TritonPorts
 
 
@@ -75,6 +76,47 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     DrainingServer(config, app.state, settings.drain_s).run()
 
 
+def _cmd_rollout(args: argparse.Namespace) -> None:
+    from prometheus_client import start_http_server
+
+    from gateway.figures import fetch_metrics, prometheus_counts, scraped_counts
+    from gateway.rollout import ControllerMetrics, RolloutController
+
+    if bool(args.prometheus) == bool(args.metrics_url):
+        raise GatewayError("give --prometheus URL, or --metrics-url for each gateway replica (not both)")
+    if args.prometheus:
+        read_counts = lambda: prometheus_counts(args.prometheus)  # noqa: E731
+        source = f"Prometheus {args.prometheus}"
+    else:
+        read_counts = lambda: scraped_counts(fetch_metrics(url) for url in args.metrics_url)  # noqa: E731
+        source = f"{len(args.metrics_url)} replica(s)' /metrics"
+    metrics = ControllerMetrics()
+    if args.port:
+        start_http_server(args.port, addr=args.host, registry=metrics.registry)
+    controller = RolloutController(
+        Path(args.experiment_file), read_counts, Path(args.events) if args.events else None, metrics
+    )
+    print(
+        f"rollout controller: {args.experiment_file} every {args.interval:g} s, figures from {source}, "
+        f"events in {controller.events_file}"
+        + (f", metrics http://{args.host}:{args.port}/metrics" if args.port else ""),
+        flush=True,
+    )
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+
+    def finished() -> bool:
+        if done.is_set():
+            return True
+        if not args.until_done:
+            return False
+        experiment = read_experiment(Path(args.experiment_file))
+        return experiment.state.phase in ("promoted", "rolled_back")
+
+    controller.run(args.interval, finished)
+
+
 def _add_triton_port_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
@@ -105,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_serve)
+
+    rollout = commands.add_parser(
+        "rollout", help="step the experiment's candidate weight by its gates; back to 0 when one fails"
+    )
+    rollout.add_argument("--experiment-file", required=True, help="the experiment file the replicas follow")
+    rollout.add_argument("--prometheus", help="Prometheus base URL: figures summed over every replica it scrapes")
+    rollout.add_argument(
+        "--metrics-url", action="append", help="a replica's /metrics URL (repeat for each); without Prometheus"
+    )
+    rollout.add_argument("--interval", type=float, default=5.0, help="seconds between evaluations")
+    rollout.add_argument("--events", help="event log, JSON lines (default: <experiment>.events.jsonl beside it)")
+    rollout.add_argument("--host", default="127.0.0.1", help="bind address of the controller's own /metrics")
+    rollout.add_argument("--port", type=int, default=0, help="port of the controller's own /metrics (0: none)")
+    rollout.add_argument("--until-done", action="store_true", help="exit once the rollout is promoted or rolled back")
+    rollout.set_defaults(func=_cmd_rollout)
 
     return parser
 

@@ -43,6 +43,27 @@ class Conflict(GatewayError):
     status_code, kind = 409, "conflict"
 
 
+class UnknownRequest(GatewayError):
+    """Feedback for a request id with no A/B answer on record (never issued, not an A/B request, or a
+    client-chosen id past the retention)."""
+
+    status_code, kind = 404, "unknown_request"
+
+
+class ExpiredRequest(GatewayError):
+    """Feedback for a request this gateway answered longer ago than answers are kept."""
+
+    status_code, kind = 410, "expired_request"
+
+
+class DuplicateFeedback(GatewayError):
+    status_code, kind = 409, "duplicate_feedback"
+
+
+class InvalidLabel(GatewayError):
+    status_code, kind = 422, "invalid_label"
+
+
 class UnsupportedMediaType(GatewayError):
     status_code, kind = 415, "unsupported_media_type"
 

@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,6 +60,9 @@ class Gates(_Strict):
 
 
 class Rollout(_Strict):
+    enabled: bool = Field(
+        False, description="the rollout controller steps the candidate's weight (off: a fixed split, judged only)"
+    )
     steps: list[float] = Field(
         default_factory=lambda: [0.05, 0.25, 0.5, 1.0], description="the candidate's weight at each step"
     )
@@ -71,6 +75,32 @@ class Rollout(_Strict):
         if not steps or any(not 0 < s <= 1 for s in steps) or steps != sorted(set(steps)):
             raise ValueError("steps must be increasing weights in (0, 1]")
         return steps
+
+
+Phase = Literal["off", "running", "promoted", "rolled_back"]
+HISTORY = 100  # rollout events kept in the file (the controller's event log keeps all of them)
+
+
+class RolloutEvent(_Strict):
+    at: float = Field(description="unix time")
+    event: Literal["started", "advanced", "promoted", "rolled_back"]
+    step: int
+    weight: float = Field(description="the candidate's weight from this event on")
+    reason: str
+    verdicts: list[dict] = Field(default_factory=list, description="the gates as judged at this event")
+
+
+class RolloutState(_Strict):
+    """Written by the rollout controller only; a new experiment (PUT) starts from `off`."""
+
+    phase: Phase = "off"
+    step: int = Field(-1, description="index into rollout.steps; -1 before the first")
+    step_started_at: float | None = None
+    baseline: dict[str, float] = Field(
+        default_factory=dict, description="the gates' counters, summed over replicas, when this step began"
+    )
+    reason: str = ""
+    history: list[RolloutEvent] = Field(default_factory=list)
 
 
 class Experiment(_Strict):
@@ -86,6 +116,7 @@ class Experiment(_Strict):
     gates: Gates = Field(default_factory=Gates)
     rollout: Rollout = Field(default_factory=Rollout)
     alpha: float = Field(0.05, gt=0, lt=0.5, description="error rate of each gate's anytime-valid test")
+    state: RolloutState = Field(default_factory=RolloutState)
 
     @field_validator("weights")
     @classmethod
@@ -105,7 +136,12 @@ class Experiment(_Strict):
             raise ValueError(f"weights must give a share to control and candidate; missing {sorted(missing)}")
         if self.shadow_fraction > 0 and len(self.weights) < 2:
             raise ValueError("shadow_fraction > 0 needs two arms to mirror between")
+        if self.rollout.enabled and len(self.weights) != 2:
+            raise ValueError("a rollout moves traffic between two arms: give weights to control and candidate only")
         return self
+
+    def with_candidate_weight(self, weight: float) -> dict[str, float]:
+        return {self.candidate: weight, self.control: round(1 - weight, 9)}
 
 
 class ExperimentRefused(GatewayError):
@@ -153,6 +189,11 @@ def apply_experiment(app: FastAPI, experiment: Experiment) -> None:
         state.metrics.ab_weight.labels(arm).set(0)
     for arm, weight in experiment.weights.items():
         state.metrics.ab_weight.labels(arm).set(weight)
+    for phase in Phase.__args__:
+        state.metrics.rollout_phase.labels(phase).set(int(phase == experiment.state.phase))
+    state.metrics.rollout_step.set(experiment.state.step)
+    # A step is what the controller last wrote: the same experiment with another weight is another step.
+    state.local_step.restart(experiment.model_dump_json(exclude={"state": {"history", "reason"}}))
 
 
 def initial_experiment(settings: GatewaySettings) -> Experiment:

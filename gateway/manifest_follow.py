@@ -60,6 +60,7 @@ class ManifestFollower:
         self.path = Path(settings.repo) / MANIFEST_NAME
         self.seen = file_stamp(self.path)  # the file the gateway started with
         self.waiting_for: Manifest | None = None
+        self._checking = asyncio.Lock()  # the poll and requests whose version went away may check at once
 
     async def run(self) -> None:
         while True:
@@ -72,6 +73,10 @@ class ManifestFollower:
     async def check(self) -> str:
         """One poll: 'same', 'refused' (unreadable or inconsistent), 'waiting' (Triton does not serve
         the new versions yet) or 'switched'."""
+        async with self._checking:
+            return await self._check()
+
+    async def _check(self) -> str:
         metrics = self.app.state.metrics
         stamp = file_stamp(self.path)
         if stamp == self.seen and self.waiting_for is None:

@@ -76,6 +76,34 @@ class GatewayMetrics:
             ["arm", "agreed"],
             registry=r,
         )
+        # Ground truth joined to the A/B answers; counters, so replicas add up exactly in Prometheus.
+        self.feedback = Counter(
+            "kdserve_feedback_total",
+            "Feedback items by outcome: accepted, unknown, expired, duplicate, invalid_label",
+            ["outcome"],
+            registry=r,
+        )
+        self.feedback_top1 = Counter(
+            "kdserve_feedback_top1_total",
+            "Labelled images by the A/B arm that answered them and whether its top-1 was right",
+            ["arm", "correct"],
+            registry=r,
+        )
+        self.feedback_pairs = Counter(
+            "kdserve_feedback_pairs_total",
+            "Labelled images both an arm and its shadow answered, by whether each was right",
+            ["primary", "shadow", "primary_correct", "shadow_correct"],
+            registry=r,
+        )
+        self.answers_dropped = Counter(
+            "kdserve_answers_dropped_total",
+            "A/B answers not kept for feedback: the writer's queue was full",
+            registry=r,
+        )
+        self.rollout_phase = Gauge(
+            "kdserve_rollout_phase", "The experiment's rollout phase (1 for the current one)", ["phase"], registry=r
+        )
+        self.rollout_step = Gauge("kdserve_rollout_step", "The rollout's current step (-1: not started)", registry=r)
         self.in_flight = Gauge("kdserve_in_flight_requests", "Requests being served", registry=r)
         self.admitted_images = Gauge(
             "kdserve_admitted_images",
@@ -120,6 +148,8 @@ class GatewayMetrics:
             self.admission_rejected.labels(model)
         for kind in error_kinds:
             self.errors.labels(kind)
+        for outcome in ("accepted", "unknown", "expired", "duplicate", "invalid_label"):
+            self.feedback.labels(outcome)
         if cascade:
             for outcome in ("answered", "failed"):
                 self.cascade_escalations.labels(outcome)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.answers import new_request_id
 from gateway.metrics import GatewayMetrics
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -37,7 +37,7 @@ class RequestObserver:
             await self.app(scope, receive, send)
             return
         sent = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), b"")
-        rid = sent.decode("ascii") if CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+        rid = sent.decode("ascii") if CLIENT_ID.fullmatch(sent) else new_request_id()
         state = scope.setdefault("state", {})
         state.update(rid=rid, model="", arm="")
         start = time.perf_counter()

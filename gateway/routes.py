@@ -8,17 +8,27 @@ import binascii
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from gateway.answers import Answer
 from gateway.auth import require_admin
-from gateway.errors import BadRequest, Conflict, Overloaded, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (
+    BadRequest,
+    Conflict,
+    GatewayError,
+    Overloaded,
+    PayloadTooLarge,
+    Unavailable,
+    UnsupportedMediaType,
+)
 from gateway.experiment import (
     Experiment,
     ExperimentRefused,
@@ -27,6 +37,8 @@ from gateway.experiment import (
     parse_experiment,
     write_experiment,
 )
+from gateway.feedback import MAX_ITEMS, FeedbackBatch, FeedbackItem, FeedbackResult
+from gateway.gates import arm_statistics, judge
 from gateway.images import open_image, prepare_images
 from gateway.schemas import (
     ClassifyJSON,
@@ -41,6 +53,7 @@ from kdcontract.manifest import Preprocessing
 from kdcontract.names import AUTO
 
 router = APIRouter()
+FEEDBACK_ADAPTER = TypeAdapter(FeedbackItem | list[FeedbackItem])
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 502, 503, 504)}
 # Query parameters are read in the handler, not declared as FastAPI parameters: solving them cost 9% of
@@ -172,11 +185,40 @@ async def decode_images(request: Request, files: list[bytes], spec: Preprocessin
     return await loop.run_in_executor(request.app.state.decode_pool, prepare_images, opened, spec)
 
 
-async def _shadow(classifier: Classifier, request: Request, arm: str, images: np.ndarray, primary: np.ndarray):
+async def classify_following(request: Request, classifier: Classifier, name: str, images: np.ndarray):
+    """`classifier.classify`, once more with the re-exported manifest when Triton has just dropped the
+    version this request was pinned to: Triton unloads an old version as soon as the new one is loaded,
+    which can be before this replica's next manifest poll. The manifest is checked at once and, if the
+    gateway switched, the request runs on the new versions (weights and calibration still together)."""
+    try:
+        return await classifier.classify(classifier.resolve(name), images)
+    except Unavailable:
+        follower = request.app.state.manifest_follower
+        if follower is None:
+            raise
+        await follower.check()
+        current: Classifier = request.app.state.classifier
+        if current is classifier:
+            raise
+        request.state.model = current.resolve(name)
+        return await current.classify(current.resolve(name), images)
+
+
+def _remember(request: Request, answer: Answer | None) -> None:
+    """Keep an A/B answer for its feedback (when an answer store is configured); never waits."""
+    state = request.app.state
+    if answer is not None and state.answers is not None and not state.answers.remember(request.state.rid, answer):
+        state.metrics.answers_dropped.inc()
+
+
+async def _shadow(
+    classifier: Classifier, request: Request, arm: str, images: np.ndarray, primary: np.ndarray, answer: Answer | None
+):
     """Runs after the response is sent: the other arm on the same images, compared top-1 by top-1.
 
     Shadows pass admission control like any request, and are skipped (not queued) when the other arm
-    is at its bound, so mirroring can never push real traffic into 503s.
+    is at its bound, so mirroring can never push real traffic into 503s. The request's answer is kept
+    for feedback once the shadow's is known (or without it, when the shadow was shed or failed).
     """
     metrics = request.app.state.metrics
     target = classifier.resolve(arm)
@@ -184,19 +226,24 @@ async def _shadow(classifier: Classifier, request: Request, arm: str, images: np
     metrics.in_flight.inc()  # shadow work is in flight too, after its request's own count ended
     try:
         with classifier.admit(target, len(images)):
-            outcome = await classifier.classify(target, images)
+            outcome = await classify_following(request, classifier, arm, images)
     except Overloaded:
         metrics.shadow.labels(arm, "shed").inc()
+        _remember(request, answer)
         return
     except Exception:
         metrics.errors.labels("shadow").inc()
+        _remember(request, answer)
         return
     finally:
         metrics.in_flight.dec()
     latency_ms = (time.perf_counter() - start) * 1000
-    agreed = bool((outcome.probabilities.argmax(-1) == primary.argmax(-1)).all())
+    shadow_top1 = outcome.probabilities.argmax(-1)
+    agreed = bool((shadow_top1 == primary.argmax(-1)).all())
     request.app.state.ab_stats.record_shadow(arm, latency_ms, agreed)
     metrics.shadow.labels(arm, str(agreed).lower()).inc()
+    if answer is not None:
+        _remember(request, replace(answer, shadow_arm=arm, shadow_top1=shadow_top1.tolist()))
 
 
 @router.post(
@@ -228,15 +275,21 @@ async def classify(request: Request) -> Response:
         images = await decode_images(request, files, classifier.preprocessing)
         decode_s = time.perf_counter() - decode_start
         state.metrics.decode_seconds.observe(decode_s)
-        outcome = await classifier.classify(target, images)
+        outcome = await classify_following(request, classifier, model, images)
     state.metrics.images.labels(target).inc(len(images))
     total_ms = (time.perf_counter() - start) * 1000
     background = None
     if arm is not None:
         state.ab_stats.record(arm, total_ms)
+        answer = None
+        if state.answers is not None:
+            top1 = outcome.probabilities.argmax(-1).tolist()
+            answer = Answer(arm=arm, model=outcome.model, version=outcome.version, top1=top1, at=time.time())
         shadow_arm = state.ab_router.shadow_arm(arm)
         if shadow_arm is not None:
-            background = BackgroundTask(_shadow, classifier, request, shadow_arm, images, outcome.probabilities)
+            background = BackgroundTask(_shadow, classifier, request, shadow_arm, images, outcome.probabilities, answer)
+        else:
+            _remember(request, answer)
     body = ClassifyResponse(
         request_id=request.state.rid,
         model=outcome.model,
@@ -309,7 +362,7 @@ async def readyz(request: Request) -> JSONResponse:
             status_code=503,
             headers={"Retry-After": str(request.app.state.settings.retry_after_s)},
         )
-    needed = classifier.routed_models()
+    needed = classifier.routed_models(request.app.state.experiment.weights)
     versions = {n: classifier.manifest.models[n].version for n in needed}
     ready = await asyncio.gather(*(classifier.triton.model_ready(n, v) for n, v in versions.items()))
     missing = [n for n, r in zip(needed, ready, strict=True) if not r]
@@ -371,8 +424,68 @@ async def put_experiment(request: Request) -> ExperimentResponse:
 def _experiment_response(request: Request) -> ExperimentResponse:
     state = request.app.state
     path = state.settings.experiment_file
+    experiment, counts = state.experiment, state.local_step.counts()
     return ExperimentResponse(
-        experiment=state.experiment,
+        experiment=experiment,
         source="file" if path is not None and path.is_file() else "settings",
         file=str(path) if path is not None else None,
+        this_replica={
+            "since": state.local_step.started,
+            "step": judge(experiment, counts, state.local_step.age_s()).as_dict(),
+            "arms": arm_statistics(experiment, counts),
+        },
     )
+
+
+FEEDBACK_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 410, 413, 422)}
+FEEDBACK_BODY = {
+    "oneOf": [
+        FeedbackItem.model_json_schema(),
+        {"type": "array", "items": FeedbackItem.model_json_schema(), "minItems": 1, "maxItems": MAX_ITEMS},
+    ]
+}
+
+
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackResult | FeedbackBatch,
+    responses=FEEDBACK_ERRORS,
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FEEDBACK_BODY}}}},
+    summary="Ground truth for A/B requests: joined to what each arm (and the shadow) answered",
+)
+async def feedback(request: Request) -> Response:
+    """One item: 200, or its error (404 unknown id, 410 expired, 409 already counted, 422 not a class).
+    A list: 200 with one result per item, each with the status it would have had alone."""
+    state = request.app.state
+    if state.feedback is None:
+        raise Conflict("no answer store is configured (KDSERVE_ANSWERS_DIR): feedback cannot be joined")
+    body = await read_body_limited(request, 1024 * 1024)
+    try:
+        parsed = FEEDBACK_ADAPTER.validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise BadRequest(f"body is not valid JSON: {first['msg']}") from exc
+        where = ".".join(map(str, first["loc"]))
+        raise BadRequest(f"{where}: {first['msg']}" if where else first["msg"]) from exc
+    if isinstance(parsed, FeedbackItem):
+        result = await asyncio.to_thread(state.feedback.accept, parsed)
+        return Response(result.model_dump_json(), media_type="application/json")
+    if not 1 <= len(parsed) <= MAX_ITEMS:
+        raise BadRequest(f"{len(parsed)} feedback items; send 1 to {MAX_ITEMS}")
+    results = await asyncio.to_thread(_accept_all, state.feedback, parsed)
+    return Response(FeedbackBatch(results=results).model_dump_json(), media_type="application/json")
+
+
+def _accept_all(join, items: list[FeedbackItem]) -> list[FeedbackResult]:
+    results = []
+    for item in items:
+        try:
+            results.append(join.accept(item))
+        except GatewayError as exc:
+            results.append(
+                FeedbackResult(
+                    request_id=item.request_id, status=exc.status_code, outcome=exc.kind, message=exc.message
+                )
+            )
+    return results

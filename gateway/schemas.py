@@ -85,3 +85,8 @@ class ExperimentResponse(BaseModel):
         description="file: read from (or written to) the experiment file; settings: the start-up settings'"
     )
     file: str | None = Field(None, description="the experiment file every replica follows, when configured")
+    this_replica: dict = Field(
+        description="this replica's own counts since it took up the current step, judged by the experiment's "
+        "gates (`step`) and per arm with confidence sequences (`arms`); the rollout controller judges the sum "
+        "over all replicas"
+    )

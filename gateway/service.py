@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -78,9 +79,11 @@ class Classifier:
             return [self.manifest.cascade.student, self.manifest.cascade.teacher]
         return [target]
 
-    def routed_models(self) -> list[str]:
-        """Every Triton model some route depends on (for /readyz)."""
-        needed = {self.aliases[a] for a in self.settings.ab_weights if a in self.aliases}
+    def routed_models(self, arms: Iterable[str] | None = None) -> list[str]:
+        """Every Triton model some route depends on (for /readyz): the A/B arms (the running
+        experiment's, else the start-up settings'), the student, the teacher and the variants."""
+        arms = self.settings.ab_weights if arms is None else arms
+        needed = {self.aliases.get(a, a) for a in arms if a in self.aliases or a in self.manifest.models}
         needed |= {STUDENT_KD, TEACHER} & set(self.manifest.models)
         needed |= set(self.variants)
         if CASCADE in needed:

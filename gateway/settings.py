@@ -77,6 +77,13 @@ class GatewaySettings(BaseSettings):
         None, pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the admin bearer token; unset: no admin API"
     )
 
+    # Ground truth for the A/B arms: what each A/B request's arms answered, kept in a directory every
+    # replica reaches, so feedback joins on any replica (gateway/answers.py). Unset: no feedback.
+    answers_dir: Path | None = Field(None, description="shared directory of A/B answers awaiting feedback")
+    answers_ttl_s: float = Field(3600.0, ge=1, description="how long an answer waits for its feedback")
+    answers_max_records: int = Field(1_000_000, ge=100, description="answers kept on disk at most (oldest go first)")
+    answers_queue: int = Field(10_000, ge=1, description="answers waiting for the writer; beyond, dropped and counted")
+
     @field_validator("ab_weights")
     @classmethod
     def _weights_are_a_distribution(cls, weights: dict[str, float]) -> dict[str, float]:

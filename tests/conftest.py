@@ -101,7 +101,8 @@ GATEWAY_ENV = {
 
 
 @pytest.fixture(scope="session")
-def gateway(tiny_repo: Path, triton):
-    gw = GatewayProcess(tiny_repo, triton.http_url, env=GATEWAY_ENV)
+def gateway(tiny_repo: Path, triton, tmp_path_factory):
+    answers = tmp_path_factory.mktemp("answers")  # A/B answers kept for feedback
+    gw = GatewayProcess(tiny_repo, triton.http_url, env=GATEWAY_ENV | {"KDSERVE_ANSWERS_DIR": str(answers)})
     yield gw
     gw.stop()

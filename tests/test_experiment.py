@@ -1,5 +1,5 @@
 """The A/B experiment changed at run time: the admin credential, its error shape, and two replicas
-following one experiment file in front of one Triton."""
+following one experiment file in front of one Triton; feedback joined on either replica."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import time
 import pytest
 
 from gateway.process import GatewayProcess
-from kdcontract.digits import digit_png_bytes
+from kdcontract.digits import digit_png_bytes, digits_gray
+from loadtest.measure import metric_value
 
 TOKEN = "test-admin-token"  # only its sha256 is configured
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -44,6 +45,7 @@ def replicas(tiny_repo, triton, tmp_path_factory):
         "KDSERVE_EXPERIMENT_FILE": str(path),
         "KDSERVE_EXPERIMENT_POLL_S": str(POLL_S),
         "KDSERVE_ADMIN_TOKEN_SHA256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+        "KDSERVE_ANSWERS_DIR": str(path.parent / "answers"),  # one answer store both replicas reach
     }
     first = GatewayProcess(tiny_repo, triton.http_url, env=env)
     second = GatewayProcess(tiny_repo, triton.http_url, env=env)
@@ -157,3 +159,81 @@ def test_without_an_admin_credential_configured_the_experiment_cannot_be_changed
         gateway.client.put("/v1/experiment", json=experiment(0.5), headers=ADMIN), 403, "forbidden", "admin API is off"
     )
     assert current(gateway)["source"] == "settings"
+
+
+def feedback_counts(gateway: GatewayProcess) -> dict[str, float]:
+    text = gateway.client.get("/metrics").text
+    return {
+        outcome: metric_value(text, "kdserve_feedback_total", {"outcome": outcome})
+        for outcome in ("accepted", "unknown", "expired", "duplicate", "invalid_label")
+    }
+
+
+def top1_counts(gateway: GatewayProcess) -> dict[str, float]:
+    text = gateway.client.get("/metrics").text
+    return {
+        arm: sum(
+            metric_value(text, "kdserve_feedback_top1_total", {"arm": arm, "correct": c}) for c in ("true", "false")
+        )
+        for arm in ("student", "teacher")
+    }
+
+
+def test_feedback_reaching_the_other_replica_is_joined_once_and_bad_feedback_is_refused_and_counted(replicas):
+    first, second, _ = replicas
+    assert (
+        first.client.put("/v1/experiment", json=experiment(0.5, shadow_fraction=1.0), headers=ADMIN).status_code == 200
+    )
+    follow(second, {"student": 0.5, "teacher": 0.5})
+    _, labels = digits_gray()
+    answered = []  # (request id, true label, arm) of requests the first replica answered
+    for i in range(1500, 1540):
+        resp = first.client.post(
+            "/v1/classify?model=auto", content=digit_png_bytes(i), headers={"Content-Type": "image/png"}
+        )
+        assert resp.status_code == 200, resp.text
+        answered.append((resp.headers["x-request-id"], str(labels[i]), resp.json()["arm"]))
+    before = [feedback_counts(g) for g in (first, second)]
+    top1_before = [top1_counts(g) for g in (first, second)]
+    time.sleep(0.5)  # answers are written off the request path
+
+    # One item to the other replica: joined to what the first one answered.
+    rid, label, arm = answered[0]
+    resp = second.client.post("/v1/feedback", json={"request_id": rid, "label": label})
+    assert resp.status_code == 200 and resp.json()["outcome"] == "accepted", resp.text
+    assert arm in resp.json()["message"]
+    # The same feedback again, on either replica: counted once only.
+    refused(second.client.post("/v1/feedback", json={"request_id": rid, "label": label}), 409, "duplicate_feedback")
+    refused(first.client.post("/v1/feedback", json={"request_id": rid, "label": label}), 409, "duplicate_feedback")
+    # Unknown ids, a label outside the classes, malformed bodies: the one error shape.
+    refused(
+        second.client.post("/v1/feedback", json={"request_id": "never-issued", "label": "3"}), 404, "unknown_request"
+    )
+    old_id = f"{1_000_000_000_000:012x}" + "0" * 20  # issued by a gateway in 2001: past any retention
+    refused(second.client.post("/v1/feedback", json={"request_id": old_id, "label": "3"}), 410, "expired_request")
+    bad_label = {"request_id": answered[1][0], "label": "seven"}
+    refused(second.client.post("/v1/feedback", json=bad_label), 422, "invalid_label", "'seven' is not a class")
+    refused(second.client.post("/v1/feedback", content=b"{oops", headers={"Content-Type": "application/json"}),
+            400, "bad_request", "not valid JSON")  # fmt: skip
+    refused(second.client.post("/v1/feedback", json={"label": "3"}), 400, "bad_request", "request_id")
+    refused(second.client.post("/v1/feedback", json={"request_id": rid, "label": "3", "extra": 1}), 400, "bad_request")
+
+    # A list: one result per item, each with the status it would have had alone.
+    items = [{"request_id": r, "label": lab} for r, lab, _ in answered[1:]] + [{"request_id": rid, "label": label}]
+    resp = first.client.post("/v1/feedback", json=items)
+    assert resp.status_code == 200, resp.text
+    results = resp.json()["results"]
+    assert [r["status"] for r in results] == [200] * 39 + [409]
+
+    after = [feedback_counts(g) for g in (first, second)]
+    change = {k: sum(a[k] - b[k] for a, b in zip(after, before, strict=True)) for k in after[0]}
+    assert change == {"accepted": 40, "unknown": 1, "expired": 1, "duplicate": 3, "invalid_label": 1}
+    # Per-arm top-1 series over both replicas: every accepted image counted once, on the arm that answered.
+    labelled = {
+        arm: sum(top1_counts(g)[arm] for g in (first, second)) - sum(c[arm] for c in top1_before)
+        for arm in ("student", "teacher")
+    }
+    assert labelled == {arm: sum(1 for *_, a in answered if a == arm) for arm in ("student", "teacher")}
+    body = current(first)["this_replica"]
+    assert body["arms"]["student"]["requests"] + body["arms"]["teacher"]["requests"] >= 40
+    assert body["step"]["status"] in ("pass", "pending", "fail") and body["step"]["gates"]

@@ -1,0 +1,199 @@
+"""What each A/B arm (and the shadow) answered, kept for a while so ground truth can be joined to it.
+
+Behind a load balancer, the feedback for a request may reach another replica than the one that answered
+it; so the answers live in a directory every replica reaches (a shared volume: a ReadWriteMany PVC in
+Kubernetes, a named volume in Compose, a local directory for one machine), one small JSON file a
+request, and the claim that a request's feedback was counted is a file created with O_EXCL beside it:
+exactly one replica wins it, so no label is counted twice.
+
+Bounded everywhere:
+- memory: answers wait in a queue of `queue_size` records for the writer (a background task; file
+  writes never run on the request path); when it is full the answer is dropped and counted;
+- disk: records live in buckets of `ttl_s / BUCKETS` seconds, a bucket older than `ttl_s` is removed
+  whole, and past `max_records` the oldest buckets go first.
+
+A record is written whole or not at all (a temporary file renamed into place).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("kdserve.gateway")
+
+BUCKETS = 6  # buckets a record's lifetime spans: removal happens in steps of ttl / 6
+WRITE_BATCH = 256  # records one writer pass takes from the queue
+LABEL_SUFFIX = ".label"
+RECORD_SUFFIX = ".json"
+
+
+def new_request_id(now: float | None = None) -> str:
+    """32 hex digits like a UUID's, the first 12 the issuing time in milliseconds (as in a UUIDv7): a
+    feedback for an id this gateway issued can tell "expired" from "never seen"."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:012x}{secrets.token_hex(10)}"
+
+
+def issued_at(request_id: str) -> float | None:
+    """The time a gateway-issued id was issued, None for an id a client chose."""
+    if len(request_id) != 32:
+        return None
+    try:
+        return int(request_id[:12], 16) / 1000
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One A/B request: the arm that answered and its top-1 class per image, and the shadow's."""
+
+    arm: str
+    model: str
+    version: int | None
+    top1: list[int]
+    at: float
+    shadow_arm: str | None = None
+    shadow_top1: list[int] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Answer:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Found:
+    answer: Answer
+    label_path: Path
+
+
+class AnswerStore:
+    def __init__(self, directory: Path, ttl_s: float, max_records: int, queue_size: int) -> None:
+        self.directory, self.ttl_s, self.max_records = Path(directory), ttl_s, max_records
+        self.bucket_s = max(ttl_s / BUCKETS, 1.0)
+        self.queue: asyncio.Queue[tuple[str, Answer]] = asyncio.Queue(queue_size)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    # -- the request path: never blocks --------------------------------------------------------------
+    def remember(self, request_id: str, answer: Answer) -> bool:
+        """Queue the answer for the writer; False when the queue is full (the caller counts the drop)."""
+        try:
+            self.queue.put_nowait((request_id, answer))
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    # -- the writer and the sweeper (background tasks) -----------------------------------------------
+    async def run(self) -> None:
+        sweep_at = 0.0
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < WRITE_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                await asyncio.to_thread(self.write, batch)
+                if time.monotonic() >= sweep_at:
+                    await asyncio.to_thread(self.sweep)
+                    sweep_at = time.monotonic() + self.bucket_s
+            except Exception:  # a full or lost volume must not end the writer: later batches may fit
+                log.exception("writing %d A/B answers to %s failed", len(batch), self.directory)
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait until every queued answer is on disk (tests, and shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.queue.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def write(self, batch: list[tuple[str, Answer]]) -> None:
+        for request_id, answer in batch:
+            bucket = self._bucket_dir(answer.at)
+            bucket.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=bucket, prefix=".")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(answer.to_json())
+                os.replace(tmp, bucket / (_key(request_id) + RECORD_SUFFIX))
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    def sweep(self, now: float | None = None) -> int:
+        """Remove buckets past the retention, then the oldest while there are more than `max_records`
+        records. Returns the buckets removed. Safe with several replicas sweeping at once."""
+        now = time.time() if now is None else now
+        buckets = self._buckets()
+        removed = 0
+        kept = []
+        for start, path in buckets:
+            if start + self.bucket_s <= now - self.ttl_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+            else:
+                kept.append((start, path, _records_in(path)))
+        total = sum(count for *_, count in kept)
+        for _, path, count in kept[:-1]:  # the newest bucket stays: it is being written
+            if total <= self.max_records:
+                break
+            shutil.rmtree(path, ignore_errors=True)
+            total -= count
+            removed += 1
+        return removed
+
+    # -- the feedback path (called in a thread) ------------------------------------------------------
+    def find(self, request_id: str) -> Found | None:
+        """The answer recorded for `request_id` in any live bucket (newest first), or None."""
+        name = _key(request_id)
+        for _, bucket in reversed(self._buckets()):
+            try:
+                text = (bucket / (name + RECORD_SUFFIX)).read_text()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            return Found(Answer.from_json(text), bucket / (name + LABEL_SUFFIX))
+        return None
+
+    @staticmethod
+    def claim(found: Found, label: str) -> bool:
+        """True for the one caller (on any replica) that records the first label for this request."""
+        try:
+            fd = os.open(found.label_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(label)
+        return True
+
+    def _bucket_dir(self, at: float) -> Path:
+        return self.directory / str(int(at // self.bucket_s * self.bucket_s))
+
+    def _buckets(self) -> list[tuple[int, Path]]:
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.directory):
+                if entry.is_dir() and entry.name.isdigit():
+                    found.append((int(entry.name), Path(entry.path)))
+        return sorted(found)
+
+
+def _key(request_id: str) -> str:
+    """A file name for any id a client may send (ids are kept short and plain, but never trusted)."""
+    return hashlib.sha256(request_id.encode()).hexdigest()[:32]
+
+
+def _records_in(bucket: Path) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        return sum(1 for entry in os.scandir(bucket) if entry.name.endswith(RECORD_SUFFIX))
+    return 0

@@ -1,0 +1,103 @@
+"""Ground truth for A/B answers: `POST /v1/feedback` items joined to what each arm answered.
+
+An item names a request id a classification returned and its true class name (a list of names for a
+request of several images). The answer is looked up in the shared answer store (any replica may have
+written it), the one claim on it is taken (so no image is counted twice, whichever replica the
+duplicate reaches), and the counts go to Prometheus counters that add up over replicas: per arm, right
+or wrong; per pair (arm and shadow), which of the two was right.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.answers import AnswerStore, issued_at
+from gateway.errors import DuplicateFeedback, ExpiredRequest, GatewayError, InvalidLabel, UnknownRequest
+from gateway.metrics import GatewayMetrics
+
+MAX_ITEMS = 1000  # items in one feedback request
+OUTCOMES = ("accepted", "unknown", "expired", "duplicate", "invalid_label")
+OUTCOME_OF = {
+    UnknownRequest: "unknown",
+    ExpiredRequest: "expired",
+    DuplicateFeedback: "duplicate",
+    InvalidLabel: "invalid_label",
+}
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=128, description="the X-Request-ID a classification returned")
+    label: str | list[str] = Field(description="the true class name; one per image for a request of several")
+
+
+class FeedbackResult(BaseModel):
+    request_id: str
+    status: int
+    outcome: str
+    message: str
+
+
+class FeedbackBatch(BaseModel):
+    results: list[FeedbackResult] = Field(description="one per item, in order, each with its own status")
+
+
+class FeedbackJoin:
+    def __init__(self, store: AnswerStore, class_names: list[str], metrics: GatewayMetrics) -> None:
+        self.store, self.metrics = store, metrics
+        self.class_index = {name: i for i, name in enumerate(class_names)}
+
+    def accept(self, item: FeedbackItem) -> FeedbackResult:
+        """Joins and counts one item, or raises the error that says why not (counted too). Does file
+        I/O: call it in a thread."""
+        try:
+            result = self._accept(item)
+        except GatewayError as exc:
+            self.metrics.feedback.labels(OUTCOME_OF.get(type(exc), "invalid_label")).inc()
+            raise
+        self.metrics.feedback.labels("accepted").inc()
+        return result
+
+    def _accept(self, item: FeedbackItem) -> FeedbackResult:
+        labels = [item.label] if isinstance(item.label, str) else item.label
+        unknown = [label for label in labels if label not in self.class_index]
+        if unknown:
+            shown = ", ".join(list(self.class_index)[:20])
+            raise InvalidLabel(f"label {unknown[0]!r} is not a class; classes: {shown}")
+        found = self.store.find(item.request_id)
+        now = time.time()
+        if found is None:
+            issued = issued_at(item.request_id)
+            if issued is not None and issued < now - self.store.ttl_s:
+                raise ExpiredRequest(f"request {item.request_id} was answered more than {self.store.ttl_s:g} s ago")
+            raise UnknownRequest(
+                f"no A/B answer is recorded for request {item.request_id} (only model=auto requests are kept)"
+            )
+        answer = found.answer
+        if answer.at < now - self.store.ttl_s:
+            raise ExpiredRequest(f"request {item.request_id} was answered more than {self.store.ttl_s:g} s ago")
+        if len(labels) != len(answer.top1):
+            raise InvalidLabel(f"{len(labels)} labels for a request of {len(answer.top1)} images")
+        if not self.store.claim(found, ",".join(labels)):
+            raise DuplicateFeedback(f"feedback for request {item.request_id} was already counted")
+        truth = [self.class_index[label] for label in labels]
+        for i, y in enumerate(truth):
+            right = answer.top1[i] == y
+            self.metrics.feedback_top1.labels(answer.arm, _flag(right)).inc()
+            if answer.shadow_arm is not None and answer.shadow_top1 is not None:
+                shadow_right = answer.shadow_top1[i] == y
+                self.metrics.feedback_pairs.labels(
+                    answer.arm, answer.shadow_arm, _flag(right), _flag(shadow_right)
+                ).inc()
+        return FeedbackResult(
+            request_id=item.request_id,
+            status=200,
+            outcome="accepted",
+            message=f"{len(truth)} label(s) joined to arm {answer.arm}",
+        )
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"

@@ -1,0 +1,67 @@
+"""The shared answer store behind feedback: whole records, one claim per request across replicas,
+retention and the record cap enforced on disk, ids that tell "expired" from "never seen"."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from gateway.answers import Answer, AnswerStore, issued_at, new_request_id
+
+
+def answer(at: float, arm: str = "student") -> Answer:
+    return Answer(arm=arm, model="student_kd", version=1, top1=[3], at=at)
+
+
+def test_request_ids_carry_their_issuing_time_and_client_ids_do_not():
+    rid = new_request_id(now=1_700_000_000.123)
+    assert len(rid) == 32 and int(rid, 16) >= 0
+    assert abs(issued_at(rid) - 1_700_000_000.123) < 0.001
+    assert new_request_id() != new_request_id()
+    assert issued_at("client-chosen-id") is None and issued_at("z" * 32) is None
+
+
+def test_an_answer_written_by_one_replica_is_found_and_claimed_once_by_any(tmp_path):
+    writer = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
+    reader = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)  # another replica, same volume
+    writer.write([("req-1", answer(time.time(), "teacher"))])
+    found = reader.find("req-1")
+    assert found is not None and found.answer.arm == "teacher" and found.answer.top1 == [3]
+    assert reader.find("req-2") is None
+    # Eight claims racing from threads (as replicas would): exactly one wins.
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda _: AnswerStore.claim(reader.find("req-1"), "3"), range(8)))
+    assert wins.count(True) == 1
+    assert not list(tmp_path.rglob(".*")), "a temporary file was left behind"
+
+
+def test_buckets_past_the_retention_go_and_the_cap_removes_the_oldest_first(tmp_path):
+    store = AnswerStore(tmp_path, ttl_s=60, max_records=100, queue_size=10)
+    now = time.time()
+    store.write([(f"old-{i}", answer(now - 200)) for i in range(5)])
+    store.write([(f"mid-{i}", answer(now - 30)) for i in range(80)])
+    store.write([(f"new-{i}", answer(now)) for i in range(80)])
+    assert store.find("old-0") is not None
+    store.sweep(now)
+    assert store.find("old-0") is None, "an answer older than the retention survived the sweep"
+    # 160 live records over the cap of 100: the older bucket goes, the newest stays.
+    assert store.find("mid-0") is None and store.find("new-79") is not None
+    assert sum(1 for p in tmp_path.rglob("*.json")) == 80
+
+
+def test_a_full_queue_drops_instead_of_waiting_and_the_writer_drains_it(tmp_path):
+    async def scenario() -> tuple[list[bool], bool]:
+        store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=3)
+        accepted = [store.remember(f"r{i}", answer(time.time())) for i in range(5)]
+        writer = asyncio.create_task(store.run())
+        await store.flush()
+        await asyncio.sleep(0.05)
+        writer.cancel()
+        return accepted, all(store.find(f"r{i}") is not None for i in range(3))
+
+    accepted, written = asyncio.run(scenario())
+    assert accepted == [True, True, True, False, False] and written
+    record = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert record["arm"] == "student" and record["top1"] == [3]
