@@ -12,7 +12,10 @@ Bounded everywhere:
 - disk: records live in buckets of `ttl_s / BUCKETS` seconds, a bucket older than `ttl_s` is removed
   whole, and past `max_records` the oldest buckets go first.
 
-A record is written whole or not at all (a temporary file renamed into place).
+A record is written whole or not at all (a temporary file renamed into place). The primary arm's answer
+is written as soon as the response is sent; the shadow's, when the shadow has answered, into a file of
+its own: feedback can come before the shadow has finished, and whichever of the two comes second
+counts the pair (the pair has its own O_EXCL claim, so a race counts it once).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +41,8 @@ BUCKETS = 6  # buckets a record's lifetime spans: removal happens in steps of tt
 WRITE_BATCH = 256  # records one writer pass takes from the queue
 LABEL_SUFFIX = ".label"
 RECORD_SUFFIX = ".json"
+SHADOW_SUFFIX = ".shadow"
+PAIR_SUFFIX = ".pair"
 
 
 def new_request_id(now: float | None = None) -> str:
@@ -57,7 +64,7 @@ def issued_at(request_id: str) -> float | None:
 
 @dataclass(frozen=True)
 class Answer:
-    """One A/B request: the arm that answered and its top-1 class per image, and the shadow's."""
+    """One A/B request: the arm that answered and its top-1 class per image; the arm shadowing it, if any."""
 
     arm: str
     model: str
@@ -65,7 +72,6 @@ class Answer:
     top1: list[int]
     at: float
     shadow_arm: str | None = None
-    shadow_top1: list[int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, separators=(",", ":"))
@@ -76,21 +82,52 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class ShadowAnswer:
+    """The shadow's top-1 per image for a request whose primary answer was given at `primary_at`."""
+
+    top1: list[int]
+    primary_at: float
+
+
+@dataclass(frozen=True)
 class Found:
     answer: Answer
-    label_path: Path
+    path: Path  # the record; the label, shadow and pair files sit beside it
+
+    def beside(self, suffix: str) -> Path:
+        return self.path.with_suffix(suffix)
+
+    def shadow_top1(self) -> list[int] | None:
+        try:
+            return json.loads(self.beside(SHADOW_SUFFIX).read_text())["top1"]
+        except FileNotFoundError:
+            return None
+
+    def label(self) -> str | None:
+        try:
+            return self.beside(LABEL_SUFFIX).read_text()
+        except FileNotFoundError:
+            return None
+
+
+# Called (in the writer's thread) when a shadow's answer lands after the request's feedback.
+LatePair = Callable[[Found, list[int], str], None]
 
 
 class AnswerStore:
     def __init__(self, directory: Path, ttl_s: float, max_records: int, queue_size: int) -> None:
         self.directory, self.ttl_s, self.max_records = Path(directory), ttl_s, max_records
         self.bucket_s = max(ttl_s / BUCKETS, 1.0)
-        self.queue: asyncio.Queue[tuple[str, Answer]] = asyncio.Queue(queue_size)
+        self.queue: asyncio.Queue[tuple[str, Answer | ShadowAnswer]] = asyncio.Queue(queue_size)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.on_late_pair: LatePair | None = None
+        # A thread of its own: in the shared default pool, feedback waiting for a just-answered request's
+        # record could hold every thread while that record waits for one (measured: 8 of 8,600 refused).
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="answers")
 
     # -- the request path: never blocks --------------------------------------------------------------
-    def remember(self, request_id: str, answer: Answer) -> bool:
-        """Queue the answer for the writer; False when the queue is full (the caller counts the drop)."""
+    def remember(self, request_id: str, answer: Answer | ShadowAnswer) -> bool:
+        """Queue an answer for the writer; False when the queue is full (the caller counts the drop)."""
         try:
             self.queue.put_nowait((request_id, answer))
         except asyncio.QueueFull:
@@ -104,10 +141,11 @@ class AnswerStore:
             batch = [await self.queue.get()]
             while len(batch) < WRITE_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
+            loop = asyncio.get_running_loop()
             try:
-                await asyncio.to_thread(self.write, batch)
+                await loop.run_in_executor(self._writer, self.write, batch)
                 if time.monotonic() >= sweep_at:
-                    await asyncio.to_thread(self.sweep)
+                    await loop.run_in_executor(self._writer, self.sweep)
                     sweep_at = time.monotonic() + self.bucket_s
             except Exception:  # a full or lost volume must not end the writer: later batches may fit
                 log.exception("writing %d A/B answers to %s failed", len(batch), self.directory)
@@ -118,18 +156,26 @@ class AnswerStore:
         while not self.queue.empty() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    def write(self, batch: list[tuple[str, Answer]]) -> None:
+    def write(self, batch: list[tuple[str, Answer | ShadowAnswer]]) -> None:
         for request_id, answer in batch:
-            bucket = self._bucket_dir(answer.at)
+            shadow = isinstance(answer, ShadowAnswer)
+            bucket = self._bucket_dir(answer.primary_at if shadow else answer.at)
             bucket.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=bucket, prefix=".")
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(answer.to_json())
-                os.replace(tmp, bucket / (_key(request_id) + RECORD_SUFFIX))
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            path = bucket / (_key(request_id) + (SHADOW_SUFFIX if shadow else RECORD_SUFFIX))
+            _write_whole(path, json.dumps({"top1": answer.top1}) if shadow else answer.to_json())
+            if shadow:
+                self._pair_if_labelled(bucket / (_key(request_id) + RECORD_SUFFIX), answer.top1)
+
+    def _pair_if_labelled(self, record: Path, shadow_top1: list[int]) -> None:
+        """The shadow came after the feedback: its pair is counted here (written first, then the label
+        read; the feedback claims the label first, then reads the shadow: one of the two sees the other)."""
+        try:
+            found = Found(Answer.from_json(record.read_text()), record)
+        except FileNotFoundError:
+            return
+        label = found.label()
+        if label is not None and self.on_late_pair is not None and self.claim(found, PAIR_SUFFIX):
+            self.on_late_pair(found, shadow_top1, label)
 
     def sweep(self, now: float | None = None) -> int:
         """Remove buckets past the retention, then the oldest while there are more than `max_records`
@@ -162,18 +208,19 @@ class AnswerStore:
                 text = (bucket / (name + RECORD_SUFFIX)).read_text()
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            return Found(Answer.from_json(text), bucket / (name + LABEL_SUFFIX))
+            return Found(Answer.from_json(text), bucket / (name + RECORD_SUFFIX))
         return None
 
     @staticmethod
-    def claim(found: Found, label: str) -> bool:
-        """True for the one caller (on any replica) that records the first label for this request."""
+    def claim(found: Found, suffix: str, content: str = "") -> bool:
+        """True for the one caller (on any replica) that creates this file beside the record: the label
+        (LABEL_SUFFIX, its content the label) or the pair's count (PAIR_SUFFIX)."""
         try:
-            fd = os.open(found.label_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(found.beside(suffix), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as handle:
-            handle.write(label)
+            handle.write(content)
         return True
 
     def _bucket_dir(self, at: float) -> Path:
@@ -186,6 +233,17 @@ class AnswerStore:
                 if entry.is_dir() and entry.name.isdigit():
                     found.append((int(entry.name), Path(entry.path)))
         return sorted(found)
+
+
+def _write_whole(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _key(request_id: str) -> str:

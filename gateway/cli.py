@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gateway.errors import GatewayError
-from gateway.experiment import read_experiment
+from gateway.experiment import read_experiment, write_experiment
 from gateway.triton_server import EmbeddedTriton, TritonError, TritonPorts
 
 
@@ -90,6 +90,12 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
     else:
         read_counts = lambda: scraped_counts(fetch_metrics(url) for url in args.metrics_url)  # noqa: E731
         source = f"{len(args.metrics_url)} replica(s)' /metrics"
+    experiment_file = Path(args.experiment_file)
+    if args.seed and not experiment_file.exists():
+        # The declared experiment (a ConfigMap, a file in the image) copied once into the shared volume,
+        # where the controller then keeps its state: a restart never overwrites a rollout under way.
+        write_experiment(experiment_file, read_experiment(Path(args.seed)))
+        print(f"experiment seeded from {args.seed}", flush=True)
     metrics = ControllerMetrics()
     if args.port:
         start_http_server(args.port, addr=args.host, registry=metrics.registry)
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--events", help="event log, JSON lines (default: <experiment>.events.jsonl beside it)")
     rollout.add_argument("--host", default="127.0.0.1", help="bind address of the controller's own /metrics")
     rollout.add_argument("--port", type=int, default=0, help="port of the controller's own /metrics (0: none)")
+    rollout.add_argument("--seed", help="an experiment file copied to --experiment-file when that does not exist")
     rollout.add_argument("--until-done", action="store_true", help="exit once the rollout is promoted or rolled back")
     rollout.set_defaults(func=_cmd_rollout)
 

@@ -13,11 +13,13 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.answers import AnswerStore, issued_at
+from gateway.answers import LABEL_SUFFIX, PAIR_SUFFIX, AnswerStore, Found, issued_at
 from gateway.errors import DuplicateFeedback, ExpiredRequest, GatewayError, InvalidLabel, UnknownRequest
 from gateway.metrics import GatewayMetrics
 
 MAX_ITEMS = 1000  # items in one feedback request
+# Feedback for a request this young may overtake its answer (written off the request path): it waits.
+JUST_ANSWERED_S = 2.0
 OUTCOMES = ("accepted", "unknown", "expired", "duplicate", "invalid_label")
 OUTCOME_OF = {
     UnknownRequest: "unknown",
@@ -48,6 +50,7 @@ class FeedbackJoin:
     def __init__(self, store: AnswerStore, class_names: list[str], metrics: GatewayMetrics) -> None:
         self.store, self.metrics = store, metrics
         self.class_index = {name: i for i, name in enumerate(class_names)}
+        store.on_late_pair = self.count_pairs
 
     def accept(self, item: FeedbackItem) -> FeedbackResult:
         """Joins and counts one item, or raises the error that says why not (counted too). Does file
@@ -67,9 +70,12 @@ class FeedbackJoin:
             shown = ", ".join(list(self.class_index)[:20])
             raise InvalidLabel(f"label {unknown[0]!r} is not a class; classes: {shown}")
         found = self.store.find(item.request_id)
+        issued = issued_at(item.request_id)
+        while found is None and issued is not None and time.time() - issued < JUST_ANSWERED_S:
+            time.sleep(0.05)  # answered a moment ago: its answer is still on its way to the store
+            found = self.store.find(item.request_id)
         now = time.time()
         if found is None:
-            issued = issued_at(item.request_id)
             if issued is not None and issued < now - self.store.ttl_s:
                 raise ExpiredRequest(f"request {item.request_id} was answered more than {self.store.ttl_s:g} s ago")
             raise UnknownRequest(
@@ -80,23 +86,30 @@ class FeedbackJoin:
             raise ExpiredRequest(f"request {item.request_id} was answered more than {self.store.ttl_s:g} s ago")
         if len(labels) != len(answer.top1):
             raise InvalidLabel(f"{len(labels)} labels for a request of {len(answer.top1)} images")
-        if not self.store.claim(found, ",".join(labels)):
+        if not self.store.claim(found, LABEL_SUFFIX, ",".join(labels)):
             raise DuplicateFeedback(f"feedback for request {item.request_id} was already counted")
         truth = [self.class_index[label] for label in labels]
         for i, y in enumerate(truth):
-            right = answer.top1[i] == y
-            self.metrics.feedback_top1.labels(answer.arm, _flag(right)).inc()
-            if answer.shadow_arm is not None and answer.shadow_top1 is not None:
-                shadow_right = answer.shadow_top1[i] == y
-                self.metrics.feedback_pairs.labels(
-                    answer.arm, answer.shadow_arm, _flag(right), _flag(shadow_right)
-                ).inc()
+            self.metrics.feedback_top1.labels(answer.arm, _flag(answer.top1[i] == y)).inc()
+        # The label is claimed before the shadow's answer is read (see AnswerStore._pair_if_labelled).
+        shadow_top1 = found.shadow_top1()
+        if shadow_top1 is not None and self.store.claim(found, PAIR_SUFFIX):
+            self.count_pairs(found, shadow_top1, ",".join(labels))
         return FeedbackResult(
             request_id=item.request_id,
             status=200,
             outcome="accepted",
             message=f"{len(truth)} label(s) joined to arm {answer.arm}",
         )
+
+    def count_pairs(self, found: Found, shadow_top1: list[int], labels: str) -> None:
+        """Both arms' answers against the labels, image by image (on whichever replica saw both first)."""
+        answer = found.answer
+        for primary, shadow, label in zip(answer.top1, shadow_top1, labels.split(","), strict=True):
+            y = self.class_index[label]
+            self.metrics.feedback_pairs.labels(
+                answer.arm, answer.shadow_arm, _flag(primary == y), _flag(shadow == y)
+            ).inc()
 
 
 def _flag(value: bool) -> str:

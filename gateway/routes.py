@@ -18,7 +18,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from gateway.answers import Answer
+from gateway.answers import Answer, ShadowAnswer
 from gateway.auth import require_admin
 from gateway.errors import (
     BadRequest,
@@ -204,7 +204,7 @@ async def classify_following(request: Request, classifier: Classifier, name: str
         return await current.classify(current.resolve(name), images)
 
 
-def _remember(request: Request, answer: Answer | None) -> None:
+def _remember(request: Request, answer: Answer | ShadowAnswer | None) -> None:
     """Keep an A/B answer for its feedback (when an answer store is configured); never waits."""
     state = request.app.state
     if answer is not None and state.answers is not None and not state.answers.remember(request.state.rid, answer):
@@ -217,8 +217,8 @@ async def _shadow(
     """Runs after the response is sent: the other arm on the same images, compared top-1 by top-1.
 
     Shadows pass admission control like any request, and are skipped (not queued) when the other arm
-    is at its bound, so mirroring can never push real traffic into 503s. The request's answer is kept
-    for feedback once the shadow's is known (or without it, when the shadow was shed or failed).
+    is at its bound, so mirroring can never push real traffic into 503s. The shadow's answer is kept
+    beside the request's (`answer`) for feedback.
     """
     metrics = request.app.state.metrics
     target = classifier.resolve(arm)
@@ -229,11 +229,9 @@ async def _shadow(
             outcome = await classify_following(request, classifier, arm, images)
     except Overloaded:
         metrics.shadow.labels(arm, "shed").inc()
-        _remember(request, answer)
         return
     except Exception:
         metrics.errors.labels("shadow").inc()
-        _remember(request, answer)
         return
     finally:
         metrics.in_flight.dec()
@@ -243,7 +241,7 @@ async def _shadow(
     request.app.state.ab_stats.record_shadow(arm, latency_ms, agreed)
     metrics.shadow.labels(arm, str(agreed).lower()).inc()
     if answer is not None:
-        _remember(request, replace(answer, shadow_arm=arm, shadow_top1=shadow_top1.tolist()))
+        _remember(request, ShadowAnswer(shadow_top1.tolist(), answer.at))
 
 
 @router.post(
@@ -286,10 +284,10 @@ async def classify(request: Request) -> Response:
             top1 = outcome.probabilities.argmax(-1).tolist()
             answer = Answer(arm=arm, model=outcome.model, version=outcome.version, top1=top1, at=time.time())
         shadow_arm = state.ab_router.shadow_arm(arm)
+        if answer is not None:
+            _remember(request, replace(answer, shadow_arm=shadow_arm))
         if shadow_arm is not None:
             background = BackgroundTask(_shadow, classifier, request, shadow_arm, images, outcome.probabilities, answer)
-        else:
-            _remember(request, answer)
     body = ClassifyResponse(
         request_id=request.state.rid,
         model=outcome.model,

@@ -16,6 +16,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.repo), args.port, ports, args.once, args.then, DemoClock(args.started_at, args.record))
 
 
+def _cmd_rollout(args: argparse.Namespace) -> None:
+    from loadtest.rollout import RolloutPlan, run_rollout
+
+    plan = RolloutPlan(seconds=args.seconds, users=args.users)
+    results = run_rollout(Path(args.repo), Path(args.out), plan, args.break_student, Path(args.bench_results))
+    name = "rollout-broken.md" if args.break_student else "rollout.md"
+    print((Path(args.out) / name).read_text())
+    expected = "rolled_back" if args.break_student else "promoted"
+    if results["phase"] != expected or results["locust"]["failures"]:
+        raise SystemExit(
+            f"rollout ended {results['phase']} (expected {expected}), {results['locust']['failures']} failures"
+        )
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from loadtest.bench import run_bench
 
@@ -136,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--started-at", type=float, help="epoch seconds the demo began (make demo: after set-up)")
     demo.add_argument("--record", type=Path, help="JSON file for the seconds from --started-at to the page serving")
     demo.set_defaults(func=_cmd_demo)
+
+    rollout = commands.add_parser(
+        "rollout", help="a student rollout under Locust with feedback, two replicas; --break-student: the rollback"
+    )
+    rollout.add_argument("--repo", default="model_repository")
+    rollout.add_argument("--out", default="benchmarks/rollout")
+    rollout.add_argument("--seconds", type=int, default=120, help="Locust's run time")
+    rollout.add_argument("--users", type=int, default=4)
+    rollout.add_argument("--break-student", action="store_true", help="export a broken student mid-rollout")
+    rollout.add_argument("--bench-results", default="benchmarks/results.json", help="offline latency figures")
+    rollout.set_defaults(func=_cmd_rollout)
 
     bench = commands.add_parser("bench", help="latency of in-process ORT vs Triton vs gateway, one run")
     bench.add_argument("--repo", default="model_repository")

@@ -6,6 +6,7 @@ image, a label from the model's classes. Environment (set by `python -m loadtest
   KDSERVE_STAGES       load shape, "seconds:users,seconds:users,..." (optional)
   KDSERVE_MAX_FAIL_RATIO  stop the test when the failure ratio passes this (default 0.01)
   KDSERVE_OUT          where accuracy.json (correct top-1 per model under load) is written
+  KDSERVE_FEEDBACK_URL where ABFeedbackUser posts the true labels (another replica: any one joins them)
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class ClassifyUser(FastHttpUser):
     def next_client_key(self) -> str:
         return self.client_key
 
+    def answered(self, request_id: str, label: str) -> None:
+        """Called with every well-formed answer (the feedback user sends the label back)."""
+
     @task
     def classify(self) -> None:
         _, payload, label = next(self.images)
@@ -80,6 +84,7 @@ class ClassifyUser(FastHttpUser):
                 resp.failure("A/B request without an arm")
             else:
                 resp.success()
+                self.answered(resp.headers.get("X-Request-ID", ""), label)
                 tally = CORRECT.setdefault(body["model"], [0, 0])
                 tally[0] += int(top["label"] == label)
                 tally[1] += 1
@@ -106,6 +111,33 @@ class ABUser(ClassifyUser):
 
     def next_client_key(self) -> str:
         return f"client-{random.randrange(self.CLIENTS)}"
+
+
+class ABFeedbackUser(ABUser):
+    """A/B traffic whose true labels come back as feedback, in batches, to KDSERVE_FEEDBACK_URL (default:
+    the same gateway); each item must be accepted (joined once to the arm that answered)."""
+
+    BATCH = 20
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.pending: list[dict] = []
+        self.feedback_url = os.environ.get("KDSERVE_FEEDBACK_URL", "").rstrip("/") + "/v1/feedback"
+
+    def answered(self, request_id: str, label: str) -> None:
+        self.pending.append({"request_id": request_id, "label": label})
+        if len(self.pending) >= self.BATCH:
+            items, self.pending = self.pending, []
+            gevent.sleep(0.05)  # answers reach the shared store off the request path
+            with self.client.post(self.feedback_url, json=items, name="feedback", catch_response=True) as resp:
+                if resp.status_code != 200:
+                    resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
+                    return
+                refused = [r for r in resp.json()["results"] if r["status"] != 200]
+                if refused:
+                    resp.failure(f"{len(refused)} of {len(items)} refused: {refused[0]['message']}")
+                else:
+                    resp.success()
 
 
 STAGES = parse_stages(os.environ.get("KDSERVE_STAGES"))

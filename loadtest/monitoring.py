@@ -34,9 +34,11 @@ PROMETHEUS_RULE = DEPLOY / "k8s" / "base" / "prometheusrule.yaml"
 # What a PodMonitor/ServiceMonitor attaches to every series in Kubernetes. The local targets carry the
 # same labels, so prometheus-adapter's per-pod queries run here exactly as they would in a cluster.
 NAMESPACE = "kdserve"
-POD_OF_JOB = {"kdserve-gateway": "kdserve-gateway-0", "triton": "triton-0"}
+POD_OF_JOB = {"kdserve-gateway": "kdserve-gateway-0", "triton": "triton-0", "kdserve-rollout": "kdserve-rollout-0"}
 # Series only a Triton with a GPU exports (--allow-gpu-metrics); their panels are empty on the CPU.
 GPU_ONLY_METRICS = ("nv_gpu_utilization", "nv_gpu_memory_used_bytes")
+# Series the rollout controller exports (job kdserve-rollout) once it has judged a running rollout.
+CONTROLLER_METRICS = ("kdserve_rollout_gate_value",)
 # A metric name as written in PromQL (not the tail of a recording rule's `level:metric:op` name).
 METRIC_NAME = re.compile(r"(?<![:\w])(?:kdserve|nv)_[a-z0-9_]+\b")
 
@@ -51,6 +53,10 @@ class PanelQuery:
     @property
     def gpu_only(self) -> bool:
         return any(name in self.expr for name in GPU_ONLY_METRICS)
+
+    @property
+    def controller_only(self) -> bool:
+        return any(name in self.expr for name in CONTROLLER_METRICS)
 
 
 def dashboard_queries(path: Path = DASHBOARD) -> list[PanelQuery]:
@@ -109,18 +115,25 @@ def referenced_metrics(text: str) -> set[str]:
     return set(METRIC_NAME.findall(text))
 
 
-def local_config(out_dir: Path, targets: dict[str, str], interval: str = "1s", alerts_at_once: bool = False) -> Path:
-    """The project's scrape configuration and rules, pointed at local `targets` (job -> host:port).
+def local_config(
+    out_dir: Path, targets: dict[str, str | list[str]], interval: str = "1s", alerts_at_once: bool = False
+) -> Path:
+    """The project's scrape configuration and rules, pointed at local `targets` (job -> host:port, or a
+    list of them for several replicas, each its own pod).
 
     `alerts_at_once`: every alert's `for` set to 0s, so a test sees the condition itself fire within
     seconds; the `for` durations are covered by `promtool test rules`.
     """
     config = yaml.safe_load(SCRAPE_CONFIG.read_text())
     config["global"] = {"scrape_interval": interval, "evaluation_interval": interval}
+    # Jobs without a local target (the rollout controller, when a test runs none) are left out.
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in targets]
     for job in config["scrape_configs"]:
         name = job["job_name"]
+        addresses = [targets[name]] if isinstance(targets[name], str) else targets[name]
         job["static_configs"] = [
-            {"targets": [targets[name]], "labels": {"namespace": NAMESPACE, "pod": POD_OF_JOB[name]}}
+            {"targets": [address], "labels": {"namespace": NAMESPACE, "pod": POD_OF_JOB[name] + (f"-{i}" if i else "")}}
+            for i, address in enumerate(addresses)
         ]
     groups = rule_groups()
     if alerts_at_once:

@@ -40,6 +40,7 @@ SCENARIOS = {
     "teacher": ["TeacherUser"],
     "ensemble": ["EnsembleUser"],
     "ab": ["ABUser"],
+    "ab_feedback": ["ABFeedbackUser"],  # A/B traffic with the true labels sent back (a rollout's gates)
     "compare": ["StudentUser", "TeacherUser"],  # both at once: half the users each
 }
 
@@ -102,6 +103,7 @@ def run_load(
     stages: str | None = None,
     max_fail_ratio: float = 0.01,
     triton_http: str | None = None,
+    feedback_url: str | None = None,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     models = _get_json(f"{host}/v1/models")
@@ -142,6 +144,7 @@ def run_load(
         "KDSERVE_OUT": str(out),
         "KDSERVE_MAX_FAIL_RATIO": str(max_fail_ratio),
         "KDSERVE_STAGES": stages or "",
+        "KDSERVE_FEEDBACK_URL": feedback_url or host,
     }
     started = time.perf_counter()
     # The children's CPU time around the run is Locust's own: how hard the load generator itself worked.

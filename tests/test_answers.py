@@ -8,7 +8,9 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from gateway.answers import Answer, AnswerStore, issued_at, new_request_id
+from gateway.answers import LABEL_SUFFIX, Answer, AnswerStore, ShadowAnswer, issued_at, new_request_id
+from gateway.feedback import FeedbackItem, FeedbackJoin
+from gateway.metrics import GatewayMetrics
 
 
 def answer(at: float, arm: str = "student") -> Answer:
@@ -32,7 +34,7 @@ def test_an_answer_written_by_one_replica_is_found_and_claimed_once_by_any(tmp_p
     assert reader.find("req-2") is None
     # Eight claims racing from threads (as replicas would): exactly one wins.
     with ThreadPoolExecutor(8) as pool:
-        wins = list(pool.map(lambda _: AnswerStore.claim(reader.find("req-1"), "3"), range(8)))
+        wins = list(pool.map(lambda _: AnswerStore.claim(reader.find("req-1"), LABEL_SUFFIX, "3"), range(8)))
     assert wins.count(True) == 1
     assert not list(tmp_path.rglob(".*")), "a temporary file was left behind"
 
@@ -65,3 +67,32 @@ def test_a_full_queue_drops_instead_of_waiting_and_the_writer_drains_it(tmp_path
     assert accepted == [True, True, True, False, False] and written
     record = json.loads(next(tmp_path.rglob("*.json")).read_text())
     assert record["arm"] == "student" and record["top1"] == [3]
+
+
+def pairs_counted(metrics: GatewayMetrics) -> float:
+    return sum(
+        metrics.feedback_pairs.labels("student", "teacher", a, b)._value.get()
+        for a in ("true", "false")
+        for b in ("true", "false")
+    )
+
+
+def test_a_shadow_answering_before_or_after_the_feedback_is_paired_exactly_once(tmp_path):
+    metrics = GatewayMetrics()
+    store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
+    join = FeedbackJoin(store, [str(d) for d in range(10)], metrics)
+    now = time.time()
+    primary = Answer(arm="student", model="student_kd", version=1, top1=[3], at=now, shadow_arm="teacher")
+    # The shadow first, then the feedback: the feedback counts the pair.
+    store.write([("early", primary), ("early", ShadowAnswer([3], now))])
+    assert join.accept(FeedbackItem(request_id="early", label="3")).status == 200
+    assert pairs_counted(metrics) == 1
+    # The feedback first (the shadow still running), then the shadow: the writer counts the pair.
+    store.write([("late", primary)])
+    assert join.accept(FeedbackItem(request_id="late", label="8")).status == 200
+    assert pairs_counted(metrics) == 1
+    store.write([("late", ShadowAnswer([8], now))])
+    assert pairs_counted(metrics) == 2
+    assert metrics.feedback_pairs.labels("student", "teacher", "false", "true")._value.get() == 1
+    store.write([("late", ShadowAnswer([8], now))])  # written again: still one pair
+    assert pairs_counted(metrics) == 2

@@ -327,7 +327,15 @@ def test_gateway_and_triton_ports_agree_everywhere(kustomization):
         job["job_name"]: job["static_configs"][0]["targets"][0]
         for job in yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
     }
-    assert targets == {"kdserve-gateway": f"gateway:{gateway_port}", "triton": f"triton:{triton_ports['metrics']}"}
+    [rollout] = objects(kustomization, "Deployment")["kdserve-rollout"]["spec"]["template"]["spec"]["containers"]
+    rollout_port = int(dict(a.removeprefix("--").split("=", 1) for a in rollout["command"][4:])["port"])
+    assert [p["containerPort"] for p in rollout["ports"]] == [rollout_port]
+    assert targets == {
+        "kdserve-gateway": f"gateway:{gateway_port}",
+        "triton": f"triton:{triton_ports['metrics']}",
+        "kdserve-rollout": f"rollout:{rollout_port}",
+    }
+    assert f"--port={rollout_port}" in compose_file("compose.yaml")["services"]["rollout"]["command"]
     compose = compose_file("compose.yaml")["services"]
     assert compose["gateway"]["ports"] == [f"{gateway_port}:{gateway_port}"]
     assert compose["gateway"]["environment"]["KDSERVE_TRITON_URL"] == env["KDSERVE_TRITON_URL"]
@@ -524,3 +532,33 @@ def test_gateway_image_installs_the_serve_extra_only_and_it_has_no_torch():
     probe = f"import sys; sys.modules['torch'] = None; import {modules}"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_the_rollout_controller_runs_one_at_a_time_on_the_shared_experiment_with_a_valid_seed(kustomization):
+    from gateway.cli import build_parser
+    from gateway.experiment import read_experiment
+
+    deployments = objects(kustomization, "Deployment")
+    rollout = deployments["kdserve-rollout"]
+    assert rollout["spec"]["replicas"] == 1 and rollout["spec"]["strategy"]["type"] == "Recreate"
+    [container] = rollout["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[:4] == ["python", "-m", "gateway", "rollout"]
+    args = build_parser().parse_args(command[3:])  # every flag is one the CLI takes
+    [gateway] = deployments["kdserve-gateway"]["spec"]["template"]["spec"]["containers"]
+    assert env_of(gateway)["KDSERVE_EXPERIMENT_FILE"] == args.experiment_file
+    claims = {
+        name: {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in d["spec"]["template"]["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        for name, d in deployments.items()
+    }
+    assert claims["kdserve-rollout"]["experiment"] == claims["kdserve-gateway"]["experiment"] == "kdserve-experiment"
+    seed = read_experiment(DEPLOY / "k8s" / "base" / "experiment.json")
+    assert seed.rollout.enabled and seed.state.phase == "off"
+    compose = compose_file("compose.yaml")["services"]
+    compose_args = build_parser().parse_args(compose["rollout"]["command"][3:])
+    assert compose_args.experiment_file == compose["gateway"]["environment"]["KDSERVE_EXPERIMENT_FILE"]

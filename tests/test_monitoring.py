@@ -13,9 +13,10 @@ import pytest
 
 from gateway.process import GatewayProcess, free_port
 from gateway.triton_server import EmbeddedTriton, TritonPorts
-from kdcontract.digits import digit_png_bytes
+from kdcontract.digits import digit_png_bytes, digits_gray
 from loadtest.monitoring import (
     ADAPTER_CONFIG,
+    CONTROLLER_METRICS,
     DASHBOARD,
     GPU_ONLY_METRICS,
     POD_OF_JOB,
@@ -46,7 +47,7 @@ def observed(tiny_repo, tmp_path_factory):
         gateway = GatewayProcess(
             tiny_repo,
             triton.http_url,
-            env={**GATEWAY_ENV, "KDSERVE_MANIFEST_POLL_S": "0"},
+            env={**GATEWAY_ENV, "KDSERVE_MANIFEST_POLL_S": "0", "KDSERVE_ANSWERS_DIR": str(work / "answers")},
             ready_path="/readyz",
         )
         targets = {"kdserve-gateway": f"127.0.0.1:{gateway.port}", "triton": f"127.0.0.1:{ports.metrics}"}
@@ -56,11 +57,26 @@ def observed(tiny_repo, tmp_path_factory):
         asyncio.run(mixed_traffic(gateway.url, traffic_models(tiny_repo), time.monotonic() + 12, 4, log))
         # Every request must have had the status it expects before its metrics are worth checking.
         assert all(status == expected for _, _, status, expected in log), {s for _, _, s, _ in log}
+        send_feedback(gateway)
         yield triton, gateway, prometheus
     finally:
         for process in (prometheus, gateway, triton):
             if process is not None:
                 process.stop()
+
+
+def send_feedback(gateway: GatewayProcess, requests: int = 30) -> None:
+    """A/B requests and their true labels as feedback, for the ground-truth series."""
+    _, labels = digits_gray()
+    items = []
+    for index in range(1700, 1700 + requests):
+        resp = gateway.client.post(
+            "/v1/classify?model=auto", content=digit_png_bytes(index), headers={"Content-Type": "image/png"}
+        )
+        assert resp.status_code == 200, resp.text
+        items.append({"request_id": resp.headers["x-request-id"], "label": str(labels[index])})
+    resp = gateway.client.post("/v1/feedback", json=items)
+    assert resp.status_code == 200 and {r["status"] for r in resp.json()["results"]} == {200}, resp.text
 
 
 def _still_empty(prometheus: PrometheusServer, exprs: list[str], timeout: float = 30.0) -> list[str]:
@@ -81,12 +97,13 @@ def test_every_recording_rule_returns_data(observed):
 
 
 def test_every_dashboard_panel_returns_data_except_gpu_only_ones(observed):
+    """(The rollout controller's panel is checked where a controller runs: tests/test_rollout.py.)"""
     _, _, prometheus = observed
     queries = dashboard_queries()
     assert len({q.panel for q in queries}) >= 15
     gpu_only = [q for q in queries if q.gpu_only]
     assert {q.panel for q in gpu_only} == {"GPU utilisation (GPU Triton only)", "GPU memory used (GPU Triton only)"}
-    empty = _still_empty(prometheus, [q.expr for q in queries if not q.gpu_only])
+    empty = _still_empty(prometheus, [q.expr for q in queries if not q.gpu_only and not q.controller_only])
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
     # The exception is honest: a Triton without a GPU exports no GPU series at all.
     assert not any(prometheus.query(name) for name in GPU_ONLY_METRICS)
@@ -109,7 +126,7 @@ def test_every_metric_name_read_by_rules_dashboard_and_adapter_is_exported(obser
     _, _, prometheus = observed
     exported = prometheus.metric_names()
     for path in (RULES, DASHBOARD, ADAPTER_CONFIG):
-        read = referenced_metrics(path.read_text()) - set(GPU_ONLY_METRICS)
+        read = referenced_metrics(path.read_text()) - set(GPU_ONLY_METRICS) - set(CONTROLLER_METRICS)
         assert read, path
         assert read <= exported, f"{path.name} reads metrics nobody exports: {sorted(read - exported)}"
 

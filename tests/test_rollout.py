@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,16 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 from gateway.process import GatewayProcess, free_port
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes, digits_gray, held_out_indices
-from kdcontract.manifest import read_manifest, write_manifest
+from kdcontract.manifest import read_manifest
 from loadtest.measure import metric_value
+from loadtest.monitoring import PrometheusServer, dashboard_queries, local_config
+from loadtest.rollout import export_broken_student, scratch_repository
 
 TOKEN = "rollout-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -46,6 +44,7 @@ class Stack:
     experiment_file: Path
     replicas: list[GatewayProcess]
     triton: EmbeddedTriton
+    controller_port: int = 0
 
     def metrics_urls(self) -> list[str]:
         return [f"{gw.url}/metrics" for gw in self.replicas]
@@ -53,12 +52,7 @@ class Stack:
 
 @pytest.fixture
 def stack(tiny_repo, tmp_path):
-    repo = tmp_path / "repo"
-    for name in ("student_kd", "teacher"):
-        shutil.copytree(tiny_repo / name, repo / name)
-    manifest = read_manifest(tiny_repo)
-    manifest.models = {n: manifest.models[n] for n in ("student_kd", "teacher")}
-    write_manifest(repo, manifest)
+    repo = scratch_repository(tiny_repo, tmp_path / "repo")
     experiment_file = tmp_path / "experiment.json"
     experiment_file.write_text(json.dumps(rollout_experiment([0.5, 1.0], 60)))  # replaced by each test's PUT
     env = {
@@ -185,9 +179,12 @@ def wait_for(condition, timeout_s: float, what: str = "") -> float:
     return time.monotonic() - start
 
 
-def controller(stack: Stack, tmp_path: Path) -> subprocess.Popen:
+def controller(stack: Stack, tmp_path: Path, prometheus: str | None = None) -> subprocess.Popen:
+    """The controller reading the replicas' /metrics, or Prometheus when given (as when deployed)."""
     args = [sys.executable, "-m", "gateway", "rollout", "--experiment-file", str(stack.experiment_file)]
-    for url in stack.metrics_urls():
+    if prometheus:
+        args += ["--prometheus", prometheus]
+    for url in [] if prometheus else stack.metrics_urls():
         args += ["--metrics-url", url]
     args += ["--interval", str(TICK_S), "--until-done", "--events", str(tmp_path / "events.jsonl")]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -233,35 +230,31 @@ def test_a_healthy_student_is_stepped_to_100_percent_under_load(stack, tmp_path)
     assert after and set(after) == {"student"}
 
 
-def shift_classes(model: Path) -> None:
-    """Rewrite the ONNX graph so its logits come out shifted by one class: the student "broken at
-    export" (as a label-order bug would), answering every digit as the next one."""
-    graph = onnx.load(model)
-    output = graph.graph.output[0].name
-    classes = graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value
-    for node in graph.graph.node:
-        node.output[:] = [f"{output}_unshifted" if o == output else o for o in node.output]
-    order = numpy_helper.from_array(np.roll(np.arange(classes), 1).astype(np.int64), name="shifted_order")
-    graph.graph.initializer.append(order)
-    graph.graph.node.append(helper.make_node("Gather", [f"{output}_unshifted", "shifted_order"], [output], axis=1))
-    onnx.checker.check_model(graph)
-    onnx.save(graph, model)
+@pytest.fixture
+def prometheus(stack, tmp_path):
+    """Prometheus scraping both replicas (one job, two pods), Triton and the controller (on the port it
+    will take) with the project's rules, alerts at once."""
+    stack.controller_port = free_port()
+    targets = {
+        "kdserve-gateway": [gw.url.removeprefix("http://") for gw in stack.replicas],
+        "triton": f"127.0.0.1:{stack.triton.ports.metrics}",
+        "kdserve-rollout": f"127.0.0.1:{stack.controller_port}",
+    }
+    server = PrometheusServer(local_config(tmp_path / "prometheus", targets, alerts_at_once=True))
+    serving = ("kdserve-gateway", "triton")
+    try:
+        server.wait_for(lambda: all(server.targets_up().get(job) for job in serving), 30, "replicas and Triton scraped")
+        yield server
+    finally:
+        server.stop()
 
 
-def export_broken_student(repo: Path) -> None:
-    staging = repo / "student_kd" / ".2"
-    shutil.copytree(repo / "student_kd" / "1", staging, ignore=shutil.ignore_patterns("__pycache__"))
-    shift_classes(staging / "model.onnx")
-    staging.rename(repo / "student_kd" / "2")
-    manifest = read_manifest(repo)
-    manifest.models["student_kd"].version = 2
-    write_manifest(repo, manifest)
-
-
-def test_a_student_broken_mid_rollout_is_rolled_back_to_the_teacher_with_nothing_lost(stack, tmp_path):
-    # Steps that would take a minute: the rollout is still at 25% when the student breaks.
+def test_a_student_broken_mid_rollout_is_rolled_back_to_the_teacher_with_nothing_lost(stack, prometheus, tmp_path):
+    # Steps that would take a minute: the rollout is still at 25% when the student breaks. The controller
+    # reads Prometheus, as in Kubernetes.
     put_experiment(stack, rollout_experiment([0.25, 0.5, 1.0], min_duration_s=60))
-    ctl = controller(stack, tmp_path)
+    began = time.time()
+    ctl = controller(stack, tmp_path, prometheus.url, stack.controller_port)
     with Traffic(stack) as traffic:
         try:
             wait_for(lambda: phase(stack) == "running", 30, "the controller starts the rollout")
@@ -295,4 +288,13 @@ def test_a_student_broken_mid_rollout_is_rolled_back_to_the_teacher_with_nothing
         text = gw.client.get("/metrics").text
         assert metric_value(text, "kdserve_rollout_phase", {"phase": "rolled_back"}) == 1.0
         assert metric_value(text, "kdserve_ab_weight", {"arm": "student"}) == 0.0
+    prometheus.wait_for(lambda: ("KdserveRolloutRolledBack", "") in prometheus.firing(), 30, "the rollback alert")
+    # The dashboard's rollout panels, the controller's included, had data during the rollout (the controller
+    # exited with it: its series are stale now).
+    rollout_panels = [
+        q for q in dashboard_queries() if q.controller_only or "rollout" in q.expr or "feedback" in q.expr
+    ]
+    assert len(rollout_panels) >= 5
+    now = time.time()
+    assert not [q.expr for q in rollout_panels if not prometheus.query_range(q.expr, began, now, 1)]
     print(f"broken version served after {broken_from:.2f} s; replicas followed the rollback in {follow_s:.2f} s")

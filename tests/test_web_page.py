@@ -16,6 +16,7 @@ from PIL import Image
 from playwright.sync_api import Page, sync_playwright
 
 from kdcontract.client_forms import ClientForm, render
+from kdcontract.digits import digit_png_bytes
 from loadtest.served_accuracy import held_out as served_held_out
 from loadtest.served_accuracy import served_split
 from tests.conftest import ROOT
@@ -128,3 +129,21 @@ def test_page_classifies_an_uploaded_photo(page, gateway):
     page.screenshot(path=str(ARTIFACTS / "web-page-photo.png"), full_page=True)
     assert answers == dict.fromkeys(MODELS, str(labels[0]))
     assert "photo" in page.locator("#status").inner_text()
+
+
+def test_page_draws_the_experiment_latency_per_arm_and_the_gates_intervals(page, gateway):
+    for index in range(1500, 1530):  # A/B traffic for both arms of the session gateway's 70/30 split
+        resp = gateway.client.post(
+            "/v1/classify?model=auto", content=digit_png_bytes(index), headers={"Content-Type": "image/png"}
+        )
+        assert resp.status_code == 200, resp.text
+    page.reload()
+    page.wait_for_selector('#latency rect[data-arm="student"]', timeout=30_000)
+    arms = set(page.eval_on_selector_all("#latency rect", "rects => rects.map(r => r.dataset.arm)"))
+    assert arms == {"student", "teacher"}
+    gates = page.eval_on_selector_all("#gates rect[data-gate]", "rects => rects.map(r => r.dataset.gate)")
+    body = gateway.client.get("/v1/experiment").json()
+    assert gates == [g["gate"] for g in body["this_replica"]["step"]["gates"]] and gates
+    assert "no rollout" in page.locator("#steps").text_content()
+    assert page.locator("#phase").inner_text().startswith("student vs teacher")
+    page.locator("#rollout").screenshot(path=str(ARTIFACTS / "experiment.png"))

@@ -1,0 +1,333 @@
+"""`python -m loadtest rollout`: a student rollout on the real stack under Locust, with feedback.
+
+A scratch copy of the repository's student and teacher, served by Triton (polling the copy) and two
+gateway replicas that follow one experiment file and share one answer store; the rollout controller
+(in this process) reads both replicas' /metrics; Locust sends the held-out digits to one replica as A/B
+traffic and their true labels as feedback to the other. With `--break-student`, a broken version of the
+student (its classes shifted by one, as a label-order bug at export would do) is exported into the copy
+once the first step runs: the controller must roll back to the teacher, with no request failed.
+
+Writes rollout.json and rollout.md: every step with the figures that decided it, the verdicts'
+intervals next to the offline figures (test-split top-1 from the manifest; latency from `make bench`
+when its results are there), the requests, failures and 5xx of the whole run, and the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gateway.experiment import Experiment, read_experiment, write_experiment
+from gateway.figures import fetch_metrics, scraped_counts
+from gateway.gates import arm_statistics
+from gateway.process import GatewayProcess, free_port
+from gateway.rollout import RolloutController
+from gateway.triton_server import EmbeddedTriton, TritonPorts
+from kdcontract.manifest import read_manifest, write_manifest
+from kdcontract.names import STUDENT, STUDENT_KD, TEACHER
+from kdcontract.tables import markdown_table
+from loadtest.bench import cpu_description
+from loadtest.measure import metric_value
+from loadtest.run import run_load
+
+POLL_S = 0.5  # the replicas' experiment and manifest polls
+TICK_S = 1.0  # the controller's evaluation interval
+GATES = {"latency": {"quantile": 0.5, "max_ratio": 2.0}, "min_agreement": 0.9, "max_top1_drop": 0.03}
+
+
+def scratch_repository(repo: Path, into: Path) -> Path:
+    """The student and the teacher of `repo`, with a manifest of just those two, in `into`."""
+    for name in (STUDENT_KD, TEACHER):
+        shutil.copytree(repo / name, into / name, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = read_manifest(repo)
+    manifest.models = {n: manifest.models[n] for n in (STUDENT_KD, TEACHER)}
+    write_manifest(into, manifest)
+    return into
+
+
+def shift_classes(model: Path) -> None:
+    """Rewrite an ONNX classifier so its logits come out shifted by one class (a digit's answer is the
+    next digit): a version broken at export, as a label-order bug would break it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = onnx.load(model)
+    output = graph.graph.output[0].name
+    classes = graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    for node in graph.graph.node:
+        node.output[:] = [f"{output}_unshifted" if o == output else o for o in node.output]
+    order = numpy_helper.from_array(np.roll(np.arange(classes), 1).astype(np.int64), name="shifted_order")
+    graph.graph.initializer.append(order)
+    graph.graph.node.append(helper.make_node("Gather", [f"{output}_unshifted", "shifted_order"], [output], axis=1))
+    onnx.checker.check_model(graph)
+    onnx.save(graph, model)
+
+
+def export_broken_student(repo: Path) -> int:
+    """A new version of the student, shifted, written beside the served one and then named in the
+    manifest (Triton polling the repository loads it; the gateways switch once it is ready)."""
+    manifest = read_manifest(repo)
+    entry = manifest.models[STUDENT_KD]
+    version = entry.version + 1
+    staging = repo / STUDENT_KD / f".{version}"
+    shutil.copytree(repo / STUDENT_KD / str(entry.version), staging, ignore=shutil.ignore_patterns("__pycache__"))
+    shift_classes(staging / "model.onnx")
+    staging.rename(repo / STUDENT_KD / str(version))
+    entry.version = version
+    write_manifest(repo, manifest)
+    return version
+
+
+def rollout_experiment(steps: list[float], min_samples: int, min_duration_s: float, shadow: float) -> Experiment:
+    return Experiment.model_validate(
+        {
+            "control": TEACHER,
+            "candidate": STUDENT,
+            "weights": {STUDENT: 0.0, TEACHER: 1.0},
+            "shadow_fraction": shadow,
+            "gates": GATES,
+            "rollout": {"enabled": True, "steps": steps, "min_samples": min_samples, "min_duration_s": min_duration_s},
+        }
+    )
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    seconds: int = 120  # Locust's run time: the rollout must end within it
+    users: int = 4
+    steps: tuple[float, ...] = (0.1, 0.5, 1.0)
+    min_samples: int = 300
+    min_duration_s: float = 10.0
+    shadow: float = 1.0
+
+
+def run_rollout(
+    repo: Path, out: Path, plan: RolloutPlan, break_student: bool = False, bench: Path | None = None
+) -> dict:
+    """The rollout on a stack of its own: a scratch copy of the repository, Triton polling it, two
+    gateway replicas following one experiment file and sharing one answer store."""
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "stack"
+    shutil.rmtree(work, ignore_errors=True)
+    scratch = scratch_repository(repo, work / "repo")
+    experiment_file = work / "experiment.json"
+    env = {
+        "KDSERVE_EXPERIMENT_FILE": str(experiment_file),
+        "KDSERVE_EXPERIMENT_POLL_S": str(POLL_S),
+        "KDSERVE_MANIFEST_POLL_S": str(POLL_S),
+        "KDSERVE_ANSWERS_DIR": str(work / "answers"),
+    }
+    ports = TritonPorts(free_port(), free_port(), free_port())
+    poll = ["--model-control-mode=poll", "--repository-poll-secs=1"]
+    with EmbeddedTriton(scratch, ports, log_file=work / "triton.log", extra_args=poll) as triton:
+        replicas = [GatewayProcess(scratch, triton.http_url, env=env, ready_path="/readyz") for _ in range(2)]
+        try:
+            breaker = _Breaker(scratch, experiment_file) if break_student else None
+            results = drive_rollout([gw.url for gw in replicas], experiment_file, repo, out, plan, bench, breaker)
+        finally:
+            for gw in replicas:
+                gw.stop()
+    return results
+
+
+def drive_rollout(
+    gateways: list[str],
+    experiment_file: Path,
+    repo: Path,
+    out: Path,
+    plan: RolloutPlan,
+    bench: Path | None = None,
+    breaker: _Breaker | None = None,
+) -> dict:
+    """Starts a rollout in `experiment_file` (which the `gateways` follow), runs the controller on their
+    summed /metrics and Locust against the first gateway (feedback to the last) for `plan.seconds`, and
+    writes what happened. The demo calls this with its own gateway."""
+    name = "rollout-broken" if breaker else "rollout"
+    events_file = out / f"{name}-events.jsonl"
+    events_file.unlink(missing_ok=True)
+    experiment = rollout_experiment(list(plan.steps), plan.min_samples, plan.min_duration_s, plan.shadow)
+    write_experiment(experiment_file, experiment)
+    urls = [f"{url}/metrics" for url in gateways]
+    controller = RolloutController(experiment_file, lambda: scraped_counts(fetch_metrics(u) for u in urls), events_file)
+    stop = threading.Event()
+    ticking = threading.Thread(target=controller.run, args=(TICK_S, stop.is_set), daemon=True)
+    ticking.start()
+    if breaker is not None:
+        breaker.start()
+    started = time.time()
+    try:
+        load = run_load(
+            gateways[0],
+            "ab_feedback",
+            plan.users,
+            f"{plan.seconds}s",
+            out / f"{name}-locust",
+            None,
+            max_fail_ratio=1.0,  # the run is measured whole: a failure is a finding, not a reason to stop
+            feedback_url=gateways[-1],
+        )
+    finally:
+        stop.set()
+        ticking.join(timeout=30)
+    texts = [fetch_metrics(u) for u in urls]
+    final = read_experiment(experiment_file)
+    results = {
+        "cpu": cpu_description(),
+        "case": "broken student" if breaker else "healthy student",
+        "replicas": len(gateways),
+        "seconds": plan.seconds,
+        "users": plan.users,
+        "experiment": final.model_dump(mode="json", exclude={"state"}),
+        "phase": final.state.phase,
+        "reason": final.state.reason,
+        "events": [e.model_dump(mode="json") for e in final.state.history],
+        "requests": _requests(texts),
+        "locust": {"exit_code": load["locust_exit_code"], **_locust_totals(out / f"{name}-locust")},
+        "offline": offline_figures(repo, bench),
+        "arms_whole_run": arm_statistics(final, scraped_counts(texts)),
+    }
+    if breaker is not None:
+        results["broken"] = breaker.timeline(started, final)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(results))
+    return results
+
+
+class _Breaker:
+    """Exports the broken student once the rollout's first step is running (in its own thread)."""
+
+    def __init__(self, repo: Path, experiment_file: Path) -> None:
+        self.repo, self.experiment_file = repo, experiment_file
+        self.exported_at: float | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            state = read_experiment(self.experiment_file).state
+            if state.phase == "running" and state.step_started_at and time.time() - state.step_started_at > 3:
+                export_broken_student(self.repo)
+                self.exported_at = time.time()
+                return
+            time.sleep(0.2)
+
+    def timeline(self, started: float, final: Experiment) -> dict:
+        rolled = next((e for e in final.state.history if e.event == "rolled_back"), None)
+        return {
+            "exported_after_s": round(self.exported_at - started, 2) if self.exported_at else None,
+            "rolled_back_after_export_s": round(rolled.at - self.exported_at, 2)
+            if rolled and self.exported_at
+            else None,
+        }
+
+
+def _requests(texts: list[str]) -> dict:
+    """Classification requests over both replicas, by status class (the gateways' own counters)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    by_status: dict[str, float] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "kdserve_requests_total" and s.labels.get("route") in ("/v1/classify", "/v1/feedback"):
+                    key = f"{s.labels['route']} {s.labels['status'][0]}xx"
+                    by_status[key] = by_status.get(key, 0) + s.value
+    feedback = {
+        outcome: sum(metric_value(t, "kdserve_feedback_total", {"outcome": outcome}) for t in texts)
+        for outcome in ("accepted", "unknown", "expired", "duplicate", "invalid_label")
+    }
+    return {
+        "by_status": {k: int(v) for k, v in sorted(by_status.items())},
+        "feedback": {k: int(v) for k, v in feedback.items()},
+    }
+
+
+def _locust_totals(run_dir: Path) -> dict:
+    import csv
+
+    with (run_dir / "locust_stats.csv").open() as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    total = rows.get("Aggregated", {})
+    return {"requests": int(total.get("Request Count", 0)), "failures": int(total.get("Failure Count", 0))}
+
+
+def offline_figures(repo: Path, bench_results: Path | None) -> dict:
+    metrics = {n: m.metrics for n, m in read_manifest(repo).models.items()}
+    figures = {
+        "top1_student": metrics[STUDENT_KD]["top1"],
+        "top1_teacher": metrics[TEACHER]["top1"],
+        "top1_difference": metrics[STUDENT_KD]["top1"] - metrics[TEACHER]["top1"],
+        "source_top1": "the manifest (test split, in-process)",
+    }
+    if bench_results is not None and bench_results.is_file():
+        latency = json.loads(bench_results.read_text()).get("latency_c1", {})
+        if "student" in latency and "teacher" in latency:
+            student, teacher = latency["student"]["gateway"]["p50_ms"], latency["teacher"]["gateway"]["p50_ms"]
+            figures |= {"latency_p50_ratio": student / teacher, "source_latency": f"{bench_results} (gateway, c=1)"}
+    return figures
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# Rollout of the student: {results['case']}",
+        "",
+        f"CPU: {results['cpu']}. {results['users']} Locust users for {results['seconds']} s against "
+        + (
+            "one of two gateway replicas, the true labels sent as feedback to the other; the controller read both "
+            "replicas' /metrics"
+            if results["replicas"] > 1
+            else "the gateway, the true labels sent back as feedback; the controller read its /metrics"
+        )
+        + f" every {TICK_S:g} s. Outcome: **{results['phase']}** ({results['reason']}).",
+        "",
+        "## Steps",
+        "",
+    ]
+    rows = []
+    for event in results["events"]:
+        gates = (
+            "; ".join(f"{g['gate']} {g['status']} ({_interval(g)}, n={g['samples']})" for g in event["verdicts"]) or "-"
+        )
+        rows.append([event["event"], event["step"], f"{event['weight']:.0%}", gates])
+    lines += [markdown_table(["event", "step", "student weight", "gates at the decision"], rows), ""]
+    offline = results["offline"]
+    lines += ["## Served figures beside the offline ones", ""]
+    last = next((e for e in reversed(results["events"]) if e["verdicts"]), None)
+    rows = []
+    for gate in last["verdicts"] if last else []:
+        key = {"top1_difference": "top1_difference", "latency_p50_ratio": "latency_p50_ratio"}.get(gate["gate"])
+        if key and key in offline:
+            low, high = gate["interval"][0], gate["interval"][1]
+            inside = low <= offline[key] <= (high if high is not None else float("inf"))
+            rows.append([gate["gate"], _interval(gate), f"{offline[key]:.4g}", "yes" if inside else "**no**"])
+    lines += [markdown_table(["figure (last judged step)", "served interval", "offline", "inside"], rows), ""]
+    requests = results["requests"]
+    lines += [
+        "## Traffic",
+        "",
+        f"Requests by status (both replicas): {requests['by_status']}. Feedback: {requests['feedback']}. "
+        f"Locust: {results['locust']['requests']} requests, {results['locust']['failures']} failures.",
+        "",
+    ]
+    if "broken" in results:
+        broken = results["broken"]
+        lines += [
+            f"The broken student was exported {broken['exported_after_s']} s into the run; the controller rolled "
+            f"back {broken['rolled_back_after_export_s']} s after the export (Triton's poll, the gateways' "
+            "manifest switch, then enough wrong answers for the interval to clear the gate).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _interval(gate: dict) -> str:
+    low, high = gate["interval"]
+    return f"[{low:.3g}, {'inf' if high is None else f'{high:.3g}'}]"
