@@ -15,7 +15,7 @@ FLAVOR ?= cpu
 export PYTHONUNBUFFERED := 1
 export NO_MKDOCS_2_WARNING := 1  # Material's notice about its successor, printed on every build
 
-.PHONY: setup test docs demo models bench pruning-seeds fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
+.PHONY: setup test docs demo models rollout bench pruning-seeds fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch/torchvision are installed first
 # and by pip on purpose: pip takes the pinned wheels from this machine's disk (uv/poetry download ~3 GB).
@@ -73,11 +73,18 @@ demo: setup
 	@started=$$(date +%s); \
 	if [ -z "$(ONCE)" ] && ! $(PY) -m training plan --recipe $(RECIPE) --out $(RUN_DIR) --exit-code >/dev/null; then \
 	  set -e; $(TRAIN) $(DEMO_CORE); $(EXPORT); \
-	  $(PY) -m loadtest demo --repo $(REPO) --then '$(MAKE) --no-print-directory models' \
+	  $(PY) -m loadtest demo --repo $(REPO) --then '$(MAKE) --no-print-directory models' --rollout \
 	    --started-at $$started --record benchmarks/$(RECIPE)/demo_timing.json; \
 	else \
-	  set -e; $(MAKE) --no-print-directory models; $(PY) -m loadtest demo --repo $(REPO) $(if $(ONCE),--once); \
+	  set -e; $(MAKE) --no-print-directory models; $(PY) -m loadtest demo --repo $(REPO) --rollout $(if $(ONCE),--once); \
 	fi
+
+# A student rollout on its own stack (two gateway replicas, Locust with feedback): benchmarks/rollout/.
+# BROKEN=1: a broken student is exported mid-rollout and must be rolled back to the teacher.
+rollout: setup
+	$(MODELS_READY)
+	$(PY) -m loadtest statistics --out benchmarks/rollout
+	$(PY) -m loadtest rollout --repo $(REPO) --out benchmarks/rollout $(if $(BROKEN),--break-student)
 
 # Everything the recipe trains (what is trained already is reused), exported into the repository; the
 # run's results and export report copied to benchmarks/$(RECIPE)/, where the docs read them.

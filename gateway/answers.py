@@ -158,13 +158,21 @@ class AnswerStore:
 
     def write(self, batch: list[tuple[str, Answer | ShadowAnswer]]) -> None:
         for request_id, answer in batch:
-            shadow = isinstance(answer, ShadowAnswer)
-            bucket = self._bucket_dir(answer.primary_at if shadow else answer.at)
-            bucket.mkdir(parents=True, exist_ok=True)
-            path = bucket / (_key(request_id) + (SHADOW_SUFFIX if shadow else RECORD_SUFFIX))
-            _write_whole(path, json.dumps({"top1": answer.top1}) if shadow else answer.to_json())
-            if shadow:
-                self._pair_if_labelled(bucket / (_key(request_id) + RECORD_SUFFIX), answer.top1)
+            try:
+                self._write_one(request_id, answer)
+            except OSError:
+                raise  # the volume: the batch's other records will not fare better
+            except Exception:  # one record's pairing must not cost the batch
+                log.exception("keeping the A/B answer of request %s failed", request_id)
+
+    def _write_one(self, request_id: str, answer: Answer | ShadowAnswer) -> None:
+        shadow = isinstance(answer, ShadowAnswer)
+        bucket = self._bucket_dir(answer.primary_at if shadow else answer.at)
+        bucket.mkdir(parents=True, exist_ok=True)
+        path = bucket / (_key(request_id) + (SHADOW_SUFFIX if shadow else RECORD_SUFFIX))
+        _write_whole(path, json.dumps({"top1": answer.top1}) if shadow else answer.to_json())
+        if shadow:
+            self._pair_if_labelled(bucket / (_key(request_id) + RECORD_SUFFIX), answer.top1)
 
     def _pair_if_labelled(self, record: Path, shadow_top1: list[int]) -> None:
         """The shadow came after the feedback: its pair is counted here (written first, then the label
@@ -214,13 +222,19 @@ class AnswerStore:
     @staticmethod
     def claim(found: Found, suffix: str, content: str = "") -> bool:
         """True for the one caller (on any replica) that creates this file beside the record: the label
-        (LABEL_SUFFIX, its content the label) or the pair's count (PAIR_SUFFIX)."""
+        (LABEL_SUFFIX, its content the label) or the pair's count (PAIR_SUFFIX). The file appears with
+        its content (written aside, then hard-linked into place: a link, like O_EXCL, fails when the
+        name exists), so a reader never sees it empty."""
+        target = found.beside(suffix)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".")
         try:
-            fd = os.open(found.beside(suffix), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(content)
+            os.link(tmp, target)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as handle:
-            handle.write(content)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return True
 
     def _bucket_dir(self, at: float) -> Path:

@@ -13,7 +13,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from loadtest.demo import DemoClock, run_demo
 
     ports = TritonPorts(args.http_port, args.grpc_port, args.metrics_port)
-    run_demo(Path(args.repo), args.port, ports, args.once, args.then, DemoClock(args.started_at, args.record))
+    clock = DemoClock(args.started_at, args.record)
+    run_demo(Path(args.repo), args.port, ports, args.once, args.then, clock, Path(args.state), args.rollout)
 
 
 def _cmd_rollout(args: argparse.Namespace) -> None:
@@ -28,6 +29,13 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"rollout ended {results['phase']} (expected {expected}), {results['locust']['failures']} failures"
         )
+
+
+def _cmd_statistics(args: argparse.Namespace) -> None:
+    from loadtest.statistics_study import run_study
+
+    run_study(Path(args.out))
+    print((Path(args.out) / "statistics.md").read_text())
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -149,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--started-at", type=float, help="epoch seconds the demo began (make demo: after set-up)")
     demo.add_argument("--record", type=Path, help="JSON file for the seconds from --started-at to the page serving")
+    demo.add_argument(
+        "--rollout",
+        action="store_true",
+        help="end with a rollout of the student under Locust, with the held-out labels as feedback",
+    )
+    demo.add_argument("--state", default="runs/demo-state", help="the demo's experiment file, answers and rollout")
     demo.set_defaults(func=_cmd_demo)
 
     rollout = commands.add_parser(
@@ -156,11 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollout.add_argument("--repo", default="model_repository")
     rollout.add_argument("--out", default="benchmarks/rollout")
-    rollout.add_argument("--seconds", type=int, default=120, help="Locust's run time")
+    rollout.add_argument(
+        "--seconds", type=int, default=240, help="Locust's run time at most (it stops 10 s after the rollout)"
+    )
     rollout.add_argument("--users", type=int, default=4)
     rollout.add_argument("--break-student", action="store_true", help="export a broken student mid-rollout")
     rollout.add_argument("--bench-results", default="benchmarks/results.json", help="offline latency figures")
     rollout.set_defaults(func=_cmd_rollout)
+
+    statistics = commands.add_parser("statistics", help="the A/B statistics on simulated streams: false alarms, power")
+    statistics.add_argument("--out", default="benchmarks/rollout")
+    statistics.set_defaults(func=_cmd_statistics)
 
     bench = commands.add_parser("bench", help="latency of in-process ORT vs Triton vs gateway, one run")
     bench.add_argument("--repo", default="model_repository")

@@ -69,14 +69,24 @@ def run_demo(
     once: bool,
     then: str | None = None,
     clock: DemoClock | None = None,
+    state: Path = Path("runs/demo-state"),
+    rollout: bool = False,
 ) -> int:
     """Serve `repo` and show it; with `then`, run that command (which exports more models into `repo`)
-    while serving, and show the models it added once the gateway serves them."""
+    while serving, and show the models it added once the gateway serves them; with `rollout`, end with a
+    rollout of the student under Locust (the page draws it as it happens)."""
     clock = clock or DemoClock(None, None)
     triton_log = repo.resolve().parent / "triton.log"
+    experiment_file = state / "experiment.json"
+    experiment_file.unlink(missing_ok=True)  # each demo starts from the settings' split
+    env = {
+        "KDSERVE_EXPERIMENT_FILE": str(experiment_file),
+        "KDSERVE_EXPERIMENT_POLL_S": "0.5",
+        "KDSERVE_ANSWERS_DIR": str(state / "answers"),
+    }
     with (
         EmbeddedTriton(repo, ports, log_file=triton_log, extra_args=POLL_ARGS) as triton,
-        GatewayProcess(repo, triton.http_url, port=gateway_port, ready_path="/readyz") as gateway,
+        GatewayProcess(repo, triton.http_url, port=gateway_port, ready_path="/readyz", env=env) as gateway,
     ):
         url = gateway.url
         print(f"\nWeb page {url}/  (draw a digit or drop a photo: student, teacher and ensemble side by side)")
@@ -100,6 +110,8 @@ def run_demo(
                     show_served(gateway.client, manifest, shown)
                 else:
                     print(f"\nThe new export is not served after {FOLLOW_TIMEOUT_S:.0f} s; see {triton_log}.")
+        if rollout:
+            show_rollout(gateway.url, experiment_file, repo, state)
         if not once:
             print("Serving; Ctrl-C stops.", flush=True)
             stop = threading.Event()
@@ -110,6 +122,27 @@ def run_demo(
 
 
 FOLLOW_TIMEOUT_S = 120.0
+
+
+def show_rollout(url: str, experiment_file: Path, repo: Path, state: Path) -> dict:
+    """A short rollout: the student at 25%, 50%, then 100%, each step on 150 samples and 5 s at least."""
+    from loadtest.rollout import RolloutPlan, drive_rollout, steps_table  # Locust, ONNX: only when asked
+
+    plan = RolloutPlan(seconds=180, users=4, steps=(0.25, 0.5, 1.0), min_samples=150, min_duration_s=5, tail_s=5)
+    print(
+        f"\nRolling the student out under Locust ({plan.users} users, the held-out labels sent back as "
+        f"feedback); watch it on {url}/ (Experiment) or {url}/v1/experiment",
+        flush=True,
+    )
+    results = drive_rollout([url], experiment_file, repo, state / "rollout", state / "rollout", plan)
+    print(steps_table(results))
+    print(
+        f"Rollout {results['phase']}: {results['reason']}. Locust: {results['locust']['requests']} requests, "
+        f"{results['locust']['failures']} failures. The unhealthy case (a broken student exported mid-rollout, "
+        "rolled back to the teacher): make rollout BROKEN=1",
+        flush=True,
+    )
+    return results
 
 
 def wait_until_served(client: httpx.Client, manifest: Manifest) -> bool:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from gateway.experiment import Experiment, read_experiment, write_experiment
@@ -99,7 +100,8 @@ def rollout_experiment(steps: list[float], min_samples: int, min_duration_s: flo
 
 @dataclass(frozen=True)
 class RolloutPlan:
-    seconds: int = 120  # Locust's run time: the rollout must end within it
+    seconds: int = 240  # Locust's run time at most: the rollout must end within it
+    tail_s: float = 10.0  # traffic kept up after the rollout ended (the promoted or rolled-back split)
     users: int = 4
     steps: tuple[float, ...] = (0.1, 0.5, 1.0)
     min_samples: int = 300
@@ -108,12 +110,16 @@ class RolloutPlan:
 
 
 def run_rollout(
-    repo: Path, out: Path, plan: RolloutPlan, break_student: bool = False, bench: Path | None = None
+    repo: Path,
+    out: Path,
+    plan: RolloutPlan,
+    break_student: bool = False,
+    bench: Path | None = None,
+    work: Path = Path("runs/rollout"),
 ) -> dict:
-    """The rollout on a stack of its own: a scratch copy of the repository, Triton polling it, two
-    gateway replicas following one experiment file and sharing one answer store."""
+    """The rollout on a stack of its own in `work` (a scratch copy of the repository, Triton polling it,
+    two gateway replicas following one experiment file and sharing one answer store); results in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "stack"
     shutil.rmtree(work, ignore_errors=True)
     scratch = scratch_repository(repo, work / "repo")
     experiment_file = work / "experiment.json"
@@ -129,7 +135,8 @@ def run_rollout(
         replicas = [GatewayProcess(scratch, triton.http_url, env=env, ready_path="/readyz") for _ in range(2)]
         try:
             breaker = _Breaker(scratch, experiment_file) if break_student else None
-            results = drive_rollout([gw.url for gw in replicas], experiment_file, repo, out, plan, bench, breaker)
+            urls = [gw.url for gw in replicas]
+            results = drive_rollout(urls, experiment_file, repo, out, work, plan, bench, breaker)
         finally:
             for gw in replicas:
                 gw.stop()
@@ -141,13 +148,15 @@ def drive_rollout(
     experiment_file: Path,
     repo: Path,
     out: Path,
+    work: Path,
     plan: RolloutPlan,
     bench: Path | None = None,
     breaker: _Breaker | None = None,
 ) -> dict:
     """Starts a rollout in `experiment_file` (which the `gateways` follow), runs the controller on their
-    summed /metrics and Locust against the first gateway (feedback to the last) for `plan.seconds`, and
-    writes what happened. The demo calls this with its own gateway."""
+    summed /metrics and Locust against the first gateway (feedback to the last) until the rollout ended
+    (at most `plan.seconds`), and writes what happened into `out` (Locust's own files into `work`). The
+    demo calls this with its own gateway."""
     name = "rollout-broken" if breaker else "rollout"
     events_file = out / f"{name}-events.jsonl"
     events_file.unlink(missing_ok=True)
@@ -159,18 +168,26 @@ def drive_rollout(
     ticking = threading.Thread(target=controller.run, args=(TICK_S, stop.is_set), daemon=True)
     ticking.start()
     if breaker is not None:
-        breaker.start()
+        breaker.start(gateways)
     started = time.time()
+    ended: list[float] = []
+
+    def finished() -> bool:
+        if not ended and read_experiment(experiment_file).state.phase in ("promoted", "rolled_back"):
+            ended.append(time.monotonic())
+        return bool(ended) and time.monotonic() - ended[0] >= plan.tail_s
+
     try:
         load = run_load(
             gateways[0],
             "ab_feedback",
             plan.users,
             f"{plan.seconds}s",
-            out / f"{name}-locust",
+            work / f"{name}-locust",
             None,
             max_fail_ratio=1.0,  # the run is measured whole: a failure is a finding, not a reason to stop
             feedback_url=gateways[-1],
+            stop_when=finished,
         )
     finally:
         stop.set()
@@ -181,14 +198,14 @@ def drive_rollout(
         "cpu": cpu_description(),
         "case": "broken student" if breaker else "healthy student",
         "replicas": len(gateways),
-        "seconds": plan.seconds,
+        "seconds": load["wall_seconds"],
         "users": plan.users,
         "experiment": final.model_dump(mode="json", exclude={"state"}),
         "phase": final.state.phase,
         "reason": final.state.reason,
         "events": [e.model_dump(mode="json") for e in final.state.history],
         "requests": _requests(texts),
-        "locust": {"exit_code": load["locust_exit_code"], **_locust_totals(out / f"{name}-locust")},
+        "locust": {"exit_code": load["locust_exit_code"], **_locust_totals(work / f"{name}-locust")},
         "offline": offline_figures(repo, bench),
         "arms_whole_run": arm_statistics(final, scraped_counts(texts)),
     }
@@ -200,32 +217,61 @@ def drive_rollout(
 
 
 class _Breaker:
-    """Exports the broken student once the rollout's first step is running (in its own thread)."""
+    """Exports the broken student once the rollout's first step has run a few seconds, then times what
+    follows from the gateways' side (in its own thread): when every replica serves the broken version
+    (their manifest switch), and when every replica routes to the control again after the rollback."""
 
     def __init__(self, repo: Path, experiment_file: Path) -> None:
         self.repo, self.experiment_file = repo, experiment_file
-        self.exported_at: float | None = None
+        self.times: dict[str, float] = {}
 
-    def start(self) -> None:
-        threading.Thread(target=self._run, daemon=True).start()
+    def start(self, gateways: list[str]) -> None:
+        threading.Thread(target=self._run, args=(gateways,), daemon=True).start()
 
-    def _run(self) -> None:
+    def _run(self, gateways: list[str]) -> None:
         deadline = time.time() + 120
         while time.time() < deadline:
             state = read_experiment(self.experiment_file).state
             if state.phase == "running" and state.step_started_at and time.time() - state.step_started_at > 3:
                 export_broken_student(self.repo)
-                self.exported_at = time.time()
-                return
+                self.times["exported"] = time.time()
+                break
             time.sleep(0.2)
+        self._until(
+            gateways,
+            lambda url: (
+                metric_value(fetch_metrics(f"{url}/metrics"), "kdserve_manifest_reloads_total", {"outcome": "switched"})
+                >= 1
+            ),
+            "served",
+            deadline,
+        )
+        self._until(
+            gateways,
+            lambda url: httpx.get(f"{url}/v1/experiment").json()["experiment"]["weights"][STUDENT] == 0,
+            "replicas_on_control",
+            deadline,
+        )
+
+    def _until(self, gateways: list[str], holds, name: str, deadline: float) -> None:
+        while time.time() < deadline:
+            if all(holds(url) for url in gateways):
+                self.times[name] = time.time()
+                return
+            time.sleep(0.05)
 
     def timeline(self, started: float, final: Experiment) -> dict:
-        rolled = next((e for e in final.state.history if e.event == "rolled_back"), None)
+        rolled = next((e.at for e in final.state.history if e.event == "rolled_back"), None)
+        t = self.times | ({"rolled_back": rolled} if rolled else {})
+
+        def between(a: str, b: str) -> float | None:
+            return round(t[b] - t[a], 2) if a in t and b in t else None
+
         return {
-            "exported_after_s": round(self.exported_at - started, 2) if self.exported_at else None,
-            "rolled_back_after_export_s": round(rolled.at - self.exported_at, 2)
-            if rolled and self.exported_at
-            else None,
+            "exported_after_start_s": round(t["exported"] - started, 2) if "exported" in t else None,
+            "served_after_export_s": between("exported", "served"),
+            "rolled_back_after_served_s": between("served", "rolled_back"),
+            "replicas_on_control_after_rollback_s": between("rolled_back", "replicas_on_control"),
         }
 
 
@@ -279,7 +325,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Rollout of the student: {results['case']}",
         "",
-        f"CPU: {results['cpu']}. {results['users']} Locust users for {results['seconds']} s against "
+        f"CPU: {results['cpu']}. {results['users']} Locust users for {results['seconds']:.0f} s against "
         + (
             "one of two gateway replicas, the true labels sent as feedback to the other; the controller read both "
             "replicas' /metrics"
@@ -291,24 +337,11 @@ def markdown(results: dict) -> str:
         "## Steps",
         "",
     ]
-    rows = []
-    for event in results["events"]:
-        gates = (
-            "; ".join(f"{g['gate']} {g['status']} ({_interval(g)}, n={g['samples']})" for g in event["verdicts"]) or "-"
-        )
-        rows.append([event["event"], event["step"], f"{event['weight']:.0%}", gates])
-    lines += [markdown_table(["event", "step", "student weight", "gates at the decision"], rows), ""]
+    lines += [steps_table(results), ""]
     offline = results["offline"]
-    lines += ["## Served figures beside the offline ones", ""]
-    last = next((e for e in reversed(results["events"]) if e["verdicts"]), None)
-    rows = []
-    for gate in last["verdicts"] if last else []:
-        key = {"top1_difference": "top1_difference", "latency_p50_ratio": "latency_p50_ratio"}.get(gate["gate"])
-        if key and key in offline:
-            low, high = gate["interval"][0], gate["interval"][1]
-            inside = low <= offline[key] <= (high if high is not None else float("inf"))
-            rows.append([gate["gate"], _interval(gate), f"{offline[key]:.4g}", "yes" if inside else "**no**"])
-    lines += [markdown_table(["figure (last judged step)", "served interval", "offline", "inside"], rows), ""]
+    if "broken" not in results:  # the broken student's figures are not the offline model's
+        lines += served_beside_offline(results["events"], offline)
+
     requests = results["requests"]
     lines += [
         "## Traffic",
@@ -318,14 +351,42 @@ def markdown(results: dict) -> str:
         "",
     ]
     if "broken" in results:
-        broken = results["broken"]
+        b = results["broken"]
         lines += [
-            f"The broken student was exported {broken['exported_after_s']} s into the run; the controller rolled "
-            f"back {broken['rolled_back_after_export_s']} s after the export (Triton's poll, the gateways' "
-            "manifest switch, then enough wrong answers for the interval to clear the gate).",
+            f"The broken student was exported {b['exported_after_start_s']} s into the run; every replica served it "
+            f"{b['served_after_export_s']} s later (Triton's repository poll, then the gateways' manifest switch); "
+            f"the controller rolled back {b['rolled_back_after_served_s']} s after that (ticking every {TICK_S:g} s, "
+            "once the wrong answers had pushed a gate's interval past its threshold), and every replica routed "
+            f"to the teacher {b['replicas_on_control_after_rollback_s']} s after the rollback (their experiment "
+            f"poll, every {POLL_S:g} s).",
             "",
         ]
     return "\n".join(lines)
+
+
+def served_beside_offline(events: list[dict], offline: dict) -> list[str]:
+    lines = ["## Served figures beside the offline ones", ""]
+    last = next((e for e in reversed(events) if e["verdicts"]), None)
+    rows = []
+    for gate in last["verdicts"] if last else []:
+        if gate["gate"] in offline:  # the gates named as the offline figures: top1_difference, latency_p50_ratio
+            low, high = gate["interval"][0], gate["interval"][1]
+            figure = offline[gate["gate"]]
+            inside = low <= figure <= (high if high is not None else float("inf"))
+            rows.append([gate["gate"], _interval(gate), f"{figure:.4g}", "yes" if inside else "**no**"])
+    lines += [
+        markdown_table(["figure (last judged step)", "served interval", "offline", "inside"], rows, "l r r l"),
+        "",
+    ]
+    return lines
+
+
+def steps_table(results: dict) -> str:
+    rows = []
+    for event in results["events"]:
+        gates = "; ".join(f"{g['gate']} {g['status']} ({_interval(g)}, n={g['samples']})" for g in event["verdicts"])
+        rows.append([event["event"], event["step"], f"{event['weight']:.0%}", gates or "-"])
+    return markdown_table(["event", "step", "student weight", "gates at the decision"], rows, "l r r l")
 
 
 def _interval(gate: dict) -> str:

@@ -13,6 +13,7 @@ import os
 import resource
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -104,6 +105,7 @@ def run_load(
     max_fail_ratio: float = 0.01,
     triton_http: str | None = None,
     feedback_url: str | None = None,
+    stop_when: Callable[[], bool] | None = None,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     models = _get_json(f"{host}/v1/models")
@@ -151,12 +153,7 @@ def run_load(
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with (out / "locust.log").open("w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            exit_code = proc.wait(timeout=seconds + LOCUST_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise UserError(f"Locust ran {LOCUST_GRACE_S} s past its {seconds} s; see {out / 'locust.log'}") from None
+        exit_code = _wait_for_locust(proc, seconds, stop_when, out)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     generator_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -185,6 +182,25 @@ def run_load(
         )
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _wait_for_locust(proc: subprocess.Popen, seconds: int, stop_when: Callable[[], bool] | None, out: Path) -> int:
+    """Locust's exit code once it ends by itself, or once `stop_when()` holds (SIGTERM: Locust stops its
+    users and writes its CSVs as at the end of its run time)."""
+    deadline = time.monotonic() + seconds + LOCUST_GRACE_S
+    stopping = False
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise UserError(f"Locust ran {LOCUST_GRACE_S} s past its {seconds} s; see {out / 'locust.log'}")
+        if not stopping and stop_when is not None and stop_when():
+            proc.terminate()
+            stopping = True
 
 
 def _get_json(url: str) -> dict:

@@ -96,3 +96,23 @@ def test_a_shadow_answering_before_or_after_the_feedback_is_paired_exactly_once(
     assert metrics.feedback_pairs.labels("student", "teacher", "false", "true")._value.get() == 1
     store.write([("late", ShadowAnswer([8], now))])  # written again: still one pair
     assert pairs_counted(metrics) == 2
+
+
+def test_a_claimed_label_is_never_seen_empty_and_one_bad_record_costs_no_other(tmp_path):
+    store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
+    now = time.time()
+    store.write([("r", Answer(arm="student", model="student_kd", version=1, top1=[3], at=now, shadow_arm="teacher"))])
+    found = store.find("r")
+    assert AnswerStore.claim(found, LABEL_SUFFIX, "3") and found.label() == "3"
+    assert not AnswerStore.claim(found, LABEL_SUFFIX, "5") and found.label() == "3"
+    assert sorted(p.name for p in found.path.parent.iterdir()) == sorted(
+        [found.path.name, found.path.stem + LABEL_SUFFIX]
+    )
+
+    def broken_pairing(*_):
+        raise KeyError("a label the pairing cannot read")
+
+    store.on_late_pair = broken_pairing
+    other = Answer(arm="teacher", model="teacher", version=1, top1=[1], at=now)
+    store.write([("r", ShadowAnswer([3], now)), ("next", other)])
+    assert store.find("next") is not None, "the record after a failing one was lost"

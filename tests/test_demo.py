@@ -41,8 +41,8 @@ def test_the_demo_serves_its_core_then_shows_what_the_rest_of_the_recipe_exports
     proc = subprocess.run(
         [sys.executable, "-m", "loadtest", "demo", "--repo", str(repo), "--once", "--then", rest,
          "--port", ports[0], "--http-port", ports[1], "--grpc-port", ports[2], "--metrics-port", ports[3],
-         "--started-at", str(started), "--record", str(timing)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+         "--started-at", str(started), "--record", str(timing), "--rollout", "--state", str(tmp_path / "state")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The clock: the page served before everything was, both within this test's own time, on a named CPU.
@@ -60,6 +60,11 @@ def test_the_demo_serves_its_core_then_shows_what_the_rest_of_the_recipe_exports
     assert {"ensemble", "student_pruned"} <= set(rest_rows) and "student" not in rest_rows, out
     # Every served model answered the held-out digits far above chance.
     assert all(top1 > 0.85 for top1 in [*core_rows.values(), *rest_rows.values()]), out
+    # Then the rollout under Locust: each step shown, the student at 100%, no request failed.
+    rollout = json.loads((tmp_path / "state" / "rollout" / "rollout.json").read_text())
+    assert [e["event"] for e in rollout["events"]] == ["started", "advanced", "promoted"], rollout["events"]
+    assert rollout["phase"] == "promoted" and rollout["locust"]["failures"] == 0, rollout
+    assert "Rollout promoted" in out and "make rollout BROKEN=1" in out
 
 
 def served_tables(out: str) -> list[dict[str, float]]:

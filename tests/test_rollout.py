@@ -179,11 +179,12 @@ def wait_for(condition, timeout_s: float, what: str = "") -> float:
     return time.monotonic() - start
 
 
-def controller(stack: Stack, tmp_path: Path, prometheus: str | None = None) -> subprocess.Popen:
-    """The controller reading the replicas' /metrics, or Prometheus when given (as when deployed)."""
+def controller(stack: Stack, tmp_path: Path, prometheus: str | None = None, port: int = 0) -> subprocess.Popen:
+    """The controller reading the replicas' /metrics, or Prometheus when given (as when deployed); its own
+    /metrics on `port` when given."""
     args = [sys.executable, "-m", "gateway", "rollout", "--experiment-file", str(stack.experiment_file)]
     if prometheus:
-        args += ["--prometheus", prometheus]
+        args += ["--prometheus", prometheus, "--port", str(port)]
     for url in [] if prometheus else stack.metrics_urls():
         args += ["--metrics-url", url]
     args += ["--interval", str(TICK_S), "--until-done", "--events", str(tmp_path / "events.jsonl")]
