@@ -28,12 +28,13 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.files import create_once, write_whole
 
 log = logging.getLogger("kdserve.gateway")
 
@@ -170,7 +171,7 @@ class AnswerStore:
         bucket = self._bucket_dir(answer.primary_at if shadow else answer.at)
         bucket.mkdir(parents=True, exist_ok=True)
         path = bucket / (_key(request_id) + (SHADOW_SUFFIX if shadow else RECORD_SUFFIX))
-        _write_whole(path, json.dumps({"top1": answer.top1}) if shadow else answer.to_json())
+        write_whole(path, json.dumps({"top1": answer.top1}) if shadow else answer.to_json())
         if shadow:
             self._pair_if_labelled(bucket / (_key(request_id) + RECORD_SUFFIX), answer.top1)
 
@@ -225,17 +226,7 @@ class AnswerStore:
         (LABEL_SUFFIX, its content the label) or the pair's count (PAIR_SUFFIX). The file appears with
         its content (written aside, then hard-linked into place: a link, like O_EXCL, fails when the
         name exists), so a reader never sees it empty."""
-        target = found.beside(suffix)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(content)
-            os.link(tmp, target)
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return True
+        return create_once(found.beside(suffix), content)
 
     def _bucket_dir(self, at: float) -> Path:
         return self.directory / str(int(at // self.bucket_s * self.bucket_s))
@@ -247,17 +238,6 @@ class AnswerStore:
                 if entry.is_dir() and entry.name.isdigit():
                     found.append((int(entry.name), Path(entry.path)))
         return sorted(found)
-
-
-def _write_whole(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _key(request_id: str) -> str:

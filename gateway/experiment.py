@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.ab import ABRouter
 from gateway.errors import GatewayError
+from gateway.files import write_whole
 from gateway.manifest_follow import file_stamp
 from gateway.settings import GatewaySettings
 from kdcontract.manifest import Manifest
@@ -241,18 +240,7 @@ def read_experiment(path: Path) -> Experiment:
 def write_experiment(path: Path, experiment: Experiment) -> None:
     """Written whole or not at all: a replica reading mid-write sees the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(experiment.model_dump(mode="json"), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_whole(path, json.dumps(experiment.model_dump(mode="json"), indent=2) + "\n", durable=True)
 
 
 class ExperimentFollower:

@@ -15,7 +15,10 @@ when its results are there), the requests, failures and 5xx of the whole run, an
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -24,11 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from gateway.experiment import Experiment, read_experiment, write_experiment
-from gateway.figures import fetch_metrics, scraped_counts
-from gateway.gates import arm_statistics
 from gateway.process import GatewayProcess, free_port
-from gateway.rollout import RolloutController
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from kdcontract.manifest import read_manifest, write_manifest
 from kdcontract.names import STUDENT, STUDENT_KD, TEACHER
@@ -85,17 +84,43 @@ def export_broken_student(repo: Path) -> int:
     return version
 
 
-def rollout_experiment(steps: list[float], min_samples: int, min_duration_s: float, shadow: float) -> Experiment:
-    return Experiment.model_validate(
-        {
-            "control": TEACHER,
-            "candidate": STUDENT,
-            "weights": {STUDENT: 0.0, TEACHER: 1.0},
-            "shadow_fraction": shadow,
-            "gates": GATES,
-            "rollout": {"enabled": True, "steps": steps, "min_samples": min_samples, "min_duration_s": min_duration_s},
-        }
-    )
+def rollout_experiment(steps: list[float], min_samples: int, min_duration_s: float, shadow: float) -> dict:
+    """The experiment file's JSON (the gateways validate it: a bad one is refused and logged)."""
+    return {
+        "control": TEACHER,
+        "candidate": STUDENT,
+        "weights": {STUDENT: 0.0, TEACHER: 1.0},
+        "shadow_fraction": shadow,
+        "gates": GATES,
+        "rollout": {"enabled": True, "steps": steps, "min_samples": min_samples, "min_duration_s": min_duration_s},
+    }
+
+
+def read_file(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def rollout_state(path: Path) -> dict:
+    """The controller's part of the experiment file (none until its first tick)."""
+    return read_file(path).get("state", {"phase": "off", "step_started_at": None})
+
+
+def start_experiment_file(path: Path, experiment: dict) -> None:
+    """Written aside and renamed into place: a replica polling it reads the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(f".{path.name}.new")
+    aside.write_text(json.dumps(experiment, indent=2) + "\n")
+    os.replace(aside, path)
+
+
+def start_controller(experiment_file: Path, gateways: list[str], events_file: Path, log: Path) -> subprocess.Popen:
+    """`python -m gateway rollout` reading every replica's /metrics (as alone, without Prometheus)."""
+    command = [sys.executable, "-m", "gateway", "rollout", "--experiment-file", str(experiment_file)]
+    for url in gateways:
+        command += ["--metrics-url", f"{url}/metrics"]
+    command += ["--interval", str(TICK_S), "--events", str(events_file)]
+    with log.open("w") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
 
 
 @dataclass(frozen=True)
@@ -160,20 +185,18 @@ def drive_rollout(
     name = "rollout-broken" if breaker else "rollout"
     events_file = out / f"{name}-events.jsonl"
     events_file.unlink(missing_ok=True)
-    experiment = rollout_experiment(list(plan.steps), plan.min_samples, plan.min_duration_s, plan.shadow)
-    write_experiment(experiment_file, experiment)
-    urls = [f"{url}/metrics" for url in gateways]
-    controller = RolloutController(experiment_file, lambda: scraped_counts(fetch_metrics(u) for u in urls), events_file)
-    stop = threading.Event()
-    ticking = threading.Thread(target=controller.run, args=(TICK_S, stop.is_set), daemon=True)
-    ticking.start()
+    start_experiment_file(
+        experiment_file, rollout_experiment(list(plan.steps), plan.min_samples, plan.min_duration_s, plan.shadow)
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    controller = start_controller(experiment_file, gateways, events_file, work / f"{name}-controller.log")
     if breaker is not None:
         breaker.start(gateways)
     started = time.time()
     ended: list[float] = []
 
     def finished() -> bool:
-        if not ended and read_experiment(experiment_file).state.phase in ("promoted", "rolled_back"):
+        if not ended and rollout_state(experiment_file)["phase"] in ("promoted", "rolled_back"):
             ended.append(time.monotonic())
         return bool(ended) and time.monotonic() - ended[0] >= plan.tail_s
 
@@ -190,27 +213,27 @@ def drive_rollout(
             stop_when=finished,
         )
     finally:
-        stop.set()
-        ticking.join(timeout=30)
-    texts = [fetch_metrics(u) for u in urls]
-    final = read_experiment(experiment_file)
+        controller.terminate()
+        controller.wait(timeout=30)
+    texts = [httpx.get(f"{url}/metrics", timeout=10).text for url in gateways]
+    final = read_file(experiment_file)
+    state = final.pop("state")
     results = {
         "cpu": cpu_description(),
         "case": "broken student" if breaker else "healthy student",
         "replicas": len(gateways),
         "seconds": load["wall_seconds"],
         "users": plan.users,
-        "experiment": final.model_dump(mode="json", exclude={"state"}),
-        "phase": final.state.phase,
-        "reason": final.state.reason,
-        "events": [e.model_dump(mode="json") for e in final.state.history],
+        "experiment": final,
+        "phase": state["phase"],
+        "reason": state["reason"],
+        "events": state["history"],
         "requests": _requests(texts),
         "locust": {"exit_code": load["locust_exit_code"], **_locust_totals(work / f"{name}-locust")},
         "offline": offline_figures(repo, bench),
-        "arms_whole_run": arm_statistics(final, scraped_counts(texts)),
     }
     if breaker is not None:
-        results["broken"] = breaker.timeline(started, final)
+        results["broken"] = breaker.timeline(started, state["history"])
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(results))
     return results
@@ -231,8 +254,8 @@ class _Breaker:
     def _run(self, gateways: list[str]) -> None:
         deadline = time.time() + 120
         while time.time() < deadline:
-            state = read_experiment(self.experiment_file).state
-            if state.phase == "running" and state.step_started_at and time.time() - state.step_started_at > 3:
+            state = rollout_state(self.experiment_file)
+            if state["phase"] == "running" and time.time() - (state["step_started_at"] or time.time()) > 3:
                 export_broken_student(self.repo)
                 self.times["exported"] = time.time()
                 break
@@ -240,7 +263,9 @@ class _Breaker:
         self._until(
             gateways,
             lambda url: (
-                metric_value(fetch_metrics(f"{url}/metrics"), "kdserve_manifest_reloads_total", {"outcome": "switched"})
+                metric_value(
+                    httpx.get(f"{url}/metrics").text, "kdserve_manifest_reloads_total", {"outcome": "switched"}
+                )
                 >= 1
             ),
             "served",
@@ -260,8 +285,8 @@ class _Breaker:
                 return
             time.sleep(0.05)
 
-    def timeline(self, started: float, final: Experiment) -> dict:
-        rolled = next((e.at for e in final.state.history if e.event == "rolled_back"), None)
+    def timeline(self, started: float, history: list[dict]) -> dict:
+        rolled = next((e["at"] for e in history if e["event"] == "rolled_back"), None)
         t = self.times | ({"rolled_back": rolled} if rolled else {})
 
         def between(a: str, b: str) -> float | None:

@@ -1,0 +1,51 @@
+"""Files other processes read while they are written: each appears whole, or not at all.
+
+Several gateway replicas and the rollout controller share the experiment file and the answer store
+(a shared volume); a reader must never see half a file, and a claim must be made by exactly one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _aside(path: Path, text: str, durable: bool) -> str:
+    """`text` in a temporary file beside `path` (same file system, so it can be renamed or linked there)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_whole(path: Path, text: str, durable: bool = False) -> None:
+    """Replace `path` with `text` at once (rename); `durable`: on disk before it is renamed into place."""
+    tmp = _aside(path, text, durable)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def create_once(path: Path, text: str) -> bool:
+    """Create `path` holding `text`, unless it exists: True for the one caller, on any replica, that
+    created it. Hard-linked into place (a link, like O_EXCL, fails when the name exists), so the file
+    never appears empty to a reader."""
+    tmp = _aside(path, text, durable=False)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return True
