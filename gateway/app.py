@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.ab import ABStats
 from gateway.admission import AdmissionControl
 from gateway.answers import AnswerStore
+from gateway.capture import Capture, LocalSink
 from gateway.errors import GatewayError, error_kinds, install_error_handlers
 from gateway.experiment import start_experiment
 from gateway.feedback import FeedbackJoin
@@ -89,6 +90,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             app.state.feedback = FeedbackJoin(app.state.answers, app.state.classifier.class_names, metrics)
             answers_task = asyncio.create_task(app.state.answers.run())
+        app.state.capture, capture_task = None, None
+        if settings.capture_fraction > 0:
+            app.state.capture = Capture(
+                LocalSink(settings.capture_dir, settings.capture_retention_s, settings.capture_max_bytes),
+                settings.capture_fraction,
+                app.state.classifier.class_names,
+                metrics,
+                settings.capture_queue,
+                settings.capture_segment_images,
+                settings.capture_segment_s,
+                settings.capture_originals,
+            )
+            capture_task = asyncio.create_task(app.state.capture.run())
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         # Everything allocated so far (FastAPI, pydantic, numpy, the manifest) lives as long as the process:
         # frozen out of the collector, a full collection no longer walks it (measured: a ~65 ms stall
@@ -100,9 +114,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             if app.state.answers is not None:
                 await app.state.answers.flush()  # answers already given stay joinable after a restart
-            for task in (follower, experiment_task, answers_task):
+            for task in (follower, experiment_task, answers_task, capture_task):
                 if task is not None:
                     task.cancel()
+            if app.state.capture is not None:
+                await app.state.capture.flush()  # the open segment, written whole before the process ends
             app.state.decode_pool.shutdown(wait=True)
             await triton.close()
             if server is not None:

@@ -11,12 +11,12 @@ import tempfile
 from pathlib import Path
 
 
-def _aside(path: Path, text: str, durable: bool) -> str:
-    """`text` in a temporary file beside `path` (same file system, so it can be renamed or linked there)."""
+def _aside(path: Path, content: str | bytes, durable: bool) -> str:
+    """`content` in a temporary file beside `path` (same file system, so it can be renamed or linked there)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as handle:
+            handle.write(content)
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -27,9 +27,9 @@ def _aside(path: Path, text: str, durable: bool) -> str:
     return tmp
 
 
-def write_whole(path: Path, text: str, durable: bool = False) -> None:
-    """Replace `path` with `text` at once (rename); `durable`: on disk before it is renamed into place."""
-    tmp = _aside(path, text, durable)
+def write_whole(path: Path, content: str | bytes, durable: bool = False) -> None:
+    """Replace `path` with `content` at once (rename); `durable`: on disk before it is renamed into place."""
+    tmp = _aside(path, content, durable)
     try:
         os.replace(tmp, path)
     except BaseException:

@@ -10,7 +10,7 @@ of two top-1 rates) spends `alpha / 2` on each.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.experiment import Experiment
 from gateway.figures import Counts, agreement_counts, arm_counts, paired_counts
@@ -80,14 +80,14 @@ def _held(verdict: Verdict, min_samples: int, long_enough: bool) -> Verdict:
     if verdict.status != "pass":
         return verdict
     if verdict.samples < min_samples:
-        return _with(verdict, "pending", f"{verdict.reason}; {verdict.samples} of {min_samples} samples")
+        return replace(
+            verdict, status="pending", reason=f"{verdict.reason}; {verdict.samples} of {min_samples} samples"
+        )
     if not long_enough:
-        return _with(verdict, "pending", f"{verdict.reason}; the step's minimum duration has not passed")
+        return replace(
+            verdict, status="pending", reason=f"{verdict.reason}; the step's minimum duration has not passed"
+        )
     return verdict
-
-
-def _with(verdict: Verdict, status: Status, reason: str) -> Verdict:
-    return Verdict(verdict.gate, status, verdict.estimate, verdict.interval, verdict.threshold, verdict.samples, reason)
 
 
 def latency_gate(experiment: Experiment, counts: Counts) -> Verdict | None:

@@ -100,6 +100,16 @@ class GatewayMetrics:
             "A/B answers not kept for feedback: the writer's queue was full",
             registry=r,
         )
+        self.capture_images = Counter("kdserve_capture_images_total", "Images written to the capture", registry=r)
+        self.capture_segments = Counter(
+            "kdserve_capture_segments_total", "Capture segment files written, by kind", ["kind"], registry=r
+        )
+        self.capture_dropped = Counter(
+            "kdserve_capture_dropped_total",
+            "Images sampled for the capture but not kept: queue_full (the writer is behind), write_failed",
+            ["reason"],
+            registry=r,
+        )
         self.rollout_phase = Gauge(
             "kdserve_rollout_phase", "The experiment's rollout phase (1 for the current one)", ["phase"], registry=r
         )
@@ -150,6 +160,8 @@ class GatewayMetrics:
             self.errors.labels(kind)
         for outcome in ("accepted", "unknown", "expired", "duplicate", "invalid_label"):
             self.feedback.labels(outcome)
+        for reason in ("queue_full", "write_failed"):
+            self.capture_dropped.labels(reason)
         if cascade:
             for outcome in ("answered", "failed"):
                 self.cascade_escalations.labels(outcome)

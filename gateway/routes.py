@@ -7,8 +7,9 @@ import base64
 import binascii
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -53,6 +54,7 @@ from kdcontract.manifest import Preprocessing
 from kdcontract.names import AUTO
 
 router = APIRouter()
+T = TypeVar("T")
 FEEDBACK_ADAPTER = TypeAdapter(FeedbackItem | list[FeedbackItem])
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 502, 503, 504)}
@@ -117,6 +119,19 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
     return b"".join([chunk async for chunk in _limited(request, limit)])
 
 
+def parse_json_body(validate: Callable[[bytes], T], body: bytes, invalid: type[GatewayError] = BadRequest) -> T:
+    """`validate(body)` in one parse (pydantic reports broken JSON as `json_invalid`): broken JSON is a
+    400, a body that does not validate an `invalid` error naming the first field at fault."""
+    try:
+        return validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise BadRequest(f"body is not valid JSON: {first['msg']}") from exc
+        where = ".".join(map(str, first["loc"])) or "body"
+        raise invalid(f"{where}: {first['msg']}") from exc
+
+
 def parse_top_k(text: str) -> int:
     if not TOP_K.fullmatch(text) or not 1 <= int(text) <= 100:
         raise BadRequest("top_k must be an integer between 1 and 100")
@@ -151,13 +166,7 @@ async def parse_classify_request(request: Request, model: str, top_k: int) -> tu
         files = [await read_body_limited(request, settings.max_body_bytes)]
     elif content_type == "application/json":
         body = await read_body_limited(request, settings.max_body_bytes)
-        try:
-            payload = ClassifyJSON.model_validate_json(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(map(str, first["loc"]))
-            message = f"{where}: {first['msg']}" if where else f"body is not valid JSON: {first['msg']}"
-            raise BadRequest(message) from exc
+        payload = parse_json_body(ClassifyJSON.model_validate_json, body)
         try:
             files = [base64.b64decode(item, validate=True) for item in payload.images]
         except (binascii.Error, ValueError) as exc:
@@ -275,6 +284,8 @@ async def classify(request: Request) -> Response:
         state.metrics.decode_seconds.observe(decode_s)
         outcome = await classify_following(request, classifier, model, images)
     state.metrics.images.labels(target).inc(len(images))
+    if state.capture is not None and state.capture.sample():
+        state.capture.images(request.state.rid, images, files, outcome)
     total_ms = (time.perf_counter() - start) * 1000
     background = None
     if arm is not None:
@@ -322,6 +333,7 @@ async def models(request: Request) -> ModelsResponse:
     ready = await asyncio.gather(*(classifier.triton.model_ready(n, manifest.models[n].version) for n in names))
     return ModelsResponse(
         aliases=classifier.aliases,
+        class_names=classifier.class_names,
         models=[
             ModelInfo(
                 name=n,
@@ -397,14 +409,7 @@ async def put_experiment(request: Request) -> ExperimentResponse:
     require_admin(request)
     state = request.app.state
     body = await read_body_limited(request, 64 * 1024)
-    try:
-        experiment = parse_experiment(body)  # one parse: pydantic reports broken JSON as `json_invalid`
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":
-            raise BadRequest(f"body is not valid JSON: {first['msg']}") from exc
-        where = ".".join(map(str, first["loc"])) or "body"
-        raise ExperimentRefused(f"{where}: {first['msg']}") from exc
+    experiment = parse_json_body(parse_experiment, body, ExperimentRefused)
     check_arms(state.classifier.manifest, experiment)
     path = state.settings.experiment_file
     if path is None:
@@ -458,21 +463,25 @@ async def feedback(request: Request) -> Response:
     if state.feedback is None:
         raise Conflict("no answer store is configured (KDSERVE_ANSWERS_DIR): feedback cannot be joined")
     body = await read_body_limited(request, 1024 * 1024)
-    try:
-        parsed = FEEDBACK_ADAPTER.validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":
-            raise BadRequest(f"body is not valid JSON: {first['msg']}") from exc
-        where = ".".join(map(str, first["loc"]))
-        raise BadRequest(f"{where}: {first['msg']}" if where else first["msg"]) from exc
+    parsed = parse_json_body(FEEDBACK_ADAPTER.validate_json, body)
     if isinstance(parsed, FeedbackItem):
         result = await asyncio.to_thread(state.feedback.accept, parsed)
+        _capture_labels(state.capture, [parsed], [result])
         return Response(result.model_dump_json(), media_type="application/json")
     if not 1 <= len(parsed) <= MAX_ITEMS:
         raise BadRequest(f"{len(parsed)} feedback items; send 1 to {MAX_ITEMS}")
     results = await asyncio.to_thread(_accept_all, state.feedback, parsed)
+    _capture_labels(state.capture, parsed, results)
     return Response(FeedbackBatch(results=results).model_dump_json(), media_type="application/json")
+
+
+def _capture_labels(capture, items: list[FeedbackItem], results: list[FeedbackResult]) -> None:
+    """Accepted labels join the captured images of their requests (in the capture's labels segments)."""
+    if capture is None:
+        return
+    for item, result in zip(items, results, strict=True):
+        if result.status == 200:
+            capture.labels(item.request_id, [item.label] if isinstance(item.label, str) else item.label)
 
 
 def _accept_all(join, items: list[FeedbackItem]) -> list[FeedbackResult]:

@@ -64,6 +64,7 @@ class ModelInfo(BaseModel):
 class ModelsResponse(BaseModel):
     aliases: dict[str, str]
     models: list[ModelInfo]
+    class_names: list[str] = Field(description="the labels the models answer with (and feedback names)")
     split: DataSplit | None = Field(
         None, description="how the models' dataset was split: clients draw held-out images from it"
     )

@@ -84,6 +84,16 @@ class GatewaySettings(BaseSettings):
     answers_max_records: int = Field(1_000_000, ge=100, description="answers kept on disk at most (oldest go first)")
     answers_queue: int = Field(10_000, ge=1, description="answers waiting for the writer; beyond, dropped and counted")
 
+    # Served traffic kept as distillation data (gateway/capture.py): opt-in, images can be personal data.
+    capture_fraction: float = Field(0.0, ge=0, le=1, description="share of classified requests captured (0: off)")
+    capture_dir: Path | None = Field(None, description="directory the capture's segments are written to")
+    capture_originals: bool = Field(False, description="keep each image's original bytes too")
+    capture_segment_images: int = Field(512, ge=1, description="images a segment file holds at most")
+    capture_segment_s: float = Field(30.0, gt=0, description="seconds a segment stays open at most")
+    capture_retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="segments older than this are removed")
+    capture_max_bytes: int = Field(10 * 2**30, ge=2**20, description="the capture's size cap (oldest removed first)")
+    capture_queue: int = Field(10_000, ge=1, description="requests waiting for the writer; beyond, dropped and counted")
+
     @field_validator("ab_weights")
     @classmethod
     def _weights_are_a_distribution(cls, weights: dict[str, float]) -> dict[str, float]:
@@ -108,6 +118,8 @@ class GatewaySettings(BaseSettings):
                 f"admission_max_images ({self.admission_max_images}) must admit one full request "
                 f"of max_images ({self.max_images})"
             )
+        if self.capture_fraction > 0 and self.capture_dir is None:
+            raise ValueError("capture_fraction > 0 needs capture_dir (KDSERVE_CAPTURE_DIR)")
         if any(w <= 0 for w in self.fusion_weights.values()):
             raise ValueError(f"fusion_weights must be positive, got {self.fusion_weights}")
         return self

@@ -150,3 +150,35 @@ def test_check_data_loads_splits_and_reports_them_before_training(tmp_path):
     overrides = ["data.dataset=imagefolder", "data.augment.client_forms=0", f"data.root={tmp_path / 'none'}"]
     missing = run_training("check-data", *override_args(overrides))
     assert missing.returncode == 2 and str(tmp_path / "none") in missing.stderr
+
+
+def test_a_gateway_capture_joins_the_transfer_set_with_its_feedback_labels_and_bad_files_named(tmp_path, capsys):
+    from kdcontract.capture import CapturedImage, encode_images, encode_labels, segment_name
+    from training.data import capture_digest, load_capture
+
+    spec = load_data(DataConfig(dataset="digits")).preprocessing
+    size = spec.image_size
+    classes = [str(d) for d in range(10)]
+    rng = np.random.default_rng(0)
+    rows = [
+        CapturedImage("r1", i, rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "student_kd", 1, 0,
+                      np.full(10, 0.1, np.float32), 1.0)
+        for i in range(3)
+    ]  # fmt: skip
+    (tmp_path / segment_name("images", 1.0, "w", 1)).write_bytes(encode_images(rows, classes))
+    (tmp_path / segment_name("labels", 2.0, "w", 2)).write_bytes(encode_labels([("r1", ["4", "5", "6"], 2.0)]))
+    before = capture_digest(str(tmp_path))
+    (tmp_path / segment_name("images", 3.0, "w", 3)).write_bytes(b"")  # empty
+    (tmp_path / segment_name("images", 4.0, "w", 4)).write_bytes(encode_images(rows, classes)[:100])  # truncated
+    (tmp_path / "README.txt").write_text("not a segment")  # another format
+    assert capture_digest(str(tmp_path)) != before  # a changed capture is a new distillation input
+    images = load_capture(str(tmp_path), spec, classes)
+    assert len(images) == 3 and images.labels.tolist() == [4, 5, 6]
+    assert images.images.dtype == torch.uint8 and tuple(images.images.shape) == (3, size, size, 3)
+    out = capsys.readouterr().out
+    for name in (segment_name("images", 3.0, "w", 3), segment_name("images", 4.0, "w", 4), "README.txt"):
+        assert f"{name} skipped" in out, out
+    with pytest.raises(UserError, match="not the recipe's"):
+        load_capture(str(tmp_path), spec, classes[::-1])
+    with pytest.raises(UserError, match="does not exist"):
+        load_capture(str(tmp_path / "missing"), spec, classes)

@@ -17,6 +17,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from kdcontract.client_forms import ClientForm, render
 from kdcontract.digits import digit_png_bytes
+from loadtest.measure import metric_value
 from loadtest.served_accuracy import held_out as served_held_out
 from loadtest.served_accuracy import served_split
 from tests.conftest import ROOT
@@ -147,3 +148,26 @@ def test_page_draws_the_experiment_latency_per_arm_and_the_gates_intervals(page,
     assert "no rollout" in page.locator("#steps").text_content()
     assert page.locator("#phase").inner_text().startswith("student vs teacher")
     page.locator("#rollout").screenshot(path=str(ARTIFACTS / "experiment.png"))
+
+
+def test_the_right_answer_given_on_the_page_is_joined_once_as_feedback(page, gateway):
+    digits, labels = held_out(gateway)
+    accepted = lambda: metric_value(  # noqa: E731
+        gateway.client.get("/metrics").text, "kdserve_feedback_total", {"outcome": "accepted"}
+    )
+    duplicates = lambda: metric_value(  # noqa: E731
+        gateway.client.get("/metrics").text, "kdserve_feedback_total", {"outcome": "duplicate"}
+    )
+    before, duplicates_before = accepted(), duplicates()
+    draw(page, digits[0])
+    wait_for_answers(page, 1)
+    page.wait_for_selector("#truth:not([hidden])")
+    page.click(f'#truthbuttons button[data-label="{labels[0]}"]')
+    page.wait_for_selector("#truthstatus[data-outcome]")
+    assert page.locator("#truthstatus").get_attribute("data-outcome") == "accepted"
+    assert page.locator("#truthstatus").inner_text().startswith(f"Thanks: {labels[0]}")
+    assert accepted() == before + 1
+    page.click(f'#truthbuttons button[data-label="{labels[0]}"]')  # the same request again: counted once
+    page.wait_for_function("document.getElementById('truthstatus').dataset.outcome === 'duplicate_feedback'")
+    assert "already counted" in page.locator("#truthstatus").inner_text()
+    assert accepted() == before + 1 and duplicates() == duplicates_before + 1

@@ -7,7 +7,9 @@ training image. Normalisation lives inside the model.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from kdcontract.capture import directory_files, read_capture
 from kdcontract.client_forms import encode, random_form, render_image
 from kdcontract.digits import digits_gray, split_indices
 from kdcontract.errors import UserError
@@ -319,6 +322,40 @@ def iterate_batches(
         return
     loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=num_workers, shuffle=False)
     yield from loader
+
+
+def load_capture(directory: str, spec: Preprocessing, class_names: list[str]) -> InMemoryImages:
+    """The images a gateway captured (`kdcontract.capture`), labelled where feedback labelled them and
+    UNLABELLED elsewhere. Files that are not whole segments are skipped, each named in a warning."""
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise UserError(f"distill.capture directory {root} does not exist")
+    captured = read_capture(directory_files(root))
+    for name, why in captured.skipped:
+        print(f"[data] warning: capture file {root / name} skipped: {why}", flush=True)
+    if len(captured.images) == 0:
+        raise UserError(f"distill.capture directory {root} holds no readable capture segment")
+    if captured.class_names != class_names:
+        raise UserError(f"distill.capture classes {captured.class_names} are not the recipe's {class_names}")
+    if captured.images.shape[1:] != (spec.image_size, spec.image_size, 3):
+        raise UserError(
+            f"distill.capture images are {captured.images.shape[1:]}, the recipe prepares "
+            f"{(spec.image_size, spec.image_size, 3)}"
+        )
+    print(
+        f"[data] capture {root}: {len(captured.images)} images, {captured.labelled} with feedback labels, "
+        f"{len(captured.skipped)} files skipped",
+        flush=True,
+    )
+    return InMemoryImages(torch.from_numpy(captured.images.copy()), torch.from_numpy(captured.labels.astype(np.int64)))
+
+
+def capture_digest(directory: str) -> str:
+    """What a capture held (its segment files' names and sizes): a stage distilled from it is reused only
+    while the capture is the same."""
+    root = Path(directory).expanduser()
+    listing = sorted((p.name, p.stat().st_size) for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def load_transfer_folder(folder: str, spec: Preprocessing) -> InMemoryImages:

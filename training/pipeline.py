@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from kdcontract.errors import UserError
 from training.checkpoint import ModelSpec, load_metadata, load_model, save_model
 from training.compression import prune_with_recovery
-from training.data import InMemoryImages, SplitData, load_data, load_transfer_folder
+from training.data import InMemoryImages, SplitData, capture_digest, load_capture, load_data, load_transfer_folder
 from training.evaluate import (
     cascade_answers,
     classification_metrics,
@@ -135,7 +135,7 @@ def _stage_settings(stage: Stage, recipe: Recipe) -> dict:
         "distill": stage.distill.model_dump(mode="json") if stage.distill else None,
         "teacher": _model_settings(recipe.teacher) if stage.distill else None,
         "heads": [stage.heads, stage.head_sample_fraction],
-    }
+    } | ({"capture": capture_digest(recipe.distill.capture)} if stage.distill and recipe.distill.capture else {})
 
 
 # Bumped when a change to training makes models trained by earlier code stale (2: seeded weights;
@@ -189,11 +189,15 @@ def stage_training_set(stage: Stage, data: SplitData) -> tuple[Dataset, int]:
 
 
 def with_transfer_folder(data: SplitData, recipe: Recipe) -> SplitData:
-    """`distill.transfer`'s unlabelled images, added to the data's own (if any)."""
-    if recipe.distill.transfer is None:
-        return data
-    folder = load_transfer_folder(recipe.distill.transfer, data.preprocessing)
-    data.transfer = folder if data.transfer is None else data.transfer.concat(folder)
+    """`distill.transfer`'s unlabelled images and `distill.capture`'s captured ones, added to the data's
+    own transfer images (if any)."""
+    extra = []
+    if recipe.distill.transfer is not None:
+        extra.append(load_transfer_folder(recipe.distill.transfer, data.preprocessing))
+    if recipe.distill.capture is not None:
+        extra.append(load_capture(recipe.distill.capture, data.preprocessing, data.class_names))
+    for images in extra:
+        data.transfer = images if data.transfer is None else data.transfer.concat(images)
     return data
 
 

@@ -163,6 +163,11 @@ class DistillConfig(_Strict):
     temperature_end: float | None = Field(
         None, gt=0, description="anneal the temperature linearly to this by the last step (None: constant)"
     )
+    capture: str | None = Field(
+        None,
+        description="a capture directory the gateway wrote (KDSERVE_CAPTURE_DIR): its images join the transfer "
+        "images, with the labels feedback gave them; files that are not whole segments are skipped and named",
+    )
 
 
 class VariantConfig(_Strict):

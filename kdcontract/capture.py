@@ -1,0 +1,179 @@
+"""Captured traffic: the format the gateway writes and training reads (the contract between the two).
+
+A capture is a directory (or an object-store prefix) of segment files, each written whole or not at
+all by one gateway replica:
+- `images-<ms>-<writer>-<seq>.npz`: one row per classified image, as the models saw it (the prepared
+  `uint8` image), with the request id it came in, its index in that request, the model and version that
+  answered, its top-1 and calibrated probabilities, the time, and optionally the original file's bytes;
+- `labels-<ms>-<writer>-<seq>.jsonl`: feedback labels, one JSON object a line:
+  `{"request_id", "labels": [one class name per image], "at"}`.
+
+NumPy's `.npz` without pickled objects (`allow_pickle=False` reads it): strings as fixed-width unicode,
+original bytes concatenated with offsets. Reading skips, and names, every file that is not a whole
+segment of this format (truncated, empty, another format), so a crash or a stray file never stops a
+training run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("kdcontract.capture")
+
+FORMAT_VERSION = 1
+IMAGES_PREFIX, LABELS_PREFIX = "images-", "labels-"
+IMAGES_SUFFIX, LABELS_SUFFIX = ".npz", ".jsonl"
+UNLABELLED = -1
+
+
+@dataclass
+class CapturedImage:
+    """One image of one classified request, as the gateway captured it."""
+
+    request_id: str
+    index: int  # the image's position in its request
+    image: np.ndarray  # [H, W, C] uint8, as the models saw it
+    model: str
+    version: int
+    top1: int
+    probabilities: np.ndarray  # [C]
+    at: float
+    original: bytes | None = None
+
+
+def segment_name(kind: str, at: float, writer: str, seq: int) -> str:
+    """Sortable by time; unique per writer (one gateway process)."""
+    prefix, suffix = (IMAGES_PREFIX, IMAGES_SUFFIX) if kind == "images" else (LABELS_PREFIX, LABELS_SUFFIX)
+    return f"{prefix}{int(at * 1000):013d}-{writer}-{seq:06d}{suffix}"
+
+
+def encode_images(rows: list[CapturedImage], class_names: list[str]) -> bytes:
+    originals = [row.original or b"" for row in rows]
+    offsets = np.cumsum([0, *map(len, originals)]).astype(np.int64)
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        format_version=np.array(FORMAT_VERSION),
+        class_names=np.array(class_names),
+        images=np.stack([row.image for row in rows]).astype(np.uint8),
+        request_ids=np.array([row.request_id for row in rows]),
+        image_index=np.array([row.index for row in rows], dtype=np.int32),
+        models=np.array([row.model for row in rows]),
+        versions=np.array([row.version for row in rows], dtype=np.int64),
+        top1=np.array([row.top1 for row in rows], dtype=np.int32),
+        probabilities=np.stack([row.probabilities for row in rows]).astype(np.float16),
+        at=np.array([row.at for row in rows], dtype=np.float64),
+        has_original=np.array([row.original is not None for row in rows]),
+        originals=np.frombuffer(b"".join(originals), dtype=np.uint8),
+        original_offsets=offsets,
+    )
+    return buffer.getvalue()
+
+
+def encode_labels(items: Iterable[tuple[str, list[str], float]]) -> bytes:
+    lines = [json.dumps({"request_id": rid, "labels": labels, "at": at}) for rid, labels, at in items]
+    return ("\n".join(lines) + "\n").encode()
+
+
+@dataclass
+class CapturedSet:
+    """Every whole segment of a capture, images with their labels where feedback gave one."""
+
+    images: np.ndarray  # [N, H, W, C] uint8
+    request_ids: np.ndarray  # [N]
+    labels: np.ndarray  # [N] class index, UNLABELLED where no feedback came
+    top1: np.ndarray  # [N] what the serving model answered
+    class_names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+
+    @property
+    def labelled(self) -> int:
+        return int((self.labels != UNLABELLED).sum())
+
+
+def read_capture(files: Iterable[tuple[str, bytes]]) -> CapturedSet:
+    """A capture from its segment files as (name, bytes), in any order; files that are not whole
+    segments are skipped with a warning naming each."""
+    image_parts, label_map, skipped = [], {}, []
+    class_names: list[str] | None = None
+    for name, data in sorted(files):
+        try:
+            if name.endswith(IMAGES_SUFFIX) and Path(name).name.startswith(IMAGES_PREFIX):
+                part = _decode_images(data)
+                if class_names is not None and part["class_names"] != class_names:
+                    raise ValueError(f"classes {part['class_names']} differ from the capture's {class_names}")
+                class_names = part["class_names"]
+                image_parts.append(part)
+            elif name.endswith(LABELS_SUFFIX) and Path(name).name.startswith(LABELS_PREFIX):
+                label_map.update(_decode_labels(data))
+            else:
+                raise ValueError("not a capture segment (images-*.npz or labels-*.jsonl)")
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            log.warning("capture file %s skipped: %s", name, exc)
+            skipped.append((name, str(exc) or type(exc).__name__))
+    if not image_parts:
+        return CapturedSet(
+            np.zeros((0, 0, 0, 0), np.uint8),
+            np.array([]),
+            np.array([], np.int64),
+            np.array([], np.int64),
+            class_names or [],
+            skipped,
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    images = np.concatenate([p["images"] for p in image_parts])
+    request_ids = np.concatenate([p["request_ids"] for p in image_parts])
+    positions = np.concatenate([p["image_index"] for p in image_parts])
+    labels = np.full(len(images), UNLABELLED, dtype=np.int64)
+    for i, (rid, position) in enumerate(zip(request_ids, positions, strict=True)):
+        given = label_map.get(str(rid))
+        if given is not None and position < len(given) and given[position] in index:
+            labels[i] = index[given[position]]
+    top1 = np.concatenate([p["top1"] for p in image_parts]).astype(np.int64)
+    return CapturedSet(images, request_ids, labels, top1, class_names, skipped)
+
+
+def _decode_images(data: bytes) -> dict:
+    if not data:
+        raise ValueError("empty file")
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        if int(npz["format_version"]) != FORMAT_VERSION:
+            raise ValueError(f"format version {int(npz['format_version'])}, this reader reads {FORMAT_VERSION}")
+        part = {key: npz[key] for key in ("images", "request_ids", "image_index", "top1")}
+        part["class_names"] = [str(c) for c in npz["class_names"]]
+    n = len(part["images"])
+    if (
+        part["images"].dtype != np.uint8
+        or part["images"].ndim != 4
+        or any(len(part[k]) != n for k in part if k != "class_names")
+    ):
+        raise ValueError("inconsistent arrays")
+    return part
+
+
+def _decode_labels(data: bytes) -> dict[str, list[str]]:
+    if not data:
+        raise ValueError("empty file")
+    found = {}
+    for line in data.decode().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            found[str(item["request_id"])] = [str(label) for label in item["labels"]]
+    return found
+
+
+def directory_files(directory: Path) -> list[tuple[str, bytes]]:
+    """A local capture's files (hidden ones, being written, left out)."""
+    return [
+        (p.name, p.read_bytes())
+        for p in sorted(Path(directory).iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    ]

@@ -1,0 +1,184 @@
+"""Served traffic captured as distillation data: the segment format and its reader (skipping what is not
+whole, naming it), retention and size cap, and a real gateway capturing every request, joining feedback
+labels, and leaving only whole files when killed."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from gateway.capture import LocalSink
+from gateway.process import GatewayProcess
+from kdcontract.capture import (
+    UNLABELLED,
+    CapturedImage,
+    directory_files,
+    encode_images,
+    encode_labels,
+    read_capture,
+    segment_name,
+)
+from kdcontract.digits import digit_png_bytes, digits_gray
+from kdcontract.imageprep import prepare
+from kdcontract.manifest import read_manifest
+
+CLASSES = [str(d) for d in range(10)]
+
+
+def rows(request_id: str, n: int, seed: int = 0) -> list[CapturedImage]:
+    rng = np.random.default_rng(seed)
+    return [
+        CapturedImage(
+            request_id,
+            i,
+            rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+            "student_kd",
+            1,
+            i % 10,
+            np.full(10, 0.1, np.float32),
+            1000.0 + i,
+            b"png" if i % 2 else None,
+        )
+        for i in range(n)
+    ]
+
+
+def test_segments_round_trip_and_labels_join_by_request_and_position():
+    first, second = rows("req-a", 3, seed=1), rows("req-b", 2, seed=2)
+    files = [
+        (segment_name("images", 1.0, "w1", 1), encode_images(first, CLASSES)),
+        (segment_name("images", 2.0, "w2", 1), encode_images(second, CLASSES)),
+        (segment_name("labels", 3.0, "w2", 2), encode_labels([("req-a", ["7", "1", "2"], 3.0), ("nope", ["3"], 3.0)])),
+    ]
+    captured = read_capture(files)
+    assert captured.skipped == [] and captured.class_names == CLASSES
+    assert len(captured.images) == 5 and captured.images.dtype == np.uint8
+    np.testing.assert_array_equal(captured.images[:3], np.stack([r.image for r in first]))
+    assert captured.labels.tolist() == [7, 1, 2, UNLABELLED, UNLABELLED] and captured.labelled == 3
+    assert captured.request_ids.tolist() == ["req-a"] * 3 + ["req-b"] * 2
+
+
+def test_truncated_empty_and_foreign_files_are_named_and_skipped():
+    whole = encode_images(rows("req-a", 4), CLASSES)
+    files = [
+        (segment_name("images", 1.0, "w", 1), whole),
+        (segment_name("images", 2.0, "w", 2), whole[: len(whole) // 2]),  # a crash mid-write without rename
+        (segment_name("images", 3.0, "w", 3), b""),
+        (segment_name("labels", 4.0, "w", 4), b"{not json\n"),
+        ("notes.txt", b"hello"),
+        (segment_name("images", 5.0, "w", 5), b"PK\x03\x04 not really a zip"),
+    ]
+    captured = read_capture(files)
+    assert len(captured.images) == 4
+    assert sorted(name for name, _ in captured.skipped) == sorted(name for name, _ in files[1:])
+    assert all(reason for _, reason in captured.skipped)
+
+
+def test_the_sink_removes_segments_past_retention_then_the_oldest_over_the_cap(tmp_path):
+    sink = LocalSink(tmp_path, retention_s=100, max_bytes=2**20)
+    now = time.time()
+    for k, age in enumerate((500, 50, 40, 30)):
+        sink.put(f"images-{k}.npz", b"x" * 400_000)
+        os.utime(tmp_path / f"images-{k}.npz", (now - age, now - age))
+    (tmp_path / ".images-9.npz.left-by-a-crash").write_bytes(b"half")
+    os.utime(tmp_path / ".images-9.npz.left-by-a-crash", (now - 3600, now - 3600))
+    (tmp_path / ".images-10.npz.being-written").write_bytes(b"half")
+    assert sink.enforce(now) == 2  # the one past retention, then the oldest while over 1 MiB
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert remaining == [".images-10.npz.being-written", "images-2.npz", "images-3.npz"]
+
+
+@pytest.fixture
+def capturing(tiny_repo, triton, tmp_path):
+    capture = tmp_path / "capture"
+    env = {
+        "KDSERVE_CAPTURE_FRACTION": "1.0",
+        "KDSERVE_CAPTURE_DIR": str(capture),
+        "KDSERVE_CAPTURE_SEGMENT_IMAGES": "16",
+        "KDSERVE_CAPTURE_SEGMENT_S": "0.5",
+        "KDSERVE_ANSWERS_DIR": str(tmp_path / "answers"),
+        "KDSERVE_AB_WEIGHTS": '{"student": 0.5, "teacher": 0.5}',
+    }
+    gateway = GatewayProcess(tiny_repo, triton.http_url, env=env)
+    yield gateway, capture
+    gateway.stop()
+
+
+def test_a_gateway_captures_every_image_as_the_models_saw_it_with_feedback_labels(capturing, tiny_repo):
+    gateway, capture = capturing
+    _, labels = digits_gray()
+    spec = read_manifest(tiny_repo).preprocessing
+    sent = {}
+    for index in range(1600, 1640):
+        png = digit_png_bytes(index)
+        resp = gateway.client.post("/v1/classify?model=auto", content=png, headers={"Content-Type": "image/png"})
+        assert resp.status_code == 200, resp.text
+        sent[resp.headers["x-request-id"]] = (index, png, resp.json()["predictions"][0]["top_k"][0]["label"])
+    time.sleep(0.3)
+    feedback = [{"request_id": rid, "label": str(labels[i])} for rid, (i, _, _) in list(sent.items())[:25]]
+    assert gateway.client.post("/v1/feedback", json=feedback).status_code == 200
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        captured = read_capture(directory_files(capture))
+        if len(captured.images) == len(sent) and captured.labelled == 25:
+            break
+        time.sleep(0.2)
+    assert captured.skipped == [] and len(captured.images) == len(sent) and captured.labelled == 25
+    for rid, image, label, top1 in zip(
+        captured.request_ids, captured.images, captured.labels, captured.top1, strict=True
+    ):
+        index, png, answered = sent[str(rid)]
+        np.testing.assert_array_equal(image, prepare(Image.open(io.BytesIO(png)), spec))
+        assert CLASSES[top1] == answered
+        assert label in (UNLABELLED, labels[index])
+    text = gateway.client.get("/metrics").text
+    assert "kdserve_capture_images_total 40.0" in text
+
+
+def test_a_gateway_killed_mid_capture_leaves_only_whole_segments(tiny_repo, triton, tmp_path):
+    capture = tmp_path / "capture"
+    env = {
+        "KDSERVE_CAPTURE_FRACTION": "1.0",
+        "KDSERVE_CAPTURE_DIR": str(capture),
+        "KDSERVE_CAPTURE_SEGMENT_IMAGES": "4",
+        "KDSERVE_CAPTURE_SEGMENT_S": "0.2",
+    }
+    gateway = GatewayProcess(tiny_repo, triton.http_url, env=env)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(base_url=gateway.url, timeout=10) as client:
+            index = 0
+            while not stop.is_set():
+                files = [
+                    ("images", (f"{k}.png", digit_png_bytes(1500 + (index + k) % 200), "image/png")) for k in range(8)
+                ]
+                try:
+                    client.post("/v1/classify?model=student", files=files)
+                except httpx.HTTPError:
+                    return  # the gateway is gone
+                index += 8
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 20
+    while len(list(capture.glob("images-*.npz"))) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(gateway.proc.pid, signal.SIGKILL)
+    gateway.proc.wait()
+    stop.set()
+    for worker in workers:
+        worker.join()
+    captured = read_capture(directory_files(capture))
+    assert captured.skipped == [], captured.skipped  # every file left is a whole segment
+    assert len(captured.images) >= 5 * 4
+    gateway.stop()
