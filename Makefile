@@ -101,6 +101,7 @@ bench: setup
 	$(MODELS_READY)
 	$(PY) -m training timing-repo --repo runs/timing-224
 	$(PY) -m loadtest bench --repo $(REPO) --run $(RUN_DIR) --timing-repo runs/timing-224 --out benchmarks
+	$(PY) -m loadtest capture-cost --repo $(REPO) --out benchmarks
 
 # Few labels and an unlabelled transfer set, where distillation pays: trains the digits-fewlabels recipe
 # (5 seeds of plain and KD students), exports it into its own repository and serves the confidence

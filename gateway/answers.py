@@ -123,7 +123,7 @@ class AnswerStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.on_late_pair: LatePair | None = None
         # A thread of its own: in the shared default pool, feedback waiting for a just-answered request's
-        # record could hold every thread while that record waits for one (measured: 8 of 8,600 refused).
+        # record could hold every thread while that record waits for one.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="answers")
 
     # -- the request path: never blocks --------------------------------------------------------------

@@ -188,6 +188,8 @@ def apply_experiment(app: FastAPI, experiment: Experiment) -> None:
         state.metrics.ab_weight.labels(arm).set(0)
     for arm, weight in experiment.weights.items():
         state.metrics.ab_weight.labels(arm).set(weight)
+        for correct in ("true", "false"):  # from the first scrape on, so the top-1 panel and rule have a series
+            state.metrics.feedback_top1.labels(arm, correct)
     for phase in Phase.__args__:
         state.metrics.rollout_phase.labels(phase).set(int(phase == experiment.state.phase))
     state.metrics.rollout_step.set(experiment.state.step)

@@ -31,6 +31,13 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
         )
 
 
+def _cmd_capture_cost(args: argparse.Namespace) -> None:
+    from loadtest.capture_cost import capture_cost
+
+    capture_cost(Path(args.repo), Path(args.out), args.requests)
+    print((Path(args.out) / "capture_cost.md").read_text())
+
+
 def _cmd_statistics(args: argparse.Namespace) -> None:
     from loadtest.statistics_study import run_study
 
@@ -177,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--break-student", action="store_true", help="export a broken student mid-rollout")
     rollout.add_argument("--bench-results", default="benchmarks/results.json", help="offline latency figures")
     rollout.set_defaults(func=_cmd_rollout)
+
+    cost = commands.add_parser("capture-cost", help="capture on vs off in one run: p50 at c=1, throughput at 16")
+    cost.add_argument("--repo", default="model_repository")
+    cost.add_argument("--out", default="benchmarks")
+    cost.add_argument("--requests", type=int, default=2000)
+    cost.set_defaults(func=_cmd_capture_cost)
 
     statistics = commands.add_parser("statistics", help="the A/B statistics on simulated streams: false alarms, power")
     statistics.add_argument("--out", default="benchmarks/rollout")

@@ -58,6 +58,8 @@ def observed(tiny_repo, tmp_path_factory):
         # Every request must have had the status it expects before its metrics are worth checking.
         assert all(status == expected for _, _, status, expected in log), {s for _, _, s, _ in log}
         send_feedback(gateway)
+        accepted = 'kdserve_feedback_total{outcome="accepted"}'
+        prometheus.wait_for(lambda: prometheus.query(f"{accepted} > 0"), 30, "the feedback scraped")
         yield triton, gateway, prometheus
     finally:
         for process in (prometheus, gateway, triton):
