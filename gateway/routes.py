@@ -8,7 +8,6 @@ import binascii
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import TypeVar
 
 import numpy as np
@@ -290,13 +289,14 @@ async def classify(request: Request) -> Response:
     background = None
     if arm is not None:
         state.ab_stats.record(arm, total_ms)
-        answer = None
+        shadow_arm = state.ab_router.shadow_arm(arm)
+        answer = None  # kept for feedback when there is an answer store
         if state.answers is not None:
             top1 = outcome.probabilities.argmax(-1).tolist()
-            answer = Answer(arm=arm, model=outcome.model, version=outcome.version, top1=top1, at=time.time())
-        shadow_arm = state.ab_router.shadow_arm(arm)
-        if answer is not None:
-            _remember(request, replace(answer, shadow_arm=shadow_arm))
+            answer = Answer(
+                arm=arm, model=outcome.model, version=outcome.version, top1=top1, at=time.time(), shadow_arm=shadow_arm
+            )
+            _remember(request, answer)
         if shadow_arm is not None:
             background = BackgroundTask(_shadow, classifier, request, shadow_arm, images, outcome.probabilities, answer)
     body = ClassifyResponse(

@@ -15,7 +15,6 @@ when its results are there), the requests, failures and 5xx of the whole run, an
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from gateway.files import write_whole
 from gateway.process import GatewayProcess, free_port
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from kdcontract.manifest import read_manifest, write_manifest
@@ -108,9 +108,7 @@ def rollout_state(path: Path) -> dict:
 def start_experiment_file(path: Path, experiment: dict) -> None:
     """Written aside and renamed into place: a replica polling it reads the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    aside = path.with_name(f".{path.name}.new")
-    aside.write_text(json.dumps(experiment, indent=2) + "\n")
-    os.replace(aside, path)
+    write_whole(path, json.dumps(experiment, indent=2) + "\n")
 
 
 def start_controller(experiment_file: Path, gateways: list[str], events_file: Path, log: Path) -> subprocess.Popen:

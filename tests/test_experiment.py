@@ -147,7 +147,10 @@ def test_a_broken_experiment_file_is_refused_by_every_replica_which_keep_running
     first, second, path = replicas
     running, before = current(first)["experiment"], [refusals(g) for g in (first, second)]
     path.write_text('{"weights": {"student": 2}}')
-    time.sleep(5 * POLL_S)
+    deadline = time.monotonic() + 60 * POLL_S  # a poll each: waited for, not timed (a slower machine polls later)
+    while any(refusals(g) < count + 1 for g, count in zip((first, second), before, strict=True)):
+        assert time.monotonic() < deadline, "a replica did not read the broken file"
+        time.sleep(POLL_S)
     for gateway, count in zip((first, second), before, strict=True):
         assert current(gateway)["experiment"] == running
         assert refusals(gateway) == count + 1
