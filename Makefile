@@ -15,7 +15,7 @@ FLAVOR ?= cpu
 export PYTHONUNBUFFERED := 1
 export NO_MKDOCS_2_WARNING := 1  # Material's notice about its successor, printed on every build
 
-.PHONY: setup test docs demo models rollout bench pruning-seeds fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
+.PHONY: setup test docs demo models rollout loop bench pruning-seeds fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch/torchvision are installed first
 # and by pip on purpose: pip takes the pinned wheels from this machine's disk (uv/poetry download ~3 GB).
@@ -113,6 +113,16 @@ fewlabels: setup
 	mkdir -p benchmarks/fewlabels
 	cp $(FEWLABELS_RUN)/results.md $(FEWLABELS_RUN)/pareto.png benchmarks/fewlabels/
 	$(PY) -m loadtest cascade --repo $(FEWLABELS_RUN)/repo --out benchmarks/fewlabels
+
+# The loop on the few-labels digits: traffic through the gateway is captured, a student is re-distilled from
+# the capture and exported as a new version, and compared with the served one through the gateway
+# (benchmarks/loop/). Reuses `make fewlabels`'s teacher and repository (trained when missing).
+# LOOP_SEEDS="0 1 2 3 4" re-distils a student per seed (the first is served).
+LOOP_SEEDS ?= 0
+loop: setup
+	$(PY) -m training plan --recipe digits-fewlabels --out $(FEWLABELS_RUN) --exit-code >/dev/null && \
+	  test -f $(FEWLABELS_RUN)/repo/manifest.json || $(MAKE) --no-print-directory fewlabels
+	$(PY) -m loadtest loop --run $(FEWLABELS_RUN) --repo $(FEWLABELS_RUN)/repo --out benchmarks/loop --seeds $(LOOP_SEEDS)
 
 # The pruning stage again with other seeds for its recovery training, every other stage reused from the
 # demo's run (copied): does compression hold beyond one draw? benchmarks/$(RECIPE)/pruning_seeds.md.

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.ab import ABStats
 from gateway.admission import AdmissionControl
 from gateway.answers import AnswerStore
-from gateway.capture import Capture, LocalSink
+from gateway.capture import Capture, LocalSink, ObjectStoreSink
 from gateway.errors import GatewayError, error_kinds, install_error_handlers
 from gateway.experiment import start_experiment
 from gateway.feedback import FeedbackJoin
@@ -93,7 +93,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.capture, capture_task = None, None
         if settings.capture_fraction > 0:
             app.state.capture = Capture(
-                LocalSink(settings.capture_dir, settings.capture_retention_s, settings.capture_max_bytes),
+                ObjectStoreSink(settings.capture_url, settings.capture_retention_s, settings.capture_max_bytes)
+                if settings.capture_url
+                else LocalSink(settings.capture_dir, settings.capture_retention_s, settings.capture_max_bytes),
                 settings.capture_fraction,
                 app.state.classifier.class_names,
                 metrics,

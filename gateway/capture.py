@@ -7,7 +7,9 @@ background task gathers rows into segments (`KDSERVE_CAPTURE_SEGMENT_IMAGES` row
 `KDSERVE_CAPTURE_SEGMENT_S` seconds, whichever comes first) and writes each whole or not at all in a
 thread of its own (temporary file, then rename), in the format `kdcontract.capture` defines and training
 reads. Retention (`KDSERVE_CAPTURE_RETENTION_S`) and a size cap (`KDSERVE_CAPTURE_MAX_BYTES`, oldest
-segments first) are enforced on every write.
+segments first) are enforced on every write. The segments go to a directory (`KDSERVE_CAPTURE_DIR`, a
+volume every replica may share) or to S3-compatible object storage (`KDSERVE_CAPTURE_URL`,
+`s3://bucket/prefix`), where one PUT is one whole object.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ import numpy as np
 
 from gateway.files import write_whole
 from gateway.metrics import GatewayMetrics
-from kdcontract.capture import CapturedImage, encode_images, encode_labels, segment_name
+from kdcontract.capture import (
+    CapturedImage,
+    bucket_and_prefix,
+    encode_images,
+    encode_labels,
+    object_store_client,
+    object_store_listing,
+    segment_name,
+)
 
 log = logging.getLogger("kdserve.gateway")
 STALE_TEMPORARY_S = 600.0  # no segment takes this long to write: its temporary file was left by a crash
@@ -50,18 +60,50 @@ class LocalSink:
             if entry.name.startswith(".") and entry.stat().st_mtime < now - STALE_TEMPORARY_S:
                 Path(entry.path).unlink(missing_ok=True)
         segments = sorted(
-            (entry.stat().st_mtime, entry.stat().st_size, Path(entry.path))
+            (entry.stat().st_mtime, entry.stat().st_size, entry.path)
             for entry in entries
             if not entry.name.startswith(".")
         )
-        removed, total = 0, sum(size for _, size, _ in segments)
-        for mtime, size, path in segments:
-            if mtime >= now - self.retention_s and total <= self.max_bytes:
-                break
-            path.unlink(missing_ok=True)
-            total -= size
-            removed += 1
-        return removed
+        doomed = _over_limits(segments, now, self.retention_s, self.max_bytes)
+        for path in doomed:
+            Path(path).unlink(missing_ok=True)
+        return len(doomed)
+
+
+def _over_limits(segments: list[tuple[float, int, str]], now: float, retention_s: float, max_bytes: int) -> list[str]:
+    """Of (time, size, name) oldest first: those past the retention, then the oldest while over the cap."""
+    doomed, total = [], sum(size for _, size, _ in segments)
+    for at, size, name in segments:
+        if at >= now - retention_s and total <= max_bytes:
+            break
+        doomed.append(name)
+        total -= size
+    return doomed
+
+
+class ObjectStoreSink:
+    """Segments as objects under `s3://bucket/prefix` in S3-compatible storage. A PUT stores an object
+    whole or not at all, so no temporary name is needed; retention and the cap list the prefix."""
+
+    def __init__(self, url: str, retention_s: float, max_bytes: int) -> None:
+        self.url, self.retention_s, self.max_bytes = url, retention_s, max_bytes
+        self.bucket, self.prefix = bucket_and_prefix(url)
+        self.client = object_store_client()
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # serving goes on; each failed write is counted (write_failed)
+            log.error("capture bucket %s is not reachable (%s); segments will fail until it is", self.bucket, exc)
+
+    def put(self, name: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
+
+    def enforce(self, now: float) -> int:
+        segments = [(at, size, name) for name, size, at in object_store_listing(self.client, self.url)]
+        doomed = _over_limits(segments, now, self.retention_s, self.max_bytes)
+        for start in range(0, len(doomed), 1000):  # DeleteObjects takes at most 1,000 keys
+            keys = [{"Key": self.prefix + name} for name in doomed[start : start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+        return len(doomed)
 
 
 @dataclass
@@ -78,7 +120,7 @@ class _Pending:
 class Capture:
     def __init__(
         self,
-        sink: LocalSink,
+        sink: LocalSink | ObjectStoreSink,
         fraction: float,
         class_names: list[str],
         metrics: GatewayMetrics,

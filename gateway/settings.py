@@ -87,6 +87,12 @@ class GatewaySettings(BaseSettings):
     # Served traffic kept as distillation data (gateway/capture.py): opt-in, images can be personal data.
     capture_fraction: float = Field(0.0, ge=0, le=1, description="share of classified requests captured (0: off)")
     capture_dir: Path | None = Field(None, description="directory the capture's segments are written to")
+    capture_url: str | None = Field(
+        None,
+        pattern=r"^s3://[^/]+(/.*)?$",
+        description="or s3://bucket/prefix in S3-compatible storage (endpoint: AWS_ENDPOINT_URL; credentials: "
+        "the AWS variables or the pod's role)",
+    )
     capture_originals: bool = Field(False, description="keep each image's original bytes too")
     capture_segment_images: int = Field(512, ge=1, description="images a segment file holds at most")
     capture_segment_s: float = Field(30.0, gt=0, description="seconds a segment stays open at most")
@@ -118,8 +124,11 @@ class GatewaySettings(BaseSettings):
                 f"admission_max_images ({self.admission_max_images}) must admit one full request "
                 f"of max_images ({self.max_images})"
             )
-        if self.capture_fraction > 0 and self.capture_dir is None:
-            raise ValueError("capture_fraction > 0 needs capture_dir (KDSERVE_CAPTURE_DIR)")
+        if self.capture_fraction > 0 and (self.capture_dir is None) == (self.capture_url is None):
+            raise ValueError(
+                "capture_fraction > 0 needs exactly one of capture_dir (KDSERVE_CAPTURE_DIR) and capture_url "
+                "(KDSERVE_CAPTURE_URL)"
+            )
         if any(w <= 0 for w in self.fusion_weights.values()):
             raise ValueError(f"fusion_weights must be positive, got {self.fusion_weights}")
         return self

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger("kdcontract.capture")
 
 FORMAT_VERSION = 1
 IMAGES_PREFIX, LABELS_PREFIX = "images-", "labels-"
@@ -101,7 +98,7 @@ class CapturedSet:
 
 def read_capture(files: Iterable[tuple[str, bytes]]) -> CapturedSet:
     """A capture from its segment files as (name, bytes), in any order; files that are not whole
-    segments are skipped with a warning naming each."""
+    segments are skipped and listed in `skipped` with the reason (the reader's caller names them)."""
     image_parts, label_map, skipped = [], {}, []
     class_names: list[str] | None = None
     for name, data in sorted(files):
@@ -117,7 +114,6 @@ def read_capture(files: Iterable[tuple[str, bytes]]) -> CapturedSet:
             else:
                 raise ValueError("not a capture segment (images-*.npz or labels-*.jsonl)")
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-            log.warning("capture file %s skipped: %s", name, exc)
             skipped.append((name, str(exc) or type(exc).__name__))
     if not image_parts:
         return CapturedSet(
@@ -176,4 +172,64 @@ def directory_files(directory: Path) -> list[tuple[str, bytes]]:
         (p.name, p.read_bytes())
         for p in sorted(Path(directory).iterdir())
         if p.is_file() and not p.name.startswith(".")
+    ]
+
+
+# -- where a capture lives: a directory, or a prefix in S3-compatible object storage ----------------------
+OBJECT_STORE_SCHEME = "s3://"
+
+
+def is_object_store(location: str) -> bool:
+    return location.startswith(OBJECT_STORE_SCHEME)
+
+
+def bucket_and_prefix(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix/"); the prefix ends in "/" unless empty."""
+    bucket, _, prefix = url.removeprefix(OBJECT_STORE_SCHEME).partition("/")
+    if not bucket:
+        raise ValueError(f"{url!r} names no bucket (s3://bucket/prefix)")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def object_store_client():
+    """boto3's S3 client. The endpoint of an S3-compatible store (MinIO, Ceph, moto) comes from
+    `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`), credentials from the usual AWS variables or role:
+    boto3 reads them itself, so nothing here holds a secret."""
+    import boto3
+
+    return boto3.client("s3")
+
+
+def object_store_listing(client, url: str) -> list[tuple[str, int, float]]:
+    """(name below the prefix, size, last-modified unix time) of every object under `url`, oldest first."""
+    bucket, prefix = bucket_and_prefix(url)
+    found = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            name = item["Key"][len(prefix) :]
+            if name and "/" not in name:  # the prefix's own objects, not a deeper "folder"'s
+                found.append((name, int(item["Size"]), item["LastModified"].timestamp()))
+    return sorted(found, key=lambda item: (item[2], item[0]))
+
+
+def capture_listing(location: str) -> list[tuple[str, int]]:
+    """Names and sizes of a capture's files (a directory or `s3://bucket/prefix`), sorted by name."""
+    if is_object_store(location):
+        return sorted((name, size) for name, size, _ in object_store_listing(object_store_client(), location))
+    root = Path(location).expanduser()
+    if not root.is_dir():
+        return []
+    return sorted((p.name, p.stat().st_size) for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def capture_files(location: str) -> list[tuple[str, bytes]]:
+    """A capture's files as (name, bytes), from a directory or `s3://bucket/prefix`."""
+    if not is_object_store(location):
+        return directory_files(Path(location).expanduser())
+    client = object_store_client()
+    bucket, prefix = bucket_and_prefix(location)
+    return [
+        (name, client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read())
+        for name, _, _ in object_store_listing(client, location)
     ]

@@ -36,6 +36,21 @@ def split_indices(labels: np.ndarray, split: DataSplit, with_test: bool) -> tupl
     return np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
 
 
+def labelled_positions(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which of these training images keep their labels (a boolean mask): a stratified `fraction` of
+    each class, at least one, drawn with `seed`. The others are a few-labels recipe's unlabelled
+    transfer images (`data.labelled_fraction`); the loop's client sends exactly those."""
+    kept = np.zeros(len(labels), dtype=bool)
+    if fraction >= 1.0:
+        kept[:] = True
+        return kept
+    rng = np.random.default_rng(seed)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        kept[members[: max(1, round(fraction * len(members)))]] = True
+    return kept
+
+
 @lru_cache(maxsize=1)
 def digits_gray() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 digits as uint8 8x8 grayscale (0..16 scaled to 0..255) and labels.

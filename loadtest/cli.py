@@ -31,6 +31,13 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
         )
 
 
+def _cmd_loop(args: argparse.Namespace) -> None:
+    from loadtest.loop import run_loop
+
+    run_loop(Path(args.run), Path(args.repo), Path(args.out), Path(args.work), args.seeds)
+    print((Path(args.out) / "results.md").read_text())
+
+
 def _cmd_capture_cost(args: argparse.Namespace) -> None:
     from loadtest.capture_cost import capture_cost
 
@@ -184,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--break-student", action="store_true", help="export a broken student mid-rollout")
     rollout.add_argument("--bench-results", default="benchmarks/results.json", help="offline latency figures")
     rollout.set_defaults(func=_cmd_rollout)
+
+    loop = commands.add_parser(
+        "loop", help="traffic -> capture -> re-distillation -> a new version, compared through the gateway"
+    )
+    loop.add_argument("--run", default="runs/digits-fewlabels", help="the few-labels run (teacher, plain student)")
+    loop.add_argument("--repo", default="runs/digits-fewlabels/repo", help="its exported repository (copied)")
+    loop.add_argument("--out", default="benchmarks/loop", help="where results.{md,json} go")
+    loop.add_argument("--work", default="runs/loop", help="the loop's own stack: repository copy, capture, logs")
+    loop.add_argument("--seeds", type=int, nargs="+", default=[0], help="students re-distilled; the first is served")
+    loop.set_defaults(func=_cmd_loop)
 
     cost = commands.add_parser("capture-cost", help="capture on vs off in one run: p50 at c=1, throughput at 16")
     cost.add_argument("--repo", default="model_repository")

@@ -5,10 +5,13 @@ labels, and leaving only whole files when killed."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,6 +32,7 @@ from kdcontract.capture import (
 from kdcontract.digits import digit_png_bytes, digits_gray
 from kdcontract.imageprep import prepare
 from kdcontract.manifest import read_manifest
+from tests.conftest import run_training
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -143,7 +147,9 @@ def test_a_gateway_captures_every_image_as_the_models_saw_it_with_feedback_label
     assert "kdserve_capture_images_total 40.0" in text
 
 
-def test_a_gateway_killed_mid_capture_leaves_only_whole_segments(tiny_repo, triton, tmp_path):
+def capture_until_killed(tiny_repo, triton, tmp_path) -> tuple[Path, int]:
+    """A gateway capturing three clients' traffic, SIGKILLed once five segments are written; the capture
+    it left and the images in it (every file a whole segment)."""
     capture = tmp_path / "capture"
     env = {
         "KDSERVE_CAPTURE_FRACTION": "1.0",
@@ -182,3 +188,41 @@ def test_a_gateway_killed_mid_capture_leaves_only_whole_segments(tiny_repo, trit
     assert captured.skipped == [], captured.skipped  # every file left is a whole segment
     assert len(captured.images) >= 5 * 4
     gateway.stop()
+    return capture, len(captured.images)
+
+
+def test_a_gateway_killed_mid_capture_leaves_only_whole_segments(tiny_repo, triton, tmp_path):
+    capture, images = capture_until_killed(tiny_repo, triton, tmp_path)
+    assert images == len(read_capture(directory_files(capture)).images) >= 5 * 4
+
+
+def test_a_student_redistilled_from_a_killed_gateways_capture_reads_every_whole_file_names_the_bad_ones_and_is_exported(
+    tiny_run, tiny_repo, triton, tmp_path
+):
+    capture, whole_images = capture_until_killed(tiny_repo, triton, tmp_path)
+    segment = sorted(capture.glob("images-*.npz"))[0].read_bytes()
+    bad = {"images-9999999999999-x-000001.npz": segment[: len(segment) // 3], "images-9999999999999-x-000002.npz": b""}
+    bad["traffic.csv"] = b"request_id,label\n"
+    for name, data in bad.items():
+        (capture / name).write_bytes(data)
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    before = read_manifest(repo)
+    result = run_training(
+        "redistill", "--run", str(tiny_run), "--capture", str(capture), "--repo", str(repo),
+        "--out", str(tmp_path / "redistilled"), "--set", "student.train.epochs=1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in bad:
+        assert f"capture file {capture / name} skipped" in result.stdout
+    report = json.loads((tmp_path / "redistilled" / "redistill.json").read_text())
+    assert report["captured_images"] == whole_images  # every image of every whole file, the kill's last one too
+    after = read_manifest(repo)
+    for name in ("student_kd", "student_kd_int8"):
+        assert after.models[name].version == before.models[name].version + 1
+        assert (repo / name / str(after.models[name].version) / "model.onnx").is_file()
+    assert after.models["student_kd"].source == str(tmp_path / "redistilled" / "student_seed0" / "model.pt")
+    assert after.models["student_kd"].metrics["top1"] == pytest.approx(report["redistilled"]["top1"])
+    assert after.cascade is not None and after.cascade.metrics != before.cascade.metrics  # refitted for the new one
+    assert after.models["teacher"] == before.models["teacher"]
+    assert "every config matches its graph" in result.stdout  # check-repo passed on the new repository

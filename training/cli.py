@@ -83,6 +83,38 @@ def _cmd_export(args: argparse.Namespace) -> None:
     _cmd_check_repo(argparse.Namespace(repo=args.repo))
 
 
+def _cmd_redistill(args: argparse.Namespace) -> None:
+    import torch
+
+    from training.redistill import RedistillJob, markdown, redistill
+    from training.runtime import init_runtime, shutdown_runtime
+    from training.triton_repo import ServingOptions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    job = RedistillJob(
+        run=Path(args.run),
+        capture=args.capture,
+        repo=Path(args.repo),
+        out=Path(args.out or Path(args.run) / "redistill"),
+        seeds=tuple(args.seeds),
+        served_as=args.served_as,
+        against=args.against,
+        flavor=args.flavor,
+        opts=ServingOptions(instances=args.instances, intra_op_threads=args.intra_op_threads),
+        export=not args.no_export,
+        overrides=tuple(args.overrides),
+    )
+    runtime = init_runtime()
+    try:
+        report = redistill(job, runtime)
+    finally:
+        shutdown_runtime(runtime)
+    print(markdown(report))
+    if job.export:
+        _cmd_check_repo(argparse.Namespace(repo=args.repo))
+
+
 def _cmd_check_repo(args: argparse.Namespace) -> None:
     from training.check_repo import check_repository
 
@@ -161,6 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--instances", type=int, default=1, help="Triton instances per model")
     export.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads per instance (cpu)")
     export.set_defaults(func=_cmd_export)
+
+    again = commands.add_parser(
+        "redistill",
+        help="distil a new student from captured traffic and the run's teacher; export it as a new version",
+    )
+    again.add_argument("--run", required=True, help="the trained run (its recipe, labelled split and teacher)")
+    again.add_argument("--capture", required=True, help="capture directory or s3://bucket/prefix (KDSERVE_CAPTURE_*)")
+    again.add_argument("--repo", required=True, help="the served repository the new version is exported into")
+    again.add_argument("--out", help="where the new students go (default <run>/redistill)")
+    again.add_argument("--seeds", type=int, nargs="+", default=[0], help="one student per seed; the first is exported")
+    again.add_argument("--served-as", default="student_kd", help="served name the new student becomes a version of")
+    again.add_argument("--against", help="served model it is compared with (default: the --served-as one)")
+    again.add_argument("--flavor", choices=["cpu", "gpu"], default="cpu")
+    again.add_argument("--instances", type=int, default=1, help="Triton instances per model")
+    again.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads per instance (cpu)")
+    again.add_argument("--no-export", action="store_true", help="train and evaluate only")
+    again.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of the run's recipe for the new students, e.g. --set student.train.epochs=20",
+    )
+    again.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    again.set_defaults(func=_cmd_redistill)
 
     check = commands.add_parser("check-repo", help="check a repository's configs, graphs and hashes")
     check.add_argument("repo", nargs="?", default="model_repository")

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from kdcontract.capture import directory_files, read_capture
+from kdcontract.capture import capture_files, capture_listing, is_object_store, read_capture
 from kdcontract.client_forms import encode, random_form, render_image
-from kdcontract.digits import digits_gray, split_indices
+from kdcontract.digits import digits_gray, labelled_positions, split_indices
 from kdcontract.errors import UserError
 from kdcontract.imageprep import prepare
 from kdcontract.manifest import DigitFraming, Preprocessing
@@ -183,14 +183,7 @@ def labelled_split(train: InMemoryImages, cfg: DataConfig) -> tuple[InMemoryImag
     class) and the rest as unlabelled transfer images (None when every label is kept)."""
     if cfg.labelled_fraction >= 1.0:
         return train, None
-    labels = train.labels.numpy()
-    rng = np.random.default_rng(cfg.split_seed)
-    keep = []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        keep.extend(members[: max(1, round(cfg.labelled_fraction * len(members)))])
-    kept = np.zeros(len(labels), dtype=bool)
-    kept[keep] = True
+    kept = labelled_positions(train.labels.numpy(), cfg.labelled_fraction, cfg.split_seed)
     return train.subset(np.flatnonzero(kept)), train.subset(np.flatnonzero(~kept)).unlabelled()
 
 
@@ -324,38 +317,43 @@ def iterate_batches(
     yield from loader
 
 
-def load_capture(directory: str, spec: Preprocessing, class_names: list[str]) -> InMemoryImages:
-    """The images a gateway captured (`kdcontract.capture`), labelled where feedback labelled them and
-    UNLABELLED elsewhere. Files that are not whole segments are skipped, each named in a warning."""
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise UserError(f"distill.capture directory {root} does not exist")
-    captured = read_capture(directory_files(root))
+def load_capture(location: str, spec: Preprocessing, class_names: list[str]) -> InMemoryImages:
+    """The images a gateway captured (`kdcontract.capture`) in a directory or under `s3://bucket/prefix`,
+    labelled where feedback labelled them and UNLABELLED elsewhere. Files that are not whole segments
+    are skipped, each named in a warning."""
+    where = location if is_object_store(location) else str(Path(location).expanduser())
+    if not is_object_store(location) and not Path(where).is_dir():
+        raise UserError(f"capture directory {where} does not exist")
+    try:
+        captured = read_capture(capture_files(location))
+    except Exception as exc:
+        if not is_object_store(location):
+            raise
+        # botocore's errors (no such bucket, no credentials, endpoint unreachable) as one line.
+        raise UserError(f"capture {location} could not be read: {exc}") from exc
     for name, why in captured.skipped:
-        print(f"[data] warning: capture file {root / name} skipped: {why}", flush=True)
+        print(f"[data] warning: capture file {where.rstrip('/')}/{name} skipped: {why}", flush=True)
     if len(captured.images) == 0:
-        raise UserError(f"distill.capture directory {root} holds no readable capture segment")
+        raise UserError(f"capture {where} holds no readable capture segment")
     if captured.class_names != class_names:
-        raise UserError(f"distill.capture classes {captured.class_names} are not the recipe's {class_names}")
+        raise UserError(f"capture classes {captured.class_names} are not the recipe's {class_names}")
     if captured.images.shape[1:] != (spec.image_size, spec.image_size, 3):
         raise UserError(
-            f"distill.capture images are {captured.images.shape[1:]}, the recipe prepares "
+            f"capture images are {captured.images.shape[1:]}, the recipe prepares "
             f"{(spec.image_size, spec.image_size, 3)}"
         )
     print(
-        f"[data] capture {root}: {len(captured.images)} images, {captured.labelled} with feedback labels, "
+        f"[data] capture {where}: {len(captured.images)} images, {captured.labelled} with feedback labels, "
         f"{len(captured.skipped)} files skipped",
         flush=True,
     )
     return InMemoryImages(torch.from_numpy(captured.images.copy()), torch.from_numpy(captured.labels.astype(np.int64)))
 
 
-def capture_digest(directory: str) -> str:
+def capture_digest(location: str) -> str:
     """What a capture held (its segment files' names and sizes): a stage distilled from it is reused only
     while the capture is the same."""
-    root = Path(directory).expanduser()
-    listing = sorted((p.name, p.stat().st_size) for p in root.iterdir() if p.is_file()) if root.is_dir() else []
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(capture_listing(location)).encode()).hexdigest()[:16]
 
 
 def load_transfer_folder(folder: str, spec: Preprocessing) -> InMemoryImages:

@@ -96,7 +96,7 @@ def _served_models(run: Path, results: dict) -> list[str]:
     return names
 
 
-def _as_numpy(dataset) -> tuple[np.ndarray, np.ndarray]:
+def as_numpy(dataset) -> tuple[np.ndarray, np.ndarray]:
     images, labels = zip(*iterate_batches(dataset, 512), strict=True)
     return torch.cat(images).numpy(), torch.cat(labels).numpy()
 
@@ -150,7 +150,7 @@ def write_served_model(
     )
 
 
-def _int8_sibling(
+def int8_sibling(
     name: str,
     fp32_onnx: Path,
     data: SplitData,
@@ -159,7 +159,7 @@ def _int8_sibling(
     temperature: float | None,
 ) -> tuple[Path, dict]:
     """The INT8 graph of `fp32_onnx` and its report; `temperature` None: the graph outputs probabilities."""
-    train_images, _ = _as_numpy(data.train)
+    train_images, _ = as_numpy(data.train)
     # Calibrate on a fixed, seeded sample of training images (never the test split).
     pick = np.random.default_rng(0).choice(len(train_images), size=min(512, len(train_images)), replace=False)
     int8_path = fp32_onnx.with_name(f"{name}_int8.onnx")
@@ -191,7 +191,7 @@ def _int8_sibling(
     return int8_path, report
 
 
-def _export_graph(
+def export_graph(
     name: str,
     model: torch.nn.Module,
     image_size: int,
@@ -245,7 +245,7 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
     results = json.loads(results_path.read_text())
     recipe = load_recipe(str(run / "recipe.yaml"))
     data = load_data(recipe.data)
-    test = _as_numpy(data.test)
+    test = as_numpy(data.test)
     onnx_dir = run / "onnx"
     repo.mkdir(parents=True, exist_ok=True)
     entries: dict[str, ModelEntry] = {}
@@ -254,14 +254,14 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
     for name in _served_models(run, results):
         model, spec, _ = load_model(run / name / "model.pt")
         onnx_path = onnx_dir / f"{name}.onnx"
-        report["models"][name], onnx_logits = _export_graph(name, model, spec.image_size, onnx_path, data, test, flavor)
+        report["models"][name], onnx_logits = export_graph(name, model, spec.image_size, onnx_path, data, test, flavor)
         role = spec.role if name not in (STUDENT_KD, STUDENT_PLAIN) else "student"
         source = str(run / name / "model.pt")
         entries[name] = write_served_model(repo, name, role, spec, onnx_path, flavor, opts, source)
         report["models"][name]["version"] = entries[name].version
 
         if name in INT8_SOURCES and flavor == "cpu":
-            int8_path, int8 = _int8_sibling(name, onnx_path, data, test, onnx_logits, spec.temperature)
+            int8_path, int8 = int8_sibling(name, onnx_path, data, test, onnx_logits, spec.temperature)
             quantized = int8_name(name)
             metrics = {**spec.metrics, "top1": int8["int8_top1"], "ece": int8["int8_ece"]}
             entries[quantized] = write_served_model(
@@ -288,7 +288,7 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         fused = FusedEnsemble([load_model(run / m / "model.pt")[0] for m in members], temperatures)
         onnx_path = onnx_dir / f"{FUSED_ENSEMBLE}.onnx"
         image_size = entries[members[0]].input.shape[0]
-        report["models"][FUSED_ENSEMBLE], fused_probs = _export_graph(
+        report["models"][FUSED_ENSEMBLE], fused_probs = export_graph(
             FUSED_ENSEMBLE, fused, image_size, onnx_path, data, test, flavor, PROBABILITIES, tuple(temperatures)
         )
         # The exported graph is the ensemble training evaluated: same top-1 on the same test split.
@@ -296,7 +296,7 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         _write_fused_ensemble(repo, FUSED_ENSEMBLE, members, entries, onnx_path, flavor, opts, metrics)
         if flavor == "cpu":
             # The ensemble's cost at 8x8 is reading three members' weights: INT8 reads a quarter of them.
-            int8_path, int8 = _int8_sibling(FUSED_ENSEMBLE, onnx_path, data, test, fused_probs, None)
+            int8_path, int8 = int8_sibling(FUSED_ENSEMBLE, onnx_path, data, test, fused_probs, None)
             quantized = int8_name(FUSED_ENSEMBLE)
             int8_metrics = {**metrics, "top1": int8["int8_top1"], "ece": int8["int8_ece"]}
             _write_fused_ensemble(repo, quantized, members, entries, int8_path, flavor, opts, int8_metrics, "int8")

@@ -398,7 +398,7 @@ class StageEval:
     val_labels: torch.Tensor
 
 
-def _evaluate_stage(
+def evaluate_stage(
     model: ImageClassifier, stage: Stage, data: SplitData, teacher_pred: torch.Tensor | None, ece_bins: int
 ) -> StageEval:
     """Fit the temperature on val, then measure on test (val top-1 is reported too)."""
@@ -534,11 +534,11 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     ece_bins = recipe.evaluation.ece_bins
     teacher_stage, teacher_model = trained["teacher"]
     models: dict[str, dict] = {}
-    teacher_eval = _evaluate_stage(teacher_model, teacher_stage, data, None, ece_bins)
+    teacher_eval = evaluate_stage(teacher_model, teacher_stage, data, None, ece_bins)
     teacher_pred, test_labels = teacher_eval.test_logits.argmax(-1), teacher_eval.test_labels
     evals: dict[str, StageEval] = {}
     for name, (stage, model) in trained.items():
-        evals[name] = teacher_eval if name == "teacher" else _evaluate_stage(model, stage, data, teacher_pred, ece_bins)
+        evals[name] = teacher_eval if name == "teacher" else evaluate_stage(model, stage, data, teacher_pred, ece_bins)
         metrics = models[name] = evals[name].metrics
         metrics["arch"] = stage.model_cfg.arch
         metrics["role"] = stage.role

@@ -1,0 +1,276 @@
+"""`python -m training redistill`: a new student distilled from served traffic, exported as a new version.
+
+The loop this closes: the gateway captures what clients send (`KDSERVE_CAPTURE_*`), feedback labels some
+of it, and this command trains a student on that capture from the run's teacher: the capture replaces
+the recipe's own unlabelled transfer images (a recipe's labelled split stays: it is the labels you had),
+with the capture's feedback labels where there are some. The new student is evaluated on the recipe's
+held-out test split beside the model the repository serves under the same name (or `--against`), then
+exported as a new version of that name: the graph is written and checked first, the version directory
+appears whole, and only then does the manifest name it, so Triton (polling the repository) loads it
+and every gateway following the manifest switches once it is ready. When the repository's cascade or
+INT8 sibling is built on that student, both are renewed with it (the cascade's threshold refitted on
+validation), so nothing served keeps describing the old student.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kdcontract.errors import UserError
+from kdcontract.manifest import Cascade, ModelEntry, read_manifest, write_manifest
+from kdcontract.names import STUDENT_KD, TEACHER, int8_name
+from kdcontract.tables import markdown_table
+from training.checkpoint import ModelSpec, load_model, save_model
+from training.data import SplitData, capture_digest, load_capture, load_data
+from training.evaluate import cascade_answers, classification_metrics, fit_cascade_threshold, top_k_accuracy
+from training.export import as_numpy, export_graph, int8_sibling, write_served_model
+from training.pipeline import TRAINING_FORMAT, Stage, evaluate_stage, fingerprint_of, init_model, stage_training_set
+from training.recipe import Recipe, load_recipe
+from training.runtime import Runtime
+from training.trainer import FitJob, fit
+from training.triton_repo import ServingOptions
+
+
+@dataclass(frozen=True)
+class RedistillJob:
+    run: Path  # the trained run: its recipe, labelled split and teacher
+    capture: str  # a capture directory or s3://bucket/prefix
+    repo: Path  # the served repository the new version goes into
+    out: Path  # where the new students' checkpoints go
+    seeds: tuple[int, ...] = (0,)  # one student per seed; the first is exported
+    served_as: str = STUDENT_KD  # the served name the new student becomes a version of
+    against: str | None = None  # the served model compared with (default: `served_as`, else the student)
+    flavor: str = "cpu"
+    opts: ServingOptions = field(default_factory=ServingOptions)  # as `export` was given them
+    export: bool = True
+    overrides: tuple[str, ...] = ()  # KEY=VALUE on the run's recipe (the students' schedule, say)
+
+
+def _served_checkpoint(repo: Path, name: str) -> tuple[ModelEntry, Path]:
+    manifest = read_manifest(repo)
+    entry = manifest.models.get(name)
+    if entry is None:
+        raise UserError(f"{repo} serves no model {name!r}; served: {', '.join(sorted(manifest.models))}")
+    source = Path(entry.source)
+    if not source.is_file():
+        raise UserError(f"{name} in {repo} was exported from {entry.source or '(unknown)'}, which is not here")
+    return entry, source
+
+
+def _stage(recipe: Recipe, seed: int) -> Stage:
+    return Stage(f"student_seed{seed}", "student", recipe.student, seed, recipe.data.augment, recipe.distill)
+
+
+def _fingerprint(recipe: Recipe, stage: Stage, capture: str, teacher_fingerprint: str) -> str:
+    """A student is retrained when its settings, the capture's files or the teacher change."""
+    settings = {
+        "data": recipe.data.model_dump(mode="json"),
+        "model": recipe.student.model_dump(mode="json"),
+        "distill": recipe.distill.model_dump(mode="json", exclude={"capture", "transfer"}),
+        "seed": stage.seed,
+        "capture": capture_digest(capture),
+        "teacher": teacher_fingerprint,
+        "format": TRAINING_FORMAT,
+    }
+    return fingerprint_of(settings)
+
+
+def _train_student(
+    recipe: Recipe, stage: Stage, data: SplitData, teacher: torch.nn.Module, out: Path, fingerprint: str, runtime
+) -> tuple[torch.nn.Module, ModelSpec, float, bool]:
+    """One student distilled on the labelled split and the capture, or the one trained before from the
+    same settings and capture."""
+    path = out / stage.name / "model.pt"
+    if path.is_file():
+        model, spec, meta = load_model(path)
+        if meta.get("fingerprint") == fingerprint:
+            return model, spec, float(meta.get("seconds", 0.0)), True
+    train_set, repeat = stage_training_set(stage, data)
+    job = FitJob(
+        name=stage.name,
+        model=init_model(stage, data),
+        train=recipe.student.train,
+        augment=stage.augment,
+        seed=stage.seed,
+        out_dir=out / stage.name,
+        teacher=teacher,
+        distill=recipe.distill,
+        fingerprint=fingerprint,
+        train_set=train_set,
+        repeat=repeat,
+    )
+    result = fit(job, data, runtime)
+    spec = ModelSpec(
+        arch=recipe.student.arch,
+        num_classes=data.num_classes,
+        small_stem=recipe.student.small_stem,
+        width=recipe.student.width,
+        image_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
+        class_names=data.class_names,
+        role="student",
+    )
+    return result.model, spec, result.seconds, False
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, float | int)}
+
+
+def _refit_cascade(
+    cascade: Cascade, student_eval, teacher_eval, student_t: float, teacher_t: float, max_drop: float, ece_bins: int
+) -> Cascade:
+    """The cascade's threshold fitted again on validation for the new student, measured on test."""
+    student_val = (student_eval.val_logits / student_t).softmax(-1)
+    teacher_val = (teacher_eval.val_logits / teacher_t).softmax(-1)
+    threshold = fit_cascade_threshold(student_val, teacher_val, teacher_eval.val_labels, max_drop)
+    student_test = (student_eval.test_logits / student_t).softmax(-1)
+    answers, escalated = cascade_answers(student_test, (teacher_eval.test_logits / teacher_t).softmax(-1), threshold)
+    metrics = classification_metrics(answers, teacher_eval.test_labels, teacher_eval.test_logits.argmax(-1), ece_bins)
+    metrics["escalation_rate"] = escalated.float().mean().item()
+    val_answers, _ = cascade_answers(student_val, teacher_val, threshold)
+    metrics["val_top1"] = top_k_accuracy(val_answers, teacher_eval.val_labels, 1)
+    return cascade.model_copy(update={"threshold": threshold, "metrics": _numbers(metrics)})
+
+
+def redistill(job: RedistillJob, runtime: Runtime) -> dict:
+    """Train, evaluate and export; returns the report (also written to `<out>/redistill.json`)."""
+    started = time.perf_counter()
+    if not job.seeds:
+        raise UserError("give at least one seed")
+    recipe = load_recipe(str(job.run / "recipe.yaml"), list(job.overrides))
+    against = job.against or job.served_as
+    against_entry, against_source = _served_checkpoint(job.repo, against)
+    teacher_path = job.run / TEACHER / "model.pt"
+    teacher, _, teacher_meta = load_model(teacher_path)
+    data = load_data(recipe.data, client_forms=True)
+    labelled, own_transfer = len(data.train), len(data.transfer) if data.transfer is not None else 0
+    # The capture is the transfer set: the recipe's own unlabelled images are what traffic replaces.
+    data.transfer = load_capture(job.capture, data.preprocessing, data.class_names)
+    captured_labels = int((data.transfer.labels >= 0).sum())
+    ece_bins = recipe.evaluation.ece_bins
+
+    teacher_stage = Stage(TEACHER, "teacher", recipe.teacher, recipe.seed, recipe.data.augment)
+    teacher_eval = evaluate_stage(teacher, teacher_stage, data, None, ece_bins)
+    teacher_pred = teacher_eval.test_logits.argmax(-1)
+    served_model, _, _ = load_model(against_source)
+    served_stage = Stage(against, "student", recipe.student, recipe.seed, recipe.data.augment)
+    served_eval = evaluate_stage(served_model, served_stage, data, teacher_pred, ece_bins)
+
+    students = []
+    first = None
+    for seed in job.seeds:
+        stage = _stage(recipe, seed)
+        fingerprint = _fingerprint(recipe, stage, job.capture, str(teacher_meta.get("fingerprint", "")))
+        model, spec, seconds, reused = _train_student(recipe, stage, data, teacher, job.out, fingerprint, runtime)
+        evaluated = evaluate_stage(model, stage, data, teacher_pred, ece_bins)
+        spec.temperature, spec.metrics = evaluated.metrics["temperature"], _numbers(evaluated.metrics)
+        path = job.out / stage.name / "model.pt"
+        meta = {"fingerprint": fingerprint, "stage": stage.name, "capture": job.capture, "seconds": seconds}
+        save_model(path, model, spec, meta)
+        print(
+            f"[redistill] seed {seed}: test top-1 {evaluated.metrics['top1']:.2%} "
+            f"({'reused' if reused else f'trained in {seconds:.1f}s'})",
+            flush=True,
+        )
+        students.append({"seed": seed, "top1": evaluated.metrics["top1"], "seconds": seconds, "reused": reused})
+        if first is None:
+            first = (model, spec, evaluated, path)
+
+    top1s = [s["top1"] for s in students]
+    report = {
+        "run": str(job.run),
+        "capture": job.capture,
+        "recipe": recipe.name,
+        "labelled_images": labelled,
+        "recipe_transfer_images_replaced": own_transfer,
+        "captured_images": len(data.transfer),
+        "captured_labelled": captured_labels,
+        "test_images": len(data.test),
+        "teacher": {"top1": teacher_eval.metrics["top1"]},
+        "served_before": {"name": against, "version": against_entry.version, "top1": served_eval.metrics["top1"]},
+        "redistilled": {
+            "seeds": list(job.seeds),
+            "per_seed": students,
+            "top1": statistics.fmean(top1s),
+            "std": statistics.stdev(top1s) if len(top1s) > 1 else 0.0,
+            "exported_seed": job.seeds[0],
+            "exported_top1": students[0]["top1"],
+        },
+    }
+    if job.export:
+        model, spec, evaluated, path = first
+        report["export"] = _export_new_version(job, recipe, data, model, spec, evaluated, teacher_eval, path)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    job.out.mkdir(parents=True, exist_ok=True)
+    (job.out / "redistill.json").write_text(json.dumps(report, indent=2) + "\n")
+    (job.out / "redistill.md").write_text(markdown(report))
+    return report
+
+
+def _export_new_version(
+    job: RedistillJob, recipe: Recipe, data: SplitData, model, spec: ModelSpec, evaluated, teacher_eval, path: Path
+) -> dict:
+    """The student as a new version of `served_as` (its INT8 sibling and the cascade renewed with it),
+    the manifest rewritten last."""
+    opts = job.opts
+    test = as_numpy(data.test)
+    onnx_path = job.out / "onnx" / f"{job.served_as}_seed{job.seeds[0]}.onnx"
+    parity, onnx_logits = export_graph(job.served_as, model, spec.image_size, onnx_path, data, test, job.flavor)
+    manifest = read_manifest(job.repo)
+    entry = write_served_model(job.repo, job.served_as, "student", spec, onnx_path, job.flavor, opts, str(path))
+    updated = {job.served_as: entry}
+    written = {job.served_as: entry.version}
+    quantized = int8_name(job.served_as)
+    if quantized in manifest.models and job.flavor == "cpu":
+        int8_path, int8 = int8_sibling(job.served_as, onnx_path, data, test, onnx_logits, spec.temperature)
+        metrics = {**spec.metrics, "top1": int8["int8_top1"], "ece": int8["int8_ece"]}
+        updated[quantized] = write_served_model(
+            job.repo, quantized, "quantized", spec, int8_path, job.flavor, opts, str(int8_path), "int8", metrics
+        )
+        written[quantized] = updated[quantized].version
+    manifest.models.update(updated)
+    if manifest.cascade is not None and manifest.cascade.student == job.served_as:
+        teacher_t = manifest.models[manifest.cascade.teacher].temperature or 1.0
+        manifest.cascade = _refit_cascade(
+            manifest.cascade,
+            evaluated,
+            teacher_eval,
+            spec.temperature,
+            teacher_t,
+            recipe.cascade.max_accuracy_drop,
+            recipe.evaluation.ece_bins,
+        )
+    write_manifest(job.repo, manifest)
+    print(f"[redistill] exported {', '.join(f'{n} version {v}' for n, v in written.items())} into {job.repo}")
+    return {"versions": written, "onnx_vs_torch": parity["onnx_vs_torch"]}
+
+
+def markdown(report: dict) -> str:
+    r = report["redistilled"]
+    rows = [[f"seed {s['seed']}", f"{s['top1']:.2%}", f"{s['seconds']:.0f}"] for s in r["per_seed"]]
+    before = report["served_before"]
+    lines = [
+        f"# Re-distilled from {report['capture']}",
+        "",
+        f"Recipe `{report['recipe']}`: {report['labelled_images']} labelled images and "
+        f"{report['captured_images']} captured ones ({report['captured_labelled']} with feedback labels) in place "
+        f"of the recipe's {report['recipe_transfer_images_replaced']} unlabelled images. Test split: "
+        f"{report['test_images']} images.",
+        "",
+        markdown_table(["student", "test top-1", "train s"], rows),
+        "",
+        f"Mean {r['top1']:.2%} (std {100 * r['std']:.2f} pt); served before: {before['name']} version "
+        f"{before['version']} {before['top1']:.2%}; teacher {report['teacher']['top1']:.2%}.",
+    ]
+    if "export" in report:
+        versions = ", ".join(f"{n} version {v}" for n, v in report["export"]["versions"].items())
+        lines += ["", f"Exported (seed {r['exported_seed']}): {versions}."]
+    return "\n".join(lines) + "\n"
