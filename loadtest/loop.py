@@ -50,15 +50,14 @@ POLL_S = 1.0  # Triton's repository poll
 READY_TIMEOUT_S = 120.0
 
 
-def traffic_digits(run: Path, split) -> tuple[np.ndarray, np.ndarray]:
-    """The few-labels recipe's unlabelled training digits (8x8 grey) and their true labels (kept for the
-    report only: the traffic carries none)."""
+def traffic_indices(run: Path, split) -> np.ndarray:
+    """Indices (into sklearn's digits) of the few-labels recipe's unlabelled training images: what the
+    offline KD student learnt from, and what the loop's client sends."""
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    images, labels = digits_gray()
+    labels = digits_gray()[1]
     train_idx = split_indices(labels, split, with_test=True)[0]
     kept = labelled_positions(labels[train_idx], recipe["data"]["labelled_fraction"], split.seed)
-    unlabelled = train_idx[~kept]
-    return images[unlabelled], labels[unlabelled]
+    return train_idx[~kept]
 
 
 def send_traffic(url: str, digits: np.ndarray, model: str, seed: int = 0) -> tuple[list[int], float]:
@@ -147,7 +146,8 @@ def run_loop(fewlabels_run: Path, repo: Path, out: Path, work: Path, seeds: list
     shutil.copytree(repo, served, ignore=shutil.ignore_patterns("__pycache__"))
     manifest = read_manifest(served)
     before_version = manifest.models[STUDENT_KD].version
-    digits, true_labels = traffic_digits(fewlabels_run, manifest.split)
+    traffic = traffic_indices(fewlabels_run, manifest.split)
+    digits, true_labels = digits_gray()[0][traffic], digits_gray()[1][traffic]  # the labels: the report's only
     capture = work / "capture"
     ports = TritonPorts(free_port(), free_port(), free_port())
     poll = ["--model-control-mode=poll", f"--repository-poll-secs={POLL_S:g}"]

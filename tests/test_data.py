@@ -182,3 +182,16 @@ def test_a_gateway_capture_joins_the_transfer_set_with_its_feedback_labels_and_b
         load_capture(str(tmp_path), spec, classes[::-1])
     with pytest.raises(UserError, match="does not exist"):
         load_capture(str(tmp_path / "missing"), spec, classes)
+
+
+def test_the_loops_client_sends_exactly_the_few_labels_recipes_unlabelled_training_images(tmp_path):
+    from loadtest.loop import traffic_indices
+    from training.data import load_digits_images
+    from training.recipe import dump_recipe, load_recipe
+
+    recipe = load_recipe("digits-fewlabels")
+    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    data = load_data(recipe.data)
+    sent = traffic_indices(tmp_path, recipe.data.split)
+    assert len(sent) == len(data.transfer) > 10 * len(data.train)
+    torch.testing.assert_close(load_digits_images(recipe.data.image_size)[0][sent], data.transfer.images)

@@ -413,7 +413,7 @@ def test_training_stages_apply_one_at_a_time_by_label(kustomization):
     each selector must pick exactly its stage's objects (and the first one the shared PVC and config)."""
     readme = (DEPLOY / "README.md").read_text()
     selectors = re.findall(r"kubectl apply -k deploy/k8s/training -l (\S+(?: \S+)*)", readme)
-    assert len(selectors) == 3, selectors
+    assert len(selectors) == 4, selectors
 
     def picked(selector: str) -> set[str]:
         selector = selector.strip("'")
@@ -433,6 +433,7 @@ def test_training_stages_apply_one_at_a_time_by_label(kustomization):
         {"PersistentVolumeClaim/training-data", "ConfigMap/kdserve-training", "Job/kdserve-check-data"},
         DISTILL_OBJECTS[kustomization],
         {"Job/kdserve-export"},
+        {"Job/kdserve-redistill"},
     ]
     assert set().union(*map(picked, selectors)) == {
         f"{o['kind']}/{o['metadata']['name']}" for o in rendered(kustomization)
@@ -562,3 +563,28 @@ def test_the_rollout_controller_runs_one_at_a_time_on_the_shared_experiment_with
     compose = compose_file("compose.yaml")["services"]
     compose_args = build_parser().parse_args(compose["rollout"]["command"][3:])
     assert compose_args.experiment_file == compose["gateway"]["environment"]["KDSERVE_EXPERIMENT_FILE"]
+
+
+def test_the_redistillation_job_reads_the_capture_the_gateways_write_and_exports_into_their_repository():
+    import shlex
+
+    from training.cli import build_parser
+
+    [job] = [o for o in rendered("training") if o["metadata"]["name"] == "kdserve-redistill"]
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    script = container["command"][2].replace('"$RUN_DIR"', "/data/runs/digits")
+    argv = shlex.split(script)
+    assert argv[:4] == ["exec", "python", "-m", "training"]
+    args = build_parser().parse_args(argv[4:])  # every flag is one the CLI takes
+    assert args.command == "redistill"
+
+    def claim_at(pod: dict, container: dict, path: str) -> str:
+        volume = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[path]
+        return {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}[volume]
+
+    assert claim_at(pod, container, args.capture) == "kdserve-capture"
+    assert claim_at(pod, container, args.repo) == "model-repository"
+    gateway_pod = objects("overlays/cpu", "Deployment")["kdserve-gateway"]["spec"]["template"]["spec"]
+    [gateway] = gateway_pod["containers"]
+    assert claim_at(gateway_pod, gateway, env_of(gateway)["KDSERVE_CAPTURE_DIR"]) == "kdserve-capture"

@@ -67,6 +67,20 @@ def test_settings_refuse_a_bad_configuration(monkeypatch):
         GatewaySettings()
 
 
+def test_capture_goes_to_a_directory_or_an_s3_prefix_never_both_nor_neither(monkeypatch, tmp_path):
+    monkeypatch.setenv("KDSERVE_CAPTURE_FRACTION", "0.5")
+    with pytest.raises(ValidationError, match="exactly one of capture_dir"):
+        GatewaySettings()
+    monkeypatch.setenv("KDSERVE_CAPTURE_URL", "https://bucket.example.com/capture")
+    with pytest.raises(ValidationError, match="capture_url"):
+        GatewaySettings()
+    monkeypatch.setenv("KDSERVE_CAPTURE_URL", "s3://kdserve-capture/traffic")
+    assert GatewaySettings().capture_url == "s3://kdserve-capture/traffic"
+    monkeypatch.setenv("KDSERVE_CAPTURE_DIR", str(tmp_path))
+    with pytest.raises(ValidationError, match="exactly one of capture_dir"):
+        GatewaySettings()
+
+
 def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt)
