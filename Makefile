@@ -120,8 +120,8 @@ fewlabels: setup
 # LOOP_SEEDS="0 1 2 3 4" re-distils a student per seed (the first is served).
 LOOP_SEEDS ?= 0
 loop: setup
-	$(PY) -m training plan --recipe digits-fewlabels --out $(FEWLABELS_RUN) --exit-code >/dev/null && \
-	  test -f $(FEWLABELS_RUN)/repo/manifest.json || $(MAKE) --no-print-directory fewlabels
+	test -f $(FEWLABELS_RUN)/results.json && test -f $(FEWLABELS_RUN)/repo/manifest.json || \
+	  $(MAKE) --no-print-directory fewlabels
 	$(PY) -m loadtest loop --run $(FEWLABELS_RUN) --repo $(FEWLABELS_RUN)/repo --out benchmarks/loop --seeds $(LOOP_SEEDS)
 
 # The pruning stage again with other seeds for its recovery training, every other stage reused from the

@@ -173,7 +173,7 @@ def run_loop(fewlabels_run: Path, repo: Path, out: Path, work: Path, seeds: list
         seconds["redistill_and_export"] = time.perf_counter() - t
         redistilled = json.loads((redistill_out / "redistill.json").read_text())
         new_version = redistilled["export"]["versions"][STUDENT_KD]
-        seconds["triton_loaded_new_version"] = wait_for_version(triton.http_url, STUDENT_KD, new_version)
+        seconds["triton_loaded_new_version"] = wait_for_version(f"http://{triton.http_url}", STUDENT_KD, new_version)
 
         t = time.perf_counter()
         test_digits, test_labels = held_out(manifest.split)
@@ -256,8 +256,8 @@ def markdown(r: dict) -> str:
         ["compared through the gateway", f"{s['compare']:.1f}", "by name, then A/B with feedback"],
     ]  # fmt: skip
     models = [
-        [f"served before: {before['model']} (63 labels, no teacher)", _pct(before["top1"]),
-         f"{_pct(before['offline_top1_seeds_mean'])} (mean of 5 seeds)"],
+        [f"served before: {before['model']} ({new['labelled_images']} labels, no teacher)", _pct(before["top1"]),
+         f"{_pct(before['offline_top1_seeds_mean'])} (mean of seeds {offline['seeds']})"],
         [f"re-distilled from the capture: {STUDENT_KD} v{new['version']} (seed {new['exported_seed']})",
          _pct(new["served_top1"]), f"{_pct(new['top1'])} (mean of seeds {r['seeds']}, std {100 * new['std']:.2f} pt)"],
         ["offline KD student (`make fewlabels`)", "—",
@@ -271,6 +271,7 @@ def markdown(r: dict) -> str:
     ]  # fmt: skip
     verdict = r["ab"]["verdict"]
     per_seed = ", ".join(f"seed {p['seed']}: {p['top1']:.2%}" for p in new["per_seed"])
+    offline_seeds = ", ".join(f"seed {s}: {t:.2%}" for s, t in zip(offline["seeds"], offline["per_seed"], strict=True))
     return (
         "\n".join(
             [
@@ -283,7 +284,8 @@ def markdown(r: dict) -> str:
                 "",
                 markdown_table(["model", "served top-1", "in-process top-1"], models, "l r l"),
                 "",
-                f"Re-distilled per seed: {per_seed}. Re-distilled minus offline KD (means): "
+                f"Re-distilled per seed: {per_seed}. Offline KD per seed: {offline_seeds}. Re-distilled minus offline "
+                "KD (means): "
                 f"{r['redistilled_minus_offline_kd_points']:+.2f} points.",
                 "",
                 f"A/B through the gateway ({STUDENT_PLAIN} control, {STUDENT} = the new {STUDENT_KD} candidate, every "
