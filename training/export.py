@@ -310,7 +310,7 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         split=recipe.data.split,
         preprocessing=data.preprocessing,
         models=entries,
-        cascade=_cascade(results, entries),
+        cascade=cascade_entry(results, entries),
     )
     write_manifest(repo, manifest)
     _write_report(run, report)
@@ -405,7 +405,7 @@ def _write_scheduler_ensemble(
     )
 
 
-def _cascade(results: dict, entries: dict[str, ModelEntry]) -> Cascade | None:
+def cascade_entry(results: dict, entries: dict[str, ModelEntry]) -> Cascade | None:
     measured = results["models"].get("cascade")
     if measured is None:
         return None

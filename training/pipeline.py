@@ -305,7 +305,7 @@ def _barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def _train_or_reuse(
+def train_or_reuse(
     stage: Stage,
     recipe: Recipe,
     data: SplitData,
@@ -428,7 +428,7 @@ def _calibrated(stage_eval: StageEval, temperature: float) -> tuple[torch.Tensor
     return (stage_eval.val_logits / temperature).softmax(-1), (stage_eval.test_logits / temperature).softmax(-1)
 
 
-def _evaluate_cascade(
+def evaluate_cascade(
     recipe: Recipe, evals: dict[str, StageEval], models: dict[str, dict], teacher_pred: torch.Tensor, ece_bins: int
 ) -> dict:
     """Fit the cascade's threshold on validation, then measure it on test like any model."""
@@ -496,7 +496,7 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
             model, seconds = _assemble_teacher(stage, trained, out, runtime)
             was_reused = all(f"teacher_member_{i}" in reused for i in range(stage.members))
         else:
-            model, seconds, was_reused = _train_or_reuse(stage, recipe, data, teacher, out, runtime, done)
+            model, seconds, was_reused = train_or_reuse(stage, recipe, data, teacher, out, runtime, done)
         stage_seconds[stage.name] = round(seconds, 1)
         if was_reused:
             reused.append(stage.name)
@@ -569,7 +569,7 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
         models["ensemble"] = ensemble
 
     if recipe.cascade.enabled:
-        models["cascade"] = _evaluate_cascade(recipe, evals, models, teacher_pred, ece_bins)
+        models["cascade"] = evaluate_cascade(recipe, evals, models, teacher_pred, ece_bins)
 
     seeds = recipe.evaluation.seeds
     seed_names = {

@@ -20,20 +20,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from kdcontract.errors import UserError
-from kdcontract.manifest import Cascade, ModelEntry, read_manifest, write_manifest
+from kdcontract.manifest import ModelEntry, read_manifest, write_manifest
 from kdcontract.names import STUDENT_KD, TEACHER, int8_name
 from kdcontract.tables import markdown_table
 from training.checkpoint import ModelSpec, load_model, save_model
-from training.data import SplitData, capture_digest, load_capture, load_data
-from training.evaluate import cascade_answers, classification_metrics, fit_cascade_threshold, top_k_accuracy
-from training.export import as_numpy, export_graph, int8_sibling, write_served_model
-from training.pipeline import TRAINING_FORMAT, Stage, evaluate_stage, fingerprint_of, init_model, stage_training_set
+from training.data import SplitData, load_capture, load_data
+from training.export import as_numpy, cascade_entry, export_graph, int8_sibling, write_served_model
+from training.pipeline import Stage, evaluate_cascade, evaluate_stage, train_or_reuse
 from training.recipe import Recipe, load_recipe
 from training.runtime import Runtime
-from training.trainer import FitJob, fit
 from training.triton_repo import ServingOptions
 
 
@@ -67,77 +63,8 @@ def _stage(recipe: Recipe, seed: int) -> Stage:
     return Stage(f"student_seed{seed}", "student", recipe.student, seed, recipe.data.augment, recipe.distill)
 
 
-def _fingerprint(recipe: Recipe, stage: Stage, capture: str, teacher_fingerprint: str) -> str:
-    """A student is retrained when its settings, the capture's files or the teacher change."""
-    settings = {
-        "data": recipe.data.model_dump(mode="json"),
-        "model": recipe.student.model_dump(mode="json"),
-        "distill": recipe.distill.model_dump(mode="json", exclude={"capture", "transfer"}),
-        "seed": stage.seed,
-        "capture": capture_digest(capture),
-        "teacher": teacher_fingerprint,
-        "format": TRAINING_FORMAT,
-    }
-    return fingerprint_of(settings)
-
-
-def _train_student(
-    recipe: Recipe, stage: Stage, data: SplitData, teacher: torch.nn.Module, out: Path, fingerprint: str, runtime
-) -> tuple[torch.nn.Module, ModelSpec, float, bool]:
-    """One student distilled on the labelled split and the capture, or the one trained before from the
-    same settings and capture."""
-    path = out / stage.name / "model.pt"
-    if path.is_file():
-        model, spec, meta = load_model(path)
-        if meta.get("fingerprint") == fingerprint:
-            return model, spec, float(meta.get("seconds", 0.0)), True
-    train_set, repeat = stage_training_set(stage, data)
-    job = FitJob(
-        name=stage.name,
-        model=init_model(stage, data),
-        train=recipe.student.train,
-        augment=stage.augment,
-        seed=stage.seed,
-        out_dir=out / stage.name,
-        teacher=teacher,
-        distill=recipe.distill,
-        fingerprint=fingerprint,
-        train_set=train_set,
-        repeat=repeat,
-    )
-    result = fit(job, data, runtime)
-    spec = ModelSpec(
-        arch=recipe.student.arch,
-        num_classes=data.num_classes,
-        small_stem=recipe.student.small_stem,
-        width=recipe.student.width,
-        image_size=data.image_size,
-        mean=data.mean,
-        std=data.std,
-        class_names=data.class_names,
-        role="student",
-    )
-    return result.model, spec, result.seconds, False
-
-
 def _numbers(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, float | int)}
-
-
-def _refit_cascade(
-    cascade: Cascade, student_eval, teacher_eval, student_t: float, teacher_t: float, max_drop: float, ece_bins: int
-) -> Cascade:
-    """The cascade's threshold fitted again on validation for the new student, measured on test."""
-    student_val = (student_eval.val_logits / student_t).softmax(-1)
-    teacher_val = (teacher_eval.val_logits / teacher_t).softmax(-1)
-    threshold = fit_cascade_threshold(student_val, teacher_val, teacher_eval.val_labels, max_drop)
-    student_test = (student_eval.test_logits / student_t).softmax(-1)
-    answers, escalated = cascade_answers(student_test, (teacher_eval.test_logits / teacher_t).softmax(-1), threshold)
-    metrics = classification_metrics(answers, teacher_eval.test_labels, teacher_eval.test_logits.argmax(-1), ece_bins)
-    metrics["escalation_rate"] = escalated.float().mean().item()
-    val_answers, _ = cascade_answers(student_val, teacher_val, threshold)
-    metrics["val_top1"] = top_k_accuracy(val_answers, teacher_eval.val_labels, 1)
-    return cascade.model_copy(update={"threshold": threshold, "metrics": _numbers(metrics)})
 
 
 def redistill(job: RedistillJob, runtime: Runtime) -> dict:
@@ -146,10 +73,12 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
     if not job.seeds:
         raise UserError("give at least one seed")
     recipe = load_recipe(str(job.run / "recipe.yaml"), list(job.overrides))
+    # The capture enters every stage's fingerprint: a student is reused only for the same capture.
+    recipe.distill.capture = job.capture
     against = job.against or job.served_as
     against_entry, against_source = _served_checkpoint(job.repo, against)
     teacher_path = job.run / TEACHER / "model.pt"
-    teacher, _, teacher_meta = load_model(teacher_path)
+    teacher, _, _ = load_model(teacher_path)
     data = load_data(recipe.data, client_forms=True)
     labelled, own_transfer = len(data.train), len(data.transfer) if data.transfer is not None else 0
     # The capture is the transfer set: the recipe's own unlabelled images are what traffic replaces.
@@ -164,16 +93,14 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
     served_stage = Stage(against, "student", recipe.student, recipe.seed, recipe.data.augment)
     served_eval = evaluate_stage(served_model, served_stage, data, teacher_pred, ece_bins)
 
-    students = []
-    first = None
+    students, first = [], None
     for seed in job.seeds:
         stage = _stage(recipe, seed)
-        fingerprint = _fingerprint(recipe, stage, job.capture, str(teacher_meta.get("fingerprint", "")))
-        model, spec, seconds, reused = _train_student(recipe, stage, data, teacher, job.out, fingerprint, runtime)
+        model, seconds, reused = train_or_reuse(stage, recipe, data, teacher, job.out, runtime, {})
         evaluated = evaluate_stage(model, stage, data, teacher_pred, ece_bins)
-        spec.temperature, spec.metrics = evaluated.metrics["temperature"], _numbers(evaluated.metrics)
         path = job.out / stage.name / "model.pt"
-        meta = {"fingerprint": fingerprint, "stage": stage.name, "capture": job.capture, "seconds": seconds}
+        _, spec, meta = load_model(path)
+        spec.temperature, spec.metrics = evaluated.metrics["temperature"], _numbers(evaluated.metrics)
         save_model(path, model, spec, meta)
         print(
             f"[redistill] seed {seed}: test top-1 {evaluated.metrics['top1']:.2%} "
@@ -238,16 +165,16 @@ def _export_new_version(
         written[quantized] = updated[quantized].version
     manifest.models.update(updated)
     if manifest.cascade is not None and manifest.cascade.student == job.served_as:
-        teacher_t = manifest.models[manifest.cascade.teacher].temperature or 1.0
-        manifest.cascade = _refit_cascade(
-            manifest.cascade,
-            evaluated,
-            teacher_eval,
-            spec.temperature,
-            teacher_t,
-            recipe.cascade.max_accuracy_drop,
-            recipe.evaluation.ece_bins,
-        )
+        # The threshold fitted again on validation for the new student, as training fits it.
+        student = recipe.cascade.student
+        evals = {student: evaluated, TEACHER: teacher_eval}
+        models = {
+            student: {**evaluated.metrics, "arch": spec.arch},
+            TEACHER: {**teacher_eval.metrics, "arch": recipe.teacher.arch},
+        }
+        teacher_pred = teacher_eval.test_logits.argmax(-1)
+        measured = evaluate_cascade(recipe, evals, models, teacher_pred, recipe.evaluation.ece_bins)
+        manifest.cascade = cascade_entry({"models": {"cascade": measured}}, manifest.models)
     write_manifest(job.repo, manifest)
     print(f"[redistill] exported {', '.join(f'{n} version {v}' for n, v in written.items())} into {job.repo}")
     return {"versions": written, "onnx_vs_torch": parity["onnx_vs_torch"]}
