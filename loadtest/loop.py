@@ -206,7 +206,7 @@ def run_loop(fewlabels_run: Path, repo: Path, out: Path, work: Path, seeds: list
             "model": STUDENT_PLAIN,
             "version": versions.get(STUDENT_PLAIN),
             "top1": served_top1[STUDENT_PLAIN],
-            "offline_top1_seeds_mean": offline["student_plain"]["mean"],
+            "offline_top1_seeds_mean": offline[STUDENT_PLAIN]["mean"],
         },
         "redistilled": {
             "model": STUDENT_KD,
@@ -221,9 +221,9 @@ def run_loop(fewlabels_run: Path, repo: Path, out: Path, work: Path, seeds: list
             "captured_images": redistilled["captured_images"],
         },
         "offline_kd": {
-            "top1": offline["student_kd"]["mean"],
-            "std": offline["student_kd"]["std"],
-            "per_seed": offline["student_kd"]["top1"],
+            "top1": offline[STUDENT_KD]["mean"],
+            "std": offline[STUDENT_KD]["std"],
+            "per_seed": offline[STUDENT_KD]["top1"],
             "seeds": offline["seeds"],
         },
         "teacher": {"served_top1": served_top1[TEACHER]},

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kdcontract.errors import UserError
+from kdcontract.names import STUDENT_KD
 
 
 def _cmd_all(args: argparse.Namespace) -> None:
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--repo", required=True, help="the served repository the new version is exported into")
     again.add_argument("--out", help="where the new students go (default <run>/redistill)")
     again.add_argument("--seeds", type=int, nargs="+", default=[0], help="one student per seed; the first is exported")
-    again.add_argument("--served-as", default="student_kd", help="served name the new student becomes a version of")
+    again.add_argument("--served-as", default=STUDENT_KD, help="served name the new student becomes a version of")
     again.add_argument("--against", help="served model it is compared with (default: the --served-as one)")
     again.add_argument("--flavor", choices=["cpu", "gpu"], default="cpu")
     again.add_argument("--instances", type=int, default=1, help="Triton instances per model")
