@@ -100,7 +100,9 @@ SIMD_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf1
 
 def cpu_description() -> str:
     cpu, flags = cpu_info()
-    return f"{cpu} ({', '.join(sorted(flags & SIMD_FLAGS)) or 'no AVX2'}), {os.cpu_count()} cores"
+    # The cores this process may run on (taskset, a container's cpuset), not the machine's count.
+    usable = len(os.sched_getaffinity(0))
+    return f"{cpu} ({', '.join(sorted(flags & SIMD_FLAGS)) or 'no AVX2'}), {usable} core{'s' if usable > 1 else ''}"
 
 
 def machine(triton_http: str) -> dict:

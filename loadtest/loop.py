@@ -212,6 +212,8 @@ def run_loop(fewlabels_run: Path, repo: Path, out: Path, work: Path, seeds: list
             "model": STUDENT_KD,
             "version_before": before_version,
             "version": new_version,
+            "start": redistilled["redistilled"]["start"],
+            "epochs": redistilled["redistilled"]["epochs"],
             "top1": redistilled["redistilled"]["top1"],
             "std": redistilled["redistilled"]["std"],
             "per_seed": redistilled["redistilled"]["per_seed"],
@@ -251,7 +253,8 @@ def markdown(r: dict) -> str:
          f"{traffic['images']} images, {traffic['clients']} clients; captured {traffic['captured']}, "
          f"dropped {traffic['dropped']}; the plain student answered {_pct(traffic['served_top1_on_traffic'])} right"],
         ["re-distilled and exported", f"{s['redistill_and_export']:.1f}",
-         f"{len(r['seeds'])} seed(s) {r['seeds']}; {STUDENT_KD} version {new['version_before']} -> {new['version']}"],
+         f"{len(r['seeds'])} seed(s) {r['seeds']}, each from {new['start']}, {new['epochs']} epochs; "
+         f"{STUDENT_KD} version {new['version_before']} -> {new['version']}"],
         ["Triton loaded the new version", f"{s['triton_loaded_new_version']:.1f}", f"polling every {POLL_S:g}s"],
         ["compared through the gateway", f"{s['compare']:.1f}", "by name, then A/B with feedback"],
     ]  # fmt: skip

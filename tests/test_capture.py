@@ -216,6 +216,9 @@ def test_a_student_redistilled_from_a_killed_gateways_capture_reads_every_whole_
     for name in bad:
         assert f"capture file {capture / name} skipped" in result.stdout
     report = json.loads((tmp_path / "redistilled" / "redistill.json").read_text())
+    # It continued from the served student (the run's recipe leaves the start and epochs to defaults).
+    assert report["redistilled"]["start"] == f"student_kd version {before.models['student_kd'].version}"
+    assert report["redistilled"]["epochs"] == 1
     assert report["captured_images"] == whole_images  # every image of every whole file, the kill's last one too
     after = read_manifest(repo)
     for name in ("student_kd", "student_kd_int8"):

@@ -8,12 +8,16 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
+from kdcontract.errors import UserError
 from tests.conftest import ROOT, TINY_OVERRIDES, override_args, run_training
+from training import pipeline
 from training.checkpoint import load_model
 from training.data import load_data
 from training.evaluate import predict_logits, top_k_accuracy
+from training.pipeline import init_model, plan_stages
 from training.recipe import load_recipe
 
 MODEL_NAMES = {
@@ -187,3 +191,21 @@ def test_initial_weights_come_from_the_stage_seed_in_every_process():
     first, again, other = _init_digest(0), _init_digest(0), _init_digest(1)
     assert first == again
     assert first != other
+
+
+def test_a_distilling_stage_starts_from_distill_init_when_it_is_the_same_network(tiny_run, tmp_path):
+    recipe = load_recipe(str(tiny_run / "recipe.yaml"), [f"distill.init={tiny_run / 'student_plain' / 'model.pt'}"])
+    data = load_data(recipe.data)
+    stages = {stage.name: stage for stage in plan_stages(recipe)}
+    served, _, _ = load_model(tiny_run / "student_plain" / "model.pt")
+    started = init_model(stages["student_kd"], data)
+    for name, tensor in served.state_dict().items():
+        assert torch.equal(started.state_dict()[name], tensor), name
+    fresh = init_model(stages["student_plain"], data)  # no teacher, no start checkpoint
+    assert not torch.equal(fresh.state_dict()["backbone.fc.weight"], served.state_dict()["backbone.fc.weight"])
+    assert "init" in pipeline._sources(stages["student_kd"], recipe)  # the start is in the stage's fingerprint
+
+    wider = load_recipe(str(tiny_run / "recipe.yaml"), [f"distill.init={tiny_run / 'student_plain' / 'model.pt'}"])
+    wider.student.width = 0.5
+    with pytest.raises(UserError, match="start it from fresh weights"):
+        init_model(next(s for s in plan_stages(wider) if s.name == "student_kd"), data)

@@ -8,6 +8,7 @@ training image. Normalisation lives inside the model.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
@@ -25,6 +27,7 @@ from kdcontract.digits import digits_gray, labelled_positions, split_indices
 from kdcontract.errors import UserError
 from kdcontract.imageprep import prepare
 from kdcontract.manifest import DigitFraming, Preprocessing
+from training.array_cache import cache_key, cached_array
 from training.recipe import DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -134,12 +137,38 @@ def load_digits_images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 handwritten 8x8 digits as uint8 RGB at `size` (ships with the package)."""
     gray, labels = digits_gray()
     spec = preprocessing(DataConfig(dataset="digits", image_size=size))
-    images = np.stack([prepare(Image.fromarray(img, mode="L"), spec) for img in gray])
+    key = cache_key(gray.tobytes(), f"{gray.shape} {spec.model_dump_json()}", *_rendering_code(_prepare_all))
+    images = cached_array("digits", key, lambda: _prepare_all(gray, spec))
     return torch.from_numpy(images), torch.tensor(labels, dtype=torch.long)
 
 
+def _prepare_all(gray: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    return np.stack([prepare(Image.fromarray(img, mode="L"), spec) for img in gray])
+
+
+def _rendering_code(function) -> list[str | bytes]:
+    """What a cached picture depends on besides its inputs: the function that made it, the modules that
+    render and prepare images, and the libraries under them."""
+    modules = [Path(inspect.getsourcefile(f)).read_bytes() for f in (render_image, prepare)]
+    return [inspect.getsource(function), f"numpy {np.__version__} pillow {PIL.__version__}", *modules]
+
+
 def client_form_pictures(digits: np.ndarray, per_image: int, spec: Preprocessing, seed: int) -> torch.Tensor:
-    """[N, per_image, H, W, 3]: each 8x8 digit rendered as random clients send it, then prepared as served."""
+    """[N, per_image, H, W, 3]: each 8x8 digit rendered as random clients send it, then prepared as served.
+
+    Computed once per machine (`array_cache`): the key covers the digits, the settings, and the code
+    and library versions that render and prepare them.
+    """
+    key = cache_key(
+        np.ascontiguousarray(digits).tobytes(),
+        f"{digits.shape} {digits.dtype} {per_image} {seed} {spec.model_dump_json()}",
+        *_rendering_code(_render_client_forms),
+    )
+    pictures = cached_array("client_forms", key, lambda: _render_client_forms(digits, per_image, spec, seed))
+    return torch.from_numpy(pictures)
+
+
+def _render_client_forms(digits: np.ndarray, per_image: int, spec: Preprocessing, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     pictures = np.empty((len(digits), per_image, spec.image_size, spec.image_size, 3), dtype=np.uint8)
     for i, digit in enumerate(digits):
@@ -149,7 +178,7 @@ def client_form_pictures(digits: np.ndarray, per_image: int, spec: Preprocessing
             if form.encoding == "JPEG":  # its artefacts are part of what the gateway sees; PNG is lossless
                 picture = Image.open(io.BytesIO(encode(picture, form)))
             pictures[i, k] = prepare(picture, spec)
-    return torch.from_numpy(pictures)
+    return pictures
 
 
 def _load_digits(cfg: DataConfig, client_forms: bool = False) -> SplitData:

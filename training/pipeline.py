@@ -135,7 +135,18 @@ def _stage_settings(stage: Stage, recipe: Recipe) -> dict:
         "distill": stage.distill.model_dump(mode="json") if stage.distill else None,
         "teacher": _model_settings(recipe.teacher) if stage.distill else None,
         "heads": [stage.heads, stage.head_sample_fraction],
-    } | ({"capture": capture_digest(recipe.distill.capture)} if stage.distill and recipe.distill.capture else {})
+    } | _sources(stage, recipe)
+
+
+def _sources(stage: Stage, recipe: Recipe) -> dict:
+    """What a distilling stage reads besides the recipe: a capture (by its segments) and a start checkpoint
+    (by its bytes); a stage is reused only while they are the same."""
+    sources = {}
+    if stage.distill and recipe.distill.capture:
+        sources["capture"] = capture_digest(recipe.distill.capture)
+    if stage.distill and stage.distill.init:
+        sources["init"] = hashlib.sha256(Path(stage.distill.init).read_bytes()).hexdigest()[:16]
+    return sources
 
 
 # Bumped when a change to training makes models trained by earlier code stale (2: seeded weights;
@@ -160,6 +171,8 @@ def init_model(stage: Stage, data: SplitData) -> ImageClassifier:
     """
     cfg = stage.model_cfg
     torch.manual_seed(stage.seed)
+    if stage.distill and stage.distill.init:
+        return _start_from(Path(stage.distill.init), stage, data)
     return build_classifier(
         cfg.arch,
         data.num_classes,
@@ -169,6 +182,21 @@ def init_model(stage: Stage, data: SplitData) -> ImageClassifier:
         heads=stage.heads,
         width=cfg.width,
     )
+
+
+def _start_from(path: Path, stage: Stage, data: SplitData) -> ImageClassifier:
+    """The checkpoint a distilling stage continues from, when it is the stage's network for these data."""
+    model, spec, _ = load_model(path)
+    cfg = stage.model_cfg
+    wanted = (cfg.arch, cfg.small_stem, cfg.width, data.num_classes, data.image_size)
+    found = (spec.arch, spec.small_stem, spec.width, spec.num_classes, spec.image_size)
+    if wanted != found or stage.heads:
+        raise UserError(
+            f"{path} is {found[0]} (small stem {found[1]}, width {found[2]}, {found[3]} classes, {found[4]} px); "
+            f"{stage.name} is {wanted[0]} (small stem {wanted[1]}, width {wanted[2]}, {wanted[3]} classes, "
+            f"{wanted[4]} px): start it from fresh weights (redistill: --set redistill.start=fresh)"
+        )
+    return model
 
 
 def stage_training_set(stage: Stage, data: SplitData) -> tuple[Dataset, int]:

@@ -168,6 +168,11 @@ class DistillConfig(_Strict):
         description="a capture directory the gateway wrote (KDSERVE_CAPTURE_DIR): its images join the transfer "
         "images, with the labels feedback gave them; files that are not whole segments are skipped and named",
     )
+    init: str | None = Field(
+        None,
+        description="a student checkpoint (model.pt) that distilling stages start from instead of fresh weights "
+        "(redistill sets it to the served student's); it must have the student's architecture",
+    )
 
 
 class VariantConfig(_Strict):
@@ -233,6 +238,16 @@ class CompressionConfig(_Strict):
         return self
 
 
+class RedistillConfig(_Strict):
+    """`python -m training redistill`: how the new student is made from a capture."""
+
+    # "served": the model that served the captured traffic is the start, so the capture's soft targets
+    # refine what it learnt instead of relearning it. On the few-labels digits 4 epochs from the served
+    # plain student reached 95.31% (3 seeds), 16 from fresh weights 94.07%, in a quarter of the time.
+    start: Literal["served", "fresh"] = "served"
+    epochs: int | None = Field(None, ge=1, description="the new student's epochs (None: student.train.epochs)")
+
+
 class EvalConfig(_Strict):
     # The plain and KD students are trained once per seed so the KD gain is reported with spread.
     seeds: list[int] = Field(default_factory=lambda: [0])
@@ -249,6 +264,7 @@ class Recipe(_Strict):
     ensemble: EnsembleConfig = EnsembleConfig()
     cascade: CascadeConfig = CascadeConfig()
     compression: CompressionConfig = CompressionConfig()
+    redistill: RedistillConfig = RedistillConfig()
     evaluation: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")

@@ -3,7 +3,9 @@
 The loop this closes: the gateway captures what clients send (`KDSERVE_CAPTURE_*`), feedback labels some
 of it, and this command trains a student on that capture from the run's teacher: the capture replaces
 the recipe's own unlabelled transfer images (a recipe's labelled split stays: it is the labels you had),
-with the capture's feedback labels where there are some. The new student is evaluated on the recipe's
+with the capture's feedback labels where there are some. By default (`redistill.start: served`) each
+student starts from the served model's weights and trains `redistill.epochs` epochs: the capture
+refines what served it instead of teaching a fresh network from nothing. The new student is evaluated on the recipe's
 held-out test split beside the model the repository serves under the same name (or `--against`), then
 exported as a new version of that name: the graph is written and checked first, the version directory
 appears whole, and only then does the manifest name it, so Triton (polling the repository) loads it
@@ -77,6 +79,10 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
     recipe.distill.capture = job.capture
     against = job.against or job.served_as
     against_entry, against_source = _served_checkpoint(job.repo, against)
+    if recipe.redistill.start == "served":
+        recipe.distill.init = str(against_source)  # continue from what served the captured traffic
+    if recipe.redistill.epochs is not None:
+        recipe.student.train.epochs = recipe.redistill.epochs
     teacher_path = job.run / TEACHER / "model.pt"
     teacher, _, _ = load_model(teacher_path)
     data = load_data(recipe.data, client_forms=True)
@@ -124,6 +130,8 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
         "teacher": {"top1": teacher_eval.metrics["top1"]},
         "served_before": {"name": against, "version": against_entry.version, "top1": served_eval.metrics["top1"]},
         "redistilled": {
+            "start": f"{against} version {against_entry.version}" if recipe.distill.init else "fresh weights",
+            "epochs": recipe.student.train.epochs,
             "seeds": list(job.seeds),
             "per_seed": students,
             "top1": statistics.fmean(top1s),
@@ -191,6 +199,8 @@ def markdown(report: dict) -> str:
         f"{report['captured_images']} captured ones ({report['captured_labelled']} with feedback labels) in place "
         f"of the recipe's {report['recipe_transfer_images_replaced']} unlabelled images. Test split: "
         f"{report['test_images']} images.",
+        "",
+        f"Each student started from {r['start']} and trained {r['epochs']} epochs.",
         "",
         markdown_table(["student", "test top-1", "train s"], rows),
         "",

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from kdcontract.errors import UserError
 from training.augment import augment_batch
+from training.conv_shortcut import one_pixel_convs_cropped
 from training.data import UNLABELLED, SplitData, holds_unlabelled, iterate_batches
 from training.evaluate import predict_logits, top_k_accuracy
 from training.losses import FeatureHint, logit_distillation
@@ -230,6 +232,14 @@ def find_batch_size(
 
 
 def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
+    """Train `job.model` (in place) and return it, the moving average's if the job keeps one."""
+    # On a CPU, convolutions with a one-pixel output (a ResNet's last stage at 8x8) are computed on
+    # the taps that meet the image: the same numbers, 2.7x faster student steps (conv_shortcut.py).
+    with one_pixel_convs_cropped() if runtime.device.type == "cpu" else nullcontext():
+        return _fit(job, data, runtime)
+
+
+def _fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
     torch.manual_seed(job.seed)
     generator = torch.Generator().manual_seed(job.seed)
     device = runtime.device
