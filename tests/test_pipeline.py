@@ -179,16 +179,22 @@ print(digest.hexdigest())
 """
 
 
-def _init_digest(seed: int) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-c", INIT_DIGEST, str(seed)], capture_output=True, text=True, timeout=120, check=True
-    )
-    return proc.stdout.strip()
+def _init_digests(*seeds: int) -> list[str]:
+    """The plain student's initial weights for each seed, each in a process of its own (run side by side:
+    most of each is importing torch)."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", INIT_DIGEST, str(seed)], stdout=subprocess.PIPE, text=True)
+        for seed in seeds
+    ]
+    digests = [proc.communicate(timeout=180)[0].strip() for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    return digests
 
 
 def test_initial_weights_come_from_the_stage_seed_in_every_process():
     # torch seeds itself randomly at start-up: two processes must still start a stage from the same weights.
-    first, again, other = _init_digest(0), _init_digest(0), _init_digest(1)
+    first, again, other = _init_digests(0, 0, 1)
+    assert len(first) == 64
     assert first == again
     assert first != other
 

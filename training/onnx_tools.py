@@ -24,7 +24,7 @@ OPSET = 18
 
 # Bumped when what export_onnx writes changes for the same model (a new graph rewrite, say), so graphs
 # kept from an earlier export are made again.
-GRAPH_FORMAT = 1
+GRAPH_FORMAT = 2  # 2: TorchScript's exporter
 
 
 def graph_key(model: torch.nn.Module, image_size: int, output_name: str, constants: tuple = ()) -> str:
@@ -45,14 +45,17 @@ def export_onnx(
 ) -> bool:
     """uint8 [N,H,W,3] -> logits (or `output_name`) with a dynamic batch axis, weights inside the one .onnx file.
 
-    The dynamo exporter is torch's default; `external_data=False` stops it writing the weights to
-    a separate `.onnx.data` file, which a Triton version directory would then have to carry too.
-    Height and width are fixed, so kernel taps that only ever read padding are dropped
-    (`drop_padding_taps`); the parity gate in export compares the result with PyTorch.
+    TorchScript's exporter, not torch's default dynamo one: for the same trained ResNet18 both write the
+    same graph (20 Conv with BatchNorm folded in, 17 Relu, 8 Add), TorchScript's in 0.65 s, dynamo's in
+    9.3 s (a ResNet50: 1.3 s against 14.9 s) on a 2-core EPYC, and export is on the path to every
+    served model (the demo's page, a re-distilled version, the suite's fixtures). torch deprecates it
+    from 2.9 on; kdserve pins torch 2.14.1, where it is whole, and the parity gate in export compares
+    every graph with PyTorch. Height and width are fixed, so kernel taps that only ever read padding are
+    dropped (`drop_padding_taps`).
 
     With a `key` (`graph_key`), a graph exported earlier from the same key is kept instead of exported
-    again (the dynamo exporter takes 5-15 s a model on 2 cores; a re-export of unchanged models is then
-    a matter of the parity checks). Returns whether the graph was kept.
+    again (a re-export of unchanged models is then a matter of the parity checks). Returns whether the
+    graph was kept.
     """
     key_file = path.with_name(f"{path.name}.key")
     if key is not None and path.is_file() and key_file.is_file() and key_file.read_text() == key:
@@ -60,20 +63,17 @@ def export_onnx(
     key_file.unlink(missing_ok=True)  # written after the graph: a crash in between leaves no stale key
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # the exporter's deprecation notice, printed on every call
         torch.onnx.export(
             model.eval(),
             (example,),
             str(path),
-            dynamo=True,
-            external_data=False,
+            dynamo=False,
             opset_version=OPSET,
             input_names=[INPUT_NAME],
             output_names=[output_name],
-            dynamic_shapes={"images": {0: batch}},
-            verbose=False,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
         )
     graph = onnx.load(str(path))
     if drop_padding_taps(graph):
@@ -205,17 +205,20 @@ def drop_padding_taps(model: onnx.ModelProto) -> int:
         for info in [*inferred.graph.value_info, *inferred.graph.input]
     }
     initializers = {init.name: init for init in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = _uses(model)
+    # The exporter shares one initializer between equal weights, through Identity nodes (zero-initialised
+    # residual branches are all equal before training): a trimmed convolution then gets its own copy.
+    producers = {out: node for node in model.graph.node for out in node.output}
     changed: set[str] = set()
     for node in model.graph.node:
-        if node.op_type != "Conv" or node.input[1] not in initializers or uses[node.input[1]] != 1:
+        source = node.input[1] if node.op_type == "Conv" else ""
+        while source not in initializers and source in producers and producers[source].op_type == "Identity":
+            source = producers[source].input[0]
+        if source not in initializers:
             continue
         attrs = _conv_attributes(node)
         spatial = shapes.get(node.input[0], [])[2:]
-        weight = onnx.numpy_helper.to_array(initializers[node.input[1]])
+        weight = onnx.numpy_helper.to_array(initializers[source])
         rank = weight.ndim - 2
         if (
             len(spatial) != rank
@@ -235,15 +238,54 @@ def drop_padding_taps(model: onnx.ModelProto) -> int:
         trimmed = weight[tuple(slices)]
         if trimmed.shape == weight.shape or min(new_pads) < 0:
             continue
-        initializers[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(trimmed, node.input[1]))
+        if source == node.input[1] and uses[source] == 1:
+            initializers[source].CopyFrom(onnx.numpy_helper.from_array(trimmed, source))
+        else:
+            own = f"{node.output[0]}_trimmed_weight"
+            model.graph.initializer.append(onnx.numpy_helper.from_array(trimmed, own))
+            node.input[1] = own
         for attr in node.attribute:
             if attr.name == "kernel_shape":
                 attr.CopyFrom(onnx.helper.make_attribute("kernel_shape", list(trimmed.shape[2:])))
             elif attr.name == "pads":
                 attr.CopyFrom(onnx.helper.make_attribute("pads", new_pads))
         changed.add(node.input[1])
+    trimmed_count = len(changed)
+    changed |= _drop_unused(model)
     # The exporter records each weight's shape in value_info too; a stale one fails shape inference.
     stale = [info for info in model.graph.value_info if info.name in changed]
     for info in stale:
         model.graph.value_info.remove(info)
-    return len(changed)
+    return trimmed_count
+
+
+def _uses(model: onnx.ModelProto) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    return uses
+
+
+def _drop_unused(model: onnx.ModelProto) -> set[str]:
+    """Remove the Identity nodes and initializers nothing reads any more (shared weights that trimmed
+    copies replaced); returns the names removed."""
+    outputs = {out.name for out in model.graph.output}
+    removed: set[str] = set()
+    while True:
+        uses = _uses(model)
+        dead = [
+            node
+            for node in model.graph.node
+            if node.op_type == "Identity" and not uses.get(node.output[0]) and node.output[0] not in outputs
+        ]
+        if not dead:
+            break
+        for node in dead:
+            removed.add(node.output[0])
+            model.graph.node.remove(node)
+    uses = _uses(model)
+    for init in [i for i in model.graph.initializer if not uses.get(i.name) and i.name not in outputs]:
+        removed.add(init.name)
+        model.graph.initializer.remove(init)
+    return removed

@@ -5,13 +5,13 @@ of it, and this command trains a student on that capture from the run's teacher:
 the recipe's own unlabelled transfer images (a recipe's labelled split stays: it is the labels you had),
 with the capture's feedback labels where there are some. By default (`redistill.start: served`) each
 student starts from the served model's weights and trains `redistill.epochs` epochs: the capture
-refines what served it instead of teaching a fresh network from nothing. The new student is evaluated on the recipe's
-held-out test split beside the model the repository serves under the same name (or `--against`), then
-exported as a new version of that name: the graph is written and checked first, the version directory
-appears whole, and only then does the manifest name it, so Triton (polling the repository) loads it
-and every gateway following the manifest switches once it is ready. When the repository's cascade or
-INT8 sibling is built on that student, both are renewed with it (the cascade's threshold refitted on
-validation), so nothing served keeps describing the old student.
+refines what served it instead of teaching a fresh network from nothing. The new student is evaluated
+on the recipe's held-out test split beside the model the repository serves under the same name (or
+`--against`), then exported as a new version of that name: the graph is written and checked first,
+the version directory appears whole, and only then does the manifest name it, so Triton (polling the
+repository) loads it and every gateway following the manifest switches once it is ready. When the
+repository's cascade or INT8 sibling is built on that student, both are renewed with it (the cascade's
+threshold refitted on validation), so nothing served keeps describing the old student.
 """
 
 from __future__ import annotations
