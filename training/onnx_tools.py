@@ -250,13 +250,12 @@ def drop_padding_taps(model: onnx.ModelProto) -> int:
             elif attr.name == "pads":
                 attr.CopyFrom(onnx.helper.make_attribute("pads", new_pads))
         changed.add(node.input[1])
-    trimmed_count = len(changed)
-    changed |= _drop_unused(model)
+    gone = changed | _drop_unused(model)
     # The exporter records each weight's shape in value_info too; a stale one fails shape inference.
-    stale = [info for info in model.graph.value_info if info.name in changed]
+    stale = [info for info in model.graph.value_info if info.name in gone]
     for info in stale:
         model.graph.value_info.remove(info)
-    return trimmed_count
+    return len(changed)
 
 
 def _uses(model: onnx.ModelProto) -> dict[str, int]:
