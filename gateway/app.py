@@ -27,6 +27,7 @@ from gateway.service import Classifier
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
 from gateway.triton_server import EmbeddedTriton, TritonPorts
+from gateway.v2_rest import router as v2_router
 from kdcontract.manifest import SchemaMismatch, read_manifest
 
 
@@ -153,4 +154,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)
+    app.include_router(v2_router)
     return app

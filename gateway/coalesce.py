@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gateway import tracing
+
 Send = Callable[[Hashable, np.ndarray], Awaitable[np.ndarray]]
 
 
@@ -60,8 +62,9 @@ class Coalescer:
                 self._finished(key, lane)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         lane.waiting.append((images, future))
-        async with asyncio.timeout(self.wait_s):  # on expiry the future is cancelled: never sent, or ignored
-            return await future
+        with tracing.span("coalesce.wait", images=len(images)):
+            async with asyncio.timeout(self.wait_s):  # on expiry the future is cancelled: never sent, or ignored
+                return await future
 
     def _finished(self, key: Hashable, lane: _Lane) -> None:
         lane.in_flight -= 1

@@ -107,11 +107,13 @@ def error_kinds() -> list[str]:
 def error_response(
     request: Request, status: int, kind: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """The one error body: `{"error": {"kind", "message"}, "request_id"}`."""
+    """The one error body: `{"error": {"kind", "message"}, "request_id"}`; under `/v2`, the Open
+    Inference Protocol's `{"error": "<message>"}` (the kind and id then travel in headers)."""
+    rid = getattr(request.state, "rid", None)
+    if request.url.path.startswith("/v2"):
+        return JSONResponse({"error": message}, status_code=status, headers={"X-Error-Kind": kind} | (headers or {}))
     return JSONResponse(
-        {"error": {"kind": kind, "message": message}, "request_id": getattr(request.state, "rid", None)},
-        status_code=status,
-        headers=headers,
+        {"error": {"kind": kind, "message": message}, "request_id": rid}, status_code=status, headers=headers
     )
 
 

@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
@@ -18,15 +17,13 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from gateway.answers import Answer, ShadowAnswer
+from gateway import tracing
 from gateway.auth import require_admin
 from gateway.errors import (
     BadRequest,
     Conflict,
     GatewayError,
-    Overloaded,
     PayloadTooLarge,
-    Unavailable,
     UnsupportedMediaType,
 )
 from gateway.experiment import (
@@ -39,7 +36,7 @@ from gateway.experiment import (
 )
 from gateway.feedback import MAX_ITEMS, FeedbackBatch, FeedbackItem, FeedbackResult
 from gateway.gates import arm_statistics, judge
-from gateway.images import open_image, prepare_images
+from gateway.inference import classify_request
 from gateway.schemas import (
     ClassifyJSON,
     ClassifyResponse,
@@ -49,7 +46,6 @@ from gateway.schemas import (
     ModelsResponse,
 )
 from gateway.service import Classifier
-from kdcontract.manifest import Preprocessing
 from kdcontract.names import AUTO
 
 router = APIRouter()
@@ -96,9 +92,6 @@ CLASSIFY_OPENAPI = {
     },
 }
 TOP_K = re.compile(r"[0-9]{1,3}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
-# Below this many pixels in a request, decoding costs less than handing it to a thread (measured
-# ~0.1 ms for 8x8 to 64x64 PNGs); above it, it runs in the decode threads so the loop stays free.
-INLINE_DECODE_PIXELS = 128 * 128
 
 
 async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
@@ -129,6 +122,13 @@ def parse_json_body(validate: Callable[[bytes], T], body: bytes, invalid: type[G
             raise BadRequest(f"body is not valid JSON: {first['msg']}") from exc
         where = ".".join(map(str, first["loc"])) or "body"
         raise invalid(f"{where}: {first['msg']}") from exc
+
+
+def trace_carrier(request: Request) -> dict[str, str]:
+    """The headers a caller's trace context may arrive in (read only while tracing is on)."""
+    if not tracing.enabled():
+        return {}
+    return {k: v for k, v in request.headers.items() if k in ("traceparent", "tracestate")}
 
 
 def parse_top_k(text: str) -> int:
@@ -183,75 +183,6 @@ async def parse_classify_request(request: Request, model: str, top_k: int) -> tu
     return files, model, top_k
 
 
-async def decode_images(request: Request, files: list[bytes], spec: Preprocessing) -> np.ndarray:
-    """Headers checked here, pixels decoded here when tiny, else in the decode threads."""
-    settings = request.app.state.settings
-    opened = [open_image(f, settings.allowed_formats, settings.max_image_pixels) for f in files]
-    if sum(image.width * image.height for image in opened) <= INLINE_DECODE_PIXELS:
-        return prepare_images(opened, spec)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app.state.decode_pool, prepare_images, opened, spec)
-
-
-async def classify_following(request: Request, classifier: Classifier, name: str, images: np.ndarray):
-    """`classifier.classify`, once more with the re-exported manifest when Triton has just dropped the
-    version this request was pinned to: Triton unloads an old version as soon as the new one is loaded,
-    which can be before this replica's next manifest poll. The manifest is checked at once and, if the
-    gateway switched, the request runs on the new versions (weights and calibration still together)."""
-    try:
-        return await classifier.classify(classifier.resolve(name), images)
-    except Unavailable:
-        follower = request.app.state.manifest_follower
-        if follower is None:
-            raise
-        await follower.check()
-        current: Classifier = request.app.state.classifier
-        if current is classifier:
-            raise
-        request.state.model = current.resolve(name)
-        return await current.classify(current.resolve(name), images)
-
-
-def _remember(request: Request, answer: Answer | ShadowAnswer | None) -> None:
-    """Keep an A/B answer for its feedback (when an answer store is configured); never waits."""
-    state = request.app.state
-    if answer is not None and state.answers is not None and not state.answers.remember(request.state.rid, answer):
-        state.metrics.answers_dropped.inc()
-
-
-async def _shadow(
-    classifier: Classifier, request: Request, arm: str, images: np.ndarray, primary: np.ndarray, answer: Answer | None
-):
-    """Runs after the response is sent: the other arm on the same images, compared top-1 by top-1.
-
-    Shadows pass admission control like any request, and are skipped (not queued) when the other arm
-    is at its bound, so mirroring can never push real traffic into 503s. The shadow's answer is kept
-    beside the request's (`answer`) for feedback.
-    """
-    metrics = request.app.state.metrics
-    target = classifier.resolve(arm)
-    start = time.perf_counter()
-    metrics.in_flight.inc()  # shadow work is in flight too, after its request's own count ended
-    try:
-        with classifier.admit(target, len(images)):
-            outcome = await classify_following(request, classifier, arm, images)
-    except Overloaded:
-        metrics.shadow.labels(arm, "shed").inc()
-        return
-    except Exception:
-        metrics.errors.labels("shadow").inc()
-        return
-    finally:
-        metrics.in_flight.dec()
-    latency_ms = (time.perf_counter() - start) * 1000
-    shadow_top1 = outcome.probabilities.argmax(-1)
-    agreed = bool((shadow_top1 == primary.argmax(-1)).all())
-    request.app.state.ab_stats.record_shadow(arm, latency_ms, agreed)
-    metrics.shadow.labels(arm, str(agreed).lower()).inc()
-    if answer is not None:
-        _remember(request, ShadowAnswer(shadow_top1.tolist(), answer.at))
-
-
 @router.post(
     "/v1/classify",
     response_model=ClassifyResponse,
@@ -262,43 +193,22 @@ async def _shadow(
 async def classify(request: Request) -> Response:
     start = time.perf_counter()
     state = request.app.state
-    classifier: Classifier = state.classifier
     query = request.query_params
-    files, model, top_k = await parse_classify_request(
-        request, query.get("model") or AUTO, parse_top_k(query["top_k"]) if "top_k" in query else 3
-    )
-
-    arm = None
-    if model == AUTO:
-        arm = state.ab_router.assign(request.headers.get(state.experiment.sticky_header))
-        model = arm
-    target = classifier.resolve(model)
-    request.state.model, request.state.arm = target, arm or ""
-
-    # Admitted before decoding: a shed request costs no decoding at all.
-    with classifier.admit(target, len(files)):
-        decode_start = time.perf_counter()
-        images = await decode_images(request, files, classifier.preprocessing)
-        decode_s = time.perf_counter() - decode_start
-        state.metrics.decode_seconds.observe(decode_s)
-        outcome = await classify_following(request, classifier, model, images)
-    state.metrics.images.labels(target).inc(len(images))
-    if state.capture is not None and state.capture.sample():
-        state.capture.images(request.state.rid, images, files, outcome)
+    with tracing.request_span("POST /v1/classify", trace_carrier(request)):
+        files, model, top_k = await parse_classify_request(
+            request, query.get("model") or AUTO, parse_top_k(query["top_k"]) if "top_k" in query else 3
+        )
+        done = await classify_request(
+            state,
+            request.state,
+            model,
+            files=files,
+            sticky_key=request.headers.get(state.experiment.sticky_header),
+            started=start,
+        )
+    outcome, arm = done.outcome, done.arm
     total_ms = (time.perf_counter() - start) * 1000
-    background = None
-    if arm is not None:
-        state.ab_stats.record(arm, total_ms)
-        shadow_arm = state.ab_router.shadow_arm(arm)
-        answer = None  # kept for feedback when there is an answer store
-        if state.answers is not None:
-            top1 = outcome.probabilities.argmax(-1).tolist()
-            answer = Answer(
-                arm=arm, model=outcome.model, version=outcome.version, top1=top1, at=time.time(), shadow_arm=shadow_arm
-            )
-            _remember(request, answer)
-        if shadow_arm is not None:
-            background = BackgroundTask(_shadow, classifier, request, shadow_arm, images, outcome.probabilities, answer)
+    background = BackgroundTask(done.shadow) if done.shadow is not None else None
     body = ClassifyResponse(
         request_id=request.state.rid,
         model=outcome.model,
@@ -309,13 +219,13 @@ async def classify(request: Request) -> Response:
         predictions=[
             {"top_k": ranked, "answered_by": by}
             for ranked, by in zip(
-                classifier.top_k(outcome.probabilities, top_k),
-                outcome.answered_by or [None] * len(images),
+                state.classifier.top_k(outcome.probabilities, top_k),
+                outcome.answered_by or [None] * len(files),
                 strict=True,
             )
         ],
         latency={
-            "decode_ms": decode_s * 1000,
+            "decode_ms": done.decode_s * 1000,
             "inference_ms": outcome.inference_ms,
             "fusion_ms": outcome.fusion_ms,
             "total_ms": total_ms,
@@ -363,26 +273,30 @@ async def healthz() -> dict:
     responses={503: {"description": "not ready; the body says what is missing"}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    classifier: Classifier = request.app.state.classifier
-    if getattr(request.app.state, "draining", False):
-        return JSONResponse({"ready": False, "reason": "draining: shutting down"}, status_code=503)
+    state = request.app.state
+    reason, missing = await not_ready(state)
+    if reason is not None:
+        body = {"ready": False, "reason": reason} | ({"models": missing} if missing else {})
+        headers = {} if reason.startswith("draining") else {"Retry-After": str(state.settings.retry_after_s)}
+        return JSONResponse(body, status_code=503, headers=headers)
+    needed = state.classifier.routed_models(state.experiment.weights)
+    versions = {n: state.classifier.manifest.models[n].version for n in needed}
+    return JSONResponse({"ready": True, "models": needed, "versions": versions})
+
+
+async def not_ready(state) -> tuple[str | None, list[str]]:
+    """Why this gateway cannot serve every route now (None when it can), and the models not READY:
+    draining, Triton not ready, or a model some route needs not loaded (`/readyz`, `/v2/health/ready`)."""
+    classifier: Classifier = state.classifier
+    if getattr(state, "draining", False):
+        return "draining: shutting down", []
     if not await classifier.triton.server_ready():
-        return JSONResponse(
-            {"ready": False, "reason": "triton not ready"},
-            status_code=503,
-            headers={"Retry-After": str(request.app.state.settings.retry_after_s)},
-        )
-    needed = classifier.routed_models(request.app.state.experiment.weights)
+        return "triton not ready", []
+    needed = classifier.routed_models(state.experiment.weights)
     versions = {n: classifier.manifest.models[n].version for n in needed}
     ready = await asyncio.gather(*(classifier.triton.model_ready(n, v) for n, v in versions.items()))
     missing = [n for n, r in zip(needed, ready, strict=True) if not r]
-    if missing:
-        return JSONResponse(
-            {"ready": False, "reason": "models not ready", "models": missing},
-            status_code=503,
-            headers={"Retry-After": str(request.app.state.settings.retry_after_s)},
-        )
-    return JSONResponse({"ready": True, "models": needed, "versions": versions})
+    return ("models not ready", missing) if missing else (None, [])
 
 
 @router.get("/v1/ab/summary", summary="Per A/B arm: count, latency percentiles, shadow agreement")

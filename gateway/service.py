@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gateway import tracing
 from gateway.admission import AdmissionControl
 from gateway.errors import GatewayError, Unavailable, UnknownModel
 from gateway.metrics import GatewayMetrics
@@ -94,7 +95,8 @@ class Classifier:
         if target == ENSEMBLE:
             return await self._ensemble(images)
         if target == CASCADE:
-            return await self._cascade(images)
+            with tracing.span("cascade", images=len(images)):
+                return await self._cascade(images)
         entry = self.manifest.models[target]
         start = time.perf_counter()
         output = "probabilities" if entry.role == "ensemble" else "logits"
@@ -139,12 +141,13 @@ class Classifier:
         start = time.perf_counter()
         names = [n for n, _ in answered]
         weights = [self.settings.fusion_weights.get(n, 1.0) for n in names]
-        probabilities = fuse(
-            [r for _, r in answered],
-            [self.manifest.models[n].temperature for n in names],
-            self.settings.fusion,
-            weights,
-        )
+        with tracing.span("fusion", method=self.settings.fusion, members=len(names)):
+            probabilities = fuse(
+                [r for _, r in answered],
+                [self.manifest.models[n].temperature for n in names],
+                self.settings.fusion,
+                weights,
+            )
         fusion_s = time.perf_counter() - start
         self.metrics.fusion_seconds.labels(self.settings.fusion).observe(fusion_s)
         return Outcome(ENSEMBLE, None, probabilities, inference_ms, fusion_s * 1000, degraded, names)

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from gateway import tracing
 from gateway.coalesce import Coalescer
 from gateway.errors import BadRequest, Unavailable, UpstreamError, UpstreamTimeout
 from gateway.metrics import GatewayMetrics
@@ -74,8 +75,9 @@ class TritonClient:
         start = time.perf_counter()
         outcome = "cancelled"  # unless set below: the gateway stopped while it was under way
         try:
-            async with asyncio.timeout(self.timeout_s):
-                answer = await self._http.infer(model, images, output, version)
+            with tracing.client_span("triton.infer", model=model, images=len(images)):
+                async with asyncio.timeout(self.timeout_s):
+                    answer = await self._http.infer(model, images, output, version, tracing.traceparent())
             outcome = "ok"
             return answer
         except TimeoutError as exc:

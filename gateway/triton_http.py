@@ -148,16 +148,17 @@ class TritonHTTP:
                 connection.close()
             return answer
 
-    async def infer(self, model: str, images: np.ndarray, output: str, version: int | None = None) -> np.ndarray:
+    async def infer(
+        self, model: str, images: np.ndarray, output: str, version: int | None = None, traceparent: str | None = None
+    ) -> np.ndarray:
         """One batch of UINT8 images in, the named output out, both as binary tensors; `version` pins
-        the model version (Triton refuses the call when that version is not the one it serves)."""
+        the model version (Triton refuses the call when that version is not the one it serves).
+        `traceparent` (W3C) lets a Triton tracing in OpenTelemetry mode join the caller's trace."""
         body, json_size = infer_request(images, output)
-        answer = await self.request(
-            "POST",
-            f"{model_path(model, version)}/infer",
-            body,
-            f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {json_size}\r\n",
-        )
+        headers = f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {json_size}\r\n"
+        if traceparent is not None:
+            headers += f"traceparent: {traceparent}\r\n"
+        answer = await self.request("POST", f"{model_path(model, version)}/infer", body, headers)
         if answer.status != 200:
             raise TritonHTTPError(answer.status, _error_text(answer.body))
         json_size = int(answer.headers.get(b"inference-header-content-length", len(answer.body)))

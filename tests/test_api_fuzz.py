@@ -30,7 +30,7 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
-# Per operation and generation mode; the classify endpoint carries nearly all of the input space.
+# Per operation and generation mode; the classify endpoints carry nearly all of the input space.
 EXAMPLES = int(os.environ.get("KDSERVE_FUZZ_EXAMPLES", "500"))
 MIN_REQUESTS = 1000
 
@@ -41,11 +41,12 @@ def test_generated_requests_get_no_5xx_and_answers_that_match_the_schema(gateway
     statuses: Counter[int] = Counter()
     for result in schema.get_all_operations():
         operation = result.ok()
-        heavy = operation.path == "/v1/classify"
+        heavy = operation.path in ("/v1/classify", "/v2/models/{name}/infer")
+        examples = EXAMPLES if operation.path == "/v1/classify" else EXAMPLES // 4 if heavy else 25
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
             @settings(
-                max_examples=EXAMPLES if heavy else 25,
+                max_examples=examples,
                 deadline=None,
                 database=None,
                 derandomize=True,
@@ -68,3 +69,4 @@ def test_generated_requests_get_no_5xx_and_answers_that_match_the_schema(gateway
     assert total >= MIN_REQUESTS, dict(sent)
     assert not [s for s in statuses if s >= 500]
     assert statuses[200] > 0 and sum(n for s, n in statuses.items() if 400 <= s < 500) > 0
+    assert sent["POST /v2/models/{name}/infer"] >= EXAMPLES // 4, dict(sent)

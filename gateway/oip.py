@@ -1,0 +1,269 @@
+"""The Open Inference Protocol (KServe v2) as the gateway speaks it, independent of REST or gRPC.
+
+Every name `/v1/classify` takes is a v2 model (`student`, `teacher`, `ensemble`, `cascade`, `auto`, and
+each served model), with one declared input and one output:
+
+- `IMAGE`, BYTES `[-1, 1]` (or `[-1]`): each element one encoded image (PNG, JPEG, ...), decoded and
+  prepared by the gateway exactly as for `/v1/classify`. Over REST's JSON, an element is the image's
+  base64 text; over the binary tensor extension and gRPC, its raw bytes.
+- or `PIXELS`, UINT8 `[-1, size, size, 3]`: images already prepared (what decoding would make). Not in
+  the metadata, which lists one input so generic clients (`perf_analyzer`) send one.
+- `PROBABILITIES`, FP32 `[-1, classes]`: calibrated class probabilities (fused for the ensemble). The
+  classification extension (`classification: k` on the output) returns BYTES `[-1, k]` strings
+  `"probability:index:label"`, best first, as Triton does.
+
+Shapes are checked against the limits before anything is allocated: a declared shape must match the
+data sent, at most `max_images` images, and every BYTES element's length prefix must fit the buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import BadRequest, UnknownModel
+from gateway.service import Classifier
+from kdcontract.names import AUTO, CASCADE, ENSEMBLE, callable_names
+
+IMAGE_INPUT = "IMAGE"
+PIXELS_INPUT = "PIXELS"
+OUTPUT = "PROBABILITIES"
+SERVER_NAME = "kdserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+PLATFORM = "kdserve_gateway"
+COMPOSED_VERSION = "1"  # the one version of what the gateway composes (ensemble, cascade, auto)
+MAX_CLASSIFICATION = 100
+
+
+@dataclass
+class Tensor:
+    """One input tensor as a request declares it; `data` is raw bytes (binary extension, gRPC) or the
+    JSON `data` list."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: bytes | list | None
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool = False
+    classes: int = 0  # the classification extension's k; 0: the probabilities themselves
+
+
+@dataclass
+class Inputs:
+    files: list[bytes] | None = None
+    pixels: np.ndarray | None = None
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    values: np.ndarray | list[bytes]
+    binary: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def model_names(classifier: Classifier) -> list[str]:
+    return [*callable_names(classifier.manifest), AUTO]
+
+
+def versions(classifier: Classifier, name: str) -> list[str]:
+    """The versions a v2 model has: its served model's manifest version, or one for what is composed."""
+    if name == AUTO:
+        return [COMPOSED_VERSION]
+    target = classifier.resolve(name)  # UnknownModel for anything else
+    if target in (ENSEMBLE, CASCADE):
+        return [COMPOSED_VERSION]
+    return [str(classifier.manifest.models[target].version)]
+
+
+def check_version(classifier: Classifier, name: str, version: str | None) -> None:
+    known = versions(classifier, name)
+    if version is not None and version not in known:
+        raise UnknownModel(f"model {name!r} has no version {version!r}; it serves version {', '.join(known)}")
+
+
+def metadata(classifier: Classifier, name: str) -> dict[str, Any]:
+    classes = len(classifier.class_names)
+    return {
+        "name": name,
+        "versions": versions(classifier, name),
+        "platform": PLATFORM,
+        "inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+    }
+
+
+def config(classifier: Classifier, name: str, max_images: int) -> dict[str, Any]:
+    """Triton's model configuration (its JSON form), which `perf_analyzer` reads for the batch size."""
+    return {
+        "name": name,
+        "platform": PLATFORM,
+        "max_batch_size": max_images,
+        "input": [{"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [len(classifier.class_names)]}],
+    }
+
+
+def _count(shape: list[int], max_elements: int) -> int:
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise BadRequest(f"shape {shape}: dimensions must be non-negative integers")
+    count = math.prod(shape)  # Python integers: a huge declared shape cannot overflow
+    if count > max_elements:
+        raise BadRequest(f"shape {shape} declares {count} elements; at most {max_elements} are accepted")
+    return count
+
+
+def _flat(data: list, limit: int) -> list:
+    """A JSON `data` list flattened row-major (Triton accepts nested lists too), refused past `limit`."""
+    flat: list = []
+    pending = [iter(data)]
+    while pending:
+        for item in pending[-1]:
+            if isinstance(item, list):
+                pending.append(iter(item))
+                break
+            flat.append(item)
+            if len(flat) > limit:
+                raise BadRequest(f"more data elements than the shape declares ({limit})")
+        else:
+            pending.pop()
+    return flat
+
+
+def split_bytes(buffer: bytes, count: int) -> list[bytes]:
+    """BYTES elements from the binary form: each a 4-byte little-endian length, then that many bytes."""
+    items, offset = [], 0
+    for _ in range(count):
+        if offset + 4 > len(buffer):
+            raise BadRequest("BYTES tensor: data ends inside an element's length prefix")
+        (size,) = struct.unpack_from("<I", buffer, offset)
+        offset += 4
+        if offset + size > len(buffer):
+            raise BadRequest(f"BYTES tensor: an element declares {size} bytes past the end of the data")
+        items.append(bytes(buffer[offset : offset + size]))
+        offset += size
+    if offset != len(buffer):
+        raise BadRequest(f"BYTES tensor: {len(buffer) - offset} bytes left after the {count} declared elements")
+    return items
+
+
+def join_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def _image_files(tensor: Tensor, max_images: int) -> list[bytes]:
+    if tensor.datatype != "BYTES":
+        raise BadRequest(f"input {IMAGE_INPUT} must be BYTES (encoded images), got {tensor.datatype}")
+    if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+        raise BadRequest(f"input {IMAGE_INPUT} has shape [N] or [N, 1], got {tensor.shape}")
+    count = _count(tensor.shape, max_images)
+    if isinstance(tensor.data, bytes | bytearray | memoryview):
+        return split_bytes(bytes(tensor.data), count)
+    if tensor.data is None:
+        raise BadRequest(f"input {IMAGE_INPUT} has no data")
+    if isinstance(tensor.data, list) and tensor.data and isinstance(tensor.data[0], bytes):
+        files = tensor.data  # gRPC's bytes_contents
+    else:
+        import base64
+        import binascii
+
+        texts = _flat(tensor.data, count)
+        if not all(isinstance(t, str) for t in texts):
+            raise BadRequest(f"input {IMAGE_INPUT} in JSON: each element is an image's base64 text")
+        try:
+            files = [base64.b64decode(t, validate=True) for t in texts]
+        except (binascii.Error, ValueError) as exc:
+            raise BadRequest(f"input {IMAGE_INPUT} in JSON: elements must be base64 text") from exc
+    if len(files) != count:
+        raise BadRequest(f"input {IMAGE_INPUT}: shape {tensor.shape} declares {count} elements, data has {len(files)}")
+    return files
+
+
+def _pixels(tensor: Tensor, image_size: int, max_images: int) -> np.ndarray:
+    if tensor.datatype != "UINT8":
+        raise BadRequest(f"input {PIXELS_INPUT} must be UINT8, got {tensor.datatype}")
+    expected = [image_size, image_size, 3]
+    if len(tensor.shape) != 4 or tensor.shape[1:] != expected:
+        raise BadRequest(f"input {PIXELS_INPUT} has shape [N, {image_size}, {image_size}, 3], got {tensor.shape}")
+    count = _count(tensor.shape, max_images * math.prod(expected))
+    if isinstance(tensor.data, bytes | bytearray | memoryview):
+        if len(tensor.data) != count:
+            raise BadRequest(f"input {PIXELS_INPUT}: shape {tensor.shape} needs {count} bytes, got {len(tensor.data)}")
+        values = np.frombuffer(tensor.data, np.uint8)
+    else:
+        if tensor.data is None:
+            raise BadRequest(f"input {PIXELS_INPUT} has no data")
+        flat = _flat(tensor.data, count)
+        if len(flat) != count:
+            raise BadRequest(f"input {PIXELS_INPUT}: shape {tensor.shape} declares {count} elements, got {len(flat)}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in flat):
+            raise BadRequest(f"input {PIXELS_INPUT}: elements must be integers 0-255")
+        values = np.asarray(flat, np.uint8)
+    return values.reshape(tensor.shape)
+
+
+def read_inputs(tensors: list[Tensor], image_size: int, max_images: int) -> Inputs:
+    """The one input a request may carry, checked: encoded images or prepared pixels."""
+    if len(tensors) != 1:
+        raise BadRequest(f"send exactly one input ({IMAGE_INPUT} or {PIXELS_INPUT}), got {len(tensors)}")
+    tensor = tensors[0]
+    if tensor.name == IMAGE_INPUT:
+        inputs = Inputs(files=_image_files(tensor, max_images))
+        count = len(inputs.files)
+    elif tensor.name == PIXELS_INPUT:
+        inputs = Inputs(pixels=_pixels(tensor, image_size, max_images))
+        count = len(inputs.pixels)
+    else:
+        raise BadRequest(f"unknown input {tensor.name!r}; send {IMAGE_INPUT} (BYTES) or {PIXELS_INPUT} (UINT8)")
+    if count == 0:
+        raise BadRequest("no image in the request")
+    return inputs
+
+
+def requested_output(name: str, parameters: dict[str, Any] | None, binary_default: bool) -> RequestedOutput:
+    parameters = parameters or {}
+    if name != OUTPUT:
+        raise BadRequest(f"unknown output {name!r}; the model's output is {OUTPUT}")
+    classes = parameters.get("classification", 0)
+    if not isinstance(classes, int) or isinstance(classes, bool) or not 0 <= classes <= MAX_CLASSIFICATION:
+        raise BadRequest(f"classification must be an integer from 0 to {MAX_CLASSIFICATION}")
+    binary = parameters.get("binary_data", binary_default)
+    if not isinstance(binary, bool):
+        raise BadRequest("binary_data must be true or false")
+    return RequestedOutput(name, binary, classes)
+
+
+def output_tensors(
+    probabilities: np.ndarray, class_names: list[str], requested: list[RequestedOutput]
+) -> list[OutputTensor]:
+    tensors = []
+    for output in requested or [RequestedOutput(OUTPUT)]:
+        if output.classes:
+            k = min(output.classes, probabilities.shape[-1])
+            order = np.argsort(-probabilities, axis=-1)[:, :k]
+            texts = [
+                f"{row[i]:.6f}:{i}:{class_names[i]}".encode()
+                for row, ranked in zip(probabilities, order, strict=True)
+                for i in ranked
+            ]
+            tensors.append(OutputTensor(output.name, "BYTES", [len(probabilities), k], texts, output.binary))
+        else:
+            values = probabilities.astype(np.float32)
+            tensors.append(OutputTensor(output.name, "FP32", list(values.shape), values, output.binary))
+    return tensors
+
+
+def model_version(outcome_version: int | None) -> str:
+    return COMPOSED_VERSION if outcome_version is None else str(outcome_version)

@@ -1,0 +1,240 @@
+"""The Open Inference Protocol's REST binding on the gateway: `/v2`, health, model metadata, readiness,
+configuration and `infer`, with JSON tensors and the binary tensor data extension (`gateway.oip` says
+what the models take). Errors use the protocol's body, `{"error": "..."}`, with the same status codes
+as `/v1/classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
+
+from gateway import oip, tracing
+from gateway.errors import BadRequest, UnsupportedMediaType
+from gateway.inference import classify_request, describe
+from gateway.routes import not_ready, parse_json_body, read_body_limited, trace_carrier
+from gateway.service import Classifier
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class V2Error(BaseModel):
+    error: str
+
+
+V2_ERRORS = {code: {"model": V2Error} for code in (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)}
+Parameter = str | int | float | bool
+
+
+class InputTensor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=64)
+    shape: list[int] = Field(max_length=8)
+    datatype: str = Field(max_length=16)
+    parameters: dict[str, Parameter] | None = None
+    data: list[Any] | None = None
+
+
+class OutputRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=64)
+    parameters: dict[str, Parameter] | None = None
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(None, max_length=128)
+    parameters: dict[str, Parameter] | None = None
+    inputs: list[InputTensor] = Field(min_length=1, max_length=8)
+    outputs: list[OutputRequest] | None = Field(None, max_length=8)
+
+
+INFER_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": InferRequest.model_json_schema()},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "the binary tensor data extension: the JSON header, then the tensors' bytes; "
+                "the header's length in Inference-Header-Content-Length",
+            },
+        },
+    }
+}
+
+
+def _classifier(request: Request) -> Classifier:
+    return request.app.state.classifier
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict:
+    return {"name": oip.SERVER_NAME, "version": oip.SERVER_VERSION, "extensions": oip.EXTENSIONS}
+
+
+NO_BODY = {"response_class": Response, "responses": {400: {"description": "false"}}}
+
+
+@router.get("/health/live", summary="The gateway is live (200)", **NO_BODY)
+async def live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get("/health/ready", summary="Ready (200) or not (400, as the protocol defines)", **NO_BODY)
+async def ready(request: Request) -> Response:
+    reason, _ = await not_ready(request.app.state)
+    return Response(status_code=200 if reason is None else 400)
+
+
+def _model_routes(suffix: str):
+    """`/models/{name}{suffix}` and `/models/{name}/versions/{version}{suffix}` for one handler."""
+
+    def register(handler):
+        for path in (f"/models/{{name}}{suffix}", f"/models/{{name}}/versions/{{version}}{suffix}"):
+            method = router.post if suffix == "/infer" else router.get
+            extra = {"openapi_extra": INFER_OPENAPI} if suffix == "/infer" else {}
+            if suffix == "/ready":
+                extra = {"response_class": Response}
+            method(path, responses=V2_ERRORS, summary=handler.__doc__.split("\n")[0], **extra)(handler)
+        return handler
+
+    return register
+
+
+@_model_routes("")
+async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
+    """Model metadata: versions, the input and the output"""
+    classifier = _classifier(request)
+    oip.check_version(classifier, name, version)
+    return oip.metadata(classifier, name)
+
+
+@_model_routes("/config")
+async def model_config(request: Request, name: str, version: str | None = None) -> dict:
+    """Model configuration in Triton's JSON form (the batch size perf_analyzer reads)"""
+    classifier = _classifier(request)
+    oip.check_version(classifier, name, version)
+    return oip.config(classifier, name, request.app.state.settings.max_images)
+
+
+@_model_routes("/ready")
+async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    """Ready (200) when every Triton model it calls is; else 400"""
+    classifier = _classifier(request)
+    oip.check_version(classifier, name, version)
+    if name == oip.AUTO:
+        targets = classifier.routed_models(request.app.state.experiment.weights)
+    else:
+        targets = classifier.triton_models(classifier.resolve(name))
+    states = await asyncio.gather(
+        *(classifier.triton.model_ready(t, classifier.manifest.models[t].version) for t in targets)
+    )
+    return Response(status_code=200 if all(states) else 400)
+
+
+def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
+    """(JSON header, binary tensor data) of a request body."""
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"content encoding {encoding!r} is not accepted; send the body uncompressed")
+    declared = request.headers.get(HEADER_LENGTH)
+    if declared is None:
+        return body, b""
+    if not (declared.isascii() and declared.isdigit()) or not 0 < int(declared) <= len(body):
+        raise BadRequest(
+            f"Inference-Header-Content-Length {declared!r} is not a length within the {len(body)}-byte body"
+        )
+    return body[: int(declared)], body[int(declared) :]
+
+
+def _tensors(parsed: InferRequest, binary: bytes) -> list[oip.Tensor]:
+    """The request's inputs with their data: JSON lists, or slices of the binary section in order."""
+    tensors, offset = [], 0
+    for item in parsed.inputs:
+        size = (item.parameters or {}).get("binary_data_size")
+        if size is None:
+            tensors.append(oip.Tensor(item.name, item.datatype, item.shape, item.data))
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+            raise BadRequest(f"input {item.name}: binary_data_size {size!r} runs past the {len(binary)} bytes sent")
+        if item.data is not None:
+            raise BadRequest(f"input {item.name}: both JSON data and binary_data_size")
+        tensors.append(oip.Tensor(item.name, item.datatype, item.shape, binary[offset : offset + size]))
+        offset += size
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return tensors
+
+
+def _response(body: dict, outputs: list[oip.OutputTensor]) -> Response:
+    """JSON, or the JSON header followed by the binary outputs (Inference-Header-Content-Length)."""
+    described, blobs = [], []
+    for tensor in outputs:
+        item: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if tensor.binary:
+            blob = oip.join_bytes(tensor.values) if tensor.datatype == "BYTES" else tensor.values.tobytes()
+            item["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif tensor.datatype == "BYTES":
+            item["data"] = [v.decode() for v in tensor.values]
+        else:
+            item["data"] = tensor.values.ravel().tolist()
+        described.append(item)
+    header = json.dumps(body | {"outputs": described}, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(
+        header + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+
+
+@_model_routes("/infer")
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    """Classify: IMAGE (BYTES, encoded images) or PIXELS (UINT8, prepared) in, PROBABILITIES out"""
+    start = time.perf_counter()
+    state = request.app.state
+    classifier = _classifier(request)
+    with tracing.request_span("POST /v2/models/{name}/infer", trace_carrier(request), model=name):
+        oip.check_version(classifier, name, version)
+        body = await read_body_limited(request, state.settings.max_body_bytes)
+        header, binary = _split_body(request, body)
+        parsed = parse_json_body(InferRequest.model_validate_json, header)
+        binary_default = (parsed.parameters or {}).get("binary_data_output", False) is True
+        requested = [oip.requested_output(o.name, o.parameters, binary_default) for o in parsed.outputs or []]
+        if not requested and binary_default:
+            requested = [oip.RequestedOutput(oip.OUTPUT, binary=True)]
+        inputs = oip.read_inputs(
+            _tensors(parsed, binary), classifier.preprocessing.image_size, state.settings.max_images
+        )
+        done = await classify_request(
+            state,
+            request.state,
+            name,
+            files=inputs.files,
+            pixels=inputs.pixels,
+            sticky_key=request.headers.get(state.experiment.sticky_header),
+            started=start,
+        )
+    outcome = done.outcome
+    answer = {
+        "model_name": name,
+        "model_version": oip.model_version(outcome.version),
+        "parameters": describe(outcome, done.arm, request.state.rid),
+    }
+    if parsed.id is not None:
+        answer["id"] = parsed.id
+    response = _response(answer, oip.output_tensors(outcome.probabilities, classifier.class_names, requested))
+    if done.shadow is not None:
+        response.background = BackgroundTask(done.shadow)
+    return response
