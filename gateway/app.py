@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway import tracing
 from gateway.ab import ABStats
 from gateway.admission import AdmissionControl
 from gateway.answers import AnswerStore
@@ -19,6 +20,7 @@ from gateway.errors import GatewayError, error_kinds, install_error_handlers
 from gateway.experiment import start_experiment
 from gateway.feedback import FeedbackJoin
 from gateway.figures import LocalStep
+from gateway.keys import KeyGate, KeyMiddleware
 from gateway.manifest_follow import ManifestFollower, check_against_manifest
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RequestObserver
@@ -27,6 +29,7 @@ from gateway.service import Classifier
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
 from gateway.triton_server import EmbeddedTriton, TritonPorts
+from gateway.v2_grpc import start_grpc
 from gateway.v2_rest import router as v2_router
 from kdcontract.manifest import SchemaMismatch, read_manifest
 
@@ -41,7 +44,9 @@ def _embedded_triton(settings: GatewaySettings) -> EmbeddedTriton:
     )
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> FastAPI:
+    """The gateway. `span_exporter` (an OpenTelemetry SDK exporter) receives its spans as well, when
+    tracing is on (tests read spans with the SDK's in-memory exporter)."""
     settings = settings or GatewaySettings()
     manifest_path = Path(settings.repo) / "manifest.json"
     if not manifest_path.is_file():
@@ -52,6 +57,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         raise GatewayError(str(exc)) from exc
     check_against_manifest(settings, manifest)
     metrics = GatewayMetrics()
+    key_gate = KeyGate(
+        settings.api_keys, settings.api_keys_file, settings.admin_token_sha256, settings.allow_anonymous, metrics
+    )
+    key_gate.check_startup(settings.host)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -110,11 +119,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         # Everything allocated so far (FastAPI, pydantic, numpy, the manifest) lives as long as the process:
         # frozen out of the collector, a full collection no longer walks it (measured: a ~65 ms stall
         # about once per 600 requests before, see `make bench`'s max latency).
+        tracing.configure(settings.trace_sample_ratio, settings.otlp_endpoint, exporter=span_exporter)
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server = await start_grpc(app, settings.host, settings.grpc_port, settings.max_body_bytes)
         gc.collect()
         gc.freeze()
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(settings.shutdown_grace_s)
             if app.state.answers is not None:
                 await app.state.answers.flush()  # answers already given stay joinable after a restart
             for task in (follower, experiment_task, answers_task, capture_task):
@@ -126,6 +141,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await triton.close()
             if server is not None:
                 await asyncio.to_thread(server.stop)
+            tracing.shutdown()
 
     app = FastAPI(
         title="kdserve gateway",
@@ -140,6 +156,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     start_experiment(app, settings, manifest)
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
 
+    app.state.key_gate = key_gate
+    # Added first, so it runs inside the observer: refusals are timed, counted and carry the request id.
+    app.add_middleware(KeyMiddleware, gate=key_gate, on_error=lambda kind: metrics.errors.labels(kind).inc())
     app.add_middleware(RequestObserver, metrics=metrics)
 
     page = (Path(__file__).parent / "static" / "index.html").read_bytes()

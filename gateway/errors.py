@@ -96,7 +96,7 @@ HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_lar
 
 def error_kinds() -> list[str]:
     """Every `kind` an error response can carry (the label values of `kdserve_errors_total`)."""
-    kinds, pending = {"internal", "bad_request", "shadow", "experiment_refused"}, [GatewayError]
+    kinds, pending = {"internal", "bad_request", "shadow", "experiment_refused", "keys_file"}, [GatewayError]
     while pending:
         cls = pending.pop()
         kinds.add(cls.kind)

@@ -69,6 +69,10 @@ class GatewayMetrics:
         )
         self.requests = Counter("kdserve_requests_total", "Requests", ["route", "model", "arm", "status"], registry=r)
         self.errors = Counter("kdserve_errors_total", "Errors by kind", ["kind"], registry=r)
+        # Label values: configured key ids, `anonymous` and `invalid` only (never a key): bounded by configuration.
+        self.key_requests = Counter(
+            "kdserve_api_key_requests_total", "Requests by API key id and outcome", ["key", "outcome"], registry=r
+        )
         self.degraded = Counter("kdserve_ensemble_degraded_total", "Ensemble answers missing a member", registry=r)
         self.shadow = Counter(
             "kdserve_shadow_requests_total",

@@ -49,6 +49,9 @@ class GatewayProcess:
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Its own free gRPC port too (unless `env` names one), so gateways side by side never collide.
+        self.grpc_port = int((env or {}).get("KDSERVE_GRPC_PORT") or free_port())
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         # Output goes to a file, not a pipe: a pipe nobody reads fills up and blocks a long-running gateway.
         descriptor, log_name = tempfile.mkstemp(prefix="kdserve-gateway-", suffix=".log")
         self.log_path = Path(log_name)
@@ -68,7 +71,7 @@ class GatewayProcess:
                     "--log-level",
                     "warning",
                 ],
-                env={**os.environ, **(env or {})},
+                env={**os.environ, "KDSERVE_GRPC_PORT": str(self.grpc_port), **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.keys import ApiKey
 from kdcontract.fusion import FusionMethod
 from kdcontract.names import STUDENT, TEACHER
 
@@ -75,6 +76,22 @@ class GatewaySettings(BaseSettings):
     experiment_poll_s: float = Field(2.0, gt=0, description="seconds between checks of the experiment file")
     admin_token_sha256: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the admin bearer token; unset: no admin API"
+    )
+
+    # Who may call (gateway/keys.py): API keys by their sha256, with scopes and per-key quotas.
+    api_keys: list[ApiKey] = Field(default_factory=list, description="API keys (JSON list), e.g. from a Secret")
+    api_keys_file: Path | None = Field(None, description="a JSON file of API keys, re-read when it changes")
+    allow_anonymous: bool = Field(
+        False, description="classify without keys on a non-loopback address when no classify key is configured"
+    )
+
+    # The Open Inference Protocol over gRPC (gateway/v2_grpc.py), beside HTTP.
+    grpc_port: int = Field(8081, ge=0, le=65535, description="the gateway's gRPC port (0: no gRPC)")
+
+    # OpenTelemetry traces (gateway/tracing.py): off at 0.
+    trace_sample_ratio: float = Field(0.0, ge=0, le=1, description="share of requests traced (0: tracing off)")
+    otlp_endpoint: str | None = Field(
+        None, pattern=r"^https?://", description="OTLP/HTTP collector base URL (spans go to <url>/v1/traces)"
     )
 
     # Ground truth for the A/B arms: what each A/B request's arms answered, kept in a directory every

@@ -1,0 +1,332 @@
+"""API keys: who may call, with which scopes, how fast and how many at once.
+
+A key is sent as `Authorization: Bearer <key>` (REST) or the same `authorization` metadata (gRPC). Only
+its sha256 is configured, in `KDSERVE_API_KEYS` (JSON, e.g. filled from a Kubernetes Secret) or a file
+(`KDSERVE_API_KEYS_FILE`, a mounted Secret, re-read when it changes so a key is revoked without a
+restart). A presented key is hashed and compared with every configured hash in constant time; the key
+itself is never stored, logged or used as a label: logs and metrics name the key's `id`.
+
+Scopes: `classify` (inference, models, feedback, the experiment's state) and `admin` (changing the
+experiment). Per key, a token-bucket rate (`rate_per_s`, `burst`) and a bound on requests in flight
+(`max_in_flight`); past either, a 429 with `Retry-After`. Health, readiness, `/metrics` and the web
+page's HTML stay open.
+
+With no classify key configured, classification is open to anonymous callers, which the gateway allows
+only when it listens on loopback (the demo, tests, a laptop) or with `KDSERVE_ALLOW_ANONYMOUS=true`: a
+gateway on a network address with no keys refuses to start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+
+Scope = Literal["classify", "admin"]
+ANONYMOUS, INVALID = "anonymous", "invalid"  # the key label for no key, and for a key that is not configured
+ADMIN_TOKEN_ID = "admin-token"  # KDSERVE_ADMIN_TOKEN_SHA256, kept working as an admin key
+FILE_CHECK_S = 1.0  # how often the keys file's modification time is looked at, at most
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="names the key in logs and metrics")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the key")
+    scopes: list[Scope] = Field(default_factory=lambda: ["classify"], min_length=1)
+    rate_per_s: float | None = Field(None, gt=0, description="sustained requests per second (unset: unlimited)")
+    burst: int | None = Field(None, ge=1, description="requests allowed at once above the rate (default: 1 s of it)")
+    max_in_flight: int | None = Field(None, ge=1, description="requests under way at once (unset: unlimited)")
+    revoked: bool = False
+
+
+KEY_LIST = TypeAdapter(list[ApiKey])
+
+
+class Unauthorized(GatewayError):
+    status_code, kind = 401, "unauthorized"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="kdserve"'})
+
+
+class Forbidden(GatewayError):
+    status_code, kind = 403, "forbidden"
+
+
+class RateLimited(GatewayError):
+    status_code, kind = 429, "rate_limited"
+
+
+class TooManyInFlight(GatewayError):
+    status_code, kind = 429, "too_many_in_flight"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bearer(authorization: str | None) -> str | None:
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class _Quota:
+    """One key's token bucket and in-flight count (shared by every request with the key)."""
+
+    def __init__(self, key: ApiKey):
+        self.rate, self.max_in_flight = key.rate_per_s, key.max_in_flight
+        self.capacity = float(key.burst or max(1, math.ceil(key.rate_per_s or 1)))
+        self.tokens, self.updated, self.in_flight = self.capacity, time.monotonic(), 0
+
+    def take(self) -> float | None:
+        """None when the request may go; else the seconds until a token is there."""
+        if self.rate is None:
+            return None
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return None
+        return (1 - self.tokens) / self.rate
+
+
+class KeyGate:
+    def __init__(
+        self,
+        keys: list[ApiKey],
+        keys_file: Path | None,
+        admin_token_sha256: str | None,
+        allow_anonymous: bool,
+        metrics: GatewayMetrics,
+    ):
+        self._configured, self.keys_file, self.metrics = list(keys), keys_file, metrics
+        if admin_token_sha256 is not None:
+            self._configured.append(ApiKey(id=ADMIN_TOKEN_ID, sha256=admin_token_sha256, scopes=["admin"]))
+        self.allow_anonymous = allow_anonymous
+        self._file_state: tuple[float, int] | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self._keys: list[ApiKey] = []
+        self._quotas: dict[str, _Quota] = {}
+        self._load(self._read_file())
+
+    # -- configuration ------------------------------------------------------------------------------
+    def _read_file(self) -> list[ApiKey]:
+        if self.keys_file is None:
+            return []
+        try:
+            stat = self.keys_file.stat()
+            self._file_state = (stat.st_mtime, stat.st_size)
+            return read_keys(self.keys_file.read_bytes(), str(self.keys_file))
+        except OSError as exc:
+            raise GatewayError(f"the API keys file {self.keys_file} cannot be read ({exc.strerror})") from exc
+
+    def _load(self, from_file: list[ApiKey]) -> None:
+        keys = self._configured + from_file
+        ids = [k.id for k in keys]
+        if len(set(ids)) != len(ids):
+            raise GatewayError(f"API key ids must be unique, got {sorted(ids)}")
+        old = self._quotas
+        self._keys = keys
+        self._quotas = {k.id: old.get(k.id) or _Quota(k) for k in keys if not k.revoked}
+        for key in keys:
+            self.metrics.key_requests.labels(key.id, "accepted")  # every key's series exists from the start
+
+    def _refresh(self) -> None:
+        """Re-read the keys file when it changed (at most once a second); a broken file keeps the old keys."""
+        now = time.monotonic()
+        if self.keys_file is None or now - self._checked < FILE_CHECK_S:
+            return
+        self._checked = now
+        try:
+            stat = self.keys_file.stat()
+            if (stat.st_mtime, stat.st_size) == self._file_state:
+                return
+            self._load(self._read_file())
+        except GatewayError as exc:
+            self.metrics.errors.labels("keys_file").inc()
+            import logging
+
+            logging.getLogger("kdserve.gateway").warning("keeping the API keys in use: %s", exc.message)
+        except OSError:
+            pass
+
+    def classify_open(self) -> bool:
+        """Classification without a key: no classify key is configured."""
+        return not any("classify" in k.scopes for k in self._keys)
+
+    def check_startup(self, host: str) -> None:
+        if self.classify_open() and not (self.allow_anonymous or is_loopback(host)):
+            raise GatewayError(
+                f"the gateway listens on {host} and no API key is configured: anyone who reaches the port could "
+                "classify. Set KDSERVE_API_KEYS or KDSERVE_API_KEYS_FILE (python -m gateway keys new), or "
+                "KDSERVE_ALLOW_ANONYMOUS=true to serve without keys"
+            )
+
+    # -- the check ----------------------------------------------------------------------------------
+    def _identify(self, token: str) -> ApiKey | None:
+        digest = hash_key(token).encode()
+        found = None
+        for key in self._keys:  # every hash compared, in constant time: no early exit
+            if hmac.compare_digest(digest, key.sha256.encode()):
+                found = key
+        return found
+
+    def _refuse(self, label: str, error: GatewayError) -> GatewayError:
+        self.metrics.key_requests.labels(label, error.kind).inc()
+        return error
+
+    @contextmanager
+    def admit(self, authorization: str | None, scope: Scope | None) -> Iterator[str]:
+        """Hold the request against its key's quota while it runs; yields the key's id (`anonymous`
+        for an open route or open classification). Raises 401, 403 or 429."""
+        if scope is None:
+            yield ANONYMOUS
+            return
+        with self._lock:
+            self._refresh()
+            token = bearer(authorization)
+            if token is None:
+                if scope == "classify" and self.classify_open():
+                    yield_id = ANONYMOUS
+                elif scope == "admin" and not any("admin" in k.scopes for k in self._keys):
+                    raise self._refuse(
+                        ANONYMOUS,
+                        Forbidden("the admin API is off: no admin key is configured (KDSERVE_API_KEYS, scope admin)"),
+                    )
+                else:
+                    raise self._refuse(ANONYMOUS, Unauthorized("an API key is required (Authorization: Bearer <key>)"))
+            else:
+                key = self._identify(token)
+                if key is None or key.revoked:
+                    raise self._refuse(INVALID, Unauthorized("the API key is not valid (unknown or revoked)"))
+                if scope not in key.scopes:
+                    raise self._refuse(key.id, Forbidden(f"the API key {key.id!r} has no {scope!r} scope"))
+                quota = self._quotas[key.id]
+                wait = quota.take()
+                if wait is not None:
+                    raise self._refuse(
+                        key.id,
+                        RateLimited(
+                            f"the API key {key.id!r} is over its rate of {quota.rate:g} requests/s",
+                            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                        ),
+                    )
+                if quota.max_in_flight is not None and quota.in_flight >= quota.max_in_flight:
+                    raise self._refuse(
+                        key.id,
+                        TooManyInFlight(
+                            f"the API key {key.id!r} has {quota.in_flight} requests under way, its limit",
+                            headers={"Retry-After": "1"},
+                        ),
+                    )
+                quota.in_flight += 1
+                yield_id = key.id
+            self.metrics.key_requests.labels(yield_id, "accepted").inc()
+        try:
+            yield yield_id
+        finally:
+            if yield_id != ANONYMOUS:
+                with self._lock:
+                    self._quotas[yield_id].in_flight -= 1
+
+
+def read_keys(text: bytes | str, source: str) -> list[ApiKey]:
+    """Keys from JSON: a list of {id, sha256, scopes, rate_per_s, burst, max_in_flight, revoked}."""
+    try:
+        return KEY_LIST.validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "keys"
+        raise GatewayError(f"API keys in {source}: {where}: {first['msg']}") from exc
+
+
+def new_key(key_id: str, scopes: list[str], rate_per_s: float | None, max_in_flight: int | None) -> tuple[str, dict]:
+    """A fresh random key and the entry to configure for it (which holds only its hash)."""
+    import secrets
+
+    key = f"kds_{secrets.token_urlsafe(32)}"
+    entry = ApiKey(id=key_id, sha256=hash_key(key), scopes=scopes, rate_per_s=rate_per_s, max_in_flight=max_in_flight)
+    return key, json.loads(entry.model_dump_json(exclude_none=True, exclude_defaults=False))
+
+
+# Routes anyone may reach: probes, metrics, the web page's HTML and the API's description.
+OPEN_PATHS = frozenset(
+    {
+        "/",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/redoc",
+        "/openapi.json",
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+    }
+)
+ADMIN_ROUTES = frozenset({("PUT", "/v1/experiment")})
+
+
+def scope_of(method: str, path: str) -> Scope | None:
+    if path in OPEN_PATHS or path.startswith("/docs/"):
+        return None
+    return "admin" if (method, path) in ADMIN_ROUTES else "classify"
+
+
+class KeyMiddleware:
+    """Every HTTP request checked against the key gate before routing (plain ASGI, like the observer);
+    a refusal is answered in the route's error shape and counted like any error."""
+
+    def __init__(self, app, gate: KeyGate, on_error) -> None:
+        self.app, self.gate, self.on_error = app, gate, on_error
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        access = scope_of(scope["method"], scope["path"])
+        if access is None:
+            await self.app(scope, receive, send)
+            return
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        try:
+            admitted = self.gate.admit(authorization, access)
+            key_id = admitted.__enter__()
+        except GatewayError as exc:
+            from starlette.requests import Request
+
+            from gateway.errors import error_response
+
+            self.on_error(exc.kind)
+            response = error_response(Request(scope), exc.status_code, exc.kind, exc.message, exc.headers)
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["key"] = key_id
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admitted.__exit__(None, None, None)

@@ -1,0 +1,70 @@
+"""The Open Inference Protocol (v2) over gRPC on the gateway's own port: tritonclient.grpc classifies
+real digits with the same answers as /v1/classify; errors come back as gRPC status codes."""
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from kdcontract.digits import digit_png_bytes
+from tests.test_oip_rest import HELD_OUT, MODELS, v1_probabilities
+from training.data import load_digits_images
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with grpcclient.InferenceServerClient(gateway.grpc_url) as c:
+        yield c
+
+
+def image_input(indices: list[int]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("IMAGE", [len(indices), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[digit_png_bytes(i)] for i in indices], dtype=object))
+    return tensor
+
+
+def test_tritonclient_grpc_classifies_like_v1_for_every_gateway_model(gateway, client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert "binary_tensor_data" in client.get_server_metadata().extensions
+    for model in MODELS:
+        assert client.is_model_ready(model), model
+        meta = client.get_model_metadata(model, as_json=True)
+        assert meta["inputs"][0] == {"name": "IMAGE", "datatype": "BYTES", "shape": ["-1", "1"]}
+        config = client.get_model_config(model, as_json=True)["config"]
+        assert config["input"][0]["data_type"] == "TYPE_STRING" and int(config["max_batch_size"]) >= 1
+        result = client.infer(model, [image_input(HELD_OUT)], request_id=f"g-{model}")
+        served = result.as_numpy("PROBABILITIES")
+        expected = v1_probabilities(gateway, model, HELD_OUT)
+        assert served.shape == (len(HELD_OUT), 10)
+        if model != "cascade":
+            np.testing.assert_allclose(served, expected, atol=1e-5)
+        assert (served.argmax(-1) == expected.argmax(-1)).all(), model
+        response = result.get_response(as_json=True)
+        assert response["id"] == f"g-{model}" and response["parameters"]["request_id"]["string_param"]
+
+
+def test_grpc_pixels_classification_and_errors(gateway, client):
+    pixels = load_digits_images(8)[0].numpy()[HELD_OUT]
+    tensor = grpcclient.InferInput("PIXELS", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    ranked = grpcclient.InferRequestedOutput("PROBABILITIES", class_count=2)
+    result = client.infer("teacher", [tensor], outputs=[ranked])
+    top = result.as_numpy("PROBABILITIES")
+    expected = v1_probabilities(gateway, "teacher", HELD_OUT)
+    assert [int(row[0].decode().split(":")[1]) for row in top] == expected.argmax(-1).tolist()
+
+    wrong = grpcclient.InferInput("IMAGE", [1, 1], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 1), np.float32))
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("student", [wrong])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "BYTES" in refused.value.message()
+    with pytest.raises(InferenceServerException) as unknown:
+        client.infer("resnet_9000", [image_input(HELD_OUT[:1])])
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
+    not_an_image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+    not_an_image.set_data_from_numpy(np.array([[b"not a png"]], dtype=object))
+    with pytest.raises(InferenceServerException) as bad:
+        client.infer("student", [not_an_image])
+    assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
+    metrics = gateway.client.get("/metrics").text
+    assert 'route="grpc:ModelInfer"' in metrics and 'status="400"' in metrics
