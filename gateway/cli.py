@@ -123,6 +123,17 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
     controller.run(args.interval, finished)
 
 
+def _cmd_keys_new(args: argparse.Namespace) -> None:
+    import json
+
+    from gateway.keys import new_key
+
+    key, entry = new_key(args.id, args.scope or ["classify"], args.rate, args.max_in_flight)
+    # The key goes to stdout once; only its entry (the hash) belongs in KDSERVE_API_KEYS or the keys file.
+    print(f"key (give it to the caller; it is not stored anywhere): {key}", file=sys.stderr)
+    print(json.dumps(entry))
+
+
 def _add_triton_port_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
@@ -169,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--seed", help="an experiment file copied to --experiment-file when that does not exist")
     rollout.add_argument("--until-done", action="store_true", help="exit once the rollout is promoted or rolled back")
     rollout.set_defaults(func=_cmd_rollout)
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    new = keys.add_parser("new", help="make a key: the key on stderr, its entry for the keys file on stdout")
+    new.add_argument("--id", required=True, help="the name logs and metrics give the key")
+    new.add_argument(
+        "--scope", action="append", choices=["classify", "admin"], help="repeat for both (default: classify)"
+    )
+    new.add_argument("--rate", type=float, help="requests per second (default unlimited)")
+    new.add_argument("--max-in-flight", type=int, help="requests under way at once (default unlimited)")
+    new.set_defaults(func=_cmd_keys_new)
 
     return parser
 

@@ -209,14 +209,14 @@ class KeyGate:
         with self._lock:
             self._refresh()
             token = bearer(authorization)
+            if scope == "admin" and not any("admin" in k.scopes and not k.revoked for k in self._keys):
+                raise self._refuse(
+                    ANONYMOUS if token is None else INVALID,
+                    Forbidden("the admin API is off: no admin key is configured (KDSERVE_API_KEYS, scope admin)"),
+                )
             if token is None:
                 if scope == "classify" and self.classify_open():
                     yield_id = ANONYMOUS
-                elif scope == "admin" and not any("admin" in k.scopes for k in self._keys):
-                    raise self._refuse(
-                        ANONYMOUS,
-                        Forbidden("the admin API is off: no admin key is configured (KDSERVE_API_KEYS, scope admin)"),
-                    )
                 else:
                     raise self._refuse(ANONYMOUS, Unauthorized("an API key is required (Authorization: Bearer <key>)"))
             else:

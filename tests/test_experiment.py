@@ -104,7 +104,7 @@ def test_bad_credentials_and_bad_experiments_are_refused_in_the_error_shape_and_
     before, file_before = current(first)["experiment"], path.read_text()
     put = first.client.put
     resp = put("/v1/experiment", json=experiment(0.5))
-    refused(resp, 401, "unauthorized", "bearer token is required")
+    refused(resp, 401, "unauthorized", "API key is required")
     assert resp.headers["www-authenticate"].startswith("Bearer")
     refused(put("/v1/experiment", json=experiment(0.5), headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
     refused(put("/v1/experiment", content=b"{not json", headers=ADMIN), 400, "bad_request", "not valid JSON")
