@@ -41,6 +41,7 @@ def _embedded_triton(settings: GatewaySettings) -> EmbeddedTriton:
         TritonPorts(int(port), settings.triton_grpc_port, settings.triton_metrics_port),
         host=host or "127.0.0.1",
         log_file=settings.triton_log or Path(settings.repo).resolve().parent / "triton.log",
+        extra_args=tracing.triton_trace_args(settings.trace_sample_ratio, settings.otlp_endpoint),
     )
 
 

@@ -98,3 +98,17 @@ def client_span(name: str, **attributes: Any) -> AbstractContextManager:
     from opentelemetry.trace import SpanKind
 
     return _tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes or None)
+
+
+def triton_trace_args(sample_ratio: float, endpoint: str | None) -> list[str]:
+    """tritonserver flags that make Triton trace in OpenTelemetry mode to the same collector: it reads
+    the gateway's `traceparent`, so its spans (queue, compute) join the request's trace. Triton samples
+    by count (every Nth request), the nearest it has to the ratio."""
+    if sample_ratio <= 0 or not endpoint:
+        return []
+    return [
+        "--trace-config=mode=opentelemetry",
+        f"--trace-config=rate={max(1, round(1 / sample_ratio))}",
+        "--trace-config=level=TIMESTAMPS",
+        f"--trace-config=opentelemetry,url={endpoint.rstrip('/')}/v1/traces",
+    ]

@@ -32,7 +32,7 @@ COPY --from=build /opt/kdserve /opt/kdserve
 RUN groupadd --gid 10001 kdserve && useradd --uid 10001 --gid kdserve --no-create-home --shell /usr/sbin/nologin kdserve
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8080
+EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('KDSERVE_PORT', '8080') + '/healthz', timeout=2)"]
 CMD ["python", "-m", "gateway", "serve"]
