@@ -318,7 +318,12 @@ def test_gateway_and_triton_ports_agree_everywhere(kustomization):
     [tr] = triton["spec"]["containers"]
     env = env_of(gw)
     gateway_port = int(env["KDSERVE_PORT"])
-    assert [p["containerPort"] for p in gw["ports"]] == [gateway_port]
+    grpc_port = int(env.get("KDSERVE_GRPC_PORT", GatewaySettings.model_fields["grpc_port"].default))
+    assert [p["containerPort"] for p in gw["ports"]] == [gateway_port, grpc_port]
+    service = objects(kustomization, "Service")["kdserve-gateway"]["spec"]["ports"]
+    assert [(p["port"], p["targetPort"]) for p in service] == [(gateway_port, "http"), (grpc_port, "grpc")]
+    policy = objects(kustomization, "NetworkPolicy")["kdserve-gateway"]["spec"]["ingress"]
+    assert [p["port"] for p in policy[0]["ports"]] == [gateway_port, grpc_port]
     triton_ports = {p["name"]: p["containerPort"] for p in tr["ports"]}
     args = dict(a.removeprefix("--").split("=", 1) for a in tr["args"])
     assert {name: int(args[f"{name}-port"]) for name in ("http", "grpc", "metrics")} == triton_ports
@@ -337,12 +342,12 @@ def test_gateway_and_triton_ports_agree_everywhere(kustomization):
     }
     assert f"--port={rollout_port}" in compose_file("compose.yaml")["services"]["rollout"]["command"]
     compose = compose_file("compose.yaml")["services"]
-    assert compose["gateway"]["ports"] == [f"{gateway_port}:{gateway_port}"]
+    assert compose["gateway"]["ports"] == [f"{gateway_port}:{gateway_port}", f"{grpc_port}:{grpc_port}"]
     assert compose["gateway"]["environment"]["KDSERVE_TRITON_URL"] == env["KDSERVE_TRITON_URL"]
     compose_args = dict(a.removeprefix("--").split("=", 1) for a in compose["triton"]["command"][1:])
     assert {name: int(compose_args[f"{name}-port"]) for name in ("http", "grpc", "metrics")} == triton_ports
     dockerfile = (DOCKER / "gateway.Dockerfile").read_text()
-    assert f"KDSERVE_PORT={gateway_port}" in dockerfile and f"EXPOSE {gateway_port}" in dockerfile
+    assert f"KDSERVE_PORT={gateway_port}" in dockerfile and f"EXPOSE {gateway_port} {grpc_port}\n" in dockerfile
 
 
 @pytest.mark.parametrize("kustomization", SERVING + TRAINING)
@@ -588,3 +593,18 @@ def test_the_redistillation_job_reads_the_capture_the_gateways_write_and_exports
     gateway_pod = objects("overlays/cpu", "Deployment")["kdserve-gateway"]["spec"]["template"]["spec"]
     [gateway] = gateway_pod["containers"]
     assert claim_at(gateway_pod, gateway, env_of(gateway)["KDSERVE_CAPTURE_DIR"]) == "kdserve-capture"
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_the_gateway_reads_its_api_keys_from_a_mounted_secret(kustomization):
+    spec = objects(kustomization, "Deployment")["kdserve-gateway"]["spec"]["template"]["spec"]
+    [gw] = spec["containers"]
+    path = Path(env_of(gw)["KDSERVE_API_KEYS_FILE"])
+    [mount] = [m for m in gw["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount.get("readOnly") and "subPath" not in mount  # a subPath mount never sees the Secret change
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mount["name"]]["secret"]["secretName"] == "kdserve-api-keys"
+    compose = compose_file("compose.yaml")
+    assert compose["services"]["gateway"]["environment"]["KDSERVE_API_KEYS_FILE"] == "/run/secrets/kdserve-api-keys"
+    assert compose["services"]["gateway"]["secrets"] == ["kdserve-api-keys"]
+    assert "kdserve-api-keys" in compose["secrets"]
