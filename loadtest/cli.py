@@ -65,6 +65,13 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"[bench] results in {Path(args.out) / 'results.md'}")
 
 
+def _cmd_protocols(args: argparse.Namespace) -> None:
+    from loadtest.protocols import run_protocols
+
+    run_protocols(Path(args.repo), Path(args.out), args.requests)
+    print(f"[protocols] results in {Path(args.out) / 'results.md'}")
+
+
 def _cmd_served_accuracy(args: argparse.Namespace) -> None:
     import httpx
 
@@ -211,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     statistics = commands.add_parser("statistics", help="the A/B statistics on simulated streams: false alarms, power")
     statistics.add_argument("--out", default="benchmarks/rollout")
     statistics.set_defaults(func=_cmd_statistics)
+
+    protocols = commands.add_parser(
+        "protocols", help="/v1/classify vs v2 REST vs v2 gRPC vs tracing on, against Triton direct, one run"
+    )
+    protocols.add_argument("--repo", default="model_repository")
+    protocols.add_argument("--out", default="benchmarks/protocols")
+    protocols.add_argument("--requests", type=int, default=1000, help="requests per path at concurrency 1")
+    protocols.set_defaults(func=_cmd_protocols)
 
     bench = commands.add_parser("bench", help="latency of in-process ORT vs Triton vs gateway, one run")
     bench.add_argument("--repo", default="model_repository")
