@@ -102,6 +102,7 @@ bench: setup
 	$(PY) -m training timing-repo --repo runs/timing-224
 	$(PY) -m loadtest bench --repo $(REPO) --run $(RUN_DIR) --timing-repo runs/timing-224 --out benchmarks
 	$(PY) -m loadtest capture-cost --repo $(REPO) --out benchmarks
+	$(PY) -m loadtest protocols --repo $(REPO) --out benchmarks/protocols
 
 # Few labels and an unlabelled transfer set, where distillation pays: trains the digits-fewlabels recipe
 # (5 seeds of plain and KD students), exports it into its own repository and serves the confidence
