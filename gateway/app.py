@@ -24,12 +24,14 @@ from gateway.keys import KeyGate, KeyMiddleware
 from gateway.manifest_follow import ManifestFollower, check_against_manifest
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RequestObserver
+from gateway.oip import model_names
 from gateway.routes import router
 from gateway.service import Classifier
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from gateway.v2_grpc import start_grpc
+from gateway.v2_rest import document_model_names
 from gateway.v2_rest import router as v2_router
 from kdcontract.manifest import SchemaMismatch, read_manifest
 
@@ -175,4 +177,5 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
 
     app.include_router(router)
     app.include_router(v2_router)
+    document_model_names(app, model_names(manifest))
     return app

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -149,11 +150,10 @@ async def classify_request(
     target = classifier.resolve(model)
     call.model, call.arm = target, arm or ""
 
-    # Admitted before decoding: a shed request costs no decoding at all.
-    with tracing.span("admission"):
-        admitted = classifier.admit(target, count)
-        admitted.__enter__()
-    try:
+    with ExitStack() as admitted:
+        # Admitted before decoding: a shed request costs no decoding at all. Held until Triton answered.
+        with tracing.span("admission"):
+            admitted.enter_context(classifier.admit(target, count))
         decode_start = time.perf_counter()
         if files is not None:
             with tracing.span("decode", images=count):
@@ -163,10 +163,9 @@ async def classify_request(
         decode_s = time.perf_counter() - decode_start
         state.metrics.decode_seconds.observe(decode_s)
         outcome = await classify_following(state, call, classifier, model, images)
-    finally:
-        admitted.__exit__(None, None, None)
     state.metrics.images.labels(target).inc(len(images))
     if state.capture is not None and state.capture.sample():
+        # Prepared pixels have no original bytes: the capture keeps an empty original for each.
         state.capture.images(call.rid, images, files if files is not None else [b""] * len(images), outcome)
     shadow = None
     if arm is not None:

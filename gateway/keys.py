@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import threading
 import time
@@ -30,11 +31,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 
+log = logging.getLogger("kdserve.gateway")
 Scope = Literal["classify", "admin"]
 ANONYMOUS, INVALID = "anonymous", "invalid"  # the key label for no key, and for a key that is not configured
 ADMIN_TOKEN_ID = "admin-token"  # KDSERVE_ADMIN_TOKEN_SHA256, kept working as an admin key
@@ -50,6 +52,13 @@ class ApiKey(BaseModel):
     burst: int | None = Field(None, ge=1, description="requests allowed at once above the rate (default: 1 s of it)")
     max_in_flight: int | None = Field(None, ge=1, description="requests under way at once (unset: unlimited)")
     revoked: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, key_id: str) -> str:
+        if key_id in (ANONYMOUS, INVALID):
+            raise ValueError(f"{key_id!r} names callers without a valid key; choose another id")
+        return key_id
 
 
 KEY_LIST = TypeAdapter(list[ApiKey])
@@ -149,9 +158,16 @@ class KeyGate:
         ids = [k.id for k in keys]
         if len(set(ids)) != len(ids):
             raise GatewayError(f"API key ids must be unique, got {sorted(ids)}")
-        old = self._quotas
-        self._keys = keys
-        self._quotas = {k.id: old.get(k.id) or _Quota(k) for k in keys if not k.revoked}
+        old, self._keys, self._quotas = self._quotas, keys, {}
+        for key in keys:
+            if key.revoked:
+                continue
+            quota, before = _Quota(key), old.get(key.id)
+            if before is not None:  # requests under way stay counted; an unchanged bucket keeps its level
+                quota.in_flight = before.in_flight
+                if (before.rate, before.capacity) == (quota.rate, quota.capacity):
+                    quota.tokens, quota.updated = before.tokens, before.updated
+            self._quotas[key.id] = quota
         for key in keys:
             self.metrics.key_requests.labels(key.id, "accepted")  # every key's series exists from the start
 
@@ -168,9 +184,7 @@ class KeyGate:
             self._load(self._read_file())
         except GatewayError as exc:
             self.metrics.errors.labels("keys_file").inc()
-            import logging
-
-            logging.getLogger("kdserve.gateway").warning("keeping the API keys in use: %s", exc.message)
+            log.warning("keeping the API keys in use: %s", exc.message)
         except OSError:
             pass
 
@@ -249,9 +263,10 @@ class KeyGate:
         try:
             yield yield_id
         finally:
-            if yield_id != ANONYMOUS:
+            quota = self._quotas.get(yield_id)  # gone if the key was removed or revoked meanwhile
+            if quota is not None:
                 with self._lock:
-                    self._quotas[yield_id].in_flight -= 1
+                    quota.in_flight -= 1
 
 
 def read_keys(text: bytes | str, source: str) -> list[ApiKey]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from gateway.errors import BadRequest, UnknownModel
 from gateway.service import Classifier
+from kdcontract.manifest import Manifest
 from kdcontract.names import AUTO, CASCADE, ENSEMBLE, callable_names
 
 IMAGE_INPUT = "IMAGE"
@@ -74,8 +75,9 @@ class OutputTensor:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def model_names(classifier: Classifier) -> list[str]:
-    return [*callable_names(classifier.manifest), AUTO]
+def model_names(manifest: Manifest) -> list[str]:
+    """Every v2 model: the names `/v1/classify` takes, `auto` included."""
+    return [*callable_names(manifest), AUTO]
 
 
 def versions(classifier: Classifier, name: str) -> list[str]:

@@ -43,6 +43,7 @@ from gateway.schemas import (
     ExperimentResponse,
     ModelInfo,
     ModelsResponse,
+    inline_schema,
 )
 from gateway.service import Classifier
 from kdcontract.names import AUTO
@@ -315,7 +316,7 @@ async def get_experiment(request: Request) -> ExperimentResponse:
     "/v1/experiment",
     response_model=ExperimentResponse,
     responses=EXPERIMENT_ERRORS,
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": Experiment.model_json_schema()}}}},
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": inline_schema(Experiment)}}}},
     summary="Change the A/B experiment (admin): every replica following its file takes it up",
 )
 async def put_experiment(request: Request) -> ExperimentResponse:

@@ -91,3 +91,22 @@ class ExperimentResponse(BaseModel):
         "gates (`step`) and per arm with confidence sequences (`arms`); the rollout controller judges the sum "
         "over all replicas"
     )
+
+
+def inline_schema(model: type[BaseModel]) -> dict:
+    """A model's JSON schema with its `$defs` written in place, for a request body declared by hand in
+    the OpenAPI document: there `#/$defs/...` would point at the document's root, where nothing is, and
+    API fuzzers could generate no invalid body from it."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
