@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from starlette.requests import Request
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, error_response
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("kdserve.gateway")
@@ -330,17 +331,12 @@ class KeyMiddleware:
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         try:
             admitted = self.gate.admit(authorization, access)
-            key_id = admitted.__enter__()
+            admitted.__enter__()
         except GatewayError as exc:
-            from starlette.requests import Request
-
-            from gateway.errors import error_response
-
             self.on_error(exc.kind)
             response = error_response(Request(scope), exc.status_code, exc.kind, exc.message, exc.headers)
             await response(scope, receive, send)
             return
-        scope.setdefault("state", {})["key"] = key_id
         try:
             await self.app(scope, receive, send)
         finally:

@@ -18,6 +18,7 @@ data sent, at most `max_images` images, and every BYTES element's length prefix 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 from dataclasses import dataclass, field
@@ -88,6 +89,15 @@ def versions(classifier: Classifier, name: str) -> list[str]:
     if target in (ENSEMBLE, CASCADE):
         return [COMPOSED_VERSION]
     return [str(classifier.manifest.models[target].version)]
+
+
+async def model_ready(classifier: Classifier, name: str, arms: list[str]) -> bool:
+    """Every Triton model `name` may call is READY (for `auto`: every model the experiment's `arms` need)."""
+    targets = classifier.routed_models(arms) if name == AUTO else classifier.triton_models(classifier.resolve(name))
+    states = await asyncio.gather(
+        *(classifier.triton.model_ready(t, classifier.manifest.models[t].version) for t in targets)
+    )
+    return all(states)
 
 
 def check_version(classifier: Classifier, name: str, version: str | None) -> None:

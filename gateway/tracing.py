@@ -13,9 +13,13 @@ Spans go to an OTLP/HTTP collector (`KDSERVE_OTLP_ENDPOINT`) in OTLP's JSON enco
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
+
+# The API only (fastapi depends on it); the SDK is imported when tracing is turned on.
+from opentelemetry.propagate import extract, inject
+from opentelemetry.trace import SpanKind
 
 _NOOP = nullcontext()
 _tracer = None  # an SDK tracer while tracing is on
@@ -65,27 +69,19 @@ def span(name: str, **attributes: Any) -> AbstractContextManager:
     return _tracer.start_as_current_span(name, attributes=attributes or None)
 
 
-@contextmanager
-def request_span(name: str, carrier: Mapping[str, str], **attributes: Any) -> Iterator[Any]:
+def request_span(name: str, carrier: Mapping[str, str], **attributes: Any) -> AbstractContextManager:
     """The server span of one request, continuing the caller's trace when `carrier` (HTTP headers or
-    gRPC metadata, lower-case keys) has a `traceparent`. Yields the span (None while off)."""
+    gRPC metadata, lower-case keys) has a `traceparent` (the shared no-op while tracing is off)."""
     if _tracer is None:
-        yield None
-        return
-    from opentelemetry.propagate import extract
-    from opentelemetry.trace import SpanKind
-
+        return _NOOP
     parent = extract(carrier) if "traceparent" in carrier else None
-    with _tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes) as current:
-        yield current
+    return _tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes or None)
 
 
 def traceparent() -> str | None:
     """The W3C `traceparent` of the current span, for the Triton call (None while off)."""
     if _tracer is None:
         return None
-    from opentelemetry.propagate import inject
-
     carrier: dict[str, str] = {}
     inject(carrier)
     return carrier.get("traceparent")
@@ -95,8 +91,6 @@ def client_span(name: str, **attributes: Any) -> AbstractContextManager:
     """A span for a call leaving the gateway (the Triton call)."""
     if _tracer is None:
         return _NOOP
-    from opentelemetry.trace import SpanKind
-
     return _tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes or None)
 
 

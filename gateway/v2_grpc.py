@@ -159,16 +159,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             with self._authorize(context, "classify"):
                 classifier = self.state.classifier
                 oip.check_version(classifier, request.name, request.version or None)
-                if request.name == oip.AUTO:
-                    targets = classifier.routed_models(self.state.experiment.weights)
-                else:
-                    targets = classifier.triton_models(classifier.resolve(request.name))
+                ready = await oip.model_ready(classifier, request.name, self.state.experiment.weights)
         except GatewayError as exc:
             await self._abort(context, exc)
-        states = await asyncio.gather(
-            *(classifier.triton.model_ready(t, classifier.manifest.models[t].version) for t in targets)
-        )
-        return service_pb2.ModelReadyResponse(ready=all(states))
+        return service_pb2.ModelReadyResponse(ready=ready)
 
     async def ModelInfer(self, request, context):
         start = time.perf_counter()
@@ -176,15 +170,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         sent = metadata.get("x-request-id", "")
         ours = sent.isascii() and CLIENT_ID.fullmatch(sent.encode())
-        call = SimpleNamespace(rid=sent if ours else new_request_id(), model="", arm="", key="")
+        call = SimpleNamespace(rid=sent if ours else new_request_id(), model="", arm="")
         status = 500
         state.metrics.in_flight.inc()
         try:
             with (
-                self._authorize(context, "classify") as key,
+                self._authorize(context, "classify"),
                 tracing.request_span("grpc ModelInfer", metadata, model=request.model_name),
             ):
-                call.key = key
                 response = await self._infer(request, metadata, call, start)
             status = 200
             return response

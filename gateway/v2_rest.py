@@ -6,7 +6,6 @@ as `/v1/classify`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -146,15 +145,8 @@ async def model_config(request: Request) -> dict:
 async def model_ready(request: Request) -> Response:
     """Ready (200) when every Triton model it calls is; else 400"""
     name, _ = _model_name(request)
-    classifier = _classifier(request)
-    if name == oip.AUTO:
-        targets = classifier.routed_models(request.app.state.experiment.weights)
-    else:
-        targets = classifier.triton_models(classifier.resolve(name))
-    states = await asyncio.gather(
-        *(classifier.triton.model_ready(t, classifier.manifest.models[t].version) for t in targets)
-    )
-    return Response(status_code=200 if all(states) else 400)
+    ready = await oip.model_ready(_classifier(request), name, request.app.state.experiment.weights)
+    return Response(status_code=200 if ready else 400)
 
 
 def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
