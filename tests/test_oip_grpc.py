@@ -69,3 +69,62 @@ def test_grpc_pixels_classification_and_errors(gateway, client):
     assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
     metrics = gateway.client.get("/metrics").text
     assert 'route="grpc:ModelInfer"' in metrics and 'status="400"' in metrics
+
+
+def test_hostile_grpc_requests_get_status_codes_never_internal_errors(gateway):
+    """Raw gRPC requests the client library would never build: each refused with a client-side status."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    png = digit_png_bytes(HELD_OUT[0])
+    element = len(png).to_bytes(4, "little") + png
+    tensor = service_pb2.ModelInferRequest.InferInputTensor
+
+    def request(**fields) -> service_pb2.ModelInferRequest:
+        return service_pb2.ModelInferRequest(model_name="student", **fields)
+
+    cases = {
+        "more raw contents than inputs": request(
+            inputs=[tensor(name="IMAGE", datatype="BYTES", shape=[1, 1])], raw_input_contents=[element, element]
+        ),
+        "a length prefix past the end": request(
+            inputs=[tensor(name="IMAGE", datatype="BYTES", shape=[1, 1])],
+            raw_input_contents=[(10**9).to_bytes(4, "little") + b"abc"],
+        ),
+        "shape larger than the data": request(
+            inputs=[tensor(name="IMAGE", datatype="BYTES", shape=[3, 1])], raw_input_contents=[element]
+        ),
+        "a huge declared shape": request(
+            inputs=[tensor(name="PIXELS", datatype="UINT8", shape=[2**40, 8, 8, 3])], raw_input_contents=[b"\0" * 192]
+        ),
+        "pixels of the wrong size": request(
+            inputs=[tensor(name="PIXELS", datatype="UINT8", shape=[1, 8, 8, 3])], raw_input_contents=[b"\0" * 100]
+        ),
+        "no input": request(),
+        "an unknown version": service_pb2.ModelInferRequest(
+            model_name="student_kd",
+            model_version="99",
+            inputs=[tensor(name="IMAGE", datatype="BYTES", shape=[1, 1])],
+            raw_input_contents=[element],
+        ),
+    }
+    expected = {"an unknown version": grpc.StatusCode.NOT_FOUND}
+    with grpc.insecure_channel(gateway.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for what, hostile in cases.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(hostile, timeout=30)
+            assert refused.value.code() == expected.get(what, grpc.StatusCode.INVALID_ARGUMENT), what
+            assert refused.value.details(), what
+        oversized = request(
+            inputs=[tensor(name="IMAGE", datatype="BYTES", shape=[1, 1])], raw_input_contents=[b"\0" * (9 * 2**20)]
+        )
+        with pytest.raises(grpc.RpcError) as too_big:
+            stub.ModelInfer(oversized, timeout=30)
+        assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # past KDSERVE_MAX_BODY_BYTES
+        # Still serving.
+        served = stub.ModelInfer(
+            request(inputs=[tensor(name="IMAGE", datatype="BYTES", shape=[1, 1])], raw_input_contents=[element]),
+            timeout=30,
+        )
+        assert served.outputs[0].name == "PROBABILITIES"
