@@ -195,3 +195,15 @@ def test_the_loops_client_sends_exactly_the_few_labels_recipes_unlabelled_traini
     sent = traffic_indices(tmp_path, recipe.data.split)
     assert len(sent) == len(data.transfer) > 10 * len(data.train)
     torch.testing.assert_close(load_digits_images(recipe.data.image_size)[0][sent], data.transfer.images)
+
+
+def test_a_shuffled_pass_never_ends_in_a_batch_of_one_image():
+    """BatchNorm cannot train on one image: a training pass leaves the odd image out, evaluation does not."""
+    from training.data import InMemoryImages
+
+    dataset = InMemoryImages(torch.zeros((65, 8, 8, 3), dtype=torch.uint8), torch.arange(65))
+    generator = torch.Generator().manual_seed(0)
+    assert [len(y) for _, y in iterate_batches(dataset, 64, shuffle=True, generator=generator)] == [64]
+    assert [len(y) for _, y in iterate_batches(dataset, 64)] == [64, 1]  # evaluation sees every image
+    assert [len(y) for _, y in iterate_batches(dataset, 32, shuffle=True)] == [32, 32]
+    assert [len(y) for _, y in iterate_batches(dataset, 30, shuffle=True)] == [30, 30, 5]
