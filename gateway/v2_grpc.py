@@ -112,14 +112,22 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             name=oip.SERVER_NAME, version=oip.SERVER_VERSION, extensions=oip.EXTENSIONS
         )
 
-    async def ModelMetadata(self, request, context):
+    async def _about_model(self, context, name: str, version: str, answer):
+        """`answer(classifier)` for a model request: the caller's key checked, the version checked
+        against the model's, any refusal aborted with its status code."""
         try:
             with self._authorize(context, "classify"):
                 classifier = self.state.classifier
-                oip.check_version(classifier, request.name, request.version or None)
-                meta = oip.metadata(classifier, request.name)
+                oip.check_version(classifier, name, version or None)
+                return await answer(classifier)
         except GatewayError as exc:
             await self._abort(context, exc)
+
+    async def ModelMetadata(self, request, context):
+        async def metadata(classifier):
+            return oip.metadata(classifier, request.name)
+
+        meta = await self._about_model(context, request.name, request.version, metadata)
         tensor = service_pb2.ModelMetadataResponse.TensorMetadata
         return service_pb2.ModelMetadataResponse(
             name=meta["name"],
@@ -130,13 +138,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request, context):
-        try:
-            with self._authorize(context, "classify"):
-                classifier = self.state.classifier
-                oip.check_version(classifier, request.name, request.version or None)
-                config = oip.config(classifier, request.name, self.state.settings.max_images)
-        except GatewayError as exc:
-            await self._abort(context, exc)
+        async def config(classifier):
+            return oip.config(classifier, request.name, self.state.settings.max_images)
+
+        config = await self._about_model(context, request.name, request.version, config)
         types = model_config_pb2.DataType
         return service_pb2.ModelConfigResponse(
             config=model_config_pb2.ModelConfig(
@@ -155,14 +160,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelReady(self, request, context):
-        try:
-            with self._authorize(context, "classify"):
-                classifier = self.state.classifier
-                oip.check_version(classifier, request.name, request.version or None)
-                ready = await oip.model_ready(classifier, request.name, self.state.experiment.weights)
-        except GatewayError as exc:
-            await self._abort(context, exc)
-        return service_pb2.ModelReadyResponse(ready=ready)
+        async def ready(classifier):
+            return await oip.model_ready(classifier, request.name, self.state.experiment.weights)
+
+        return service_pb2.ModelReadyResponse(
+            ready=await self._about_model(context, request.name, request.version, ready)
+        )
 
     async def ModelInfer(self, request, context):
         start = time.perf_counter()
