@@ -49,11 +49,14 @@ setup: $(STAMP) $(LOCUST_STAMP) $(SYSTEM_STAMP)
 
 # The layering contracts first (import-linter, [tool.importlinter] in pyproject.toml), then the suite in a
 # new random order every run (pytest-randomly; SEED=N repeats the order of an earlier run), slowest 15 listed.
+# TEST_WORKERS pytest-xdist workers (at least two: even on one core, half the suite's time is spent waiting
+# on servers starting and subprocesses), each taking whole modules (their servers start once).
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(max(2, len(os.sched_getaffinity(0))))')
 test: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mkdocs build --strict --quiet
 	@seed=$${SEED:-$$RANDOM}; echo "test order: SEED=$$seed (make test SEED=$$seed repeats it)"; \
-	$(PY) -m pytest -q --durations=15 --randomly-seed=$$seed
+	$(PY) -m pytest -q --durations=15 --randomly-seed=$$seed -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The page serves as soon as the demo's core is trained and exported: the teacher and the seed-0
 # students, ~2/3 of the recipe's compute (the seconds to the page and to everything served, with the

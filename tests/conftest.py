@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,14 +53,100 @@ def override_args(overrides: list[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_run")
-    proc = run_training(
-        "all", "--recipe", "digits", "--out", str(out), "--threads", "2", *override_args(TINY_OVERRIDES)
+class SessionArtifact:
+    """A folder built once per test session however many pytest-xdist workers run it (`make test` runs
+    two): whoever asks first builds it while holding a file lock, everyone else waits on the lock and
+    takes the finished folder. A failed build is recorded, so every test that needs it fails with the
+    build's own message instead of building it again.
+
+    `start()` builds it in a background thread at the session's start, so that the tests that do not
+    need it (they are ordered first, see `pytest_collection_modifyitems`) run while it trains."""
+
+    def __init__(self, folder: Path, build: Callable[[Path], None]) -> None:
+        self.folder, self._build = folder, build
+        self._lock, self._failed = folder.with_name(folder.name + ".lock"), folder.with_name(folder.name + ".failed")
+        self._done = folder / ".built"
+
+    def start(self) -> None:
+        threading.Thread(target=self._build_once, name=f"build {self.folder.name}", daemon=True).start()
+
+    def get(self) -> Path:
+        self._build_once()
+        if self._failed.exists():
+            pytest.fail(f"building {self.folder.name} failed:\n{self._failed.read_text()}", pytrace=False)
+        return self.folder
+
+    def _build_once(self) -> None:
+        # A file lock of its own descriptor per call: flock excludes other threads of this process too.
+        with self._lock.open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._done.exists() or self._failed.exists():
+                return
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._build(self.folder)
+                self._done.touch()
+            except BaseException as error:  # recorded for every waiting test, then the thread ends
+                self._failed.write_text(str(error) or repr(error))
+
+
+def _train_tiny_run(folder: Path) -> None:
+    run, repo = folder / "run", folder / "repo"
+    trained = run_training(
+        "all", "--recipe", "digits", "--out", str(run), "--threads", "2", *override_args(TINY_OVERRIDES)
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    if trained.returncode != 0:
+        raise RuntimeError(f"training the tiny run failed:\n{trained.stderr[-3000:]}")
+    exported = run_training("export", "--run", str(run), "--repo", str(repo))  # cpu flavour
+    if exported.returncode != 0:
+        raise RuntimeError(f"exporting the tiny run failed:\n{exported.stderr[-3000:]}")
+
+
+def _build_gateway_image(folder: Path) -> None:
+    """The gateway image from the repository's Dockerfile (deploy/podman/image.sh, cached by content hash)."""
+    for tool in ("podman", "buildah", "runc", "debootstrap"):
+        if not shutil.which(tool):
+            raise RuntimeError(f"{tool} is missing: `make setup` installs Debian's {tool} package")
+    built = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "podman" / "image.sh")], capture_output=True, text=True, timeout=1500
+    )
+    if built.returncode != 0:
+        raise RuntimeError(f"building the gateway image failed:\n{built.stderr[-3000:]}")
+    (folder / "image").write_text(built.stdout.strip().splitlines()[-1])
+
+
+# What tests share, by the fixture that hands it out, and how it is built.
+ARTIFACTS: dict[str, Callable[[Path], None]] = {"tiny": _train_tiny_run, "gateway_image": _build_gateway_image}
+NEEDED_BY = {"tiny_run": "tiny", "gateway_image": "gateway_image"}
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> dict[str, SessionArtifact]:
+    # Under pytest-xdist each worker's base temp is a sub-folder of one shared by the session's workers.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    return {name: SessionArtifact(shared / name, build) for name, build in ARTIFACTS.items()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _build_artifacts_in_background(request, artifacts) -> None:
+    """Starts building what the collected tests will need (only that: one unit test file trains nothing)."""
+    needed = {NEEDED_BY[f] for item in request.session.items for f in item.fixturenames if f in NEEDED_BY}
+    for name in sorted(needed):
+        artifacts[name].start()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules whose tests need no shared artifact first (in pytest-randomly's order, which runs before this
+    hook), so that they run while the artifacts build; a module stays whole for `--dist loadscope`."""
+    waits = {item.module.__name__ for item in items if NEEDED_BY.keys() & set(item.fixturenames)}
+    items.sort(key=lambda item: item.module.__name__ in waits)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(artifacts) -> Path:
+    return artifacts["tiny"].get() / "run"
 
 
 @pytest.fixture(scope="session")
@@ -65,12 +155,15 @@ def tiny_results(tiny_run: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_repo(tiny_run: Path, tmp_path_factory) -> Path:
+def tiny_repo(tiny_run: Path) -> Path:
     """The tiny run exported into a cpu-flavour Triton repository."""
-    repo = tmp_path_factory.mktemp("repo")
-    proc = run_training("export", "--run", str(tiny_run), "--repo", str(repo))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return repo
+    return tiny_run.parent / "repo"
+
+
+@pytest.fixture(scope="session")
+def gateway_image(artifacts) -> str:
+    """The name of the gateway image built with podman (built once per content hash)."""
+    return (artifacts["gateway_image"].get() / "image").read_text()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -35,17 +34,6 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return subprocess.run(
         ["podman", *args], env=PODMAN_ENV, capture_output=True, text=True, timeout=timeout, check=check
     )
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    for tool in ("podman", "buildah", "runc", "debootstrap"):
-        assert shutil.which(tool), f"{tool} is missing: `make setup` installs Debian's {tool} package"
-    built = subprocess.run(
-        ["bash", str(ROOT / "deploy" / "podman" / "image.sh")], capture_output=True, text=True, timeout=1500
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    return built.stdout.strip().splitlines()[-1]
 
 
 def readable_by_anyone(repo: Path) -> Path:
@@ -85,9 +73,11 @@ def start_gateway_container(image: str, repo: Path, api_keys: str) -> tuple[str,
     pytest.fail(f"not ready in {READY_WITHIN_S} s: {podman('logs', name, check=False).stderr[-3000:]}")
 
 
-def test_the_image_serves_read_only_as_uid_10001_passes_its_healthcheck_and_stops_cleanly(image, tiny_repo, gateway):
+def test_the_image_serves_read_only_as_uid_10001_passes_its_healthcheck_and_stops_cleanly(
+    gateway_image, tiny_repo, gateway
+):
     key, entry = new_key("image-test", ["classify"], None, None)
-    name, url, grpc_address = start_gateway_container(image, readable_by_anyone(tiny_repo), json.dumps([entry]))
+    name, url, grpc_address = start_gateway_container(gateway_image, readable_by_anyone(tiny_repo), json.dumps([entry]))
     bearer = {"Authorization": f"Bearer {key}"}
     try:
         assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
