@@ -18,6 +18,12 @@ from gateway.process import GatewayProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`make test`) every core already has a worker, so torch in the tests' subprocesses gets
+# one thread: OpenMP's threads spin while they wait for work, and next to another busy process that spinning
+# doubled a tiny training run (24 s and 25 CPU-s with two threads, 13 s and 12 CPU-s with one).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # A short version of the digits recipe: narrow ResNet18s (half the published channels for the teacher, a
 # quarter for the students: 5-12x less compute a step, which these tests of plumbing do not need), 5 and 8
 # epochs (96-98% test top-1: past the point where accuracy swings by points between client forms, which
@@ -92,9 +98,7 @@ class SessionArtifact:
 
 def _train_tiny_run(folder: Path) -> None:
     run, repo = folder / "run", folder / "repo"
-    trained = run_training(
-        "all", "--recipe", "digits", "--out", str(run), "--threads", "2", *override_args(TINY_OVERRIDES)
-    )
+    trained = run_training("all", "--recipe", "digits", "--out", str(run), *override_args(TINY_OVERRIDES))
     if trained.returncode != 0:
         raise RuntimeError(f"training the tiny run failed:\n{trained.stderr[-3000:]}")
     exported = run_training("export", "--run", str(run), "--repo", str(repo))  # cpu flavour

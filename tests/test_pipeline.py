@@ -143,10 +143,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(t
         ]
     )
     whole = tmp_path / "whole"
-    assert run_training("all", "--out", str(whole), "--threads", "2", *settings).returncode == 0
+    assert run_training("all", "--out", str(whole), *settings).returncode == 0
 
     cut = tmp_path / "cut"
-    command = [sys.executable, "-m", "training", "all", "--out", str(cut), "--threads", "2", *settings]
+    command = [sys.executable, "-m", "training", "all", "--out", str(cut), *settings]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = cut / "teacher" / "checkpoint.pt"
     deadline = time.monotonic() + 300
@@ -158,7 +158,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(t
     assert not (cut / "teacher" / "model.pt").exists()
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
 
-    resumed = run_training("all", "--out", str(cut), "--threads", "2", *settings)
+    resumed = run_training("all", "--out", str(cut), *settings)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert weights_digest(cut / "teacher" / "model.pt") == weights_digest(whole / "teacher" / "model.pt")
     epochs = [json.loads(line)["epoch"] for line in (cut / "teacher" / "metrics.jsonl").read_text().splitlines()]
@@ -170,30 +170,31 @@ import hashlib, sys
 from training.data import load_data
 from training.pipeline import init_model, plan_stages
 from training.recipe import load_recipe
-recipe = load_recipe("digits", [f"evaluation.seeds=[{sys.argv[1]}]"])
-model = init_model(plan_stages(recipe)[1], load_data(recipe.data))  # the plain student
-digest = hashlib.sha256()
-for tensor in model.state_dict().values():
-    digest.update(tensor.numpy().tobytes())
-print(digest.hexdigest())
+for seed in sys.argv[1:]:
+    recipe = load_recipe("digits", [f"evaluation.seeds=[{seed}]"])
+    model = init_model(plan_stages(recipe)[1], load_data(recipe.data))  # the plain student
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.numpy().tobytes())
+    print(digest.hexdigest())
 """
 
 
-def _init_digests(*seeds: int) -> list[str]:
-    """The plain student's initial weights for each seed, each in a process of its own (run side by side:
+def _init_digests(*seeds_per_process: list[int]) -> list[list[str]]:
+    """The plain student's initial weights for each seed, one list of seeds per process (run side by side:
     most of each is importing torch)."""
     procs = [
-        subprocess.Popen([sys.executable, "-c", INIT_DIGEST, str(seed)], stdout=subprocess.PIPE, text=True)
-        for seed in seeds
+        subprocess.Popen([sys.executable, "-c", INIT_DIGEST, *map(str, seeds)], stdout=subprocess.PIPE, text=True)
+        for seeds in seeds_per_process
     ]
-    digests = [proc.communicate(timeout=180)[0].strip() for proc in procs]
+    digests = [proc.communicate(timeout=180)[0].split() for proc in procs]
     assert all(proc.returncode == 0 for proc in procs)
     return digests
 
 
 def test_initial_weights_come_from_the_stage_seed_in_every_process():
     # torch seeds itself randomly at start-up: two processes must still start a stage from the same weights.
-    first, again, other = _init_digests(0, 0, 1)
+    [first, other], [again] = _init_digests([0, 1], [0])
     assert len(first) == 64
     assert first == again
     assert first != other
