@@ -142,10 +142,13 @@ def _build_artifacts_in_background(request, artifacts) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Modules whose tests need no shared artifact first (in pytest-randomly's order, which runs before this
-    hook), so that they run while the artifacts build; a module stays whole for `--dist loadscope`."""
+    """Modules whose tests need no shared artifact first, so that they run while the artifacts build; within
+    each of the two groups, modules with a `slow` test first, so that the last module a worker takes is a
+    short one (the longest first keeps both workers busy to the end). The order is otherwise
+    pytest-randomly's (it runs before this hook), and a module stays whole for `--dist loadscope`."""
     waits = {item.module.__name__ for item in items if NEEDED_BY.keys() & set(item.fixturenames)}
-    items.sort(key=lambda item: item.module.__name__ in waits)
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.module.__name__ in waits, item.module.__name__ not in slow))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -35,6 +36,7 @@ EXAMPLES = int(os.environ.get("KDSERVE_FUZZ_EXAMPLES", "500"))
 MIN_REQUESTS = 1000
 
 
+@pytest.mark.slow
 def test_generated_requests_get_no_5xx_and_answers_that_match_the_schema(gateway):
     schema = schemathesis.openapi.from_url(f"{gateway.url}/openapi.json")
     sent: Counter[str] = Counter()

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from gateway.process import free_port
 from tests.conftest import ROOT, TINY_OVERRIDES, override_args, run_training
 
@@ -23,6 +25,7 @@ def demo_core_overrides() -> list[str]:
     return [value for flag, value in zip(words[::2], words[1::2], strict=True) if flag == "--set"]
 
 
+@pytest.mark.slow
 def test_the_demo_serves_its_core_then_shows_what_the_rest_of_the_recipe_exports(tiny_run, tiny_repo, tmp_path):
     run, repo = tmp_path / "run", tmp_path / "repo"
     # The run's graphs, which exporting `tiny_repo` wrote, come along: the same weights' graphs are kept,

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, override_args
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
     out = tmp_path / "ddp"
     overrides = [

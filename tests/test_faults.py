@@ -8,6 +8,8 @@ the figures come from."""
 
 from __future__ import annotations
 
+import pytest
+
 from loadtest.faults import LOST, hostile_inputs, overload, sigterm_under_load, triton_killed, triton_stalled
 
 # Recovery takes a Triton restart and model load: ~4-11 s on the machines measured so far (faults.md).
@@ -20,6 +22,7 @@ def test_hostile_inputs_get_their_status_in_the_error_shape(gateway):
     assert not wrong, wrong
 
 
+@pytest.mark.slow
 def test_triton_killed_mid_load_answers_again_with_no_500_and_nothing_lost(tiny_repo):
     result = triton_killed(tiny_repo)
     assert set(result.statuses) <= {"200", "503", "504"}, result.statuses
@@ -35,6 +38,7 @@ def test_triton_frozen_past_the_deadline_gives_504s_in_time_then_recovers(tiny_r
     assert 0 <= result.figures["recovery_after_sigcont_s"] < RECOVERY_BOUND_S, result.figures
 
 
+@pytest.mark.slow
 def test_overload_sheds_with_503_and_answers_within_the_deadline(tiny_repo):
     result = overload(tiny_repo, clients=48, images=32, seconds=12.0)
     assert set(result.statuses) <= {"200", "503", "429"}, result.statuses

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HARNESS = Path(__file__).parent / "fuzz" / "fuzz_decode.py"
 RUNS = 10000  # seeded with every format, coverage-guided (~20 s on 2 cores); `make fuzz` runs for minutes
 
 
+@pytest.mark.slow
 def test_decoding_fuzzed_bytes_never_escapes_the_gateways_errors(tmp_path):
     corpus = tmp_path / "corpus"
     seeded = subprocess.run([sys.executable, str(HARNESS), "--seed", str(corpus)], capture_output=True, text=True)

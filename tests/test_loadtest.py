@@ -10,6 +10,7 @@ from loadtest.report import write_report
 from loadtest.run import direct_targets, model_concurrency, run_load
 
 
+@pytest.mark.slow
 def test_headless_locust_against_the_gateway_writes_csv_metrics_and_report(gateway, triton, tmp_path):
     out = tmp_path / "load"
     metrics_url = f"http://127.0.0.1:{triton.ports.metrics}/metrics"

@@ -73,6 +73,7 @@ def weights_digest(model_file) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_stage_and_changed_settings_retrain(tiny_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(tiny_run, out)
@@ -126,6 +127,7 @@ def test_a_trained_student_classifies_real_digits(tiny_results):
     assert tiny_results["models"]["student_plain"]["top1"] > 0.85
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     settings = override_args(
         [

@@ -195,6 +195,7 @@ def phase(stack: Stack) -> str:
     return json.loads(stack.experiment_file.read_text())["state"]["phase"]
 
 
+@pytest.mark.slow
 def test_a_healthy_student_is_stepped_to_100_percent_under_load(stack, tmp_path):
     put_experiment(stack, rollout_experiment([0.1, 0.5, 1.0], min_duration_s=1))
     ctl = controller(stack, tmp_path)
