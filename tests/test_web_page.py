@@ -85,9 +85,20 @@ def draw(page: Page, digit: np.ndarray) -> None:
                 stroke(at(run[0], col), at(run[-1], col), len(run))
 
 
+def cards(page: Page) -> dict[str, str]:
+    return {m: page.locator(f'.card[data-model="{m}"] .top').inner_text() for m in MODELS}
+
+
 def wait_for_answers(page: Page, count: int) -> dict[str, str]:
     page.wait_for_function(f"Number(document.body.dataset.classified || 0) >= {count}", timeout=30_000)
-    return {m: page.locator(f'.card[data-model="{m}"] .top').inner_text() for m in MODELS}
+    return cards(page)
+
+
+def wait_for_whole_drawing(page: Page) -> dict[str, str]:
+    """The cards once they answer every stroke drawn: the page also classifies a drawing when the pen rests
+    between strokes (as a slow machine's strokes do), and only the answer to the last stroke is the digit's."""
+    page.wait_for_function("Number(document.body.dataset.answeredStrokes) === strokes", timeout=30_000)
+    return cards(page)
 
 
 def test_page_classifies_digits_drawn_with_pointer_strokes(page, gateway):
@@ -97,7 +108,7 @@ def test_page_classifies_digits_drawn_with_pointer_strokes(page, gateway):
     for n, (digit, label) in enumerate(zip(digits, labels, strict=True), start=1):
         page.click("#clear")
         draw(page, digit)
-        answers = wait_for_answers(page, n)
+        answers = wait_for_whole_drawing(page)
         shown.append(answers)
         # The page shows exactly what the gateway answers for the pixels that were drawn.
         drawn_png = base64.b64decode(page.evaluate("pad.toDataURL('image/png')").split(",", 1)[1])
@@ -160,7 +171,7 @@ def test_the_right_answer_given_on_the_page_is_joined_once_as_feedback(page, gat
     )
     before, duplicates_before = accepted(), duplicates()
     draw(page, digits[0])
-    wait_for_answers(page, 1)
+    wait_for_whole_drawing(page)
     page.wait_for_selector("#truth:not([hidden])")
     page.click(f'#truthbuttons button[data-label="{labels[0]}"]')
     page.wait_for_selector("#truthstatus[data-outcome]")
