@@ -168,7 +168,7 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
 
     @app.get("/", include_in_schema=False)
     async def web_page() -> Response:
-        """Draw a digit or drop a photo; student, teacher and ensemble side by side (plain HTML/JS)."""
+        """Draw a digit or drop a photo; the served models side by side (plain HTML/JS)."""
         return Response(page, media_type="text/html; charset=utf-8")
 
     @app.get("/metrics", include_in_schema=False)

@@ -24,7 +24,7 @@ from gateway.files import write_whole
 from gateway.manifest_follow import file_stamp
 from gateway.settings import GatewaySettings
 from kdcontract.manifest import Manifest
-from kdcontract.names import AUTO, STUDENT, TEACHER, callable_names
+from kdcontract.names import AUTO, DEFAULT_AB_WEIGHTS, STUDENT, TEACHER, callable_names
 
 log = logging.getLogger("kdserve.gateway")
 
@@ -106,7 +106,7 @@ class Experiment(_Strict):
     control: str = Field(TEACHER, description="the arm the candidate is judged against (and falls back to)")
     candidate: str = Field(STUDENT, description="the arm being rolled out")
     weights: dict[str, float] = Field(
-        default_factory=lambda: {STUDENT: 0.9, TEACHER: 0.1}, description="arm -> share of traffic; sums to 1"
+        default_factory=lambda: dict(DEFAULT_AB_WEIGHTS), description="arm -> share of traffic; sums to 1"
     )
     shadow_fraction: float = Field(0.0, ge=0, le=1, description="share of requests mirrored to the other arm")
     sticky_header: str = Field(

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.keys import ApiKey
 from kdcontract.fusion import FusionMethod
-from kdcontract.names import STUDENT, TEACHER
+from kdcontract.names import DEFAULT_AB_WEIGHTS
 
 
 class GatewaySettings(BaseSettings):
@@ -66,7 +66,7 @@ class GatewaySettings(BaseSettings):
     ensemble_quorum: int = Field(2, ge=1, description="members that must answer; fewer is a 503")
 
     # A/B test between the student and teacher arms.
-    ab_weights: dict[str, float] = Field(default_factory=lambda: {STUDENT: 0.9, TEACHER: 0.1})
+    ab_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_AB_WEIGHTS))
     ab_key_header: str = "X-Client-Key"
     shadow_fraction: float = Field(0.0, ge=0, le=1, description="share of requests mirrored to the other arm")
     ab_window: int = Field(10_000, ge=100, description="latencies kept per arm for /v1/ab/summary")

@@ -32,6 +32,8 @@ TRITON_ENSEMBLE = "ensemble_triton"  # -> the first of TRITON_ENSEMBLES the repo
 CASCADE = "cascade"  # the student, and the teacher for images the student is unsure of
 AUTO = "auto"  # the A/B experiment's choice of arm
 GATEWAY_NAMES = (ENSEMBLE, CASCADE)  # what the gateway composes; no served model may take these names
+# The gateway's A/B split unless told otherwise: the teacher keeps a share to be compared with.
+DEFAULT_AB_WEIGHTS = {STUDENT: 0.9, TEACHER: 0.1}
 
 # What the demo, the served-accuracy check and the soak send, in this order, where the repository has them.
 SHOWCASE = (STUDENT, TEACHER, ENSEMBLE, CASCADE, STUDENT_PRUNED)
@@ -46,8 +48,9 @@ def int8_name(name: str) -> str:
 
 
 def model_aliases(manifest: Manifest) -> dict[str, str]:
-    """The names clients may use besides served model names -> what each one runs."""
-    aliases = {STUDENT: STUDENT_KD, TEACHER: TEACHER}
+    """The names clients may use besides served model names -> what each one runs (only what the
+    repository serves: `make demo` serves the plain student before the teacher and the KD student)."""
+    aliases = {alias: name for alias, name in ((STUDENT, STUDENT_KD), (TEACHER, TEACHER)) if name in manifest.models}
     if manifest.by_role("variant"):
         aliases[ENSEMBLE] = ENSEMBLE
     served = [name for name in TRITON_ENSEMBLES if name in manifest.models]

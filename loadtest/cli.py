@@ -173,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--then",
         metavar="COMMAND",
+        action="append",
         help="a shell command run while serving that exports more models into the repository (make demo: "
-        "the rest of the recipe); the models it adds are shown once served",
+        "the teacher and the KD student, then the rest of the recipe); repeatable, run in turn; the models "
+        "each adds are shown once served",
     )
     demo.add_argument("--started-at", type=float, help="epoch seconds the demo began (make demo: after set-up)")
     demo.add_argument("--record", type=Path, help="JSON file for the seconds from --started-at to the page serving")

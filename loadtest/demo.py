@@ -1,9 +1,12 @@
 """`python -m loadtest demo`: Triton + gateway up, held-out digits classified over HTTP, side by side.
 
-Starts the embedded Triton and the gateway (uvicorn, as `python -m gateway serve` runs it), sends
-the digits test split as PNG files through HTTP to the student, the teacher and the ensemble,
-prints a handful of predictions with latencies and each model's served accuracy next to the
-accuracy training measured, then keeps serving (or exits with --once).
+Starts the embedded Triton and the gateway (uvicorn, as `python -m gateway serve` runs it) on whatever
+the repository serves (`make demo`: the plain student alone, the quickest model to train), sends the
+digits test split as PNG files through HTTP to each served model and prints a handful of predictions
+with latencies and each model's served accuracy next to the accuracy training measured. Each `--then`
+command exports more models into the repository while it serves (the teacher and the KD student, then
+the rest of the recipe); their models are shown once the gateway serves them. Then it keeps serving (or
+exits with --once).
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ from gateway.process import GatewayProcess
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes, digits_gray, held_out_indices
 from kdcontract.manifest import Manifest, read_manifest
-from kdcontract.names import available, trained_entry
+from kdcontract.names import (
+    DEFAULT_AB_WEIGHTS,
+    SHOWCASE,
+    STUDENT,
+    STUDENT_PLAIN,
+    TEACHER,
+    available,
+    trained_entry,
+)
 
 
 def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> tuple[list[dict], list[dict]]:
@@ -62,19 +73,34 @@ class DemoClock:
         print(f"[demo] {event}: {self.seconds[event]:.0f} s after make demo started", flush=True)
 
 
+# What the demo shows, in this order, where the repository has it: the plain student first (it is
+# trained first and served alone at the start), then what every served-accuracy check sends.
+SHOWN = (STUDENT_PLAIN, *SHOWCASE)
+
+
+def ab_arms(manifest: Manifest) -> dict[str, float] | None:
+    """The A/B split the demo's gateway starts with: None (the settings' student/teacher split) when
+    both are served, else all traffic on the one model served so far (a one-arm experiment)."""
+    callable_now = available(manifest, (STUDENT, TEACHER, STUDENT_PLAIN))
+    if {STUDENT, TEACHER} <= set(callable_now):
+        return None
+    return {callable_now[0]: 1.0}
+
+
 def run_demo(
     repo: Path,
     gateway_port: int,
     ports: TritonPorts,
     once: bool,
-    then: str | None = None,
+    then: list[str] | None = None,
     clock: DemoClock | None = None,
     state: Path = Path("runs/demo-state"),
     rollout: bool = False,
 ) -> int:
-    """Serve `repo` and show it; with `then`, run that command (which exports more models into `repo`)
-    while serving, and show the models it added once the gateway serves them; with `rollout`, end with a
-    rollout of the student under Locust (the page draws it as it happens)."""
+    """Serve `repo` and show it; with `then`, run those commands in turn (each exports more models into
+    `repo`) while serving, and show the models each one added once the gateway serves them. When the
+    student and the teacher are served, the A/B split moves to them; with `rollout`, the demo ends with
+    a rollout of the student under Locust (the page draws it as it happens)."""
     clock = clock or DemoClock(None, None)
     triton_log = repo.resolve().parent / "triton.log"
     experiment_file = state / "experiment.json"
@@ -84,33 +110,41 @@ def run_demo(
         "KDSERVE_EXPERIMENT_POLL_S": "0.5",
         "KDSERVE_ANSWERS_DIR": str(state / "answers"),
     }
+    first_arms = ab_arms(read_manifest(repo))
+    if first_arms is not None:
+        env["KDSERVE_AB_WEIGHTS"] = json.dumps(first_arms)
     with (
         EmbeddedTriton(repo, ports, log_file=triton_log, extra_args=POLL_ARGS) as triton,
         GatewayProcess(repo, triton.http_url, port=gateway_port, ready_path="/readyz", env=env) as gateway,
     ):
         url = gateway.url
-        print(f"\nWeb page {url}/  (draw a digit or drop a photo: student, teacher and ensemble side by side)")
+        print(f"\nWeb page {url}/  (draw a digit or drop a photo: the served models side by side)")
         print(f"Gateway  {url}  (docs {url}/docs, metrics {url}/metrics, A/B {url}/v1/ab/summary)")
         print(
             f"Triton   http://{triton.http_url}  grpc {triton.grpc_url}  "
             f"metrics http://127.0.0.1:{ports.metrics}/metrics"
         )
-        print(f"Try:     curl -s -F images=@some_digit.png '{url}/v1/classify?model=student'", flush=True)
+        print(f"Try:     curl -s -F images=@some_digit.png '{url}/v1/classify?model=auto'", flush=True)
         clock.mark("page_serving")
         shown = show_served(gateway.client, read_manifest(repo), set())
-        if then is not None:
-            print(f"\nServing; the rest of the recipe trains meanwhile and is exported into {repo}: {then}", flush=True)
-            rest = subprocess.run(then, shell=True, check=False)
-            if rest.returncode != 0:
-                print(f"\nThe rest of the recipe failed (exit {rest.returncode}); what is shown above keeps serving.")
-            else:
-                manifest = read_manifest(repo)
-                if wait_until_served(gateway.client, manifest):
-                    clock.mark("everything_served")
-                    show_served(gateway.client, manifest, shown)
-                else:
-                    print(f"\nThe new export is not served after {FOLLOW_TIMEOUT_S:.0f} s; see {triton_log}.")
-        if rollout:
+        split_moved = first_arms is None
+        for step, command in enumerate(then or [], start=1):
+            print(f"\nServing; more of the recipe trains meanwhile and is exported into {repo}: {command}", flush=True)
+            if subprocess.run(command, shell=True, check=False).returncode != 0:
+                print("\nThat part of the recipe failed; what is shown above keeps serving.", flush=True)
+                break
+            manifest = read_manifest(repo)
+            if not wait_until_served(gateway.client, manifest):
+                print(f"\nThe new export is not served after {FOLLOW_TIMEOUT_S:.0f} s; see {triton_log}.")
+                break
+            if not split_moved and ab_arms(manifest) is None:
+                move_split_to_student_and_teacher(experiment_file)
+                split_moved = True
+                clock.mark("student_and_teacher_served")
+            if step == len(then):
+                clock.mark("everything_served")
+            shown = show_served(gateway.client, manifest, shown)
+        if rollout and split_moved:
             show_rollout(gateway.url, experiment_file, repo, state)
         if not once:
             print("Serving; Ctrl-C stops.", flush=True)
@@ -119,6 +153,15 @@ def run_demo(
                 signal.signal(sig, lambda *_: stop.set())
             stop.wait()
     return 0
+
+
+def move_split_to_student_and_teacher(experiment_file: Path) -> None:
+    """The gateway's default split between the student and the teacher, as the experiment it follows."""
+    from loadtest.rollout import start_experiment_file
+
+    start_experiment_file(experiment_file, {"control": TEACHER, "candidate": STUDENT, "weights": DEFAULT_AB_WEIGHTS})
+    split = ", ".join(f"{arm} {weight:.0%}" for arm, weight in DEFAULT_AB_WEIGHTS.items())
+    print(f"\nThe student and the teacher are served: the A/B split is now {split}.", flush=True)
 
 
 FOLLOW_TIMEOUT_S = 120.0
@@ -160,7 +203,7 @@ def wait_until_served(client: httpx.Client, manifest: Manifest) -> bool:
 
 def show_served(client: httpx.Client, manifest: Manifest, already: set[str]) -> set[str]:
     """The held-out digits through HTTP for each served model not in `already`; returns all shown."""
-    models = [m for m in available(manifest) if m not in already]
+    models = [m for m in available(manifest, SHOWN) if m not in already]
     if models:
         labels = digits_gray()[1]
         test = held_out_indices(manifest.split)

@@ -1,4 +1,5 @@
-"""`make demo`'s path: the core of the recipe served first, the rest exported while it serves."""
+"""`make demo`'s path: the plain student served first; the teacher and the KD student, then the rest of the
+recipe, exported while it serves."""
 
 from __future__ import annotations
 
@@ -10,59 +11,96 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from gateway.process import free_port
+from kdcontract.digits import digit_png_bytes
 from tests.conftest import ROOT, TINY_OVERRIDES, override_args, run_training
 
 
-def demo_core_overrides() -> list[str]:
-    """The Makefile's DEMO_CORE, so that this test runs what `make demo` runs."""
+def makefile_words(variable: str) -> list[str]:
+    """A Makefile variable's words, so that this test runs what `make demo` runs."""
     makefile = (ROOT / "Makefile").read_text()
-    definition = re.search(r"^DEMO_CORE := ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
-    assert definition, "DEMO_CORE is not defined in the Makefile"
-    words = shlex.split(definition.group(1).replace("\\\n", " "))
-    return [value for flag, value in zip(words[::2], words[1::2], strict=True) if flag == "--set"]
+    definition = re.search(rf"^{variable} := ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
+    assert definition, f"{variable} is not defined in the Makefile"
+    return shlex.split(definition.group(1).replace("\\\n", " "))
+
+
+def wait_for_gateway(url: str, demo: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert demo.poll() is None, "the demo exited before its gateway served"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the demo's gateway was not ready within {timeout_s:.0f} s")
 
 
 @pytest.mark.slow
-def test_the_demo_serves_its_core_then_shows_what_the_rest_of_the_recipe_exports(tiny_run, tiny_repo, tmp_path):
+def test_the_demo_serves_the_plain_student_first_then_what_each_later_export_adds(tiny_run, tmp_path):
     run, repo = tmp_path / "run", tmp_path / "repo"
     # The run's graphs, which exporting `tiny_repo` wrote, come along: the same weights' graphs are kept,
     # not exported again (what this tests is the demo, not export).
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export_report.*"))
-    core = run_training("all", "--out", str(run), *override_args([*TINY_OVERRIDES, *demo_core_overrides()]))
-    assert core.returncode == 0, core.stderr[-2000:]
+    first = run_training("all", "--out", str(run), *override_args(TINY_OVERRIDES), *makefile_words("DEMO_FIRST"))
+    assert first.returncode == 0, first.stderr[-2000:]
     assert run_training("export", "--run", str(run), "--repo", str(repo)).returncode == 0
+    assert set(json.loads((repo / "manifest.json").read_text())["models"]) == {"student_plain"}
     python = shlex.quote(sys.executable)
-    rest = (
-        f"{python} -m training all --out {run} {shlex.join(override_args(TINY_OVERRIDES))} && "
-        f"{python} -m training export --run {run} --repo {repo}"
-    )
-    ports = [str(free_port()) for _ in range(4)]
-    started, timing = time.time(), tmp_path / "demo_timing.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "loadtest", "demo", "--repo", str(repo), "--once", "--then", rest,
-         "--port", ports[0], "--http-port", ports[1], "--grpc-port", ports[2], "--metrics-port", ports[3],
-         "--started-at", str(started), "--record", str(timing), "--rollout", "--state", str(tmp_path / "state")],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # The clock: the page served before everything was, both within this test's own time, on a named CPU.
+    train = f"{python} -m training all --out {run} {shlex.join(override_args(TINY_OVERRIDES))}"
+    export = f"{python} -m training export --run {run} --repo {repo}"
+    core = shlex.join([*override_args(TINY_OVERRIDES), *makefile_words("DEMO_CORE")])
+    latch = tmp_path / "first-stage-checked"
+    # The first command waits until this test has looked at what the first stage serves.
+    then = [f"while [ ! -e {latch} ]; do sleep 0.2; done; {python} -m training all --out {run} {core} && {export}"]
+    then.append(f"{train} && {export}")
+    ports = [free_port() for _ in range(4)]
+    started, timing, log = time.time(), tmp_path / "demo_timing.json", tmp_path / "demo.log"
+    command = [sys.executable, "-m", "loadtest", "demo", "--repo", str(repo), "--once",
+               "--then", then[0], "--then", then[1],
+               "--port", ports[0], "--http-port", ports[1], "--grpc-port", ports[2], "--metrics-port", ports[3],
+               "--started-at", started, "--record", timing, "--rollout", "--state", tmp_path / "state"]  # fmt: skip
+    with log.open("w") as out_file:
+        demo = subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=out_file, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{ports[0]}"
+            wait_for_gateway(url, demo)
+            # The first stage: the plain student alone, all A/B traffic on it; the student is not served yet.
+            assert [m["name"] for m in httpx.get(f"{url}/v1/models").json()["models"]] == ["student_plain"]
+            png = {"content": digit_png_bytes(0), "headers": {"Content-Type": "image/png"}}
+            auto = httpx.post(f"{url}/v1/classify?model=auto", **png)
+            assert auto.status_code == 200 and auto.json()["arm"] == "student_plain", auto.text
+            student = httpx.post(f"{url}/v1/classify?model=student", **png)
+            assert student.status_code == 404 and student.json()["error"]["kind"] == "unknown_model", student.text
+            latch.touch()
+            demo.wait(timeout=900)
+        finally:
+            latch.touch()
+            if demo.poll() is None:
+                demo.kill()
+    out = log.read_text()
+    assert demo.returncode == 0, out[-3000:]
+    # The clock: the page served first, then the student and the teacher, then everything, on a named CPU.
     recorded = json.loads(timing.read_text())
     seconds = recorded["seconds_after_start"]
-    assert 0 < seconds["page_serving"] < seconds["everything_served"] < time.time() - started
+    assert 0 < seconds["page_serving"] < seconds["student_and_teacher_served"] < seconds["everything_served"]
+    assert seconds["everything_served"] < time.time() - started
     assert re.search(r"\S, \d+ cores?$", recorded["cpu"]), recorded["cpu"]  # "1 core" under taskset -c 0
-    out = proc.stdout
-    # The page's address comes first; the core's table has no ensemble; the rest's table adds it.
+    # The page's address comes first; then one table per stage, each with the models it added.
     assert out.index("Web page http://") < out.index("served top-1"), out
     tables = served_tables(out)
-    assert len(tables) == 2, out
-    core_rows, rest_rows = tables
+    assert len(tables) == 3, out
+    first_rows, core_rows, rest_rows = tables
+    assert set(first_rows) == {"student_plain"}, out
     assert {"student", "teacher", "cascade"} <= set(core_rows) and "ensemble" not in core_rows, out
     assert {"ensemble", "student_pruned"} <= set(rest_rows) and "student" not in rest_rows, out
+    assert "the A/B split is now student 90%, teacher 10%" in out, out
     # Every served model answered the held-out digits far above chance.
-    assert all(top1 > 0.85 for top1 in [*core_rows.values(), *rest_rows.values()]), out
+    assert all(top1 > 0.85 for table in tables for top1 in table.values()), out
     # Then the rollout under Locust: each step shown, the student at 100%, no request failed.
     rollout = json.loads((tmp_path / "state" / "rollout" / "rollout.json").read_text())
     assert [e["event"] for e in rollout["events"]] == ["started", "advanced", "promoted"], rollout["events"]

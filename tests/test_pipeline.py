@@ -122,6 +122,22 @@ def test_plan_says_which_stages_are_trained_without_training_any(tiny_run):
     assert status["student_pruned"] == "to train"
 
 
+def test_only_selects_the_named_stages_and_those_they_learn_from():
+    recipe = load_recipe("digits")
+    stages = pipeline.check_stage_references(recipe)
+
+    def selected(*only: str) -> tuple[list[str], bool]:
+        chosen, prune = pipeline.select_stages(recipe, stages, only)
+        return [stage.name for stage in chosen], prune
+
+    assert selected("student_plain") == (["student_plain"], False)  # no teacher: `make demo` serves it first
+    assert selected("student_kd") == (["teacher", "student_kd"], False)
+    assert selected("student_pruned") == (["teacher", "student_kd"], True)  # its source, and the teacher
+    assert selected("variant_1", "student_plain_seed2") == (["teacher", "student_plain_seed2", "variant_1"], False)
+    with pytest.raises(UserError, match=r"--only student_plian: not a stage of this recipe; its stages: teacher, "):
+        selected("student_plian")
+
+
 def test_a_trained_student_classifies_real_digits(tiny_results):
     # Four epochs on 1,257 real digits, labels alone: far above the 10% of guessing.
     assert tiny_results["models"]["student_plain"]["top1"] > 0.85

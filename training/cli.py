@@ -24,7 +24,7 @@ def _cmd_all(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     runtime = init_runtime()
     try:
-        results = run_all(recipe, Path(args.out or f"runs/{recipe.name}"), runtime)
+        results = run_all(recipe, Path(args.out or f"runs/{recipe.name}"), runtime, args.only)
     finally:
         shutdown_runtime(runtime)
     if results is not None:
@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a recipe value, e.g. --set student.train.epochs=3 (repeatable)",
+    )
+    run.add_argument(
+        "--only",
+        nargs="+",
+        metavar="STAGE",
+        help="train (or reuse) these stages and what they learn from, evaluate and report those alone "
+        "(`make demo` serves the plain student this way before the teacher is trained)",
     )
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     run.set_defaults(func=_cmd_all)

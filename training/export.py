@@ -85,9 +85,13 @@ BACKEND_FILES = {
 
 
 def _served_models(run: Path, results: dict) -> list[str]:
-    names = [TEACHER, STUDENT_KD, STUDENT_PLAIN]
-    names += sorted(n for n in results["models"] if n.startswith(VARIANT_PREFIX))
-    names += [n for n in (MULTIHEAD, STUDENT_PRUNED) if n in results["models"]]
+    """The served models the run trained (a run of some stages, `training all --only`, serves those)."""
+    trained = results["models"]
+    names = [n for n in (TEACHER, STUDENT_KD, STUDENT_PLAIN) if n in trained]
+    names += sorted(n for n in trained if n.startswith(VARIANT_PREFIX))
+    names += [n for n in (MULTIHEAD, STUDENT_PRUNED) if n in trained]
+    if not names:
+        raise UserError(f"run {run} trained none of the served models; run `python -m training all --out {run}`")
     if results.get("compression", {}).get("kept_step") == 0:
         print(f"[export] WARNING: compression kept no pruning step; {STUDENT_PRUNED} is not exported", flush=True)
     missing = [n for n in names if not (run / n / "model.pt").exists()]

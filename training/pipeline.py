@@ -11,6 +11,7 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -505,10 +506,30 @@ def check_stage_references(recipe: Recipe) -> list[Stage]:
     return stages
 
 
-def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
-    """Train and evaluate everything; returns the results (on the main process only)."""
+def select_stages(recipe: Recipe, stages: list[Stage], only: Collection[str]) -> tuple[list[Stage], bool]:
+    """The stages `only` names and those they learn from (a distilled stage: the teacher; the pruned
+    student: its source too), in training order; and whether the compression stage runs."""
+    names = [st.name for st in stages] + ([PRUNED] if recipe.compression.enabled else [])
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise UserError(f"--only {', '.join(unknown)}: not a stage of this recipe; its stages: {', '.join(names)}")
+    wanted = set(only)
+    prune = PRUNED in wanted
+    if prune:
+        wanted.add(recipe.compression.source)
+    if prune or any(st.distill is not None for st in stages if st.name in wanted):
+        wanted |= {st.name for st in stages if st.role in ("teacher", "teacher_member")}
+    return [st for st in stages if st.name in wanted], prune
+
+
+def run_all(recipe: Recipe, out: Path, runtime: Runtime, only: Collection[str] | None = None) -> dict | None:
+    """Train and evaluate everything, or with `only` those stages (and what they learn from): what is
+    not trained is left out of the evaluation and the reports. Returns the results (main process only)."""
     started = time.perf_counter()
     stages = check_stage_references(recipe)
+    prune = recipe.compression.enabled
+    if only is not None:
+        stages, prune = select_stages(recipe, stages, only)
     data = with_transfer_folder(load_data(recipe.data, client_forms=True), recipe)
     out.mkdir(parents=True, exist_ok=True)
     if runtime.is_main:
@@ -537,7 +558,7 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
                 flush=True,
             )
     compression = None
-    if recipe.compression.enabled:
+    if prune:
         stage, model, seconds, was_reused, compression = _prune_or_reuse(recipe, data, trained, out, runtime)
         stage_seconds[stage.name] = round(seconds, 1)
         if was_reused:
@@ -560,10 +581,12 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
 
     eval_start = time.perf_counter()
     ece_bins = recipe.evaluation.ece_bins
-    teacher_stage, teacher_model = trained["teacher"]
     models: dict[str, dict] = {}
-    teacher_eval = evaluate_stage(teacher_model, teacher_stage, data, None, ece_bins)
-    teacher_pred, test_labels = teacher_eval.test_logits.argmax(-1), teacher_eval.test_labels
+    teacher_eval = teacher_pred = None  # a run of plain students alone (`only`) has no teacher
+    if "teacher" in trained:
+        teacher_stage, teacher_model = trained["teacher"]
+        teacher_eval = evaluate_stage(teacher_model, teacher_stage, data, None, ece_bins)
+        teacher_pred = teacher_eval.test_logits.argmax(-1)
     evals: dict[str, StageEval] = {}
     for name, (stage, model) in trained.items():
         evals[name] = teacher_eval if name == "teacher" else evaluate_stage(model, stage, data, teacher_pred, ece_bins)
@@ -582,7 +605,7 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     if members:
         temperatures = [models[n]["temperature"] for n in members]
         fused = calibrated_mean([evals[n].test_logits for n in members], temperatures)
-        ensemble = classification_metrics(fused, test_labels, teacher_pred, ece_bins)
+        ensemble = classification_metrics(fused, evals[members[0]].test_labels, teacher_pred, ece_bins)
         val_fused = calibrated_mean([evals[n].val_logits for n in members], temperatures)
         ensemble.update(
             val_top1=top_k_accuracy(val_fused, evals[members[0]].val_labels, 1),
@@ -596,7 +619,7 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
         )
         models["ensemble"] = ensemble
 
-    if recipe.cascade.enabled:
+    if recipe.cascade.enabled and {recipe.cascade.student, "teacher"} <= set(evals):
         models["cascade"] = evaluate_cascade(recipe, evals, models, teacher_pred, ece_bins)
 
     seeds = recipe.evaluation.seeds
@@ -605,7 +628,8 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime) -> dict | None:
     }
     seed_study = {"seeds": seeds}
     for kind, names in seed_names.items():
-        seed_study[kind] = _spread([models[n]["top1"] for n in names])
+        if all(n in models for n in names):
+            seed_study[kind] = _spread([models[n]["top1"] for n in names])
     stage_seconds["evaluation"] = round(time.perf_counter() - eval_start, 1)
 
     results = {

@@ -113,32 +113,7 @@ def results_markdown(results: dict) -> str:
             f"{_pct(ens['top1'])}, best member {_pct(ens['best_member_top1'])}. Validation: fused "
             f"{_pct(ens.get('val_top1'))}, best member {_pct(ens.get('best_member_val_top1'))}.",
         ]
-    study = results["seed_study"]
-    lines += [
-        "",
-        f"## Distillation vs. plain training over seeds {study['seeds']}",
-        "",
-        "| student | top-1 per seed | mean | std |",
-        "|---|---|---:|---:|",
-    ]
-    for kind in (STUDENT_PLAIN, STUDENT_KD):
-        s = study[kind]
-        lines.append(
-            f"| {kind} | {', '.join(_pct(v) for v in s['top1'])} | {_pct(s['mean'])} | {100 * s['std']:.2f} pt |"
-        )
-    gain = study[STUDENT_KD]["mean"] - study[STUDENT_PLAIN]["mean"]
-    spread = max(study[STUDENT_KD]["std"], study[STUDENT_PLAIN]["std"])
-    teacher_lead = results["models"][TEACHER]["top1"] - study[STUDENT_PLAIN]["mean"]
-    lines += [
-        "",
-        f"KD gain (mean): {100 * gain:+.2f} points; twice the larger seed spread: {200 * spread:.2f} points; "
-        f"the teacher leads the plain student by {100 * teacher_lead:+.2f} points. "
-        + (
-            "Distillation pays here: the gain exceeds 1 point and twice the spread."
-            if gain > max(0.01, 2 * spread)
-            else "No gain beyond 1 point and twice the seed spread here."
-        ),
-    ]
+    lines += seed_study_markdown(results)
     cascade = results["models"].get("cascade")
     if cascade is not None:
         student, teacher = cascade["members"]
@@ -160,6 +135,39 @@ def results_markdown(results: dict) -> str:
         reused = " (reused)" if stage in results.get("reused_stages", []) else ""
         lines.append(f"| {stage}{reused} | {seconds:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def seed_study_markdown(results: dict) -> list[str]:
+    """Plain vs. distilled students over the seeds; empty when the run trained only some of them."""
+    study = results["seed_study"]
+    if STUDENT_PLAIN not in study or STUDENT_KD not in study:
+        return []
+    lines = [
+        "",
+        f"## Distillation vs. plain training over seeds {study['seeds']}",
+        "",
+        "| student | top-1 per seed | mean | std |",
+        "|---|---|---:|---:|",
+    ]
+    for kind in (STUDENT_PLAIN, STUDENT_KD):
+        s = study[kind]
+        lines.append(
+            f"| {kind} | {', '.join(_pct(v) for v in s['top1'])} | {_pct(s['mean'])} | {100 * s['std']:.2f} pt |"
+        )
+    gain = study[STUDENT_KD]["mean"] - study[STUDENT_PLAIN]["mean"]
+    spread = max(study[STUDENT_KD]["std"], study[STUDENT_PLAIN]["std"])
+    teacher_lead = results["models"][TEACHER]["top1"] - study[STUDENT_PLAIN]["mean"]  # KD students imply one
+    lines += [
+        "",
+        f"KD gain (mean): {100 * gain:+.2f} points; twice the larger seed spread: {200 * spread:.2f} points; "
+        f"the teacher leads the plain student by {100 * teacher_lead:+.2f} points. "
+        + (
+            "Distillation pays here: the gain exceeds 1 point and twice the spread."
+            if gain > max(0.01, 2 * spread)
+            else "No gain beyond 1 point and twice the seed spread here."
+        ),
+    ]
+    return lines
 
 
 def write_reports(results: dict, out: Path) -> None:
