@@ -11,6 +11,7 @@ exits with --once).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -110,13 +111,15 @@ def run_demo(
         "KDSERVE_EXPERIMENT_POLL_S": "0.5",
         "KDSERVE_ANSWERS_DIR": str(state / "answers"),
     }
-    first_arms = ab_arms(read_manifest(repo))
-    if first_arms is not None:
-        env["KDSERVE_AB_WEIGHTS"] = json.dumps(first_arms)
-    with (
-        EmbeddedTriton(repo, ports, log_file=triton_log, extra_args=POLL_ARGS) as triton,
-        GatewayProcess(repo, triton.http_url, port=gateway_port, ready_path="/readyz", env=env) as gateway,
-    ):
+    with contextlib.ExitStack() as serving:
+        # Triton first: it tells a folder that is no model repository apart, in one line.
+        triton = serving.enter_context(EmbeddedTriton(repo, ports, log_file=triton_log, extra_args=POLL_ARGS))
+        first_arms = ab_arms(read_manifest(repo))
+        if first_arms is not None:
+            env["KDSERVE_AB_WEIGHTS"] = json.dumps(first_arms)
+        gateway = serving.enter_context(
+            GatewayProcess(repo, triton.http_url, port=gateway_port, ready_path="/readyz", env=env)
+        )
         url = gateway.url
         print(f"\nWeb page {url}/  (draw a digit or drop a photo: the served models side by side)")
         print(f"Gateway  {url}  (docs {url}/docs, metrics {url}/metrics, A/B {url}/v1/ab/summary)")
