@@ -149,6 +149,8 @@ def run_demo(
             shown = show_served(gateway.client, manifest, shown)
         if rollout and split_moved:
             show_rollout(gateway.url, experiment_file, repo, state)
+        elif rollout:
+            print(f"\nNo rollout: it moves traffic from the {TEACHER} to the {STUDENT}, and they are not both served.")
         if not once:
             print("Serving; Ctrl-C stops.", flush=True)
             stop = threading.Event()
