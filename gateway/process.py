@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,7 +18,38 @@ from gateway.readiness import wait_until_ready
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 
 
+def _outside_ephemeral_range() -> tuple[int, int] | None:
+    """Unprivileged ports the kernel never hands out as an outgoing connection's source port."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None
+    if low - 1 - 10_000 >= 1_000:
+        return 10_000, low - 1
+    if 65_535 - high >= 1_000:
+        return high + 1, 65_535
+    return None
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a server started next, chosen outside the kernel's ephemeral
+    range: a port the kernel picks for port 0 can become a client socket's source port before the server
+    binds it (seen in the suite: Triton's gRPC port 'already in use', taken by loopback HTTP traffic)."""
+    span = _outside_ephemeral_range()
+    for _ in range(200 if span else 0):
+        port = random.randint(*span)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -3,6 +3,8 @@ merging concurrent Triton calls."""
 
 import asyncio
 import io
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from gateway.ab import ABRouter, ABStats
 from gateway.coalesce import Coalescer
 from gateway.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
 from gateway.images import decode_image
+from gateway.process import free_port
 from gateway.settings import GatewaySettings
 from kdcontract.fusion import fuse, softmax
 
@@ -199,3 +202,14 @@ def test_percentiles_are_numpys_linear_interpolation_and_none_without_samples():
     # Linear interpolation over 1..100: the q-th percentile sits at rank 1 + 0.99 * q.
     assert percentiles(range(1, 101)) == {"p50": 50.5, "p95": 95.05, "p99": 99.01}
     assert percentiles([], (50, 90)) == {"p50": None, "p90": None}
+
+
+def test_free_ports_are_outside_the_kernels_ephemeral_range_and_bindable():
+    # Client sockets take their source ports from the ephemeral range: a server's port chosen there can be
+    # taken between choosing it and binding it (seen: Triton's gRPC port, under the suite's traffic).
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(not low <= port <= high for port in ports), (low, high, ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[-1]))
