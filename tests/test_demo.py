@@ -4,9 +4,11 @@ recipe, exported while it serves."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,8 @@ import time
 import httpx
 import pytest
 
-from gateway.process import free_port
+from gateway.process import answers, free_port
+from gateway.readiness import wait_until_ready
 from kdcontract.digits import digit_png_bytes
 from tests.conftest import ROOT, TINY_OVERRIDES, override_args, run_training
 
@@ -25,19 +28,6 @@ def makefile_words(variable: str) -> list[str]:
     definition = re.search(rf"^{variable} := ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
     assert definition, f"{variable} is not defined in the Makefile"
     return shlex.split(definition.group(1).replace("\\\n", " "))
-
-
-def wait_for_gateway(url: str, demo: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert demo.poll() is None, "the demo exited before its gateway served"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"the demo's gateway was not ready within {timeout_s:.0f} s")
 
 
 @pytest.mark.slow
@@ -65,10 +55,15 @@ def test_the_demo_serves_the_plain_student_first_then_what_each_later_export_add
                "--port", ports[0], "--http-port", ports[1], "--grpc-port", ports[2], "--metrics-port", ports[3],
                "--started-at", started, "--record", timing, "--rollout", "--state", tmp_path / "state"]  # fmt: skip
     with log.open("w") as out_file:
-        demo = subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=out_file, stderr=subprocess.STDOUT)
+        # A session of its own: after a failed check, Ctrl-C reaches the demo (which stops its Triton and
+        # gateway on the way out) and its `--then` shell alike.
+        demo = subprocess.Popen(
+            [str(c) for c in command], cwd=ROOT, stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             url = f"http://127.0.0.1:{ports[0]}"
-            wait_for_gateway(url, demo)
+            state = wait_until_ready(lambda: answers(f"{url}/readyz"), lambda: demo.poll() is not None, 300)
+            assert state == "ready", f"the demo's gateway: {state}\n{log.read_text()[-3000:]}"
             # The first stage: the plain student alone, all A/B traffic on it; the student is not served yet.
             assert [m["name"] for m in httpx.get(f"{url}/v1/models").json()["models"]] == ["student_plain"]
             png = {"content": digit_png_bytes(0), "headers": {"Content-Type": "image/png"}}
@@ -79,9 +74,12 @@ def test_the_demo_serves_the_plain_student_first_then_what_each_later_export_add
             latch.touch()
             demo.wait(timeout=900)
         finally:
-            latch.touch()
             if demo.poll() is None:
-                demo.kill()
+                os.killpg(demo.pid, signal.SIGINT)
+                try:
+                    demo.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(demo.pid, signal.SIGKILL)
     out = log.read_text()
     assert demo.returncode == 0, out[-3000:]
     # The clock: the page served first, then the student and the teacher, then everything, on a named CPU.
