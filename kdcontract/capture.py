@@ -16,6 +16,7 @@ training run.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -221,6 +222,12 @@ def capture_listing(location: str) -> list[tuple[str, int]]:
     if not root.is_dir():
         return []
     return sorted((p.name, p.stat().st_size) for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def capture_digest(location: str) -> str:
+    """What a capture held (its segment files' names and sizes): a stage distilled from it is reused only
+    while the capture is the same."""
+    return hashlib.sha256(json.dumps(capture_listing(location)).encode()).hexdigest()[:16]
 
 
 def capture_files(location: str) -> list[tuple[str, bytes]]:

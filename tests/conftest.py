@@ -55,6 +55,21 @@ def run_training(*args: str, env: dict | None = None, timeout: int = 600) -> sub
     )
 
 
+def training_cli(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """`python -m training <args>` run in this process by the command line's own `main`: its exit code,
+    stdout and stderr. For commands that end in seconds, where a subprocess would spend most of its time
+    importing torch again (this worker has it imported already)."""
+    from training.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's usage errors, `plan --exit-code`
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([sys.executable, "-m", "training", *args], code, captured.out, captured.err)
+
+
 def override_args(overrides: list[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 

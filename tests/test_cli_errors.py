@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tests.conftest import run_training
+from tests.conftest import run_training, training_cli
 
 
 def assert_one_line_error(proc, *fragments):
@@ -21,8 +21,9 @@ def test_bad_recipe(tmp_path):
     assert_one_line_error(run_training("all", "--recipe", str(bad), "--out", str(tmp_path)), "teacher.arch")
 
 
-def test_missing_dataset_folder(tmp_path):
-    proc = run_training(
+def test_missing_dataset_folder(tmp_path, capsys):
+    proc = training_cli(
+        capsys,
         "all",
         "--out",
         str(tmp_path),
@@ -41,10 +42,10 @@ def test_digit_client_forms_on_another_dataset_are_refused_with_the_fix(tmp_path
     assert_one_line_error(proc, "client_forms", "digits only", "data.augment.client_forms=0")
 
 
-def test_corrupt_checkpoint(tmp_path):
+def test_corrupt_checkpoint(tmp_path, capsys):
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "model.pt").write_bytes(b"not a checkpoint at all")
-    assert_one_line_error(run_training("all", "--out", str(tmp_path)), "corrupt", "teacher/model.pt")
+    assert_one_line_error(training_cli(capsys, "all", "--out", str(tmp_path)), "corrupt", "teacher/model.pt")
 
 
 def test_a_misspelt_stage_reference_fails_before_anything_trains(tmp_path):

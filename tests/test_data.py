@@ -137,10 +137,10 @@ def test_translation_moves_pixels_and_cutout_zeroes_a_square():
         assert zeroed.max() == side * side and zeroed.min() >= 1
 
 
-def test_check_data_loads_splits_and_reports_them_before_training(tmp_path):
-    from tests.conftest import override_args, run_training
+def test_check_data_loads_splits_and_reports_them_before_training(tmp_path, capsys):
+    from tests.conftest import override_args, training_cli
 
-    proc = run_training("check-data", "--recipe", "digits-fewlabels", "--out", str(tmp_path))
+    proc = training_cli(capsys, "check-data", "--recipe", "digits-fewlabels", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "data_summary.json").read_text())
     images = summary["images"]
@@ -148,13 +148,13 @@ def test_check_data_loads_splits_and_reports_them_before_training(tmp_path):
     assert sum(images.values()) == 1797 and images["train"] == 60 and images["unlabelled"] == 1197
     assert summary["classes"] == 10
     overrides = ["data.dataset=imagefolder", "data.augment.client_forms=0", f"data.root={tmp_path / 'none'}"]
-    missing = run_training("check-data", *override_args(overrides))
+    missing = training_cli(capsys, "check-data", *override_args(overrides))
     assert missing.returncode == 2 and str(tmp_path / "none") in missing.stderr
 
 
 def test_a_gateway_capture_joins_the_transfer_set_with_its_feedback_labels_and_bad_files_named(tmp_path, capsys):
-    from kdcontract.capture import CapturedImage, encode_images, encode_labels, segment_name
-    from training.data import capture_digest, load_capture
+    from kdcontract.capture import CapturedImage, capture_digest, encode_images, encode_labels, segment_name
+    from training.data import load_capture
 
     spec = load_data(DataConfig(dataset="digits")).preprocessing
     size = spec.image_size

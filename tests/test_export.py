@@ -14,7 +14,7 @@ from kdcontract.errors import UserError
 from kdcontract.manifest import read_manifest
 from kdcontract.names import FUSED_ENSEMBLE, STUDENT_KD, TEACHER
 from kdcontract.ort_session import open_session
-from tests.conftest import run_training
+from tests.conftest import run_training, training_cli
 from training.check_repo import check_repository
 from training.models import build_classifier
 from training.onnx_tools import (
@@ -259,8 +259,8 @@ def test_parity_gate_refuses_an_export_that_drifts():
         require_parity("flipped", Parity(1e-5, 0.9, 10), 1e-3, 0.999)
 
 
-def test_export_without_a_trained_run_is_a_one_line_error(tmp_path):
-    proc = run_training("export", "--run", str(tmp_path / "nothing"), "--repo", str(tmp_path / "repo"))
+def test_export_without_a_trained_run_is_a_one_line_error(tmp_path, capsys):
+    proc = training_cli(capsys, "export", "--run", str(tmp_path / "nothing"), "--repo", str(tmp_path / "repo"))
     assert proc.returncode == 2 and "train first" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from kdcontract.errors import UserError
-from tests.conftest import ROOT, TINY_OVERRIDES, override_args, run_training
-from training import pipeline
+from tests.conftest import ROOT, TINY_OVERRIDES, override_args, run_training, training_cli
+from training import stages as stages_module
 from training.checkpoint import load_model
 from training.data import load_data
 from training.evaluate import predict_logits, top_k_accuracy
-from training.pipeline import init_model, plan_stages
+from training.pipeline import init_model
 from training.recipe import load_recipe
+from training.stages import plan_stages
 
 MODEL_NAMES = {
     "teacher",
@@ -105,16 +106,16 @@ def test_rerun_reuses_every_stage_and_changed_settings_retrain(tiny_run, tmp_pat
     assert weights_digest(out / "student_kd" / "model.pt") != kd_before
 
 
-def test_plan_says_which_stages_are_trained_without_training_any(tiny_run):
+def test_plan_says_which_stages_are_trained_without_training_any(tiny_run, capsys):
     plan = ["plan", "--out", str(tiny_run), "--exit-code"]
-    same = run_training(*plan, *override_args(TINY_OVERRIDES))
+    same = training_cli(capsys, *plan, *override_args(TINY_OVERRIDES))
     assert same.returncode == 0, same.stderr
     assert all(line.endswith("trained (reused)") for line in same.stdout.splitlines())
     assert {line.split()[0] for line in same.stdout.splitlines()} == {
         *json.loads((tiny_run / "results.json").read_text())["stage_seconds"]
     } - {"evaluation"}
     # Another distillation temperature: the KD students and everything downstream of them are to train.
-    changed = run_training(*plan, *override_args([*TINY_OVERRIDES, "distill.temperature=3.0"]))
+    changed = training_cli(capsys, *plan, *override_args([*TINY_OVERRIDES, "distill.temperature=3.0"]))
     assert changed.returncode == 1, changed.stderr
     status = dict(line.split(maxsplit=1) for line in changed.stdout.splitlines())
     assert status["teacher"] == status["student_plain"] == "trained (reused)"
@@ -124,10 +125,10 @@ def test_plan_says_which_stages_are_trained_without_training_any(tiny_run):
 
 def test_only_selects_the_named_stages_and_those_they_learn_from():
     recipe = load_recipe("digits")
-    stages = pipeline.check_stage_references(recipe)
+    stages = stages_module.check_stage_references(recipe)
 
     def selected(*only: str) -> tuple[list[str], bool]:
-        chosen, prune = pipeline.select_stages(recipe, stages, only)
+        chosen, prune = stages_module.select_stages(recipe, stages, only)
         return [stage.name for stage in chosen], prune
 
     assert selected("student_plain") == (["student_plain"], False)  # no teacher: `make demo` serves it first
@@ -145,21 +146,18 @@ def test_a_trained_student_classifies_real_digits(tiny_results):
 
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
-    settings = override_args(
-        [
-            "teacher.arch=resnet18",
-            "teacher.width=0.5",
-            "student.width=0.25",
-            "teacher.train.epochs=2",
-            "student.train.epochs=1",
-            "evaluation.seeds=[0]",
-            "ensemble.variants=[]",
-            "ensemble.multihead.heads=0",
-            "compression.enabled=false",
-            "cascade.enabled=false",
-            "data.augment.client_forms=0",  # each of the three processes would render them: ~6 s
-        ]
-    )
+    # The teacher alone (`--only`): what is resumed is its epoch, the students would only add time.
+    settings = [
+        *override_args(
+            [
+                "teacher.arch=resnet18",
+                "teacher.width=0.5",
+                "teacher.train.epochs=2",
+                "data.augment.client_forms=0",  # each of the three processes would render them: ~6 s
+            ]
+        ),
+        *("--only", "teacher"),
+    ]
     whole = tmp_path / "whole"
     assert run_training("all", "--out", str(whole), *settings).returncode == 0
 
@@ -186,7 +184,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(t
 INIT_DIGEST = """
 import hashlib, sys
 from training.data import load_data
-from training.pipeline import init_model, plan_stages
+from training.pipeline import init_model
+from training.stages import plan_stages
 from training.recipe import load_recipe
 for seed in sys.argv[1:]:
     recipe = load_recipe("digits", [f"evaluation.seeds=[{seed}]"])
@@ -228,7 +227,7 @@ def test_a_distilling_stage_starts_from_distill_init_when_it_is_the_same_network
         assert torch.equal(started.state_dict()[name], tensor), name
     fresh = init_model(stages["student_plain"], data)  # no teacher, no start checkpoint
     assert not torch.equal(fresh.state_dict()["backbone.fc.weight"], served.state_dict()["backbone.fc.weight"])
-    assert "init" in pipeline._sources(stages["student_kd"], recipe)  # the start is in the stage's fingerprint
+    assert "init" in stages_module._sources(stages["student_kd"], recipe)  # the start is in the stage's fingerprint
 
     wider = load_recipe(str(tiny_run / "recipe.yaml"), [f"distill.init={tiny_run / 'student_plain' / 'model.pt'}"])
     wider.student.width = 0.5

@@ -12,14 +12,22 @@ from kdcontract.names import STUDENT_KD
 
 
 def _cmd_all(args: argparse.Namespace) -> None:
+    from training.recipe import load_recipe
+    from training.stages import check_stage_references, select_stages
+
+    # The recipe, its stage references and `--only` first: a typo is refused before the seconds that
+    # importing torch takes (run_all checks them again, for callers other than this command).
+    recipe = load_recipe(args.recipe, args.overrides)
+    stages = check_stage_references(recipe)
+    if args.only:
+        select_stages(recipe, stages, args.only)
+
     import torch
 
     from training.pipeline import run_all
-    from training.recipe import load_recipe
     from training.report import results_markdown
     from training.runtime import init_runtime, shutdown_runtime
 
-    recipe = load_recipe(args.recipe, args.overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
     runtime = init_runtime()

@@ -7,10 +7,8 @@ training image. Normalisation lives inside the model.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from kdcontract.capture import capture_files, capture_listing, is_object_store, read_capture
+from kdcontract.capture import capture_files, is_object_store, read_capture
 from kdcontract.client_forms import encode, random_form, render_image
 from kdcontract.digits import digits_gray, labelled_positions, split_indices
 from kdcontract.errors import UserError
@@ -382,12 +380,6 @@ def load_capture(location: str, spec: Preprocessing, class_names: list[str]) -> 
         flush=True,
     )
     return InMemoryImages(torch.from_numpy(captured.images.copy()), torch.from_numpy(captured.labels.astype(np.int64)))
-
-
-def capture_digest(location: str) -> str:
-    """What a capture held (its segment files' names and sizes): a stage distilled from it is reused only
-    while the capture is the same."""
-    return hashlib.sha256(json.dumps(capture_listing(location)).encode()).hexdigest()[:16]
 
 
 def load_transfer_folder(folder: str, spec: Preprocessing) -> InMemoryImages:

@@ -7,8 +7,6 @@ missing; changed settings retrain that stage.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
 import time
 from collections.abc import Collection
@@ -21,9 +19,10 @@ import yaml
 from torch.utils.data import ConcatDataset, Dataset
 
 from kdcontract.errors import UserError
+from kdcontract.names import STUDENT_KD, STUDENT_PLAIN, STUDENT_PRUNED
 from training.checkpoint import ModelSpec, load_metadata, load_model, save_model
 from training.compression import prune_with_recovery
-from training.data import InMemoryImages, SplitData, capture_digest, load_capture, load_data, load_transfer_folder
+from training.data import InMemoryImages, SplitData, load_capture, load_data, load_transfer_folder
 from training.evaluate import (
     cascade_answers,
     classification_metrics,
@@ -42,126 +41,20 @@ from training.models import (
     fuse_heads,
     member_mean,
 )
-from training.recipe import AugmentConfig, DistillConfig, ModelConfig, Recipe, dump_recipe
+from training.recipe import Recipe, dump_recipe
 from training.report import write_reports
 from training.runtime import Runtime
+from training.stages import (
+    TRAINING_FORMAT,
+    Stage,
+    check_stage_references,
+    fingerprint_of,
+    seed_stage,
+    select_stages,
+    stage_fingerprint,
+    stage_settings,
+)
 from training.trainer import FitJob, fit
-
-
-@dataclass
-class Stage:
-    name: str
-    role: str  # teacher | student | variant | multihead
-    model_cfg: ModelConfig
-    seed: int
-    augment: AugmentConfig
-    distill: DistillConfig | None = None  # None: trained on labels alone
-    heads: int = 0
-    head_sample_fraction: float = 1.0
-    members: int = 1  # > 1: assembled from the `teacher_member_*` stages, not trained itself
-
-
-def seed_stage(kind: str, index: int, seed: int) -> str:
-    """`student_kd` for the first evaluation seed, `student_kd_seed<N>` for the others."""
-    return kind if index == 0 else f"{kind}_seed{seed}"
-
-
-def plan_stages(recipe: Recipe) -> list[Stage]:
-    """Every model `all` trains, in order (the teacher first: the others learn from it)."""
-    aug = recipe.data.augment
-    teacher_aug = recipe.teacher.augment or aug
-    n = recipe.teacher.members
-    if n == 1:
-        stages = [Stage("teacher", "teacher", recipe.teacher, recipe.seed, teacher_aug)]
-    else:
-        member_cfg = ModelConfig(**recipe.teacher.model_dump(exclude={"members", "augment"}))
-        stages = [
-            Stage(f"teacher_member_{i}", "teacher_member", member_cfg, recipe.seed + i, teacher_aug) for i in range(n)
-        ]
-        stages.append(Stage("teacher", "teacher", recipe.teacher, recipe.seed, teacher_aug, members=n))
-    for i, seed in enumerate(recipe.evaluation.seeds):
-        stages.append(Stage(seed_stage("student_plain", i, seed), "student", recipe.student, seed, aug))
-        stages.append(Stage(seed_stage("student_kd", i, seed), "student", recipe.student, seed, aug, recipe.distill))
-    for i, variant in enumerate(recipe.ensemble.variants):
-        stages.append(
-            Stage(
-                f"variant_{i}",
-                "variant",
-                recipe.student,
-                variant.seed,
-                variant.augment or aug,
-                variant.distill or recipe.distill,
-            )
-        )
-    heads = recipe.ensemble.multihead
-    if heads.heads > 0:
-        stages.append(
-            Stage(
-                "multihead",
-                "multihead",
-                recipe.student,
-                recipe.seed,
-                aug,
-                recipe.distill,
-                heads=heads.heads,
-                head_sample_fraction=heads.head_sample_fraction,
-            )
-        )
-    return stages
-
-
-# Settings added after TRAINING_FORMAT 3: they enter a fingerprint only when not at their default, so a
-# model trained before they existed (necessarily without them) is still recognised from its settings.
-_ADDED_TRAIN_SETTINGS = ("ema_decay",)
-_ADDED_MODEL_SETTINGS = {"width": 1.0}
-
-
-def _model_settings(cfg: ModelConfig) -> dict:
-    dumped = cfg.model_dump(mode="json")
-    for key in _ADDED_TRAIN_SETTINGS:
-        if dumped["train"][key] is None:
-            del dumped["train"][key]
-    for key, default in _ADDED_MODEL_SETTINGS.items():
-        if dumped.get(key) == default:
-            del dumped[key]
-    return dumped
-
-
-def _stage_settings(stage: Stage, recipe: Recipe) -> dict:
-    return {
-        "data": recipe.data.model_dump(mode="json"),
-        "model": _model_settings(stage.model_cfg),
-        "seed": stage.seed,
-        "augment": stage.augment.model_dump(mode="json"),
-        "distill": stage.distill.model_dump(mode="json") if stage.distill else None,
-        "teacher": _model_settings(recipe.teacher) if stage.distill else None,
-        "heads": [stage.heads, stage.head_sample_fraction],
-    } | _sources(stage, recipe)
-
-
-def _sources(stage: Stage, recipe: Recipe) -> dict:
-    """What a distilling stage reads besides the recipe: a capture (by its segments) and a start checkpoint
-    (by its bytes); a stage is reused only while they are the same."""
-    sources = {}
-    if stage.distill and recipe.distill.capture:
-        sources["capture"] = capture_digest(recipe.distill.capture)
-    if stage.distill and stage.distill.init:
-        sources["init"] = hashlib.sha256(Path(stage.distill.init).read_bytes()).hexdigest()[:16]
-    return sources
-
-
-# Bumped when a change to training makes models trained by earlier code stale (2: seeded weights;
-# 3: pictures prepared by `imageprep.prepare`, digits contrast-stretched to their ink's peak).
-TRAINING_FORMAT = 3
-
-
-def fingerprint_of(settings: object) -> str:
-    """What a saved model was made from, as a short hash: a model is reused only under the same one."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _fingerprint(stage: Stage, recipe: Recipe) -> str:
-    return fingerprint_of({**_stage_settings(stage, recipe), "format": TRAINING_FORMAT})
 
 
 def init_model(stage: Stage, data: SplitData) -> ImageClassifier:
@@ -246,9 +139,6 @@ def _assemble_teacher(
     return teacher, 0.0
 
 
-PRUNED = "student_pruned"
-
-
 def _prune_or_reuse(
     recipe: Recipe, data: SplitData, trained: dict[str, tuple[Stage, ImageClassifier]], out: Path, runtime: Runtime
 ) -> tuple[Stage, ImageClassifier, float, bool, dict]:
@@ -257,10 +147,10 @@ def _prune_or_reuse(
     cfg = recipe.compression  # its source was checked before training (check_stage_references)
     source_stage, source = trained[cfg.source]
     seed = source_stage.seed if cfg.seed is None else cfg.seed
-    stage = Stage(PRUNED, "student", source_stage.model_cfg, seed, source_stage.augment, recipe.distill)
+    stage = Stage(STUDENT_PRUNED, "student", source_stage.model_cfg, seed, source_stage.augment, recipe.distill)
     spec = load_metadata(out / cfg.source / "model.pt")[0]
     fingerprint = _compression_fingerprint(recipe, out)
-    path = out / PRUNED / "model.pt"
+    path = out / STUDENT_PRUNED / "model.pt"
     _barrier(runtime)
     if path.exists():
         model, _, meta = load_model(path)
@@ -277,13 +167,13 @@ def _prune_or_reuse(
         recipe.distill,
         stage.augment,
         stage.seed,
-        out / PRUNED,
+        out / STUDENT_PRUNED,
         runtime,
     )
     record = {"source": cfg.source, "kept_step": result.kept_step, "steps": result.steps}
     if runtime.is_main:
         spec.pruned, spec.role = True, "student"
-        meta = {"fingerprint": fingerprint, "stage": PRUNED, "seconds": result.seconds, "pruning": record}
+        meta = {"fingerprint": fingerprint, "stage": STUDENT_PRUNED, "seconds": result.seconds, "pruning": record}
         save_model(path, result.model, spec, meta)
     _barrier(runtime)
     return stage, result.model, result.seconds, False, record
@@ -317,14 +207,14 @@ def plan_status(recipe: Recipe, out: Path) -> dict[str, bool]:
         if stage.members > 1:
             trained[stage.name] = all(trained[f"teacher_member_{i}"] for i in range(stage.members))
             continue
-        fingerprint = _fingerprint(stage, recipe)
+        fingerprint = stage_fingerprint(stage, recipe)
         trained[stage.name] = fingerprint in done or _saved_fingerprint(out / stage.name / "model.pt") == fingerprint
         if trained[stage.name]:
             done.add(fingerprint)
     if recipe.compression.enabled:
         sources_trained = trained["teacher"] and trained[recipe.compression.source]
-        trained[PRUNED] = sources_trained and (
-            _saved_fingerprint(out / PRUNED / "model.pt") == _compression_fingerprint(recipe, out)
+        trained[STUDENT_PRUNED] = sources_trained and (
+            _saved_fingerprint(out / STUDENT_PRUNED / "model.pt") == _compression_fingerprint(recipe, out)
         )
     return trained
 
@@ -349,7 +239,7 @@ def train_or_reuse(
     seed and settings as a KD seed run is that run, so it is copied instead of trained again.
     """
     model_path = out / stage.name / "model.pt"
-    fingerprint = _fingerprint(stage, recipe)
+    fingerprint = stage_fingerprint(stage, recipe)
     _barrier(runtime)
     if model_path.exists():
         model, _, meta = load_model(model_path)
@@ -385,7 +275,7 @@ def train_or_reuse(
     if runtime.is_main:
         # The stage's resolved settings, next to its checkpoint, so the run can be reproduced from it.
         (out / stage.name).mkdir(parents=True, exist_ok=True)
-        (out / stage.name / "config.yaml").write_text(yaml.safe_dump(_stage_settings(stage, recipe), sort_keys=False))
+        (out / stage.name / "config.yaml").write_text(yaml.safe_dump(stage_settings(stage, recipe), sort_keys=False))
     result = fit(job, data, runtime)
     if runtime.is_main:
         spec = ModelSpec(
@@ -492,36 +382,6 @@ def _spread(values: list[float]) -> dict:
     }
 
 
-def check_stage_references(recipe: Recipe) -> list[Stage]:
-    """The planned stages, once the recipe's references to them are known to name single-head
-    students: a typo in `cascade.student` or `compression.source` fails here, before anything trains."""
-    stages = plan_stages(recipe)
-    students = [st.name for st in stages if not st.heads and st.role in ("student", "variant")]
-    references = {"compression.source": (recipe.compression.enabled, recipe.compression.source)}
-    references["cascade.student"] = (recipe.cascade.enabled, recipe.cascade.student)
-    for key, (enabled, name) in references.items():
-        if enabled and name not in students:
-            known = ", ".join(students)
-            raise UserError(f"{key} {name!r} is not a single-head student of this recipe; one of: {known}")
-    return stages
-
-
-def select_stages(recipe: Recipe, stages: list[Stage], only: Collection[str]) -> tuple[list[Stage], bool]:
-    """The stages `only` names and those they learn from (a distilled stage: the teacher; the pruned
-    student: its source too), in training order; and whether the compression stage runs."""
-    names = [st.name for st in stages] + ([PRUNED] if recipe.compression.enabled else [])
-    unknown = sorted(set(only) - set(names))
-    if unknown:
-        raise UserError(f"--only {', '.join(unknown)}: not a stage of this recipe; its stages: {', '.join(names)}")
-    wanted = set(only)
-    prune = PRUNED in wanted
-    if prune:
-        wanted.add(recipe.compression.source)
-    if prune or any(st.distill is not None for st in stages if st.name in wanted):
-        wanted |= {st.name for st in stages if st.role in ("teacher", "teacher_member")}
-    return [st for st in stages if st.name in wanted], prune
-
-
 def run_all(recipe: Recipe, out: Path, runtime: Runtime, only: Collection[str] | None = None) -> dict | None:
     """Train and evaluate everything, or with `only` those stages (and what they learn from): what is
     not trained is left out of the evaluation and the reports. Returns the results (main process only)."""
@@ -573,7 +433,7 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime, only: Collection[str] |
                 print(
                     f"[training] WARNING: compression kept no step: the first already lost "
                     f"{first['val_drop']:.2%} of validation top-1 (at least {first['val_drop_lower_95']:.2%} at 95%, "
-                    f"limit {recipe.compression.max_accuracy_drop:.2%}); no {PRUNED} is trained or exported",
+                    f"limit {recipe.compression.max_accuracy_drop:.2%}); no {STUDENT_PRUNED} is trained or exported",
                     flush=True,
                 )
     if not runtime.is_main:
@@ -623,9 +483,7 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime, only: Collection[str] |
         models["cascade"] = evaluate_cascade(recipe, evals, models, teacher_pred, ece_bins)
 
     seeds = recipe.evaluation.seeds
-    seed_names = {
-        kind: [seed_stage(kind, i, s) for i, s in enumerate(seeds)] for kind in ("student_plain", "student_kd")
-    }
+    seed_names = {kind: [seed_stage(kind, i, s) for i, s in enumerate(seeds)] for kind in (STUDENT_PLAIN, STUDENT_KD)}
     seed_study = {"seeds": seeds}
     for kind, names in seed_names.items():
         if all(n in models for n in names):
@@ -654,8 +512,9 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime, only: Collection[str] |
         "seed_study": seed_study,
     }
     if compression is not None:
-        if PRUNED in models:
-            models[PRUNED]["macs_share_of_source"] = models[PRUNED]["macs"] / models[compression["source"]]["macs"]
+        if STUDENT_PRUNED in models:
+            pruned = models[STUDENT_PRUNED]
+            pruned["macs_share_of_source"] = pruned["macs"] / models[compression["source"]]["macs"]
         results["compression"] = compression
     write_reports(results, out)
     return results

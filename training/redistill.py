@@ -29,9 +29,10 @@ from kdcontract.tables import markdown_table
 from training.checkpoint import ModelSpec, load_model, save_model
 from training.data import SplitData, load_capture, load_data
 from training.export import as_numpy, cascade_entry, export_graph, int8_sibling, write_served_model
-from training.pipeline import Stage, evaluate_cascade, evaluate_stage, train_or_reuse
+from training.pipeline import evaluate_cascade, evaluate_stage, train_or_reuse
 from training.recipe import Recipe, load_recipe
 from training.runtime import Runtime
+from training.stages import Stage
 from training.triton_repo import ServingOptions
 
 
