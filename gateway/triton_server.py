@@ -137,6 +137,10 @@ class EmbeddedTriton:
             "--allow-cpu-metrics=true",
             "--strict-readiness=true",
             "--exit-on-error=true",
+            # Export writes every config whole; auto-completion would only start one more Python stub per
+            # model at each load (measured on the suite's repository: 48 stubs and ready in 5.9 s with it,
+            # 24 and 2.2 s without).
+            "--disable-auto-complete-config",
             *self.extra_args,
         ]
 
