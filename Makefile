@@ -73,13 +73,13 @@ DEMO_CORE := --set 'evaluation.seeds=[0]' --set 'ensemble.variants=[]' --set ens
 # For the targets that need the demo's models: trained and exported unless they already are.
 MODELS_READY := $(PY) -m training plan --recipe $(RECIPE) --out $(RUN_DIR) --exit-code >/dev/null && \
   test -f $(REPO)/manifest.json || $(MAKE) --no-print-directory models
-TRAIN := $(PY) -m training all --recipe $(RECIPE) --out $(RUN_DIR)
-EXPORT := $(PY) -m training export --run $(RUN_DIR) --repo $(REPO) --flavor $(FLAVOR)
+# Trains (or reuses) and then exports, in one process: torch and the data are loaded once.
+TRAIN_EXPORT := $(PY) -m training all --recipe $(RECIPE) --out $(RUN_DIR) --export $(REPO) --flavor $(FLAVOR)
 demo: setup
 	@started=$$(date +%s); \
 	if [ -z "$(ONCE)" ] && ! $(PY) -m training plan --recipe $(RECIPE) --out $(RUN_DIR) --exit-code >/dev/null; then \
-	  set -e; $(TRAIN) $(DEMO_FIRST); $(EXPORT); \
-	  $(PY) -m loadtest demo --repo $(REPO) --then "$(TRAIN) $(DEMO_CORE) && $(EXPORT)" \
+	  set -e; $(TRAIN_EXPORT) $(DEMO_FIRST); \
+	  $(PY) -m loadtest demo --repo $(REPO) --then "$(TRAIN_EXPORT) $(DEMO_CORE)" \
 	    --then "$(MAKE) --no-print-directory models" --rollout \
 	    --started-at $$started --record benchmarks/$(RECIPE)/demo_timing.json; \
 	else \
@@ -96,8 +96,7 @@ rollout: setup
 # Everything the recipe trains (what is trained already is reused), exported into the repository; the
 # run's results and export report copied to benchmarks/$(RECIPE)/, where the docs read them.
 models: setup
-	$(TRAIN)
-	$(EXPORT)
+	$(TRAIN_EXPORT)
 	@cat $(RUN_DIR)/export_report.md
 	mkdir -p benchmarks/$(RECIPE)
 	cp $(RUN_DIR)/results.md $(RUN_DIR)/results.json $(RUN_DIR)/pareto.png $(RUN_DIR)/export_report.md benchmarks/$(RECIPE)/
@@ -116,8 +115,7 @@ bench: setup
 # cascade next to its student and teacher. Results in benchmarks/fewlabels/.
 FEWLABELS_RUN := runs/digits-fewlabels
 fewlabels: setup
-	$(PY) -m training all --recipe digits-fewlabels --out $(FEWLABELS_RUN)
-	$(PY) -m training export --run $(FEWLABELS_RUN) --repo $(FEWLABELS_RUN)/repo
+	$(PY) -m training all --recipe digits-fewlabels --out $(FEWLABELS_RUN) --export $(FEWLABELS_RUN)/repo
 	mkdir -p benchmarks/fewlabels
 	cp $(FEWLABELS_RUN)/results.md $(FEWLABELS_RUN)/pareto.png benchmarks/fewlabels/
 	$(PY) -m loadtest cascade --repo $(FEWLABELS_RUN)/repo --out benchmarks/fewlabels

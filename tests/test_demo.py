@@ -36,18 +36,16 @@ def test_the_demo_serves_the_plain_student_first_then_what_each_later_export_add
     # The run's graphs, which exporting `tiny_repo` wrote, come along: the same weights' graphs are kept,
     # not exported again (what this tests is the demo, not export).
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export_report.*"))
-    first = run_training("all", "--out", str(run), *override_args(TINY_OVERRIDES), *makefile_words("DEMO_FIRST"))
+    # `make demo`'s command (TRAIN_EXPORT), the suite's recipe settings in place of the recipe's.
+    train_export = [sys.executable, "-m", "training", "all", "--out", run, "--export", repo]
+    train_export = [str(word) for word in [*train_export, *override_args(TINY_OVERRIDES)]]
+    first = run_training(*train_export[3:], *makefile_words("DEMO_FIRST"))
     assert first.returncode == 0, first.stderr[-2000:]
-    assert run_training("export", "--run", str(run), "--repo", str(repo)).returncode == 0
     assert set(json.loads((repo / "manifest.json").read_text())["models"]) == {"student_plain"}
-    python = shlex.quote(sys.executable)
-    train = f"{python} -m training all --out {run} {shlex.join(override_args(TINY_OVERRIDES))}"
-    export = f"{python} -m training export --run {run} --repo {repo}"
-    core = shlex.join([*override_args(TINY_OVERRIDES), *makefile_words("DEMO_CORE")])
     latch = tmp_path / "first-stage-checked"
     # The first command waits until this test has looked at what the first stage serves.
-    then = [f"while [ ! -e {latch} ]; do sleep 0.2; done; {python} -m training all --out {run} {core} && {export}"]
-    then.append(f"{train} && {export}")
+    then = [f"while [ ! -e {latch} ]; do sleep 0.2; done; {shlex.join([*train_export, *makefile_words('DEMO_CORE')])}"]
+    then.append(shlex.join(train_export))
     ports = [free_port() for _ in range(4)]
     started, timing, log = time.time(), tmp_path / "demo_timing.json", tmp_path / "demo.log"
     command = [sys.executable, "-m", "loadtest", "demo", "--repo", str(repo), "--once",

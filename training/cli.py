@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdcontract.errors import UserError
 from kdcontract.names import STUDENT_KD
+
+if TYPE_CHECKING:  # imported where used: a command that fails early never pays for torch
+    from training.triton_repo import ServingOptions
 
 
 def _cmd_all(args: argparse.Namespace) -> None:
@@ -30,13 +34,16 @@ def _cmd_all(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = Path(args.out or f"runs/{recipe.name}")
     runtime = init_runtime()
     try:
-        results = run_all(recipe, Path(args.out or f"runs/{recipe.name}"), runtime, args.only)
+        results = run_all(recipe, out, runtime, args.only)
     finally:
         shutdown_runtime(runtime)
-    if results is not None:
+    if results is not None:  # the main process
         print(results_markdown(results))
+        if args.export:
+            _export(out, Path(args.export), args)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -83,13 +90,21 @@ def _cmd_check_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from training.export import export_run
+    _export(Path(args.run), Path(args.repo), args)
+
+
+def _serving_options(args: argparse.Namespace) -> ServingOptions:
     from training.triton_repo import ServingOptions
 
-    opts = ServingOptions(instances=args.instances, intra_op_threads=args.intra_op_threads)
-    export_run(Path(args.run), Path(args.repo), args.flavor, opts)
-    print(f"[export] wrote {args.repo}; report in {Path(args.run) / 'export_report.md'}")
-    _cmd_check_repo(argparse.Namespace(repo=args.repo))
+    return ServingOptions(instances=args.instances, intra_op_threads=args.intra_op_threads)
+
+
+def _export(run: Path, repo: Path, args: argparse.Namespace) -> None:
+    from training.export import export_run
+
+    export_run(run, repo, args.flavor, _serving_options(args))
+    print(f"[export] wrote {repo}; report in {run / 'export_report.md'}")
+    _cmd_check_repo(argparse.Namespace(repo=repo))
 
 
 def _cmd_redistill(args: argparse.Namespace) -> None:
@@ -97,7 +112,6 @@ def _cmd_redistill(args: argparse.Namespace) -> None:
 
     from training.redistill import RedistillJob, markdown, redistill
     from training.runtime import init_runtime, shutdown_runtime
-    from training.triton_repo import ServingOptions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,7 +124,7 @@ def _cmd_redistill(args: argparse.Namespace) -> None:
         served_as=args.served_as,
         against=args.against,
         flavor=args.flavor,
-        opts=ServingOptions(instances=args.instances, intra_op_threads=args.intra_op_threads),
+        opts=_serving_options(args),
         export=not args.no_export,
         overrides=tuple(args.overrides),
     )
@@ -159,6 +173,18 @@ def _cmd_pruning_report(args: argparse.Namespace) -> None:
     print(out.read_text())
 
 
+def add_serving_args(parser: argparse.ArgumentParser) -> None:
+    """How an exported repository serves: the options of every command that exports."""
+    parser.add_argument(
+        "--flavor",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="cpu: Python backend + ONNX Runtime; gpu: onnxruntime_onnx with TensorRT FP16",
+    )
+    parser.add_argument("--instances", type=int, default=1, help="Triton instances per model")
+    parser.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads per instance (cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(`make demo` serves the plain student this way before the teacher is trained)",
     )
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    run.add_argument(
+        "--export",
+        metavar="REPO",
+        help="then export the run into this Triton model repository, as `export` does (one process: torch "
+        "and the data are loaded once)",
+    )
+    add_serving_args(run)
     run.set_defaults(func=_cmd_all)
 
     plan = commands.add_parser("plan", help="which stages `all` would train and which it would reuse")
@@ -200,14 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a trained run into a Triton model repository")
     export.add_argument("--run", default="runs/digits", help="run directory written by `all`")
     export.add_argument("--repo", default="model_repository", help="Triton model repository to write")
-    export.add_argument(
-        "--flavor",
-        choices=["cpu", "gpu"],
-        default="cpu",
-        help="cpu: Python backend + ONNX Runtime; gpu: onnxruntime_onnx with TensorRT FP16",
-    )
-    export.add_argument("--instances", type=int, default=1, help="Triton instances per model")
-    export.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads per instance (cpu)")
+    add_serving_args(export)
     export.set_defaults(func=_cmd_export)
 
     again = commands.add_parser(
@@ -221,9 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--seeds", type=int, nargs="+", default=[0], help="one student per seed; the first is exported")
     again.add_argument("--served-as", default=STUDENT_KD, help="served name the new student becomes a version of")
     again.add_argument("--against", help="served model it is compared with (default: the --served-as one)")
-    again.add_argument("--flavor", choices=["cpu", "gpu"], default="cpu")
-    again.add_argument("--instances", type=int, default=1, help="Triton instances per model")
-    again.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads per instance (cpu)")
+    add_serving_args(again)
     again.add_argument("--no-export", action="store_true", help="train and evaluate only")
     again.add_argument(
         "--set",
