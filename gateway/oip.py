@@ -29,11 +29,8 @@ import numpy as np
 from gateway.errors import BadRequest, UnknownModel
 from gateway.service import Classifier
 from kdcontract.manifest import Manifest
-from kdcontract.names import AUTO, CASCADE, ENSEMBLE, callable_names
+from kdcontract.names import AUTO, CASCADE, ENSEMBLE, V2_IMAGE_INPUT, V2_OUTPUT, V2_PIXELS_INPUT, callable_names
 
-IMAGE_INPUT = "IMAGE"
-PIXELS_INPUT = "PIXELS"
-OUTPUT = "PROBABILITIES"
 SERVER_NAME = "kdserve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
@@ -112,8 +109,8 @@ def metadata(classifier: Classifier, name: str) -> dict[str, Any]:
         "name": name,
         "versions": versions(classifier, name),
         "platform": PLATFORM,
-        "inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
-        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+        "inputs": [{"name": V2_IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
+        "outputs": [{"name": V2_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
     }
 
 
@@ -123,8 +120,8 @@ def config(classifier: Classifier, name: str, max_images: int) -> dict[str, Any]
         "name": name,
         "platform": PLATFORM,
         "max_batch_size": max_images,
-        "input": [{"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1]}],
-        "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [len(classifier.class_names)]}],
+        "input": [{"name": V2_IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [{"name": V2_OUTPUT, "data_type": "TYPE_FP32", "dims": [len(classifier.class_names)]}],
     }
 
 
@@ -177,14 +174,14 @@ def join_bytes(items: list[bytes]) -> bytes:
 
 def _image_files(tensor: Tensor, max_images: int) -> list[bytes]:
     if tensor.datatype != "BYTES":
-        raise BadRequest(f"input {IMAGE_INPUT} must be BYTES (encoded images), got {tensor.datatype}")
+        raise BadRequest(f"input {V2_IMAGE_INPUT} must be BYTES (encoded images), got {tensor.datatype}")
     if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
-        raise BadRequest(f"input {IMAGE_INPUT} has shape [N] or [N, 1], got {tensor.shape}")
+        raise BadRequest(f"input {V2_IMAGE_INPUT} has shape [N] or [N, 1], got {tensor.shape}")
     count = _count(tensor.shape, max_images)
     if isinstance(tensor.data, bytes | bytearray | memoryview):
         return split_bytes(bytes(tensor.data), count)
     if tensor.data is None:
-        raise BadRequest(f"input {IMAGE_INPUT} has no data")
+        raise BadRequest(f"input {V2_IMAGE_INPUT} has no data")
     if isinstance(tensor.data, list) and tensor.data and isinstance(tensor.data[0], bytes):
         files = tensor.data  # gRPC's bytes_contents
     else:
@@ -193,35 +190,41 @@ def _image_files(tensor: Tensor, max_images: int) -> list[bytes]:
 
         texts = _flat(tensor.data, count)
         if not all(isinstance(t, str) for t in texts):
-            raise BadRequest(f"input {IMAGE_INPUT} in JSON: each element is an image's base64 text")
+            raise BadRequest(f"input {V2_IMAGE_INPUT} in JSON: each element is an image's base64 text")
         try:
             files = [base64.b64decode(t, validate=True) for t in texts]
         except (binascii.Error, ValueError) as exc:
-            raise BadRequest(f"input {IMAGE_INPUT} in JSON: elements must be base64 text") from exc
+            raise BadRequest(f"input {V2_IMAGE_INPUT} in JSON: elements must be base64 text") from exc
     if len(files) != count:
-        raise BadRequest(f"input {IMAGE_INPUT}: shape {tensor.shape} declares {count} elements, data has {len(files)}")
+        raise BadRequest(
+            f"input {V2_IMAGE_INPUT}: shape {tensor.shape} declares {count} elements, data has {len(files)}"
+        )
     return files
 
 
 def _pixels(tensor: Tensor, image_size: int, max_images: int) -> np.ndarray:
     if tensor.datatype != "UINT8":
-        raise BadRequest(f"input {PIXELS_INPUT} must be UINT8, got {tensor.datatype}")
+        raise BadRequest(f"input {V2_PIXELS_INPUT} must be UINT8, got {tensor.datatype}")
     expected = [image_size, image_size, 3]
     if len(tensor.shape) != 4 or tensor.shape[1:] != expected:
-        raise BadRequest(f"input {PIXELS_INPUT} has shape [N, {image_size}, {image_size}, 3], got {tensor.shape}")
+        raise BadRequest(f"input {V2_PIXELS_INPUT} has shape [N, {image_size}, {image_size}, 3], got {tensor.shape}")
     count = _count(tensor.shape, max_images * math.prod(expected))
     if isinstance(tensor.data, bytes | bytearray | memoryview):
         if len(tensor.data) != count:
-            raise BadRequest(f"input {PIXELS_INPUT}: shape {tensor.shape} needs {count} bytes, got {len(tensor.data)}")
+            raise BadRequest(
+                f"input {V2_PIXELS_INPUT}: shape {tensor.shape} needs {count} bytes, got {len(tensor.data)}"
+            )
         values = np.frombuffer(tensor.data, np.uint8)
     else:
         if tensor.data is None:
-            raise BadRequest(f"input {PIXELS_INPUT} has no data")
+            raise BadRequest(f"input {V2_PIXELS_INPUT} has no data")
         flat = _flat(tensor.data, count)
         if len(flat) != count:
-            raise BadRequest(f"input {PIXELS_INPUT}: shape {tensor.shape} declares {count} elements, got {len(flat)}")
+            raise BadRequest(
+                f"input {V2_PIXELS_INPUT}: shape {tensor.shape} declares {count} elements, got {len(flat)}"
+            )
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in flat):
-            raise BadRequest(f"input {PIXELS_INPUT}: elements must be integers 0-255")
+            raise BadRequest(f"input {V2_PIXELS_INPUT}: elements must be integers 0-255")
         values = np.asarray(flat, np.uint8)
     return values.reshape(tensor.shape)
 
@@ -229,16 +232,16 @@ def _pixels(tensor: Tensor, image_size: int, max_images: int) -> np.ndarray:
 def read_inputs(tensors: list[Tensor], image_size: int, max_images: int) -> Inputs:
     """The one input a request may carry, checked: encoded images or prepared pixels."""
     if len(tensors) != 1:
-        raise BadRequest(f"send exactly one input ({IMAGE_INPUT} or {PIXELS_INPUT}), got {len(tensors)}")
+        raise BadRequest(f"send exactly one input ({V2_IMAGE_INPUT} or {V2_PIXELS_INPUT}), got {len(tensors)}")
     tensor = tensors[0]
-    if tensor.name == IMAGE_INPUT:
+    if tensor.name == V2_IMAGE_INPUT:
         inputs = Inputs(files=_image_files(tensor, max_images))
         count = len(inputs.files)
-    elif tensor.name == PIXELS_INPUT:
+    elif tensor.name == V2_PIXELS_INPUT:
         inputs = Inputs(pixels=_pixels(tensor, image_size, max_images))
         count = len(inputs.pixels)
     else:
-        raise BadRequest(f"unknown input {tensor.name!r}; send {IMAGE_INPUT} (BYTES) or {PIXELS_INPUT} (UINT8)")
+        raise BadRequest(f"unknown input {tensor.name!r}; send {V2_IMAGE_INPUT} (BYTES) or {V2_PIXELS_INPUT} (UINT8)")
     if count == 0:
         raise BadRequest("no image in the request")
     return inputs
@@ -246,8 +249,8 @@ def read_inputs(tensors: list[Tensor], image_size: int, max_images: int) -> Inpu
 
 def requested_output(name: str, parameters: dict[str, Any] | None, binary_default: bool) -> RequestedOutput:
     parameters = parameters or {}
-    if name != OUTPUT:
-        raise BadRequest(f"unknown output {name!r}; the model's output is {OUTPUT}")
+    if name != V2_OUTPUT:
+        raise BadRequest(f"unknown output {name!r}; the model's output is {V2_OUTPUT}")
     classes = parameters.get("classification", 0)
     if not isinstance(classes, int) or isinstance(classes, bool) or not 0 <= classes <= MAX_CLASSIFICATION:
         raise BadRequest(f"classification must be an integer from 0 to {MAX_CLASSIFICATION}")
@@ -261,7 +264,7 @@ def output_tensors(
     probabilities: np.ndarray, class_names: list[str], requested: list[RequestedOutput]
 ) -> list[OutputTensor]:
     tensors = []
-    for output in requested or [RequestedOutput(OUTPUT)]:
+    for output in requested or [RequestedOutput(V2_OUTPUT)]:
         if output.classes:
             k = min(output.classes, probabilities.shape[-1])
             order = np.argsort(-probabilities, axis=-1)[:, :k]

@@ -21,6 +21,7 @@ from gateway.inference import classify_request, describe
 from gateway.routes import not_ready, parse_json_body, read_body_limited, trace_carrier
 from gateway.schemas import inline_schema
 from gateway.service import Classifier
+from kdcontract.names import V2_OUTPUT
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -221,7 +222,7 @@ async def infer(request: Request) -> Response:
         binary_default = (parsed.parameters or {}).get("binary_data_output", False) is True
         requested = [oip.requested_output(o.name, o.parameters, binary_default) for o in parsed.outputs or []]
         if not requested and binary_default:
-            requested = [oip.RequestedOutput(oip.OUTPUT, binary=True)]
+            requested = [oip.RequestedOutput(V2_OUTPUT, binary=True)]
         inputs = oip.read_inputs(
             _tensors(parsed, binary), classifier.preprocessing.image_size, state.settings.max_images
         )

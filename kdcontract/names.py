@@ -35,6 +35,12 @@ GATEWAY_NAMES = (ENSEMBLE, CASCADE)  # what the gateway composes; no served mode
 # The gateway's A/B split unless told otherwise: the teacher keeps a share to be compared with.
 DEFAULT_AB_WEIGHTS = {STUDENT: 0.9, TEACHER: 0.1}
 
+# The gateway's tensors in the Open Inference Protocol (v2 REST and gRPC), as clients name them: one
+# encoded image per BYTES element, or prepared pixels; calibrated class probabilities out.
+V2_IMAGE_INPUT = "IMAGE"
+V2_PIXELS_INPUT = "PIXELS"
+V2_OUTPUT = "PROBABILITIES"
+
 # What the demo, the served-accuracy check and the soak send, in this order, where the repository has them.
 SHOWCASE = (STUDENT, TEACHER, ENSEMBLE, CASCADE, STUDENT_PRUNED)
 

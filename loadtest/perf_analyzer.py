@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from gateway.triton_server import pytriton_root
+from kdcontract.names import V2_IMAGE_INPUT
 
 
 class UnstableMeasurement(RuntimeError):
@@ -72,7 +73,9 @@ def bytes_element(data: bytes) -> bytes:
 def encoded_images_input(images: list[bytes], path: Path) -> Path:
     """perf_analyzer's --input-data file for the gateway's v2 models: one step per image, each the
     IMAGE tensor's serialized BYTES."""
-    steps = [{"IMAGE": {"b64": base64.b64encode(bytes_element(image)).decode(), "shape": [1]}} for image in images]
+    steps = [
+        {V2_IMAGE_INPUT: {"b64": base64.b64encode(bytes_element(image)).decode(), "shape": [1]}} for image in images
+    ]
     path.write_text(json.dumps({"data": steps}))
     return path
 

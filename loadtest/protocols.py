@@ -40,7 +40,7 @@ from gateway.triton_server import EmbeddedTriton, TritonPorts
 from kdcontract.client_forms import ClientForm, render
 from kdcontract.imageprep import prepare
 from kdcontract.manifest import read_manifest
-from kdcontract.names import STUDENT, STUDENT_KD
+from kdcontract.names import STUDENT, STUDENT_KD, V2_IMAGE_INPUT, V2_OUTPUT
 from kdcontract.tables import markdown_table
 from loadtest import perf_analyzer
 from loadtest.bench import cpu_description
@@ -104,13 +104,13 @@ class Paths:
             {
                 "inputs": [
                     {
-                        "name": "IMAGE",
+                        "name": V2_IMAGE_INPUT,
                         "shape": [1, 1],
                         "datatype": "BYTES",
                         "parameters": {"binary_data_size": len(element)},
                     }
                 ],
-                "outputs": [{"name": "PROBABILITIES", "parameters": {"binary_data": True}}],
+                "outputs": [{"name": V2_OUTPUT, "parameters": {"binary_data": True}}],
             },
             separators=(",", ":"),
         ).encode()
@@ -121,7 +121,9 @@ class Paths:
         )
         self.grpc_request = service_pb2.ModelInferRequest(
             model_name=STUDENT,
-            inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1, 1])],
+            inputs=[
+                service_pb2.ModelInferRequest.InferInputTensor(name=V2_IMAGE_INPUT, datatype="BYTES", shape=[1, 1])
+            ],
             raw_input_contents=[element],
         )
 
