@@ -9,9 +9,11 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.process import GatewayProcess, free_port
@@ -68,6 +70,18 @@ def training_cli(capsys: pytest.CaptureFixture, *args: str) -> subprocess.Comple
         code = exc.code if isinstance(exc.code, int) else 1
     captured = capsys.readouterr()
     return subprocess.CompletedProcess([sys.executable, "-m", "training", *args], code, captured.out, captured.err)
+
+
+def triton_inference_stats(http_url: str, model: str, successes_at_least: int = 0, timeout: float = 10.0) -> dict:
+    """Triton's inference statistics of `model`. Triton records a request's statistics
+    after its response is sent, so a read right after the last answer can miss that request (seen on one
+    core: 399 of 400): this waits, up to `timeout`, until the success count has reached `successes_at_least`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = httpx.get(f"http://{http_url}/v2/models/{model}/stats").json()["model_stats"][0]["inference_stats"]
+        if int(stats["success"]["count"]) >= successes_at_least or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
 
 
 def override_args(overrides: list[str]) -> list[str]:

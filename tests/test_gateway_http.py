@@ -16,6 +16,7 @@ from kdcontract.digits import digit_png_bytes
 from kdcontract.manifest import read_manifest
 from kdcontract.ort_session import open_session
 from loadtest.measure import metric_value
+from tests.conftest import triton_inference_stats
 from training.data import load_digits_images
 from training.onnx_tools import run_logits
 
@@ -65,9 +66,8 @@ def test_raw_body_and_base64_json_give_the_same_answer(gateway):
     assert raw.json()["predictions"] == js.json()["predictions"]
 
 
-def triton_successes(triton, model: str) -> int:
-    stats = httpclient.InferenceServerClient(triton.http_url).get_inference_statistics(model)
-    return int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
+def triton_successes(triton, model: str, at_least: int = 0) -> int:
+    return int(triton_inference_stats(triton.http_url, model, successes_at_least=at_least)["success"]["count"])
 
 
 def test_each_ensemble_runs_where_its_name_says(gateway, triton, tiny_repo):
@@ -78,11 +78,11 @@ def test_each_ensemble_runs_where_its_name_says(gateway, triton, tiny_repo):
     ) / 2
     watched = ["variant_0", "variant_1", "ensemble_fused", "ensemble_scheduler"]
 
-    def call(model: str) -> tuple[dict, dict[str, int]]:
+    def call(model: str, expected: dict[str, int]) -> tuple[dict, dict[str, int]]:
         before = {m: triton_successes(triton, m) for m in watched}
         resp = gateway.client.post("/v1/classify", params={"model": model, "top_k": 10}, files=files)
         assert resp.status_code == 200, resp.text
-        return resp.json(), {m: triton_successes(triton, m) - before[m] for m in watched}
+        return resp.json(), {m: triton_successes(triton, m, before[m] + expected[m]) - before[m] for m in watched}
 
     def served_probabilities(body: dict) -> np.ndarray:
         served = np.zeros((len(HELD_OUT), 10))
@@ -91,20 +91,23 @@ def test_each_ensemble_runs_where_its_name_says(gateway, triton, tiny_repo):
                 row[label["index"]] = label["probability"]
         return served
 
-    fused, calls = call("ensemble")
+    wanted = {"variant_0": 1, "variant_1": 1, "ensemble_fused": 0, "ensemble_scheduler": 0}
+    fused, calls = call("ensemble", wanted)
     assert fused["model"] == "ensemble" and fused["degraded"] is False
     assert fused["members"] == ["variant_0", "variant_1"]
-    assert calls == {"variant_0": 1, "variant_1": 1, "ensemble_fused": 0, "ensemble_scheduler": 0}
+    assert calls == wanted
     np.testing.assert_allclose(served_probabilities(fused), expected, atol=1e-5)
 
-    server_side, calls = call("ensemble_triton")
+    wanted = {"variant_0": 0, "variant_1": 0, "ensemble_fused": 1, "ensemble_scheduler": 0}
+    server_side, calls = call("ensemble_triton", wanted)
     assert server_side["model"] == "ensemble_fused" and server_side["members"] == ["variant_0", "variant_1"]
-    assert calls == {"variant_0": 0, "variant_1": 0, "ensemble_fused": 1, "ensemble_scheduler": 0}
+    assert calls == wanted
     np.testing.assert_allclose(served_probabilities(server_side), expected, atol=1e-5)
 
-    scheduled, calls = call("ensemble_scheduler")
+    wanted = {"variant_0": 1, "variant_1": 1, "ensemble_fused": 0, "ensemble_scheduler": 1}
+    scheduled, calls = call("ensemble_scheduler", wanted)
     assert scheduled["model"] == "ensemble_scheduler"
-    assert calls == {"variant_0": 1, "variant_1": 1, "ensemble_fused": 0, "ensemble_scheduler": 1}
+    assert calls == wanted
     np.testing.assert_allclose(served_probabilities(scheduled), expected, atol=1e-5)
 
     multihead = gateway.client.post("/v1/classify", params={"model": "multihead"}, files=files)
