@@ -37,9 +37,9 @@ def test_the_demo_serves_the_plain_student_first_then_what_each_later_export_add
     # not exported again (what this tests is the demo, not export).
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export_report.*"))
     # `make demo`'s command (TRAIN_EXPORT), the suite's recipe settings in place of the recipe's.
-    train_export = [sys.executable, "-m", "training", "all", "--out", run, "--export", repo]
-    train_export = [str(word) for word in [*train_export, *override_args(TINY_OVERRIDES)]]
-    first = run_training(*train_export[3:], *makefile_words("DEMO_FIRST"))
+    all_export = ["all", "--out", str(run), "--export", str(repo), *override_args(TINY_OVERRIDES)]
+    train_export = [sys.executable, "-m", "training", *all_export]
+    first = run_training(*all_export, *makefile_words("DEMO_FIRST"))
     assert first.returncode == 0, first.stderr[-2000:]
     assert set(json.loads((repo / "manifest.json").read_text())["models"]) == {"student_plain"}
     latch = tmp_path / "first-stage-checked"
