@@ -61,9 +61,13 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
     check_against_manifest(settings, manifest)
     metrics = GatewayMetrics()
     key_gate = KeyGate(
-        settings.api_keys, settings.api_keys_file, settings.admin_token_sha256, settings.allow_anonymous, metrics
+        settings.api_keys,
+        settings.api_keys_file,
+        settings.admin_token_sha256,
+        settings.allow_anonymous,
+        metrics,
+        host=settings.host,
     )
-    key_gate.check_startup(settings.host)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -134,6 +138,7 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
             if grpc_server is not None:
                 await grpc_server.stop(settings.shutdown_grace_s)
             if app.state.answers is not None:
+                app.state.feedback.close()
                 await app.state.answers.flush()  # answers already given stay joinable after a restart
             for task in (follower, experiment_task, answers_task, capture_task):
                 if task is not None:

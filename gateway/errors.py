@@ -12,6 +12,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("kdserve.gateway")
 
 
+ECHO_CHARS = 64  # of a caller's value quoted back in an error message
+
+
+def echo(value: object) -> str:
+    """A caller's value as an error message quotes it: repr, cut to ECHO_CHARS (a 5,000-character
+    `?model=` must not come back whole, nor fill the log)."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
+
+
 class GatewayError(Exception):
     status_code = 500
     kind = "internal"

@@ -9,12 +9,14 @@ or wrong; per pair (arm and shadow), which of the two was right.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.answers import LABEL_SUFFIX, PAIR_SUFFIX, AnswerStore, Found, issued_at
-from gateway.errors import DuplicateFeedback, ExpiredRequest, GatewayError, InvalidLabel, UnknownRequest
+from gateway.errors import DuplicateFeedback, ExpiredRequest, GatewayError, InvalidLabel, UnknownRequest, echo
 from gateway.metrics import GatewayMetrics
 
 MAX_ITEMS = 1000  # items in one feedback request
@@ -47,35 +49,64 @@ class FeedbackBatch(BaseModel):
 
 
 class FeedbackJoin:
-    def __init__(self, store: AnswerStore, class_names: list[str], metrics: GatewayMetrics) -> None:
+    """Joins feedback to the answer store. File work runs in a small pool of its own, never in the event
+    loop's default executor (which shutdown needs), and never waits there: an answer still on its way to
+    the store is waited for on the event loop, once per request however many items it carries."""
+
+    def __init__(self, store: AnswerStore, class_names: list[str], metrics: GatewayMetrics, threads: int = 2) -> None:
         self.store, self.metrics = store, metrics
         self.class_index = {name: i for i, name in enumerate(class_names)}
         store.on_late_pair = self.count_pairs
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="feedback")
 
-    def accept(self, item: FeedbackItem) -> FeedbackResult:
-        """Joins and counts one item, or raises the error that says why not (counted too). Does file
-        I/O: call it in a thread."""
-        try:
-            result = self._accept(item)
-        except GatewayError as exc:
-            self.metrics.feedback.labels(OUTCOME_OF.get(type(exc), "invalid_label")).inc()
-            raise
-        self.metrics.feedback.labels("accepted").inc()
-        return result
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _accept(self, item: FeedbackItem) -> FeedbackResult:
+    async def accept_all(self, items: list[FeedbackItem]) -> list[FeedbackResult | GatewayError]:
+        """Each item's result, or the error that says why it was not counted (counted too), in order."""
+        loop = asyncio.get_running_loop()
+        results: list[FeedbackResult | GatewayError | float] = await loop.run_in_executor(
+            self._pool, self._try_all, items, True
+        )
+        waiting = [i for i, r in enumerate(results) if isinstance(r, float)]
+        if waiting:
+            # Answered a moment ago: the answer may still be on its way to the store (written off the
+            # request path). One wait for all of them, bounded by JUST_ANSWERED_S.
+            until = max(results[i] for i in waiting) + JUST_ANSWERED_S
+            await asyncio.sleep(min(JUST_ANSWERED_S, max(0.0, until - time.time())))
+            again = await loop.run_in_executor(self._pool, self._try_all, [items[i] for i in waiting], False)
+            for i, result in zip(waiting, again, strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]  # no float is left after the second pass
+
+    def _try_all(self, items: list[FeedbackItem], may_wait: bool) -> list[FeedbackResult | GatewayError | float]:
+        results: list[FeedbackResult | GatewayError | float] = []
+        for item in items:
+            try:
+                result = self._accept(item, may_wait)
+            except GatewayError as exc:
+                self.metrics.feedback.labels(OUTCOME_OF.get(type(exc), "invalid_label")).inc()
+                results.append(exc)
+                continue
+            if isinstance(result, FeedbackResult):
+                self.metrics.feedback.labels("accepted").inc()
+            results.append(result)
+        return results
+
+    def _accept(self, item: FeedbackItem, may_wait: bool) -> FeedbackResult | float:
+        """The item joined and counted; or, when its answer may still be on its way (`may_wait`), the time
+        its id was issued, to try again after JUST_ANSWERED_S. Raises the error that says why not."""
         labels = [item.label] if isinstance(item.label, str) else item.label
         unknown = [label for label in labels if label not in self.class_index]
         if unknown:
             shown = ", ".join(list(self.class_index)[:20])
-            raise InvalidLabel(f"label {unknown[0]!r} is not a class; classes: {shown}")
+            raise InvalidLabel(f"label {echo(unknown[0])} is not a class; classes: {shown}")
         found = self.store.find(item.request_id)
-        issued = issued_at(item.request_id)
-        while found is None and issued is not None and time.time() - issued < JUST_ANSWERED_S:
-            time.sleep(0.05)  # answered a moment ago: its answer is still on its way to the store
-            found = self.store.find(item.request_id)
         now = time.time()
+        issued = issued_at(item.request_id, now)
         if found is None:
+            if issued is not None and may_wait and now - issued < JUST_ANSWERED_S:
+                return issued
             if issued is not None and issued < now - self.store.ttl_s:
                 raise ExpiredRequest(f"request {item.request_id} was answered more than {self.store.ttl_s:g} s ago")
             raise UnknownRequest(

@@ -13,7 +13,8 @@ page's HTML stay open.
 
 With no classify key configured, classification is open to anonymous callers, which the gateway allows
 only when it listens on loopback (the demo, tests, a laptop) or with `KDSERVE_ALLOW_ANONYMOUS=true`: a
-gateway on a network address with no keys refuses to start.
+gateway on a network address with no keys refuses to start, and a keys file rewritten to such a set
+later (a Secret rotated to `[]`, the last entry deleted) is refused the same way: the keys in use stay.
 """
 
 from __future__ import annotations
@@ -103,12 +104,12 @@ def bearer(authorization: str | None) -> str | None:
 
 
 class _Quota:
-    """One key's token bucket and in-flight count (shared by every request with the key)."""
+    """One key's token bucket (shared by every request with the key)."""
 
     def __init__(self, key: ApiKey):
         self.rate, self.max_in_flight = key.rate_per_s, key.max_in_flight
         self.capacity = float(key.burst or max(1, math.ceil(key.rate_per_s or 1)))
-        self.tokens, self.updated, self.in_flight = self.capacity, time.monotonic(), 0
+        self.tokens, self.updated = self.capacity, time.monotonic()
 
     def take(self) -> float | None:
         """None when the request may go; else the seconds until a token is there."""
@@ -131,16 +132,21 @@ class KeyGate:
         admin_token_sha256: str | None,
         allow_anonymous: bool,
         metrics: GatewayMetrics,
+        host: str = "127.0.0.1",
     ):
+        """Raises GatewayError for keys that start-up must refuse (see `_check_open`)."""
         self._configured, self.keys_file, self.metrics = list(keys), keys_file, metrics
         if admin_token_sha256 is not None:
             self._configured.append(ApiKey(id=ADMIN_TOKEN_ID, sha256=admin_token_sha256, scopes=["admin"]))
-        self.allow_anonymous = allow_anonymous
-        self._file_state: tuple[float, int] | None = None
+        self.allow_anonymous, self.host = allow_anonymous, host
+        self._file_state: tuple[float, int, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
         self._keys: list[ApiKey] = []
         self._quotas: dict[str, _Quota] = {}
+        # Requests under way per key id, apart from the quotas: a key revoked, removed or changed while its
+        # requests run keeps their count, so it never goes negative or forgets one.
+        self._in_flight: dict[str, int] = {}
         self._load(self._read_file())
 
     # -- configuration ------------------------------------------------------------------------------
@@ -148,8 +154,7 @@ class KeyGate:
         if self.keys_file is None:
             return []
         try:
-            stat = self.keys_file.stat()
-            self._file_state = (stat.st_mtime, stat.st_size)
+            self._file_state = _file_state(self.keys_file)
             return read_keys(self.keys_file.read_bytes(), str(self.keys_file))
         except OSError as exc:
             raise GatewayError(f"the API keys file {self.keys_file} cannot be read ({exc.strerror})") from exc
@@ -159,15 +164,14 @@ class KeyGate:
         ids = [k.id for k in keys]
         if len(set(ids)) != len(ids):
             raise GatewayError(f"API key ids must be unique, got {sorted(ids)}")
+        self._check_open(keys)
         old, self._keys, self._quotas = self._quotas, keys, {}
         for key in keys:
             if key.revoked:
                 continue
             quota, before = _Quota(key), old.get(key.id)
-            if before is not None:  # requests under way stay counted; an unchanged bucket keeps its level
-                quota.in_flight = before.in_flight
-                if (before.rate, before.capacity) == (quota.rate, quota.capacity):
-                    quota.tokens, quota.updated = before.tokens, before.updated
+            if before is not None and (before.rate, before.capacity) == (quota.rate, quota.capacity):
+                quota.tokens, quota.updated = before.tokens, before.updated  # an unchanged bucket keeps its level
             self._quotas[key.id] = quota
         for key in keys:
             self.metrics.key_requests.labels(key.id, "accepted")  # every key's series exists from the start
@@ -179,8 +183,7 @@ class KeyGate:
             return
         self._checked = now
         try:
-            stat = self.keys_file.stat()
-            if (stat.st_mtime, stat.st_size) == self._file_state:
+            if _file_state(self.keys_file) == self._file_state:
                 return
             self._load(self._read_file())
         except GatewayError as exc:
@@ -191,15 +194,20 @@ class KeyGate:
 
     def classify_open(self) -> bool:
         """Classification without a key: no classify key is configured."""
-        return not any("classify" in k.scopes for k in self._keys)
+        return _classify_open(self._keys)
 
-    def check_startup(self, host: str) -> None:
-        if self.classify_open() and not (self.allow_anonymous or is_loopback(host)):
+    def _check_open(self, keys: list[ApiKey]) -> None:
+        """The one rule, at start-up and at every reload: no open classification on a network address
+        unless it was asked for."""
+        if _classify_open(keys) and not (self.allow_anonymous or is_loopback(self.host)):
             raise GatewayError(
-                f"the gateway listens on {host} and no API key is configured: anyone who reaches the port could "
-                "classify. Set KDSERVE_API_KEYS or KDSERVE_API_KEYS_FILE (python -m gateway keys new), or "
+                f"the gateway listens on {self.host} and no API key is configured: anyone who reaches the port "
+                "could classify. Set KDSERVE_API_KEYS or KDSERVE_API_KEYS_FILE (python -m gateway keys new), or "
                 "KDSERVE_ALLOW_ANONYMOUS=true to serve without keys"
             )
+
+    def in_flight(self, key_id: str) -> int:
+        return self._in_flight.get(key_id, 0)
 
     # -- the check ----------------------------------------------------------------------------------
     def _identify(self, token: str) -> ApiKey | None:
@@ -240,7 +248,16 @@ class KeyGate:
                     raise self._refuse(INVALID, Unauthorized("the API key is not valid (unknown or revoked)"))
                 if scope not in key.scopes:
                     raise self._refuse(key.id, Forbidden(f"the API key {key.id!r} has no {scope!r} scope"))
-                quota = self._quotas[key.id]
+                quota, under_way = self._quotas[key.id], self.in_flight(key.id)
+                # In flight first: a request refused for it must not spend a rate token too.
+                if quota.max_in_flight is not None and under_way >= quota.max_in_flight:
+                    raise self._refuse(
+                        key.id,
+                        TooManyInFlight(
+                            f"the API key {key.id!r} has {under_way} requests under way, its limit",
+                            headers={"Retry-After": "1"},
+                        ),
+                    )
                 wait = quota.take()
                 if wait is not None:
                     raise self._refuse(
@@ -250,24 +267,32 @@ class KeyGate:
                             headers={"Retry-After": str(max(1, math.ceil(wait)))},
                         ),
                     )
-                if quota.max_in_flight is not None and quota.in_flight >= quota.max_in_flight:
-                    raise self._refuse(
-                        key.id,
-                        TooManyInFlight(
-                            f"the API key {key.id!r} has {quota.in_flight} requests under way, its limit",
-                            headers={"Retry-After": "1"},
-                        ),
-                    )
-                quota.in_flight += 1
                 yield_id = key.id
+                self._in_flight[yield_id] = under_way + 1
             self.metrics.key_requests.labels(yield_id, "accepted").inc()
+        if yield_id == ANONYMOUS:
+            yield yield_id
+            return
         try:
             yield yield_id
         finally:
-            quota = self._quotas.get(yield_id)  # gone if the key was removed or revoked meanwhile
-            if quota is not None:
-                with self._lock:
-                    quota.in_flight -= 1
+            with self._lock:
+                left = self._in_flight[yield_id] - 1
+                if left:
+                    self._in_flight[yield_id] = left
+                else:
+                    del self._in_flight[yield_id]
+
+
+def _classify_open(keys: list[ApiKey]) -> bool:
+    return not any("classify" in k.scopes for k in keys)
+
+
+def _file_state(path: Path) -> tuple[float, int, int]:
+    """What tells a rewritten file: its inode too, since a Secret rotation replaces the file (a symlink
+    swap) and two same-size writes within one clock tick share a modification time."""
+    stat = path.stat()
+    return stat.st_mtime, stat.st_size, stat.st_ino
 
 
 def read_keys(text: bytes | str, source: str) -> list[ApiKey]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import BadRequest, UnknownModel
+from gateway.errors import BadRequest, UnknownModel, echo
 from gateway.service import Classifier
 from kdcontract.manifest import Manifest
 from kdcontract.names import AUTO, CASCADE, ENSEMBLE, V2_IMAGE_INPUT, V2_OUTPUT, V2_PIXELS_INPUT, callable_names
@@ -100,7 +100,7 @@ async def model_ready(classifier: Classifier, name: str, arms: list[str]) -> boo
 def check_version(classifier: Classifier, name: str, version: str | None) -> None:
     known = versions(classifier, name)
     if version is not None and version not in known:
-        raise UnknownModel(f"model {name!r} has no version {version!r}; it serves version {', '.join(known)}")
+        raise UnknownModel(f"model {echo(name)} has no version {echo(version)}; it serves version {', '.join(known)}")
 
 
 def metadata(classifier: Classifier, name: str) -> dict[str, Any]:
@@ -241,7 +241,9 @@ def read_inputs(tensors: list[Tensor], image_size: int, max_images: int) -> Inpu
         inputs = Inputs(pixels=_pixels(tensor, image_size, max_images))
         count = len(inputs.pixels)
     else:
-        raise BadRequest(f"unknown input {tensor.name!r}; send {V2_IMAGE_INPUT} (BYTES) or {V2_PIXELS_INPUT} (UINT8)")
+        raise BadRequest(
+            f"unknown input {echo(tensor.name)}; send {V2_IMAGE_INPUT} (BYTES) or {V2_PIXELS_INPUT} (UINT8)"
+        )
     if count == 0:
         raise BadRequest("no image in the request")
     return inputs
@@ -250,7 +252,7 @@ def read_inputs(tensors: list[Tensor], image_size: int, max_images: int) -> Inpu
 def requested_output(name: str, parameters: dict[str, Any] | None, binary_default: bool) -> RequestedOutput:
     parameters = parameters or {}
     if name != V2_OUTPUT:
-        raise BadRequest(f"unknown output {name!r}; the model's output is {V2_OUTPUT}")
+        raise BadRequest(f"unknown output {echo(name)}; the model's output is {V2_OUTPUT}")
     classes = parameters.get("classification", 0)
     if not isinstance(classes, int) or isinstance(classes, bool) or not 0 <= classes <= MAX_CLASSIFICATION:
         raise BadRequest(f"classification must be an integer from 0 to {MAX_CLASSIFICATION}")

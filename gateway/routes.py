@@ -377,14 +377,21 @@ async def feedback(request: Request) -> Response:
         raise Conflict("no answer store is configured (KDSERVE_ANSWERS_DIR): feedback cannot be joined")
     body = await read_body_limited(request, 1024 * 1024)
     parsed = parse_json_body(FEEDBACK_ADAPTER.validate_json, body)
+    items = [parsed] if isinstance(parsed, FeedbackItem) else parsed
+    if not 1 <= len(items) <= MAX_ITEMS:
+        raise BadRequest(f"{len(items)} feedback items; send 1 to {MAX_ITEMS}")
+    joined = await state.feedback.accept_all(items)
+    results = [
+        FeedbackResult(request_id=item.request_id, status=r.status_code, outcome=r.kind, message=r.message)
+        if isinstance(r, GatewayError)
+        else r
+        for item, r in zip(items, joined, strict=True)
+    ]
+    _capture_labels(state.capture, items, results)
     if isinstance(parsed, FeedbackItem):
-        result = await asyncio.to_thread(state.feedback.accept, parsed)
-        _capture_labels(state.capture, [parsed], [result])
-        return Response(result.model_dump_json(), media_type="application/json")
-    if not 1 <= len(parsed) <= MAX_ITEMS:
-        raise BadRequest(f"{len(parsed)} feedback items; send 1 to {MAX_ITEMS}")
-    results = await asyncio.to_thread(_accept_all, state.feedback, parsed)
-    _capture_labels(state.capture, parsed, results)
+        if isinstance(joined[0], GatewayError):
+            raise joined[0]
+        return Response(results[0].model_dump_json(), media_type="application/json")
     return Response(FeedbackBatch(results=results).model_dump_json(), media_type="application/json")
 
 
@@ -395,17 +402,3 @@ def _capture_labels(capture, items: list[FeedbackItem], results: list[FeedbackRe
     for item, result in zip(items, results, strict=True):
         if result.status == 200:
             capture.labels(item.request_id, [item.label] if isinstance(item.label, str) else item.label)
-
-
-def _accept_all(join, items: list[FeedbackItem]) -> list[FeedbackResult]:
-    results = []
-    for item in items:
-        try:
-            results.append(join.accept(item))
-        except GatewayError as exc:
-            results.append(
-                FeedbackResult(
-                    request_id=item.request_id, status=exc.status_code, outcome=exc.kind, message=exc.message
-                )
-            )
-    return results

@@ -12,7 +12,7 @@ import numpy as np
 
 from gateway import tracing
 from gateway.admission import AdmissionControl
-from gateway.errors import GatewayError, Unavailable, UnknownModel
+from gateway.errors import GatewayError, Unavailable, UnknownModel, echo
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
@@ -66,7 +66,7 @@ class Classifier:
         entry = self.manifest.models.get(name)
         if entry is None or entry.role in NOT_CALLABLE_ROLES:
             known = ", ".join(callable_names(self.manifest))
-            raise UnknownModel(f"unknown model {name!r}; choose one of: {known}, {AUTO}")
+            raise UnknownModel(f"unknown model {echo(name)}; choose one of: {known}, {AUTO}")
         return name
 
     def admit(self, target: str, images: int) -> AbstractContextManager[None]:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from gateway import oip, tracing
-from gateway.errors import BadRequest, UnsupportedMediaType
+from gateway.errors import BadRequest, UnsupportedMediaType, echo
 from gateway.inference import classify_request, describe
 from gateway.routes import not_ready, parse_json_body, read_body_limited, trace_carrier
 from gateway.schemas import inline_schema
@@ -154,13 +154,14 @@ def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
     """(JSON header, binary tensor data) of a request body."""
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
-        raise UnsupportedMediaType(f"content encoding {encoding!r} is not accepted; send the body uncompressed")
+        raise UnsupportedMediaType(f"content encoding {echo(encoding)} is not accepted; send the body uncompressed")
     declared = request.headers.get(HEADER_LENGTH)
     if declared is None:
         return body, b""
-    if not (declared.isascii() and declared.isdigit()) or not 0 < int(declared) <= len(body):
+    # At most 12 digits before int(): Python refuses to parse more than 4,300 (a ValueError, once a 500).
+    if not (declared.isascii() and declared.isdigit() and len(declared) <= 12) or not 0 < int(declared) <= len(body):
         raise BadRequest(
-            f"Inference-Header-Content-Length {declared!r} is not a length within the {len(body)}-byte body"
+            f"Inference-Header-Content-Length {echo(declared)} is not a length within the {len(body)}-byte body"
         )
     return body[: int(declared)], body[int(declared) :]
 
@@ -174,7 +175,7 @@ def _tensors(parsed: InferRequest, binary: bytes) -> list[oip.Tensor]:
             tensors.append(oip.Tensor(item.name, item.datatype, item.shape, item.data))
             continue
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
-            raise BadRequest(f"input {item.name}: binary_data_size {size!r} runs past the {len(binary)} bytes sent")
+            raise BadRequest(f"input {item.name}: binary_data_size {echo(size)} runs past the {len(binary)} bytes sent")
         if item.data is not None:
             raise BadRequest(f"input {item.name}: both JSON data and binary_data_size")
         tensors.append(oip.Tensor(item.name, item.datatype, item.shape, binary[offset : offset + size]))

@@ -85,11 +85,11 @@ def test_a_shadow_answering_before_or_after_the_feedback_is_paired_exactly_once(
     primary = Answer(arm="student", model="student_kd", version=1, top1=[3], at=now, shadow_arm="teacher")
     # The shadow first, then the feedback: the feedback counts the pair.
     store.write([("early", primary), ("early", ShadowAnswer([3], now))])
-    assert join.accept(FeedbackItem(request_id="early", label="3")).status == 200
+    assert asyncio.run(join.accept_all([FeedbackItem(request_id="early", label="3")]))[0].status == 200
     assert pairs_counted(metrics) == 1
     # The feedback first (the shadow still running), then the shadow: the writer counts the pair.
     store.write([("late", primary)])
-    assert join.accept(FeedbackItem(request_id="late", label="8")).status == 200
+    assert asyncio.run(join.accept_all([FeedbackItem(request_id="late", label="8")]))[0].status == 200
     assert pairs_counted(metrics) == 1
     store.write([("late", ShadowAnswer([8], now))])
     assert pairs_counted(metrics) == 2

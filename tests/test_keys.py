@@ -156,9 +156,9 @@ def test_in_flight_quota_and_configuration_errors():
     with gate.admit(f"Bearer {key}", "classify"):  # released when the first finished
         pass
     with pytest.raises(GatewayError, match="no API key is configured"):
-        KeyGate([], None, None, False, GatewayMetrics()).check_startup("0.0.0.0")
-    KeyGate([], None, None, False, GatewayMetrics()).check_startup("127.0.0.1")  # the demo: open on loopback
-    KeyGate([], None, None, True, GatewayMetrics()).check_startup("0.0.0.0")  # said out loud
+        KeyGate([], None, None, False, GatewayMetrics(), host="0.0.0.0")
+    KeyGate([], None, None, False, GatewayMetrics(), host="127.0.0.1")  # the demo: open on loopback
+    KeyGate([], None, None, True, GatewayMetrics(), host="0.0.0.0")  # said out loud
 
 
 def test_a_gateway_on_a_network_address_without_keys_refuses_to_start(tiny_repo, triton):

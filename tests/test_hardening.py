@@ -1,0 +1,161 @@
+"""Findings of the outside review of the live endpoints (issue 34), each as a test that failed on 61e1da7:
+one caller must never pin the gateway's threads, open what start-up refuses, or reach a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from gateway.answers import Answer, AnswerStore, issued_at, new_request_id
+from gateway.errors import GatewayError, UnknownRequest
+from gateway.feedback import FeedbackItem, FeedbackJoin
+from gateway.keys import ApiKey, KeyGate, TooManyInFlight, hash_key, new_key
+from gateway.metrics import GatewayMetrics
+from gateway.process import GatewayProcess
+
+CLASSES = [str(d) for d in range(10)]
+FUTURE_ID = "ffffffffffff00000000000000000000"  # "issued" in the year 10889
+
+
+# -- finding 1: feedback for ids from the future, or just issued, pins no thread ---------------------------
+def test_an_id_claiming_a_future_issuing_time_is_not_a_gateway_id():
+    assert issued_at(FUTURE_ID) is None
+    assert issued_at(new_request_id(now=time.time() + 3600)) is None
+    now = time.time()
+    assert abs(issued_at(new_request_id(now=now)) - now) < 0.001
+
+
+def test_feedback_waits_for_a_just_issued_answer_without_holding_a_thread(tmp_path, monkeypatch):
+    store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
+    join = FeedbackJoin(store, CLASSES, GatewayMetrics())
+
+    def no_sleeping_in_threads(_: float) -> None:
+        raise AssertionError("a feedback thread slept: its wait belongs on the event loop")
+
+    monkeypatch.setattr(time, "sleep", no_sleeping_in_threads)
+    young = new_request_id()
+    # 1,000 present-time ids none of which was ever answered, the future id, and one answer that lands while
+    # the feedback waits for it: one wait for the whole batch, never one per item.
+    items = [FeedbackItem(request_id=new_request_id(), label="3") for _ in range(999)]
+    items += [FeedbackItem(request_id=FUTURE_ID, label="3"), FeedbackItem(request_id=young, label="3")]
+
+    async def scenario() -> tuple[list, float]:
+        started = time.monotonic()
+        pending = asyncio.ensure_future(join.accept_all(items))
+        await asyncio.sleep(0.2)
+        store.write([(young, Answer(arm="student", model="student_kd", version=1, top1=[3], at=time.time()))])
+        return await pending, time.monotonic() - started
+
+    results, _ = asyncio.run(scenario())
+    assert all(isinstance(r, UnknownRequest) for r in results[:1000])
+    assert not isinstance(results[-1], GatewayError) and results[-1].status == 200
+    join.close()
+
+
+@pytest.fixture
+def feedback_gateway(tiny_repo, triton, tmp_path):
+    env = {"KDSERVE_ANSWERS_DIR": str(tmp_path / "answers"), "KDSERVE_DRAIN_S": "0", "KDSERVE_SHUTDOWN_GRACE_S": "5"}
+    gateway = GatewayProcess(tiny_repo, triton.http_url, env=env)
+    yield gateway
+    gateway.stop()
+
+
+def test_feedback_from_the_future_is_refused_at_once_and_sigterm_still_stops_the_gateway(feedback_gateway):
+    gateway = feedback_gateway
+    hostile = {"request_id": FUTURE_ID, "label": "0"}
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(
+            pool.map(lambda _: httpx.post(f"{gateway.url}/v1/feedback", json=hostile, timeout=30), range(40))
+        )
+    assert {r.status_code for r in answers} == {404}
+    honest = gateway.client.post("/v1/feedback", json={"request_id": "never-issued", "label": "0"}, timeout=10)
+    assert honest.status_code == 404 and honest.json()["error"]["kind"] == "unknown_request"
+    os.kill(gateway.proc.pid, signal.SIGTERM)
+    # The product's contract: drain 0 s, then at most the 5 s grace for requests in flight. uvicorn ends a
+    # clean shutdown by raising the signal it caught again, so the exit status is SIGTERM's.
+    assert gateway.proc.wait(timeout=30) == -signal.SIGTERM
+    assert "Traceback" not in gateway.log_path.read_text()
+
+
+# -- finding 11: a keys reload never opens what start-up would refuse ----------------------------------------
+def test_a_keys_file_emptied_on_a_network_address_keeps_the_old_keys(tmp_path):
+    key, entry = new_key("reader", ["classify"], None, None)
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps([entry]))
+    metrics = GatewayMetrics()
+    gate = KeyGate([], keys_file, None, allow_anonymous=False, metrics=metrics, host="0.0.0.0")
+    keys_file.write_text("[]")
+    os.utime(keys_file, (time.time() + 5, time.time() + 5))
+    gate._checked = 0.0  # the file is looked at once a second: now
+    with pytest.raises(GatewayError) as refused, gate.admit(None, "classify"):
+        pass
+    assert refused.value.status_code == 401
+    with gate.admit(f"Bearer {key}", "classify") as who:
+        assert who == "reader"
+    assert metrics.errors.labels("keys_file")._value.get() == 1
+    # On loopback the same reload is allowed (the demo, a laptop): the file is the truth there.
+    open_gate = KeyGate([], keys_file, None, allow_anonymous=False, metrics=GatewayMetrics(), host="127.0.0.1")
+    with open_gate.admit(None, "classify") as who:
+        assert who == "anonymous"
+
+
+# -- finding 13: quotas count exactly -----------------------------------------------------------------------
+def test_a_request_refused_for_in_flight_spends_no_rate_token():
+    key = "kds_metered"
+    # A burst of 2 and no refill during the test.
+    entry = ApiKey(id="metered", sha256=hash_key(key), rate_per_s=0.001, burst=2, max_in_flight=1)
+    gate = KeyGate([entry], None, None, allow_anonymous=True, metrics=GatewayMetrics())
+    with gate.admit(f"Bearer {key}", "classify"):
+        for _ in range(5):
+            with pytest.raises(TooManyInFlight), gate.admit(f"Bearer {key}", "classify"):
+                pass
+    with gate.admit(f"Bearer {key}", "classify"):  # the second token of the burst is still there
+        pass
+
+
+def test_revoking_and_restoring_a_key_mid_request_keeps_in_flight_exact(tmp_path):
+    key, entry = new_key("metered", ["classify"], None, 1)
+    keys_file = tmp_path / "keys.json"
+
+    def write(revoked: bool, when: float) -> None:
+        keys_file.write_text(json.dumps([entry | {"revoked": revoked}]))
+        os.utime(keys_file, (when, when))
+
+    write(False, time.time())
+    gate = KeyGate([], keys_file, None, allow_anonymous=True, metrics=GatewayMetrics())
+    with gate.admit(f"Bearer {key}", "classify"):
+        write(True, time.time() + 10)
+        gate._checked = 0.0
+        with pytest.raises(GatewayError), gate.admit(f"Bearer {key}", "classify"):
+            pass
+        write(False, time.time() + 20)
+        gate._checked = 0.0
+        with pytest.raises(TooManyInFlight), gate.admit(f"Bearer {key}", "classify"):
+            pass  # the request started before the revocation is still under way
+    assert gate.in_flight("metered") == 0
+    with gate.admit(f"Bearer {key}", "classify"):
+        assert gate.in_flight("metered") == 1
+
+
+# -- finding 14: a header length Python cannot parse is a 400 ------------------------------------------------
+def test_an_inference_header_length_of_5000_digits_is_a_400(feedback_gateway):
+    resp = feedback_gateway.client.post(
+        "/v2/models/student/infer",
+        content=b"{}",
+        headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "9" * 5000},
+    )
+    assert resp.status_code == 400, resp.text
+    assert "Inference-Header-Content-Length" in resp.json()["error"]
+    assert len(resp.text) < 1000, "the error echoes the whole header back"
+    # Review: what a caller sent comes back in an error cut short.
+    unknown = feedback_gateway.client.post(
+        "/v1/classify", params={"model": "m" * 5000}, content=b"x", headers={"Content-Type": "image/png"}
+    )
+    assert unknown.status_code == 404 and len(unknown.text) < 1000, unknown.text[:200]
