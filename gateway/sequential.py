@@ -39,6 +39,19 @@ def _log_beta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return lgamma(a) + lgamma(b) - lgamma(a + b)
 
 
+def _log_mixture(s: np.ndarray, n: np.ndarray) -> np.ndarray:
+    f = n - s
+    return _log_beta(PRIOR + s, PRIOR + f) - _log_beta(np.full_like(s, PRIOR), np.full_like(s, PRIOR))
+
+
+def _rejected(s: np.ndarray, n: np.ndarray, p: np.ndarray, log_mixture: np.ndarray, alpha: float) -> np.ndarray:
+    """Whether the rate p lies outside the sequence for s successes of n trials (elementwise)."""
+    f = n - s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_likelihood = np.where(s > 0, s * np.log(p), 0.0) + np.where(f > 0, f * np.log1p(-p), 0.0)
+    return log_mixture - log_likelihood >= math.log(1 / alpha)
+
+
 def proportion_cs(
     successes: np.ndarray | int, trials: np.ndarray | int, alpha: float = ALPHA
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -53,14 +66,10 @@ def proportion_cs(
     n = np.asarray(trials, dtype=float)
     if np.any(s < 0) or np.any(s > n):
         raise ValueError("successes must lie between 0 and trials")
-    f = n - s
-    log_mixture = _log_beta(PRIOR + s, PRIOR + f) - _log_beta(np.full_like(s, PRIOR), np.full_like(s, PRIOR))
-    threshold = math.log(1 / alpha)
+    log_mixture = _log_mixture(s, n)
 
     def outside(p: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            log_likelihood = np.where(s > 0, s * np.log(p), 0.0) + np.where(f > 0, f * np.log1p(-p), 0.0)
-        return log_mixture - log_likelihood >= threshold
+        return _rejected(s, n, p, log_mixture, alpha)
 
     centre = np.where(n > 0, s / np.maximum(n, 1), 0.5)
 
@@ -115,12 +124,19 @@ def quantile_cs(
     n = int(sum(counts))
     if n == 0:
         return 0.0, math.inf
-    ks = np.arange(n + 1)
-    lo, hi = proportion_cs(ks, np.full_like(ks, n), alpha)
-    # Smallest k whose "k of n below" can still mean a rate >= quantile, and smallest k that must exceed it.
-    lower_rank = int(np.argmax(hi >= quantile)) if np.any(hi >= quantile) else n
-    above = np.flatnonzero(lo > quantile)
-    upper_rank = int(above[0]) if above.size else n + 1
+    # Both bounds grow with k, so the first rank where each crosses the quantile is searched, not scanned
+    # (evaluating every rank 0..n cost 0.8 s at n = 100k, on the event loop), and whether a bound has
+    # crossed it is whether the quantile is inside the sequence at all: one test, no bisection.
+    trials = float(n)
+
+    def covers(ks: np.ndarray) -> np.ndarray:
+        trials_k = np.full(len(ks), trials)
+        return ~_rejected(ks, trials_k, np.full(len(ks), quantile), _log_mixture(ks, trials_k), alpha)
+
+    # Smallest k whose "k of n below" can still mean a rate >= quantile (upper bound >= quantile), and
+    # smallest k that must exceed it (lower bound > quantile).
+    lower_rank = min(n, _first_rank(lambda ks: (ks / trials >= quantile) | covers(ks), n))
+    upper_rank = _first_rank(lambda ks: (ks / trials > quantile) & ~covers(ks), n)
     cumulative = np.cumsum(counts)
     edges = [0.0, *upper_bounds]
 
@@ -130,6 +146,26 @@ def quantile_cs(
     low = edges[bucket_of(lower_rank)] if lower_rank >= 1 else 0.0
     high = upper_bounds[bucket_of(upper_rank)] if upper_rank <= n else math.inf
     return float(low), float(high)
+
+
+_SEARCH_WAYS = 32  # ranks evaluated at once per round of the search: 1e6 ranks take 4 rounds
+
+
+def _first_rank(holds, n: int) -> int:
+    """The smallest k in 0..n for which `holds` (vectorised, monotone: once true, true for every larger
+    k) is true; n + 1 when it holds nowhere. Each round evaluates up to _SEARCH_WAYS ranks spread over
+    what is left, so a million ranks cost ~130 evaluations instead of a million."""
+    low, high = 0, n + 1  # the answer lies in [low, high]; every rank below `low` fails
+    while low < high:
+        ranks = np.unique(np.linspace(low, high - 1, min(_SEARCH_WAYS, high - low)).round().astype(np.int64))
+        passed = np.flatnonzero(holds(ranks.astype(float)))
+        if passed.size:
+            high = int(ranks[passed[0]])
+            if passed[0] > 0:
+                low = int(ranks[passed[0] - 1]) + 1
+        else:
+            low = int(ranks[-1]) + 1
+    return low
 
 
 Status = Literal["pass", "fail", "pending"]
