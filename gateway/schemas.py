@@ -7,11 +7,20 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from gateway.experiment import Experiment
+from gateway.settings import MAX_IMAGES_PER_REQUEST
 from kdcontract.manifest import DataSplit
 
 
 class ClassifyJSON(BaseModel):
-    images: list[str] = Field(..., min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+    # fail_fast: a list of a million wrong items is refused at the first, instead of pydantic listing
+    # every error (28 s and 4.7 GB on the event loop for 4.2 M zeros, review of 61e1da7).
+    images: list[str] = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_IMAGES_PER_REQUEST,
+        fail_fast=True,
+        description="base64-encoded image files (PNG, JPEG, ...)",
+    )
     model: str | None = Field(None, description="overrides the `model` query parameter when given")
     top_k: int | None = Field(None, ge=1, le=100, description="overrides the `top_k` query parameter when given")
 

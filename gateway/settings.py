@@ -16,6 +16,9 @@ from gateway.keys import ApiKey
 from kdcontract.fusion import FusionMethod
 from kdcontract.names import DEFAULT_AB_WEIGHTS
 
+# The most images any request may carry, whatever the settings say: the request schemas declare it.
+MAX_IMAGES_PER_REQUEST = 1024
+
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KDSERVE_", env_nested_delimiter="__", extra="forbid")
@@ -57,7 +60,7 @@ class GatewaySettings(BaseSettings):
     # Input limits, enforced before decoding.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
-    max_images: int = Field(64, ge=1, description="images per request")
+    max_images: int = Field(64, ge=1, le=MAX_IMAGES_PER_REQUEST, description="images per request")
     allowed_formats: list[str] = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]
 
     # Ensemble fusion.

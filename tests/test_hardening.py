@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from gateway.answers import Answer, AnswerStore, issued_at, new_request_id
 from gateway.errors import GatewayError, UnknownRequest
@@ -19,6 +20,9 @@ from gateway.feedback import FeedbackItem, FeedbackJoin
 from gateway.keys import ApiKey, KeyGate, TooManyInFlight, hash_key, new_key
 from gateway.metrics import GatewayMetrics
 from gateway.process import GatewayProcess
+from gateway.routes import parse_json_body, validate_feedback
+from gateway.schemas import ClassifyJSON
+from gateway.v2_rest import InferRequest
 
 CLASSES = [str(d) for d in range(10)]
 FUTURE_ID = "ffffffffffff00000000000000000000"  # "issued" in the year 10889
@@ -159,3 +163,39 @@ def test_an_inference_header_length_of_5000_digits_is_a_400(feedback_gateway):
         "/v1/classify", params={"model": "m" * 5000}, content=b"x", headers={"Content-Type": "image/png"}
     )
     assert unknown.status_code == 404 and len(unknown.text) < 1000, unknown.text[:200]
+
+
+# -- finding 6: a malformed body is refused at its first fault, not after listing every one -----------------
+INPUT = {"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "data": ["aGk="]}
+MANY_PARAMETERS = {f"k{i}": i for i in range(250_000)}
+
+
+def _zeros(count: int) -> bytes:
+    return b'{"images": [' + b",".join([b"0"] * count) + b"]}"
+
+
+@pytest.mark.parametrize(
+    ("validate", "body"),
+    [
+        (ClassifyJSON.model_validate_json, _zeros(1_000_000)),
+        (validate_feedback, b"[" + b",".join([b"{}"] * 349_000) + b"]"),
+        (InferRequest.model_validate_json, json.dumps({"inputs": [INPUT], "parameters": MANY_PARAMETERS}).encode()),
+        (InferRequest.model_validate_json, json.dumps({"inputs": [INPUT | {"parameters": MANY_PARAMETERS}]}).encode()),
+        (InferRequest.model_validate_json, json.dumps({"inputs": [{"name": "x"}] * 100_000}).encode()),
+    ],
+    ids=[
+        "classify-1M-zeros",
+        "feedback-349k-empty",
+        "v2-250k-parameters",
+        "v2-250k-input-parameters",
+        "v2-100k-inputs",
+    ],
+)
+def test_a_hostile_body_is_refused_at_its_first_fault(validate, body):
+    """28 s and 4.7 GB for 4.2 M zeros on 61e1da7: pydantic listed every element's error, on the event loop."""
+    with pytest.raises(ValidationError) as refused:
+        validate(body)
+    assert refused.value.error_count() <= 3, f"{refused.value.error_count()} errors listed"
+    with pytest.raises(GatewayError) as answered:
+        parse_json_body(validate, body)
+    assert answered.value.status_code == 400 and len(answered.value.message) < 300
