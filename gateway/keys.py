@@ -222,6 +222,64 @@ class KeyGate:
         self.metrics.key_requests.labels(label, error.kind).inc()
         return error
 
+    def _caller(self, token: str | None, scope: Scope) -> ApiKey | None:
+        """The key presented, if it may use `scope`; None for an anonymous caller of open classification.
+        Raises 401 or 403 (counted). Call under the lock."""
+        if scope == "admin" and not any("admin" in k.scopes and not k.revoked for k in self._keys):
+            raise self._refuse(
+                ANONYMOUS if token is None else INVALID,
+                Forbidden("the admin API is off: no admin key is configured (KDSERVE_API_KEYS, scope admin)"),
+            )
+        if token is None:
+            if scope == "classify" and self.classify_open():
+                return None
+            raise self._refuse(ANONYMOUS, Unauthorized("an API key is required (Authorization: Bearer <key>)"))
+        key = self._identify(token)
+        if key is None or key.revoked:
+            raise self._refuse(INVALID, Unauthorized("the API key is not valid (unknown or revoked)"))
+        if scope not in key.scopes:
+            raise self._refuse(key.id, Forbidden(f"the API key {key.id!r} has no {scope!r} scope"))
+        return key
+
+    def identify(self, authorization: str | None, scope: Scope) -> str:
+        """The caller's key id if it may use `scope`, without taking its quota (gRPC checks this before
+        it reads a call's message). Raises 401 or 403."""
+        with self._lock:
+            self._refresh()
+            key = self._caller(bearer(authorization), scope)
+        return ANONYMOUS if key is None else key.id
+
+    def _hold(self, key: ApiKey) -> None:
+        """One more request under way for `key`, or 429. In flight first: a request refused for it must
+        not spend a rate token too. Call under the lock."""
+        quota, under_way = self._quotas[key.id], self.in_flight(key.id)
+        if quota.max_in_flight is not None and under_way >= quota.max_in_flight:
+            raise self._refuse(
+                key.id,
+                TooManyInFlight(
+                    f"the API key {key.id!r} has {under_way} requests under way, its limit",
+                    headers={"Retry-After": "1"},
+                ),
+            )
+        wait = quota.take()
+        if wait is not None:
+            raise self._refuse(
+                key.id,
+                RateLimited(
+                    f"the API key {key.id!r} is over its rate of {quota.rate:g} requests/s",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                ),
+            )
+        self._in_flight[key.id] = under_way + 1
+
+    def _release(self, key_id: str) -> None:
+        with self._lock:
+            left = self._in_flight[key_id] - 1
+            if left:
+                self._in_flight[key_id] = left
+            else:
+                del self._in_flight[key_id]
+
     @contextmanager
     def admit(self, authorization: str | None, scope: Scope | None) -> Iterator[str]:
         """Hold the request against its key's quota while it runs; yields the key's id (`anonymous`
@@ -231,57 +289,25 @@ class KeyGate:
             return
         with self._lock:
             self._refresh()
-            token = bearer(authorization)
-            if scope == "admin" and not any("admin" in k.scopes and not k.revoked for k in self._keys):
-                raise self._refuse(
-                    ANONYMOUS if token is None else INVALID,
-                    Forbidden("the admin API is off: no admin key is configured (KDSERVE_API_KEYS, scope admin)"),
-                )
-            if token is None:
-                if scope == "classify" and self.classify_open():
-                    yield_id = ANONYMOUS
-                else:
-                    raise self._refuse(ANONYMOUS, Unauthorized("an API key is required (Authorization: Bearer <key>)"))
-            else:
-                key = self._identify(token)
-                if key is None or key.revoked:
-                    raise self._refuse(INVALID, Unauthorized("the API key is not valid (unknown or revoked)"))
-                if scope not in key.scopes:
-                    raise self._refuse(key.id, Forbidden(f"the API key {key.id!r} has no {scope!r} scope"))
-                quota, under_way = self._quotas[key.id], self.in_flight(key.id)
-                # In flight first: a request refused for it must not spend a rate token too.
-                if quota.max_in_flight is not None and under_way >= quota.max_in_flight:
-                    raise self._refuse(
-                        key.id,
-                        TooManyInFlight(
-                            f"the API key {key.id!r} has {under_way} requests under way, its limit",
-                            headers={"Retry-After": "1"},
-                        ),
-                    )
-                wait = quota.take()
-                if wait is not None:
-                    raise self._refuse(
-                        key.id,
-                        RateLimited(
-                            f"the API key {key.id!r} is over its rate of {quota.rate:g} requests/s",
-                            headers={"Retry-After": str(max(1, math.ceil(wait)))},
-                        ),
-                    )
-                yield_id = key.id
-                self._in_flight[yield_id] = under_way + 1
-            self.metrics.key_requests.labels(yield_id, "accepted").inc()
-        if yield_id == ANONYMOUS:
-            yield yield_id
+            key = self._caller(bearer(authorization), scope)
+            if key is not None:
+                self._hold(key)
+            self.metrics.key_requests.labels(ANONYMOUS if key is None else key.id, "accepted").inc()
+        if key is None:
+            yield ANONYMOUS
             return
         try:
-            yield yield_id
+            yield key.id
         finally:
-            with self._lock:
-                left = self._in_flight[yield_id] - 1
-                if left:
-                    self._in_flight[yield_id] = left
-                else:
-                    del self._in_flight[yield_id]
+            self._release(key.id)
+
+
+def credential(values: list[str]) -> str | None:
+    """The one credential a request carries (HTTP's `Authorization` headers, gRPC's `authorization`
+    metadata): none, or exactly one. Two are refused: which one wins would differ between protocols."""
+    if len(values) > 1:
+        raise Unauthorized(f"{len(values)} authorization values; send one")
+    return values[0] if values else None
 
 
 def _classify_open(keys: list[ApiKey]) -> bool:
@@ -353,8 +379,8 @@ class KeyMiddleware:
         if access is None:
             await self.app(scope, receive, send)
             return
-        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         try:
+            authorization = credential([v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"])
             admitted = self.gate.admit(authorization, access)
             admitted.__enter__()
         except GatewayError as exc:

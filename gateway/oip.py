@@ -37,6 +37,10 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 PLATFORM = "kdserve_gateway"
 COMPOSED_VERSION = "1"  # the one version of what the gateway composes (ensemble, cascade, auto)
 MAX_CLASSIFICATION = 100
+# Per request, over REST and gRPC alike: a request carries one input; these bound what a caller can make the
+# gateway parse before it refuses (gRPC once built a 33 MB reply for 480k requested outputs).
+MAX_TENSORS = 8  # inputs, outputs
+MAX_PARAMETERS = 16  # parameters of the request, of an input or of an output
 
 
 @dataclass
@@ -227,6 +231,17 @@ def _pixels(tensor: Tensor, image_size: int, max_images: int) -> np.ndarray:
             raise BadRequest(f"input {V2_PIXELS_INPUT}: elements must be integers 0-255")
         values = np.asarray(flat, np.uint8)
     return values.reshape(tensor.shape)
+
+
+def check_counts(inputs: int, outputs: int, parameters: int) -> None:
+    """The request's sizes, before anything is read from them."""
+    for what, count, limit in (
+        ("inputs", inputs, MAX_TENSORS),
+        ("outputs", outputs, MAX_TENSORS),
+        ("parameters", parameters, MAX_PARAMETERS),
+    ):
+        if count > limit:
+            raise BadRequest(f"{count} {what}; at most {limit} {what} per request")
 
 
 def read_inputs(tensors: list[Tensor], image_size: int, max_images: int) -> Inputs:

@@ -25,7 +25,7 @@ from gateway import oip, tracing
 from gateway.answers import new_request_id
 from gateway.errors import BadRequest, GatewayError
 from gateway.inference import classify_request, describe
-from gateway.keys import KeyGate, Scope
+from gateway.keys import KeyGate, Scope, credential
 from gateway.observe import CLIENT_ID
 from gateway.routes import not_ready
 
@@ -97,8 +97,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _authorize(self, context: grpc.aio.ServicerContext, scope: Scope):
         gate: KeyGate = self.state.key_gate
-        metadata = dict(context.invocation_metadata() or ())
-        return gate.admit(metadata.get("authorization"), scope)
+        return gate.admit(_authorization(context.invocation_metadata()), scope)
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -205,6 +204,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request, metadata: dict, call, start: float) -> service_pb2.ModelInferResponse:
         state = self.state
         classifier = state.classifier
+        oip.check_counts(
+            max(len(request.inputs), len(request.raw_input_contents)), len(request.outputs), len(request.parameters)
+        )
+        for tensor in (*request.inputs, *request.outputs):  # at most 8 + 8, checked just above
+            oip.check_counts(0, 0, len(tensor.parameters))
         oip.check_version(classifier, request.model_name, request.model_version or None)
         requested = [
             oip.requested_output(o.name, {k: _plain(v) for k, v in o.parameters.items()}, True) for o in request.outputs
@@ -238,6 +242,44 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
 
+def _authorization(metadata) -> str | None:
+    """The call's one `authorization` entry (two are refused, as over HTTP)."""
+    return credential([value for key, value in metadata or () if key == "authorization"])
+
+
+# Methods anyone may call, as HTTP's health routes; every other method needs a key with the classify scope.
+OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
+
+
+class KeyInterceptor(grpc.aio.ServerInterceptor):
+    """The caller's key checked from the call's metadata before its message is read: a call without a
+    valid key is refused before grpcio parses up to 8 MiB of protobuf for it. The method's handler checks
+    the key again when it takes the key's quota (a hash and a compare: microseconds)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if method not in OPEN_METHODS:
+            gate: KeyGate = self.app.state.key_gate
+            try:
+                gate.identify(_authorization(handler_call_details.invocation_metadata), "classify")
+            except GatewayError as exc:
+                self.app.state.metrics.errors.labels(exc.kind).inc()
+                return _refusal(exc)
+        return await continuation(handler_call_details)
+
+
+def _refusal(error: GatewayError) -> grpc.RpcMethodHandler:
+    """A handler that refuses the call without deserialising its message."""
+
+    async def refuse(_request: bytes, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(GRPC_CODES.get(error.status_code, grpc.StatusCode.INTERNAL), error.message)
+
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 _BACKGROUND: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
 
 
@@ -250,11 +292,12 @@ def _background(work) -> None:
 async def start_grpc(app: FastAPI, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
     """The gRPC server on `host:port`, started; the caller stops it (`await server.stop(grace)`)."""
     server = grpc.aio.server(
+        interceptors=[KeyInterceptor(app)],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second gateway on the same port fails to start instead of sharing it
-        ]
+        ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app), server)
     try:

@@ -33,7 +33,6 @@ class V2Error(BaseModel):
 
 V2_ERRORS = {code: {"model": V2Error} for code in (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)}
 Parameter = str | int | float | bool
-MAX_PARAMETERS = 16  # per request, input or output: the protocol's few, not a dictionary to parse for seconds
 
 
 class InputTensor(BaseModel):
@@ -41,22 +40,22 @@ class InputTensor(BaseModel):
     name: str = Field(max_length=64)
     shape: list[int] = Field(max_length=8)
     datatype: str = Field(max_length=16)
-    parameters: dict[str, Parameter] | None = Field(None, max_length=MAX_PARAMETERS)
+    parameters: dict[str, Parameter] | None = Field(None, max_length=oip.MAX_PARAMETERS)
     data: list[Any] | None = None
 
 
 class OutputRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=64)
-    parameters: dict[str, Parameter] | None = Field(None, max_length=MAX_PARAMETERS)
+    parameters: dict[str, Parameter] | None = Field(None, max_length=oip.MAX_PARAMETERS)
 
 
 class InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str | None = Field(None, max_length=128)
-    parameters: dict[str, Parameter] | None = Field(None, max_length=MAX_PARAMETERS)
-    inputs: list[InputTensor] = Field(min_length=1, max_length=8)
-    outputs: list[OutputRequest] | None = Field(None, max_length=8)
+    parameters: dict[str, Parameter] | None = Field(None, max_length=oip.MAX_PARAMETERS)
+    inputs: list[InputTensor] = Field(min_length=1, max_length=oip.MAX_TENSORS, fail_fast=True)
+    outputs: list[OutputRequest] | None = Field(None, max_length=oip.MAX_TENSORS, fail_fast=True)
 
 
 INFER_OPENAPI = {

@@ -10,9 +10,11 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import httpx
 import pytest
 from pydantic import ValidationError
+from tritonclient.grpc import service_pb2
 
 from gateway.answers import Answer, AnswerStore, issued_at, new_request_id
 from gateway.errors import GatewayError, UnknownRequest
@@ -23,6 +25,7 @@ from gateway.process import GatewayProcess
 from gateway.routes import parse_json_body, validate_feedback
 from gateway.schemas import ClassifyJSON
 from gateway.v2_rest import InferRequest
+from kdcontract.digits import digit_png_bytes
 
 CLASSES = [str(d) for d in range(10)]
 FUTURE_ID = "ffffffffffff00000000000000000000"  # "issued" in the year 10889
@@ -199,3 +202,72 @@ def test_a_hostile_body_is_refused_at_its_first_fault(validate, body):
     with pytest.raises(GatewayError) as answered:
         parse_json_body(validate, body)
     assert answered.value.status_code == 400 and len(answered.value.message) < 300
+
+
+# -- findings 5 and 8: gRPC checks the key before it parses, and counts before it allocates ----------------
+@pytest.fixture(scope="module")
+def keyed_gateway(tiny_repo, triton, tmp_path_factory):
+    key, entry = new_key("reader", ["classify"], None, None)
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys_file.write_text(json.dumps([entry]))
+    env = {"KDSERVE_API_KEYS_FILE": str(keys_file)}
+    with GatewayProcess(tiny_repo, triton.http_url, env=env, ready_path="/readyz") as gateway:
+        yield gateway, key
+
+
+def _grpc_call(gateway, method: str, body: bytes, key: str | None) -> grpc.RpcError | bytes:
+    with grpc.insecure_channel(gateway.grpc_url) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        try:
+            return call(body, metadata=[("authorization", f"Bearer {key}")] if key else None, timeout=60)
+        except grpc.RpcError as error:
+            return error
+
+
+def test_grpc_refuses_a_call_without_a_key_before_reading_its_message(keyed_gateway):
+    gateway, _ = keyed_gateway
+    garbage = b"\xff" * 1024  # not a protobuf message: parsing it first would fail with INTERNAL
+    for method in ("ModelInfer", "ModelMetadata", "ModelReady", "ModelConfig"):
+        refused = _grpc_call(gateway, method, garbage, None)
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, (method, refused.details())
+        wrong = _grpc_call(gateway, method, garbage, "kds_wrong")
+        assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED, (method, wrong.details())
+    assert _grpc_call(gateway, "ServerLive", b"", None) == b"\x08\x01"  # health stays open: live=true
+
+
+def test_grpc_counts_inputs_and_outputs_before_running_anything(keyed_gateway):
+    gateway, key = keyed_gateway
+    image = service_pb2.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1, 1])
+    image.contents.bytes_contents.append(digit_png_bytes(1500))
+    bare = service_pb2.ModelInferRequest.InferInputTensor(name="IMAGE")
+    many_inputs = service_pb2.ModelInferRequest(model_name="student", inputs=[bare] * 100_000)
+    refused = _grpc_call(gateway, "ModelInfer", many_inputs.SerializeToString(), key)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 8 inputs" in refused.details()
+    output = service_pb2.ModelInferRequest.InferRequestedOutputTensor(name="PROBABILITIES")
+    many_outputs = service_pb2.ModelInferRequest(model_name="student", inputs=[image], outputs=[output] * 100_000)
+    refused = _grpc_call(gateway, "ModelInfer", many_outputs.SerializeToString(), key)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 8 outputs" in refused.details()
+    one = service_pb2.ModelInferRequest(model_name="student", inputs=[image], outputs=[output])
+    answer = service_pb2.ModelInferResponse.FromString(_grpc_call(gateway, "ModelInfer", one.SerializeToString(), key))
+    assert list(answer.outputs[0].shape) == [1, 10]
+
+
+def test_two_credentials_in_one_call_are_refused_over_http_and_grpc(keyed_gateway):
+    """Review: HTTP used the first Authorization header and gRPC the last; now one rule: exactly one."""
+    gateway, key = keyed_gateway
+    png = digit_png_bytes(1500)
+    twice = [("Authorization", f"Bearer {key}"), ("Authorization", "Bearer kds_other"), ("Content-Type", "image/png")]
+    resp = httpx.post(f"{gateway.url}/v1/classify?model=student", content=png, headers=twice)
+    assert resp.status_code == 401 and "send one" in resp.json()["error"]["message"]
+    with grpc.insecure_channel(gateway.grpc_url) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelMetadata")
+        request = service_pb2.ModelMetadataRequest(name="student").SerializeToString()
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, metadata=[("authorization", f"Bearer {key}"), ("authorization", f"Bearer {key}")])
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            service_pb2.ModelMetadataResponse.FromString(
+                call(request, metadata=[("authorization", f"Bearer {key}")])
+            ).name
+            == "student"
+        )
