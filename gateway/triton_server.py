@@ -9,6 +9,8 @@ nvidia-pytriton's bundled libraries and the running interpreter's libpython.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -21,12 +23,26 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.readiness import wait_until_ready
 
 log = logging.getLogger("kdserve.triton")
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # loaded before any fork
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child between fork and exec: SIGTERM it when the thread that started it ends, which
+    is how its parent's death reaches a child in a session of its own (an OOM kill, a SIGTERM without
+    cleanup). Triton shuts down on SIGTERM and takes its Python stubs with it."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 class TritonError(RuntimeError):
@@ -107,6 +123,9 @@ class EmbeddedTriton:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
+        # The kernel sends the parent-death signal when the *thread* that forked the child ends, not the
+        # process: every start and restart forks from this one thread, which lives until `stop`.
+        self._spawner: ThreadPoolExecutor | None = None
 
     @property
     def http_url(self) -> str:
@@ -150,13 +169,18 @@ class EmbeddedTriton:
         self._close_log()
         self._log = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         output = self._log or subprocess.DEVNULL
-        self._process = subprocess.Popen(
-            self.command(),
-            env=server_environment(),
+        if self._spawner is None:
+            self._spawner = ThreadPoolExecutor(1, thread_name_prefix="triton-spawner")
+        command, env, parent = self.command(), server_environment(), os.getpid()
+        self._process = self._spawner.submit(
+            subprocess.Popen,
+            command,
+            env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the terminal reaches the supervisor, which stops it cleanly
-        )
+            preexec_fn=lambda: _die_with_parent(parent),  # only prctl and getppid run there
+        ).result()
 
     @staticmethod
     def _reap_group(process: subprocess.Popen) -> None:
@@ -246,6 +270,9 @@ class EmbeddedTriton:
         if self._watcher is not None:
             self._watcher.join(timeout=5)
             self._watcher = None
+        if self._spawner is not None:  # the server is gone: its parent-death signal has nothing left to do
+            self._spawner.shutdown()
+            self._spawner = None
         self._close_log()
         shutil.rmtree(self._workdir, ignore_errors=True)
 

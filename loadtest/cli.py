@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -313,9 +314,23 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the results
     args = build_parser().parse_args(argv)
+    # SIGTERM (what `timeout`, a CI cancel or a supervisor sends) unwinds like Ctrl-C: the gateways and
+    # Tritons a command started are stopped by the same `with` blocks, and the exit status says why.
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         args.func(args)
     except (UserError, TritonError, GatewayStartError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # one line and exit code 2, as every kdserve command
         return 2
+    except KeyboardInterrupt:
+        return 128 + signal.SIGTERM if _terminated else 130
     return 0
+
+
+_terminated = False
+
+
+def _interrupted(signum: int, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt

@@ -4,11 +4,15 @@ one caller must never pin the gateway's threads, open what start-up refuses, or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -271,3 +275,53 @@ def test_two_credentials_in_one_call_are_refused_over_http_and_grpc(keyed_gatewa
             ).name
             == "student"
         )
+
+
+# -- finding 17: the embedded Triton never outlives the process that started it -----------------------------
+STARTS_TRITON = """
+import sys, time
+from pathlib import Path
+from gateway.process import free_port
+from gateway.triton_server import EmbeddedTriton, TritonPorts
+triton = EmbeddedTriton(Path(sys.argv[1]), TritonPorts(free_port(), free_port(), free_port())).start(timeout=180)
+print(triton.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _living_in_group(pgid: int) -> list[int]:
+    """The processes of group `pgid` that still run (a zombie has ended: whoever adopted it reaps it)."""
+    living = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                # /proc/<pid>/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces, so split after ")".
+                state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+                if int(group) == pgid and state != "Z":
+                    living.append(int(entry.name))
+    return living
+
+
+def _gone(pgid: int, timeout: float) -> bool:
+    """Whether process group `pgid` (tritonserver's own session: it and its Python stubs) has ended."""
+    deadline = time.monotonic() + timeout
+    while _living_in_group(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.mark.parametrize("death", [signal.SIGKILL, signal.SIGTERM])
+def test_the_embedded_triton_and_its_stubs_end_when_their_parent_dies(tiny_repo, death):
+    parent = subprocess.Popen([sys.executable, "-c", STARTS_TRITON, str(tiny_repo)], stdout=subprocess.PIPE, text=True)
+    try:
+        triton_pid = int(parent.stdout.readline())
+        assert len(_living_in_group(triton_pid)) > 1  # running, with its stubs, in a session of its own
+        parent.send_signal(death)  # an OOM kill; what `timeout`, a CI cancel or a supervisor sends
+        parent.wait(30)
+        assert _gone(triton_pid, timeout=60), "tritonserver or its stubs outlived their parent"
+    finally:
+        parent.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(triton_pid, signal.SIGKILL)
