@@ -54,7 +54,7 @@ setup: $(STAMP) $(LOCUST_STAMP) $(SYSTEM_STAMP)
 TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(max(2, len(os.sched_getaffinity(0))))')
 test: setup
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/mkdocs build --strict --quiet
+	$(VENV)/bin/mkdocs build --strict  # never --quiet: it hides the warnings strict mode counts
 	@seed=$${SEED:-$$RANDOM}; echo "test order: SEED=$$seed (make test SEED=$$seed repeats it)"; \
 	$(PY) -m pytest -q --durations=15 --randomly-seed=$$seed -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 

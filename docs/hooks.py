@@ -7,6 +7,7 @@ copy of every figure. Added here under their repository paths, so docs link to `
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mkdocs.structure.files import File, Files
@@ -19,6 +20,17 @@ INCLUDED = (
     "deploy/README.md",
     "model_repository/README.md",
 )
+
+
+# Pages that live outside docs/ link to the docs as the repository lays them out (`../docs/serving.md`,
+# right on GitHub); on the site the docs are at the root.
+REPOSITORY_LINK = re.compile(r"\]\(\.\./docs/")
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if not page.file.src_uri.startswith(("deploy/", "model_repository/")):
+        return markdown
+    return REPOSITORY_LINK.sub("](../", markdown)
 
 
 def on_files(files: Files, config) -> Files:
