@@ -261,23 +261,30 @@ class KeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method.rsplit("/", 1)[-1]
+        if method not in IMPLEMENTED:  # the generated base class would log a traceback and name its exception
+            return _refusal(grpc.StatusCode.UNIMPLEMENTED, f"kdserve does not offer {method[:64]}")
         if method not in OPEN_METHODS:
             gate: KeyGate = self.app.state.key_gate
             try:
                 gate.identify(_authorization(handler_call_details.invocation_metadata), "classify")
             except GatewayError as exc:
                 self.app.state.metrics.errors.labels(exc.kind).inc()
-                return _refusal(exc)
+                return _refusal(GRPC_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message)
         return await continuation(handler_call_details)
 
 
-def _refusal(error: GatewayError) -> grpc.RpcMethodHandler:
+def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler that refuses the call without deserialising its message."""
 
     async def refuse(_request: bytes, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(GRPC_CODES.get(error.status_code, grpc.StatusCode.INTERNAL), error.message)
+        await context.abort(code, message)
 
     return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+# The methods this service answers (the rest of the protocol's service is Triton's: shared memory,
+# repository control, statistics).
+IMPLEMENTED = frozenset(name for name in vars(InferenceService) if name[:1].isupper())
 
 
 _BACKGROUND: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,15 +73,15 @@ def test_feedback_waits_for_a_just_issued_answer_without_holding_a_thread(tmp_pa
 
 
 @pytest.fixture
-def feedback_gateway(tiny_repo, triton, tmp_path):
+def own_gateway(tiny_repo, triton, tmp_path):
     env = {"KDSERVE_ANSWERS_DIR": str(tmp_path / "answers"), "KDSERVE_DRAIN_S": "0", "KDSERVE_SHUTDOWN_GRACE_S": "5"}
     gateway = GatewayProcess(tiny_repo, triton.http_url, env=env)
     yield gateway
     gateway.stop()
 
 
-def test_feedback_from_the_future_is_refused_at_once_and_sigterm_still_stops_the_gateway(feedback_gateway):
-    gateway = feedback_gateway
+def test_feedback_from_the_future_is_refused_at_once_and_sigterm_still_stops_the_gateway(own_gateway):
+    gateway = own_gateway
     hostile = {"request_id": FUTURE_ID, "label": "0"}
     with ThreadPoolExecutor(40) as pool:
         answers = list(
@@ -156,8 +158,8 @@ def test_revoking_and_restoring_a_key_mid_request_keeps_in_flight_exact(tmp_path
 
 
 # -- finding 14: a header length Python cannot parse is a 400 ------------------------------------------------
-def test_an_inference_header_length_of_5000_digits_is_a_400(feedback_gateway):
-    resp = feedback_gateway.client.post(
+def test_an_inference_header_length_of_5000_digits_is_a_400(own_gateway):
+    resp = own_gateway.client.post(
         "/v2/models/student/infer",
         content=b"{}",
         headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "9" * 5000},
@@ -166,7 +168,7 @@ def test_an_inference_header_length_of_5000_digits_is_a_400(feedback_gateway):
     assert "Inference-Header-Content-Length" in resp.json()["error"]
     assert len(resp.text) < 1000, "the error echoes the whole header back"
     # Review: what a caller sent comes back in an error cut short.
-    unknown = feedback_gateway.client.post(
+    unknown = own_gateway.client.post(
         "/v1/classify", params={"model": "m" * 5000}, content=b"x", headers={"Content-Type": "image/png"}
     )
     assert unknown.status_code == 404 and len(unknown.text) < 1000, unknown.text[:200]
@@ -325,3 +327,35 @@ def test_the_embedded_triton_and_its_stubs_end_when_their_parent_dies(tiny_repo,
         parent.kill()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(triton_pid, signal.SIGKILL)
+
+
+# -- finding 15: a client that goes away is the client's doing: no 500, no traceback ------------------------
+def _errors_of_kind(gateway, kind: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics").text
+    found = re.search(rf'^kdserve_errors_total{{kind="{kind}"}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_leaving_mid_body_is_no_internal_error_and_logs_no_traceback(own_gateway):
+    gateway = own_gateway
+    head = (
+        b"POST /v1/classify?model=student HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 100000\r\n\r\n"
+    )
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+            client.sendall(head + b"\x89PNG\r\n\x1a\n")
+            time.sleep(0.2)  # the body has started to arrive, then the client is gone
+    with grpc.insecure_channel(gateway.grpc_url) as channel:
+        index = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")
+        with pytest.raises(grpc.RpcError) as unimplemented:
+            index(b"")
+    assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "Error" not in unimplemented.value.details() and "<class" not in unimplemented.value.details()
+    deadline = time.monotonic() + 30
+    while _errors_of_kind(gateway, "client_disconnected") < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _errors_of_kind(gateway, "client_disconnected") == 5
+    assert _errors_of_kind(gateway, "internal") == 0
+    assert "Traceback" not in gateway.log_path.read_text()
+    assert gateway.client.get("/healthz").status_code == 200
