@@ -56,6 +56,8 @@ def prepare_images(images: list[Image.Image], spec: Preprocessing) -> np.ndarray
             prepared.append(prepare(image, spec))
         except Exception as exc:  # truncated or corrupt data only shows up while decoding
             raise BadImage(f"corrupt image data: {type(exc).__name__}") from exc
+        finally:
+            image.close()  # its decoded pixels go now, not with the request: one image decoded at a time
     return np.stack(prepared)
 
 

@@ -22,7 +22,7 @@ from starlette.datastructures import State
 
 from gateway import tracing
 from gateway.answers import Answer, ShadowAnswer
-from gateway.errors import BadRequest, Overloaded, Unavailable
+from gateway.errors import BadRequest, Overloaded, PayloadTooLarge, Unavailable
 from gateway.images import open_image, prepare_images
 from gateway.service import Classifier, Outcome
 from kdcontract.manifest import Preprocessing
@@ -51,7 +51,12 @@ async def decode_files(state: State, files: list[bytes], spec: Preprocessing) ->
     """Headers checked here, pixels decoded here when tiny, else in the decode threads."""
     settings = state.settings
     opened = [open_image(f, settings.allowed_formats, settings.max_image_pixels) for f in files]
-    if sum(image.width * image.height for image in opened) <= INLINE_DECODE_PIXELS:
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels > settings.max_request_pixels:
+        raise PayloadTooLarge(
+            f"{pixels} pixels in one request ({len(opened)} images); the limit is {settings.max_request_pixels}"
+        )
+    if pixels <= INLINE_DECODE_PIXELS:
         return prepare_images(opened, spec)
     return await asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_images, opened, spec)
 

@@ -60,6 +60,9 @@ class GatewaySettings(BaseSettings):
     # Input limits, enforced before decoding.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
+    # The images of one request together: with 64 images at the per-image limit, one request could make the
+    # gateway decode 1 G pixels (16 x 4096^2 PNGs peaked it at 1.5 GB, review of 61e1da7).
+    max_request_pixels: int = Field(4096 * 4096, ge=64, description="pixels of all images in one request")
     max_images: int = Field(64, ge=1, le=MAX_IMAGES_PER_REQUEST, description="images per request")
     allowed_formats: list[str] = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]
 
@@ -139,6 +142,11 @@ class GatewaySettings(BaseSettings):
     def _consistent(self) -> GatewaySettings:
         if self.shadow_fraction > 0 and len(self.ab_weights) < 2:
             raise ValueError("shadow_fraction > 0 needs two A/B arms to mirror between")
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) must admit one image of max_image_pixels "
+                f"({self.max_image_pixels})"
+            )
         if self.admission_max_images < self.max_images:
             raise ValueError(
                 f"admission_max_images ({self.admission_max_images}) must admit one full request "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 from tritonclient.grpc import service_pb2
 
@@ -359,3 +361,21 @@ def test_a_client_leaving_mid_body_is_no_internal_error_and_logs_no_traceback(ow
     assert _errors_of_kind(gateway, "internal") == 0
     assert "Traceback" not in gateway.log_path.read_text()
     assert gateway.client.get("/healthz").status_code == 200
+
+
+# -- finding 7: decoded pixels are bounded per request, checked from the headers -----------------------------
+def _blank_png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_pixels_of_a_whole_request_are_bounded_before_anything_is_decoded(own_gateway):
+    """16 x 4096^2 PNGs (860 KB on the wire) decoded to 1.5 GB on 61e1da7: the per-image limit was the only one."""
+    big = _blank_png(4096)
+    files = [("images", (f"{i}.png", big, "image/png")) for i in range(16)]
+    refused = own_gateway.client.post("/v1/classify?model=student", files=files)
+    assert refused.status_code == 413, refused.text[:300]
+    assert "pixels in one request" in refused.json()["error"]["message"]
+    one = own_gateway.client.post("/v1/classify?model=student", content=big, headers={"Content-Type": "image/png"})
+    assert one.status_code == 200, one.text[:300]  # one image at the per-image limit is still served
