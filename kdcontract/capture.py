@@ -16,11 +16,13 @@ training run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import math
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,26 +99,40 @@ class CapturedSet:
         return int((self.labels != UNLABELLED).sum())
 
 
-def read_capture(files: Iterable[tuple[str, bytes]]) -> CapturedSet:
-    """A capture from its segment files as (name, bytes), in any order; files that are not whole
-    segments are skipped and listed in `skipped` with the reason (the reader's caller names them)."""
-    image_parts, label_map, skipped = [], {}, []
+# A segment's bytes, or a function that reads them: given functions, the reader holds one segment at a time.
+SegmentData = bytes | Callable[[], bytes]
+READ_ERRORS = (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError)
+
+
+def read_capture(files: Iterable[tuple[str, SegmentData]]) -> CapturedSet:
+    """A capture from its segment files as (name, bytes or a function reading them), in any order; files
+    that are not whole segments, or hold images of another size than the capture's first, are skipped and
+    listed in `skipped` with the reason (the reader's caller names them).
+
+    Two passes, so memory stays near the result: the first reads each segment's small arrays and checks
+    its images' declared shape against the bytes it holds (a header may declare any shape); the second
+    reads each accepted segment again and copies its images into one preallocated array. A segment given
+    as bytes is held by the caller anyway; given as a function, only one is in memory at a time."""
+    parts, label_map, skipped = [], {}, []
     class_names: list[str] | None = None
-    for name, data in sorted(files):
+    image_shape: tuple[int, ...] | None = None
+    for name, data in sorted(files, key=lambda item: item[0]):
         try:
             if name.endswith(IMAGES_SUFFIX) and Path(name).name.startswith(IMAGES_PREFIX):
-                part = _decode_images(data)
+                part = _segment_index(_bytes_of(data))
                 if class_names is not None and part["class_names"] != class_names:
                     raise ValueError(f"classes {part['class_names']} differ from the capture's {class_names}")
-                class_names = part["class_names"]
-                image_parts.append(part)
+                if image_shape is not None and part["shape"][1:] != image_shape:
+                    raise ValueError(f"images of {_size(part['shape'][1:])}, the capture's are {_size(image_shape)}")
+                class_names, image_shape = part["class_names"], part["shape"][1:]
+                parts.append((name, data, part))
             elif name.endswith(LABELS_SUFFIX) and Path(name).name.startswith(LABELS_PREFIX):
-                label_map.update(_decode_labels(data))
+                label_map.update(_decode_labels(_bytes_of(data)))
             else:
                 raise ValueError("not a capture segment (images-*.npz or labels-*.jsonl)")
-        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        except READ_ERRORS as exc:
             skipped.append((name, str(exc) or type(exc).__name__))
-    if not image_parts:
+    if not parts:
         return CapturedSet(
             np.zeros((0, 0, 0, 0), np.uint8),
             np.array([]),
@@ -125,34 +141,75 @@ def read_capture(files: Iterable[tuple[str, bytes]]) -> CapturedSet:
             class_names or [],
             skipped,
         )
+    images = np.empty((sum(part["shape"][0] for _, _, part in parts), *image_shape), np.uint8)
+    kept, at = [], 0
+    for name, data, part in parts:
+        rows = part["shape"][0]
+        try:
+            with np.load(io.BytesIO(_bytes_of(data)), allow_pickle=False) as npz:
+                images[at : at + rows] = npz["images"]
+        except (*READ_ERRORS, MemoryError) as exc:  # changed since the first pass
+            skipped.append((name, str(exc) or type(exc).__name__))
+            continue
+        kept.append(part)
+        at += rows
+    images = images[:at]
     index = {name: i for i, name in enumerate(class_names)}
-    images = np.concatenate([p["images"] for p in image_parts])
-    request_ids = np.concatenate([p["request_ids"] for p in image_parts])
-    positions = np.concatenate([p["image_index"] for p in image_parts])
+    request_ids = np.concatenate([p["request_ids"] for p in kept])
+    positions = np.concatenate([p["image_index"] for p in kept])
     labels = np.full(len(images), UNLABELLED, dtype=np.int64)
     for i, (rid, position) in enumerate(zip(request_ids, positions, strict=True)):
         given = label_map.get(str(rid))
         if given is not None and position < len(given) and given[position] in index:
             labels[i] = index[given[position]]
-    top1 = np.concatenate([p["top1"] for p in image_parts]).astype(np.int64)
+    top1 = np.concatenate([p["top1"] for p in kept]).astype(np.int64)
     return CapturedSet(images, request_ids, labels, top1, class_names, skipped)
 
 
-def _decode_images(data: bytes) -> dict:
+def _bytes_of(data: SegmentData) -> bytes:
+    return data() if callable(data) else data
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape[:2]))
+
+
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _declared_shape(archive: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    """An .npy member's shape and dtype from its header, checked against the bytes the member holds:
+    allocating what a header declares would let one file ask for terabytes."""
+    with archive.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        if version not in NPY_HEADER_READERS:
+            raise ValueError(f"{member} is in .npy format {version}, this reader reads 1.0 and 2.0")
+        shape, fortran, dtype = NPY_HEADER_READERS[version](handle)
+        header_bytes = handle.tell()
+    if fortran:
+        raise ValueError(f"{member} is stored in Fortran order")
+    expected = math.prod(shape) * dtype.itemsize
+    held = archive.getinfo(member).file_size - header_bytes
+    if held != expected:
+        raise ValueError(f"{member} declares shape {list(shape)} ({expected} bytes) but holds {held} bytes")
+    return tuple(shape), dtype
+
+
+def _segment_index(data: bytes) -> dict:
+    """An images segment's small arrays and its images' shape, without reading the images."""
     if not data:
         raise ValueError("empty file")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        shape, dtype = _declared_shape(archive, "images.npy")
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         if int(npz["format_version"]) != FORMAT_VERSION:
             raise ValueError(f"format version {int(npz['format_version'])}, this reader reads {FORMAT_VERSION}")
-        part = {key: npz[key] for key in ("images", "request_ids", "image_index", "top1")}
+        part = {key: npz[key] for key in ("request_ids", "image_index", "top1")}
         part["class_names"] = [str(c) for c in npz["class_names"]]
-    n = len(part["images"])
-    if (
-        part["images"].dtype != np.uint8
-        or part["images"].ndim != 4
-        or any(len(part[k]) != n for k in part if k != "class_names")
-    ):
+    n = shape[0] if shape else -1
+    if dtype != np.uint8 or len(shape) != 4 or any(len(part[k]) != n for k in ("request_ids", "image_index", "top1")):
         raise ValueError("inconsistent arrays")
+    part["shape"] = shape
     return part
 
 
@@ -167,10 +224,10 @@ def _decode_labels(data: bytes) -> dict[str, list[str]]:
     return found
 
 
-def directory_files(directory: Path) -> list[tuple[str, bytes]]:
-    """A local capture's files (hidden ones, being written, left out)."""
+def directory_files(directory: Path) -> list[tuple[str, Callable[[], bytes]]]:
+    """A local capture's files (hidden ones, being written, left out), each read when the reader needs it."""
     return [
-        (p.name, p.read_bytes())
+        (p.name, functools.partial(p.read_bytes))
         for p in sorted(Path(directory).iterdir())
         if p.is_file() and not p.name.startswith(".")
     ]
@@ -230,13 +287,15 @@ def capture_digest(location: str) -> str:
     return hashlib.sha256(json.dumps(capture_listing(location)).encode()).hexdigest()[:16]
 
 
-def capture_files(location: str) -> list[tuple[str, bytes]]:
-    """A capture's files as (name, bytes), from a directory or `s3://bucket/prefix`."""
+def capture_files(location: str) -> list[tuple[str, Callable[[], bytes]]]:
+    """A capture's files as (name, a function reading its bytes), from a directory or `s3://bucket/prefix`:
+    read one at a time by `read_capture` (an object is fetched once per pass)."""
     if not is_object_store(location):
         return directory_files(Path(location).expanduser())
     client = object_store_client()
     bucket, prefix = bucket_and_prefix(location)
-    return [
-        (name, client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read())
-        for name, _, _ in object_store_listing(client, location)
-    ]
+
+    def fetch(key: str) -> bytes:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    return [(name, functools.partial(fetch, prefix + name)) for name, _, _ in object_store_listing(client, location)]

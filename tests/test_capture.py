@@ -4,6 +4,7 @@ labels, and leaving only whole files when killed."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -11,6 +12,8 @@ import shutil
 import signal
 import threading
 import time
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -229,3 +232,69 @@ def test_a_student_redistilled_from_a_killed_gateways_capture_reads_every_whole_
     assert after.cascade is not None and after.cascade.metrics != before.cascade.metrics  # refitted for the new one
     assert after.models["teacher"] == before.models["teacher"]
     assert "every config matches its graph" in result.stdout  # check-repo passed on the new repository
+
+
+def _declaring(segment: bytes, shape: tuple[int, ...]) -> bytes:
+    """The segment with its images array's header rewritten to declare `shape` (the data left as it was)."""
+    source, target = zipfile.ZipFile(io.BytesIO(segment)), io.BytesIO()
+    with zipfile.ZipFile(target, "w") as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == "images.npy":
+                header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 8, 8, 3), np.uint8))
+                header["shape"] = shape
+                head = io.BytesIO()
+                np.lib.format.write_array_header_1_0(head, header)
+                data = head.getvalue() + data[len(head.getvalue()) :]
+            out.writestr(info, data)
+    return target.getvalue()
+
+
+def test_a_segment_of_another_image_size_or_declaring_a_huge_shape_is_skipped_not_fatal():
+    """Review finding 16: one segment of another image size aborted a whole re-distillation (np.concatenate
+    outside the try), and a header declaring a huge shape raised an uncaught MemoryError."""
+    small = rows("req-a", 3, seed=1)
+    large = [CapturedImage(**{**r.__dict__, "image": np.zeros((16, 16, 3), np.uint8)}) for r in rows("req-b", 2)]
+    whole = encode_images(small, CLASSES)
+    files = [
+        (segment_name("images", 1.0, "w", 1), whole),
+        (segment_name("images", 2.0, "w", 2), encode_images(large, CLASSES)),
+        (segment_name("images", 3.0, "w", 3), _declaring(whole, (10**12, 8, 8, 3))),
+        (segment_name("images", 4.0, "w", 4), encode_images(rows("req-c", 2, seed=3), CLASSES)),
+    ]
+    captured = read_capture(files)
+    assert len(captured.images) == 5 and captured.images.shape[1:] == (8, 8, 3)
+    assert captured.request_ids.tolist() == ["req-a"] * 3 + ["req-c"] * 2
+    skipped = dict(captured.skipped)
+    assert set(skipped) == {files[1][0], files[2][0]}
+    assert "16x16" in skipped[files[1][0]] and "8x8" in skipped[files[1][0]]
+    assert "declares" in skipped[files[2][0]]
+
+
+def test_segments_are_read_one_at_a_time_into_one_array():
+    """Review finding 19: every segment was held in memory at once, then copied on decode and on concatenate
+    (3-4x the capture). Given loaders, the reader holds one segment at a time beside the array it fills."""
+    count, per_segment = 16, 1000
+
+    def segment(i: int) -> bytes:
+        images = np.full((per_segment, 16, 16, 3), i, np.uint8)
+        segment_rows = [
+            CapturedImage(f"r{i}", j, images[j], "student_kd", 1, 0, np.full(10, 0.1, np.float32), 1.0)
+            for j in range(per_segment)
+        ]
+        return encode_images(segment_rows, CLASSES)
+
+    one_segment = len(segment(0))
+    files = [(segment_name("images", float(i + 1), "w", i), functools.partial(segment, i)) for i in range(count)]
+    tracemalloc.start()
+    try:
+        captured = read_capture(files)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(captured.images) == count * per_segment
+    assert [int(captured.images[i * per_segment, 0, 0, 0]) for i in range(count)] == list(range(count))
+    result = captured.images.nbytes
+    # Beside the result: the segment being read, its images array, and this test's own making of it (~4
+    # segments). Before: every segment, every decoded part and the concatenation (~3x the result).
+    assert peak < result + 8 * one_segment, f"peak {peak / 2**20:.1f} MiB for a {result / 2**20:.1f} MiB capture"
