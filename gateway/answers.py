@@ -10,7 +10,8 @@ Bounded everywhere:
 - memory: answers wait in a queue of `queue_size` records for the writer (a background task; file
   writes never run on the request path); when it is full the answer is dropped and counted;
 - disk: records live in buckets of `ttl_s / BUCKETS` seconds, a bucket older than `ttl_s` is removed
-  whole, and past `max_records` the oldest buckets go first.
+  whole, and past `max_records` the oldest buckets go first; at `max_records` (the newest bucket, being
+  written, is never removed) the writer keeps no more until the sweep has made room, and counts the drop.
 
 A record is written whole or not at all (a temporary file renamed into place). The primary arm's answer
 is written as soon as the response is sent; the shadow's, when the shadow has answered, into a file of
@@ -129,6 +130,8 @@ class AnswerStore:
         self.queue: asyncio.Queue[tuple[str, Answer | ShadowAnswer]] = asyncio.Queue(queue_size)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.on_late_pair: LatePair | None = None
+        self.on_dropped: Callable[[int], None] | None = None  # records not kept: the store was at its cap
+        self._records = self._count()  # on the volume, as of the last sweep, plus what this writer added
         # A thread of its own: in the shared default pool, feedback waiting for a just-answered request's
         # record could hold every thread while that record waits for one.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="answers")
@@ -165,13 +168,21 @@ class AnswerStore:
             await asyncio.sleep(0.01)
 
     def write(self, batch: list[tuple[str, Answer | ShadowAnswer]]) -> None:
+        dropped = 0
         for request_id, answer in batch:
+            if not isinstance(answer, ShadowAnswer):
+                if self._records >= self.max_records:
+                    dropped += 1
+                    continue
+                self._records += 1
             try:
                 self._write_one(request_id, answer)
             except OSError:
                 raise  # the volume: the batch's other records will not fare better
             except Exception:  # one record's pairing must not cost the batch
                 log.exception("keeping the A/B answer of request %s failed", request_id)
+        if dropped and self.on_dropped is not None:
+            self.on_dropped(dropped)
 
     def _write_one(self, request_id: str, answer: Answer | ShadowAnswer) -> None:
         shadow = isinstance(answer, ShadowAnswer)
@@ -213,7 +224,11 @@ class AnswerStore:
             shutil.rmtree(path, ignore_errors=True)
             total -= count
             removed += 1
+        self._records = total
         return removed
+
+    def _count(self) -> int:
+        return sum(_records_in(path) for _, path in self._buckets())
 
     # -- the feedback path (called in a thread) ------------------------------------------------------
     def find(self, request_id: str) -> Found | None:

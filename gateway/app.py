@@ -105,6 +105,7 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
             app.state.answers = AnswerStore(
                 settings.answers_dir, settings.answers_ttl_s, settings.answers_max_records, settings.answers_queue
             )
+            app.state.answers.on_dropped = metrics.answers_dropped.inc
             app.state.feedback = FeedbackJoin(app.state.answers, app.state.classifier.class_names, metrics)
             answers_task = asyncio.create_task(app.state.answers.run())
         app.state.capture, capture_task = None, None

@@ -20,8 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.ab import ABRouter
 from gateway.errors import GatewayError
-from gateway.files import write_whole
-from gateway.manifest_follow import file_stamp
+from gateway.files import file_stamp, write_whole
 from gateway.settings import GatewaySettings
 from kdcontract.manifest import Manifest
 from kdcontract.names import AUTO, DEFAULT_AB_WEIGHTS, STUDENT, TEACHER, callable_names

@@ -10,6 +10,10 @@ import os
 import tempfile
 from pathlib import Path
 
+# Owner read-write, group read: replicas and the controller share a group (fsGroup in Kubernetes); what
+# people sent (answers, labels, captured images) is nobody else's to read on a shared volume.
+FILE_MODE = 0o640
+
 
 def _aside(path: Path, content: str | bytes, durable: bool) -> str:
     """`content` in a temporary file beside `path` (same file system, so it can be renamed or linked there)."""
@@ -20,11 +24,22 @@ def _aside(path: Path, content: str | bytes, durable: bool) -> str:
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return tmp
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of a followed file, or None when it does not exist: a change is a new stamp.
+    The inode too: files here are replaced whole (a rename, a Secret's symlink swap), and two same-size
+    writes within one clock tick share their modification time."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def write_whole(path: Path, content: str | bytes, durable: bool = False) -> None:
@@ -45,7 +60,9 @@ def create_once(path: Path, text: str) -> bool:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        return False
+        # Over NFS a retransmitted LINK can answer "exists" to the caller whose first LINK made it: then
+        # the temporary file has two names, and this caller won.
+        return os.stat(tmp).st_nlink == 2
     finally:
         Path(tmp).unlink(missing_ok=True)
     return True

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from starlette.requests import Request
 
 from gateway.errors import GatewayError, error_response
+from gateway.files import file_stamp
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("kdserve.gateway")
@@ -139,7 +140,7 @@ class KeyGate:
         if admin_token_sha256 is not None:
             self._configured.append(ApiKey(id=ADMIN_TOKEN_ID, sha256=admin_token_sha256, scopes=["admin"]))
         self.allow_anonymous, self.host = allow_anonymous, host
-        self._file_state: tuple[float, int, int] | None = None
+        self._file_state: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
         self._keys: list[ApiKey] = []
@@ -154,7 +155,7 @@ class KeyGate:
         if self.keys_file is None:
             return []
         try:
-            self._file_state = _file_state(self.keys_file)
+            self._file_state = file_stamp(self.keys_file)
             return read_keys(self.keys_file.read_bytes(), str(self.keys_file))
         except OSError as exc:
             raise GatewayError(f"the API keys file {self.keys_file} cannot be read ({exc.strerror})") from exc
@@ -183,7 +184,7 @@ class KeyGate:
             return
         self._checked = now
         try:
-            if _file_state(self.keys_file) == self._file_state:
+            if file_stamp(self.keys_file) == self._file_state:
                 return
             self._load(self._read_file())
         except GatewayError as exc:
@@ -312,13 +313,6 @@ def credential(values: list[str]) -> str | None:
 
 def _classify_open(keys: list[ApiKey]) -> bool:
     return not any("classify" in k.scopes for k in keys)
-
-
-def _file_state(path: Path) -> tuple[float, int, int]:
-    """What tells a rewritten file: its inode too, since a Secret rotation replaces the file (a symlink
-    swap) and two same-size writes within one clock tick share a modification time."""
-    stat = path.stat()
-    return stat.st_mtime, stat.st_size, stat.st_ino
 
 
 def read_keys(text: bytes | str, source: str) -> list[ApiKey]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 from fastapi import FastAPI
 
 from gateway.errors import GatewayError
+from gateway.files import file_stamp
 from gateway.service import Classifier
 from gateway.settings import GatewaySettings
 from kdcontract.manifest import MANIFEST_NAME, Manifest, SchemaMismatch, read_manifest
@@ -43,15 +43,6 @@ def check_against_manifest(settings: GatewaySettings, manifest: Manifest) -> Non
         raise GatewayError(f"fusion_weights names models that are not ensemble variants: {sorted(unknown_members)}")
     if variants and settings.ensemble_quorum > len(variants):
         raise GatewayError(f"ensemble_quorum {settings.ensemble_quorum} exceeds the {len(variants)} served variants")
-
-
-def file_stamp(path: Path) -> tuple[int, int] | None:
-    """(mtime, size) of a followed file, or None when it does not exist: a change is a new stamp."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size
 
 
 class ManifestFollower:

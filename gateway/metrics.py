@@ -101,7 +101,7 @@ class GatewayMetrics:
         )
         self.answers_dropped = Counter(
             "kdserve_answers_dropped_total",
-            "A/B answers not kept for feedback: the writer's queue was full",
+            "A/B answers not kept for feedback: the writer's queue was full, or the store at its record cap",
             registry=r,
         )
         self.capture_images = Counter("kdserve_capture_images_total", "Images written to the capture", registry=r)

@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.experiment import HISTORY, Experiment, RolloutEvent, RolloutState, read_experiment, write_experiment
 from gateway.figures import Counts, minus
+from gateway.files import file_stamp
 from gateway.gates import StepVerdict, judge
-from gateway.manifest_follow import file_stamp
 
 log = logging.getLogger("kdserve.rollout")
 

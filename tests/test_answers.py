@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from gateway.answers import LABEL_SUFFIX, Answer, AnswerStore, ShadowAnswer, issued_at, new_request_id
 from gateway.feedback import FeedbackItem, FeedbackJoin
+from gateway.files import create_once, file_stamp, write_whole
 from gateway.metrics import GatewayMetrics
 
 
@@ -40,11 +42,13 @@ def test_an_answer_written_by_one_replica_is_found_and_claimed_once_by_any(tmp_p
 
 
 def test_buckets_past_the_retention_go_and_the_cap_removes_the_oldest_first(tmp_path):
-    store = AnswerStore(tmp_path, ttl_s=60, max_records=100, queue_size=10)
+    # Written under a cap of 1,000 (by replicas with that setting), swept by one restarted with a cap of 100.
+    writer = AnswerStore(tmp_path, ttl_s=60, max_records=1000, queue_size=10)
     now = time.time()
-    store.write([(f"old-{i}", answer(now - 200)) for i in range(5)])
-    store.write([(f"mid-{i}", answer(now - 30)) for i in range(80)])
-    store.write([(f"new-{i}", answer(now)) for i in range(80)])
+    writer.write([(f"old-{i}", answer(now - 200)) for i in range(5)])
+    writer.write([(f"mid-{i}", answer(now - 30)) for i in range(80)])
+    writer.write([(f"new-{i}", answer(now)) for i in range(80)])
+    store = AnswerStore(tmp_path, ttl_s=60, max_records=100, queue_size=10)
     assert store.find("old-0") is not None
     store.sweep(now)
     assert store.find("old-0") is None, "an answer older than the retention survived the sweep"
@@ -116,3 +120,57 @@ def test_a_claimed_label_is_never_seen_empty_and_one_bad_record_costs_no_other(t
     other = Answer(arm="teacher", model="teacher", version=1, top1=[1], at=now)
     store.write([("r", ShadowAnswer([3], now)), ("next", other)])
     assert store.find("next") is not None, "the record after a failing one was lost"
+
+
+def test_answers_and_labels_are_readable_by_the_gateways_group_only(tmp_path):
+    """Review finding 18: records of what people sent (answers, labels, capture segments) were written 0o644
+    on a shared volume. Now owner read-write, group read (the replicas share a group), others nothing."""
+    store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
+    store.write([("req-1", answer(time.time()))])
+    assert AnswerStore.claim(store.find("req-1"), LABEL_SUFFIX, "3")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 2
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o640)}
+
+
+def test_the_record_cap_is_hard_even_within_the_newest_bucket(tmp_path):
+    """Review finding 20: the sweep never removes the newest bucket, so max_records was no cap while one
+    bucket filled up. Past the cap the writer keeps no more records, and says how many it dropped."""
+    store = AnswerStore(tmp_path, ttl_s=600, max_records=5, queue_size=10)
+    dropped = []
+    store.on_dropped = dropped.append
+    now = time.time()
+    store.write([(f"req-{i}", answer(now)) for i in range(8)])
+    store.sweep()
+    assert sum(1 for _ in tmp_path.rglob("*.json")) == 5 and sum(dropped) == 3
+    assert store.find("req-4") is not None and store.find("req-5") is None
+    # A second store on the same volume (another replica) sees the records already there.
+    other = AnswerStore(tmp_path, ttl_s=600, max_records=5, queue_size=10)
+    other.on_dropped = dropped.append
+    other.write([("req-9", answer(now))])
+    assert other.find("req-9") is None and sum(dropped) == 4
+
+
+def test_a_file_replaced_by_one_of_the_same_size_within_one_clock_tick_is_a_new_stamp(tmp_path):
+    """Review finding 20: the followed files' stamp was (mtime, size); a replacement is a new inode."""
+    path = tmp_path / "manifest.json"
+    write_whole(path, '{"v": 1}')
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    before = file_stamp(path)
+    write_whole(path, '{"v": 2}')
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    assert file_stamp(path) != before
+
+
+def test_a_claim_whose_link_was_made_but_answered_exists_is_still_won(tmp_path, monkeypatch):
+    """Review (NFS): a retransmitted LINK may answer "exists" to the caller whose first LINK made it."""
+    real_link = os.link
+
+    def link_then_exists(source, target):
+        real_link(source, target)
+        raise FileExistsError(target)
+
+    monkeypatch.setattr(os, "link", link_then_exists)
+    assert create_once(tmp_path / "claim", "3")
+    monkeypatch.setattr(os, "link", real_link)
+    assert not create_once(tmp_path / "claim", "4") and (tmp_path / "claim").read_text() == "3"
