@@ -9,8 +9,6 @@ nvidia-pytriton's bundled libraries and the running interpreter's libpython.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
@@ -32,17 +30,17 @@ from gateway.readiness import wait_until_ready
 log = logging.getLogger("kdserve.triton")
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # loaded before any fork
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the child between fork and exec: SIGTERM it when the thread that started it ends, which
-    is how its parent's death reaches a child in a session of its own (an OOM kill, a SIGTERM without
-    cleanup). Triton shuts down on SIGTERM and takes its Python stubs with it."""
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
+def die_with_parent() -> list[str]:
+    """A command prefix that has the kernel SIGTERM the child when the thread that started it ends: how a
+    parent's death (an OOM kill, a SIGTERM with no cleanup) reaches a child in a session of its own.
+    Triton shuts down on SIGTERM and takes its Python stubs with it. util-linux's `setpriv` arms it and
+    execs the server (a `preexec_fn` doing the same can deadlock the forked child of a threaded parent);
+    without it (not Linux), the server is started as it is."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv (util-linux) not found: tritonserver would outlive a killed gateway")
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"]
 
 
 class TritonError(RuntimeError):
@@ -171,15 +169,13 @@ class EmbeddedTriton:
         output = self._log or subprocess.DEVNULL
         if self._spawner is None:
             self._spawner = ThreadPoolExecutor(1, thread_name_prefix="triton-spawner")
-        command, env, parent = self.command(), server_environment(), os.getpid()
         self._process = self._spawner.submit(
             subprocess.Popen,
-            command,
-            env=env,
+            [*die_with_parent(), *self.command()],
+            env=server_environment(),
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the terminal reaches the supervisor, which stops it cleanly
-            preexec_fn=lambda: _die_with_parent(parent),  # only prctl and getppid run there
         ).result()
 
     @staticmethod
