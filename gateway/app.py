@@ -15,12 +15,13 @@ from gateway import tracing
 from gateway.ab import ABStats
 from gateway.admission import AdmissionControl
 from gateway.answers import AnswerStore
+from gateway.api_pages import add_api_pages
 from gateway.capture import Capture, LocalSink, ObjectStoreSink
 from gateway.errors import GatewayError, error_kinds, install_error_handlers
 from gateway.experiment import start_experiment
 from gateway.feedback import FeedbackJoin
 from gateway.figures import LocalStep
-from gateway.keys import KeyGate, KeyMiddleware
+from gateway.keys import KeyGate, KeyMiddleware, requires
 from gateway.manifest_follow import ManifestFollower, check_against_manifest
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RequestObserver
@@ -158,6 +159,11 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
         description="Classify images with a distilled student, its teacher or an ensemble served by Triton; "
         "A/B and shadow traffic between teacher and student; Prometheus metrics.",
         lifespan=lifespan,
+        # The API's description and pages are routes of ours (below): each declares its access, and the
+        # pages load their scripts from the gateway, not a CDN (an air-gapped cluster gets a working page).
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings, app.state.metrics = settings, metrics  # the manifest lives in app.state.classifier
     app.state.ab_stats = ABStats([], settings.ab_window)
@@ -173,13 +179,17 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
     page = (Path(__file__).parent / "static" / "index.html").read_bytes()
 
     @app.get("/", include_in_schema=False)
+    @requires(None)
     async def web_page() -> Response:
         """Draw a digit or drop a photo; the served models side by side (plain HTML/JS)."""
         return Response(page, media_type="text/html; charset=utf-8")
 
     @app.get("/metrics", include_in_schema=False)
+    @requires(None)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    add_api_pages(app)
 
     app.include_router(router)
     app.include_router(v2_router)

@@ -27,13 +27,15 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from starlette.requests import Request
+from starlette.routing import Match
 
 from gateway.errors import GatewayError, error_response
 from gateway.files import file_stamp
@@ -41,6 +43,7 @@ from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("kdserve.gateway")
 Scope = Literal["classify", "admin"]
+T = TypeVar("T")
 ANONYMOUS, INVALID = "anonymous", "invalid"  # the key label for no key, and for a key that is not configured
 ADMIN_TOKEN_ID = "admin-token"  # KDSERVE_ADMIN_TOKEN_SHA256, kept working as an admin key
 FILE_CHECK_S = 1.0  # how often the keys file's modification time is looked at, at most
@@ -334,48 +337,95 @@ def new_key(key_id: str, scopes: list[str], rate_per_s: float | None, max_in_fli
     return key, json.loads(entry.model_dump_json(exclude_none=True, exclude_defaults=False))
 
 
-# Routes anyone may reach: probes, metrics, the web page's HTML and the API's description.
-OPEN_PATHS = frozenset(
-    {
-        "/",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/docs",
-        "/redoc",
-        "/openapi.json",
-        "/v2",
-        "/v2/health/live",
-        "/v2/health/ready",
-    }
-)
-ADMIN_ROUTES = frozenset({("PUT", "/v1/experiment")})
+@dataclass(frozen=True)
+class Access:
+    """Who may call an endpoint: a key with `scope`, or anyone (None)."""
+
+    scope: Scope | None
 
 
-def scope_of(method: str, path: str) -> Scope | None:
-    if path in OPEN_PATHS or path.startswith("/docs/"):
-        return None
-    return "admin" if (method, path) in ADMIN_ROUTES else "classify"
+def requires(scope: Scope | None) -> Callable[[T], T]:
+    """Declares, where an endpoint is defined, the scope a caller's key needs (None: open to anyone, for
+    probes, metrics and the pages). An endpoint without a declaration is refused to everyone: a new admin
+    route can no longer become a classify route by being left out of a table elsewhere."""
+
+    def declare(endpoint: T) -> T:
+        endpoint.kdserve_access = Access(scope)  # type: ignore[attr-defined]
+        return endpoint
+
+    return declare
+
+
+def declared_scope(route: object) -> Access | None:
+    """The access a route (or a mounted app, or a gRPC method) declared; None when it declared none."""
+    target = getattr(route, "endpoint", None) or getattr(route, "app", None) or route
+    return getattr(target, "kdserve_access", None)
+
+
+def served_routes(routes: list) -> Iterator:
+    """Every route a router dispatches to, in its order. FastAPI keeps an included router as one entry
+    (`original_router`); its routes already carry the router's own prefix, and the gateway includes
+    routers with no prefix of their own (an include prefix would change the paths matched here)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is None:
+            yield route
+            continue
+        prefix = getattr(getattr(route, "include_context", None), "prefix", "")
+        if prefix:
+            raise GatewayError(f"a router included with prefix {prefix!r}: declare the prefix on the APIRouter")
+        yield from served_routes(included.routes)
+
+
+UNDECLARED = Access("admin")  # stands for "refuse": see KeyMiddleware
+UNMATCHED = Access("classify")  # no route: a caller without a key learns nothing, not even a 404
+ROUTE_CACHE_SIZE = 4096  # (method, path) pairs whose route is remembered; paths are the caller's choice
 
 
 class KeyMiddleware:
-    """Every HTTP request checked against the key gate before routing (plain ASGI, like the observer);
-    a refusal is answered in the route's error shape and counted like any error."""
+    """Every HTTP request checked against the key gate before it is handled (plain ASGI, like the
+    observer): the route is matched as the router will match it, and its declared scope applies. A
+    refusal is answered in the route's error shape and counted like any error."""
 
     def __init__(self, app, gate: KeyGate, on_error) -> None:
         self.app, self.gate, self.on_error = app, gate, on_error
+        self._access: dict[tuple[str, str], Access] = {}
+
+    def access(self, scope) -> Access:
+        """The declared access of the route the router will choose: a full match first, else the first
+        partial one (another method: 405), else none."""
+        known = self._access.get((scope["method"], scope["path"]))
+        if known is not None:
+            return known
+        chosen = None
+        for route in served_routes(scope["app"].router.routes):
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                chosen = route
+                break
+            if match == Match.PARTIAL and chosen is None:
+                chosen = route
+        access = UNMATCHED if chosen is None else declared_scope(chosen) or UNDECLARED
+        if access is UNDECLARED:
+            log.error("route %s %s declares no scope: refused to everyone", scope["method"], scope["path"])
+        if len(self._access) >= ROUTE_CACHE_SIZE:
+            self._access.clear()
+        self._access[(scope["method"], scope["path"])] = access
+        return access
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        access = scope_of(scope["method"], scope["path"])
-        if access is None:
+        access = self.access(scope)
+        if access.scope is None:
             await self.app(scope, receive, send)
             return
         try:
+            if access is UNDECLARED:
+                raise Forbidden(f"route {scope['path'][:64]} declares no scope: refused (see gateway.keys.requires)")
             authorization = credential([v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"])
-            admitted = self.gate.admit(authorization, access)
+            admitted = self.gate.admit(authorization, access.scope)
             admitted.__enter__()
         except GatewayError as exc:
             self.on_error(exc.kind)

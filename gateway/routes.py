@@ -36,6 +36,7 @@ from gateway.experiment import (
 from gateway.feedback import MAX_ITEMS, FeedbackBatch, FeedbackItem, FeedbackResult
 from gateway.gates import arm_statistics, judge
 from gateway.inference import classify_request
+from gateway.keys import requires
 from gateway.schemas import (
     ClassifyJSON,
     ClassifyResponse,
@@ -199,6 +200,7 @@ async def parse_classify_request(request: Request, model: str, top_k: int) -> tu
     openapi_extra=CLASSIFY_OPENAPI,
     summary="Classify one or more images",
 )
+@requires("classify")
 async def classify(request: Request) -> Response:
     start = time.perf_counter()
     state = request.app.state
@@ -245,6 +247,7 @@ async def classify(request: Request) -> Response:
 
 
 @router.get("/v1/models", response_model=ModelsResponse, summary="Served models and their readiness")
+@requires("classify")
 async def models(request: Request) -> ModelsResponse:
     classifier: Classifier = request.app.state.classifier
     manifest = classifier.manifest
@@ -272,6 +275,7 @@ async def models(request: Request) -> ModelsResponse:
 
 
 @router.get("/healthz", summary="The gateway process is alive")
+@requires(None)
 async def healthz() -> dict:
     return {"status": "ok"}
 
@@ -281,6 +285,7 @@ async def healthz() -> dict:
     summary="Triton is ready and every model the routes need is READY",
     responses={503: {"description": "not ready; the body says what is missing"}},
 )
+@requires(None)
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     reason, missing = await not_ready(state)
@@ -309,6 +314,7 @@ async def not_ready(state) -> tuple[str | None, list[str]]:
 
 
 @router.get("/v1/ab/summary", summary="Per A/B arm: count, latency percentiles, shadow agreement")
+@requires("classify")
 async def ab_summary(request: Request) -> dict:
     return {"weights": request.app.state.experiment.weights, "arms": request.app.state.ab_stats.summary()}
 
@@ -317,6 +323,7 @@ EXPERIMENT_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 
 
 
 @router.get("/v1/experiment", response_model=ExperimentResponse, summary="The A/B experiment this gateway runs")
+@requires("classify")
 async def get_experiment(request: Request) -> ExperimentResponse:
     return _experiment_response(request)
 
@@ -328,6 +335,7 @@ async def get_experiment(request: Request) -> ExperimentResponse:
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": inline_schema(Experiment)}}}},
     summary="Change the A/B experiment (admin): every replica following its file takes it up",
 )
+@requires("admin")
 async def put_experiment(request: Request) -> ExperimentResponse:
     state = request.app.state
     body = await read_body_limited(request, 64 * 1024)
@@ -378,6 +386,7 @@ FEEDBACK_BODY = {
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FEEDBACK_BODY}}}},
     summary="Ground truth for A/B requests: joined to what each arm (and the shadow) answered",
 )
+@requires("classify")
 async def feedback(request: Request) -> Response:
     """One item: 200, or its error (404 unknown id, 410 expired, 409 already counted, 422 not a class).
     A list: 200 with one result per item, each with the status it would have had alone."""

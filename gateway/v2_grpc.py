@@ -25,7 +25,7 @@ from gateway import oip, tracing
 from gateway.answers import new_request_id
 from gateway.errors import BadRequest, GatewayError
 from gateway.inference import classify_request, describe
-from gateway.keys import KeyGate, Scope, credential
+from gateway.keys import KeyGate, Scope, credential, declared_scope, requires
 from gateway.observe import CLIENT_ID
 from gateway.routes import not_ready
 
@@ -99,13 +99,16 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         gate: KeyGate = self.state.key_gate
         return gate.admit(_authorization(context.invocation_metadata()), scope)
 
+    @requires(None)
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
 
+    @requires(None)
     async def ServerReady(self, request, context):
         reason, _ = await not_ready(self.state)
         return service_pb2.ServerReadyResponse(ready=reason is None)
 
+    @requires(None)
     async def ServerMetadata(self, request, context):
         return service_pb2.ServerMetadataResponse(
             name=oip.SERVER_NAME, version=oip.SERVER_VERSION, extensions=oip.EXTENSIONS
@@ -122,6 +125,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         except GatewayError as exc:
             await self._abort(context, exc)
 
+    @requires("classify")
     async def ModelMetadata(self, request, context):
         async def metadata(classifier):
             return oip.metadata(classifier, request.name)
@@ -136,6 +140,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(**t) for t in meta["outputs"]],
         )
 
+    @requires("classify")
     async def ModelConfig(self, request, context):
         async def config(classifier):
             return oip.config(classifier, request.name, self.state.settings.max_images)
@@ -158,6 +163,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
         )
 
+    @requires("classify")
     async def ModelReady(self, request, context):
         async def ready(classifier):
             return await oip.model_ready(classifier, request.name, self.state.experiment.weights)
@@ -166,6 +172,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             ready=await self._about_model(context, request.name, request.version, ready)
         )
 
+    @requires("classify")
     async def ModelInfer(self, request, context):
         start = time.perf_counter()
         state = self.state
@@ -247,26 +254,25 @@ def _authorization(metadata) -> str | None:
     return credential([value for key, value in metadata or () if key == "authorization"])
 
 
-# Methods anyone may call, as HTTP's health routes; every other method needs a key with the classify scope.
-OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
-
-
 class KeyInterceptor(grpc.aio.ServerInterceptor):
     """The caller's key checked from the call's metadata before its message is read: a call without a
-    valid key is refused before grpcio parses up to 8 MiB of protobuf for it. The method's handler checks
-    the key again when it takes the key's quota (a hash and a compare: microseconds)."""
+    valid key is refused before grpcio parses up to 8 MiB of protobuf for it. Each method declares its
+    scope where it is defined (`requires`), as the HTTP routes do; a method that declares none is not
+    one kdserve offers (the protocol's shared memory, repository control, statistics: Triton's). The
+    method's handler checks the key again when it takes the key's quota (a hash and a compare)."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        if method not in IMPLEMENTED:  # the generated base class would log a traceback and name its exception
+        access = declared_scope(vars(InferenceService).get(method))
+        if access is None:  # the generated base class would log a traceback and name its exception
             return _refusal(grpc.StatusCode.UNIMPLEMENTED, f"kdserve does not offer {method[:64]}")
-        if method not in OPEN_METHODS:
+        if access.scope is not None:
             gate: KeyGate = self.app.state.key_gate
             try:
-                gate.identify(_authorization(handler_call_details.invocation_metadata), "classify")
+                gate.identify(_authorization(handler_call_details.invocation_metadata), access.scope)
             except GatewayError as exc:
                 self.app.state.metrics.errors.labels(exc.kind).inc()
                 return _refusal(GRPC_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message)
@@ -280,11 +286,6 @@ def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
         await context.abort(code, message)
 
     return grpc.unary_unary_rpc_method_handler(refuse)
-
-
-# The methods this service answers (the rest of the protocol's service is Triton's: shared memory,
-# repository control, statistics).
-IMPLEMENTED = frozenset(name for name in vars(InferenceService) if name[:1].isupper())
 
 
 _BACKGROUND: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones

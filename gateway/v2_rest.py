@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 from gateway import oip, tracing
 from gateway.errors import BadRequest, UnsupportedMediaType, echo
 from gateway.inference import classify_request, describe
+from gateway.keys import requires
 from gateway.routes import not_ready, parse_json_body, read_body_limited, trace_carrier
 from gateway.schemas import inline_schema
 from gateway.service import Classifier
@@ -78,6 +79,7 @@ def _classifier(request: Request) -> Classifier:
 
 
 @router.get("", summary="Server metadata")
+@requires(None)
 async def server_metadata() -> dict:
     return {"name": oip.SERVER_NAME, "version": oip.SERVER_VERSION, "extensions": oip.EXTENSIONS}
 
@@ -86,11 +88,13 @@ NO_BODY = {"response_class": Response, "responses": {400: {"description": "false
 
 
 @router.get("/health/live", summary="The gateway is live (200)", **NO_BODY)
+@requires(None)
 async def live() -> Response:
     return Response(status_code=200)
 
 
 @router.get("/health/ready", summary="Ready (200) or not (400, as the protocol defines)", **NO_BODY)
+@requires(None)
 async def ready(request: Request) -> Response:
     reason, _ = await not_ready(request.app.state)
     return Response(status_code=200 if reason is None else 400)
@@ -104,6 +108,7 @@ def _model_routes(suffix: str):
     OpenAPI document by hand."""
 
     def register(handler):
+        requires("classify")(handler)  # every model route: metadata, config, readiness and inference
         for versioned in (False, True):
             path = "/models/{name}" + ("/versions/{version}" if versioned else "") + suffix
             parameters = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]

@@ -379,3 +379,47 @@ def test_the_pixels_of_a_whole_request_are_bounded_before_anything_is_decoded(ow
     assert "pixels in one request" in refused.json()["error"]["message"]
     one = own_gateway.client.post("/v1/classify?model=student", content=big, headers={"Content-Type": "image/png"})
     assert one.status_code == 200, one.text[:300]  # one image at the per-image limit is still served
+
+
+# -- finding 12: every route declares its scope where it is defined; a route without one is refused ----------
+@pytest.fixture
+def app_without_lifespan(tiny_repo):
+    """The gateway's app, routed and keyed but not started (no Triton): what the key check sees."""
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    return create_app(GatewaySettings(repo=tiny_repo, grpc_port=0))
+
+
+def test_every_route_the_gateway_serves_declares_the_scope_it_needs(app_without_lifespan):
+    from gateway.keys import declared_scope, served_routes
+
+    routes = list(served_routes(app_without_lifespan.routes))
+    assert len(routes) > 20
+    undeclared = [getattr(route, "path", route) for route in routes if not declared_scope(route)]
+    assert not undeclared, f"routes without a declared scope: {undeclared}"
+    scopes = {route.path: declared_scope(route).scope for route in routes}
+    assert scopes["/v1/experiment"] in ("classify", "admin") and scopes["/healthz"] is None
+
+
+def test_a_route_added_without_a_scope_is_refused_not_open(app_without_lifespan):
+    from fastapi.testclient import TestClient
+
+    @app_without_lifespan.put("/v1/new-admin-thing")
+    async def new_admin_thing() -> dict:
+        return {"changed": True}
+
+    client = TestClient(app_without_lifespan)  # not entered: no lifespan, nothing else starts
+    refused = client.put("/v1/new-admin-thing")
+    assert refused.status_code == 403, refused.text
+    assert "declares no scope" in refused.json()["error"]["message"]
+
+
+# -- finding 22: the API page works without the internet --------------------------------------------------
+def test_the_api_page_loads_its_assets_from_the_gateway(own_gateway):
+    page = own_gateway.client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert assets and not [a for a in assets if "://" in a], f"assets from elsewhere: {assets}"
+    for asset in assets:
+        assert own_gateway.client.get(asset).status_code == 200, asset
