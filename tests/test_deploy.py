@@ -608,3 +608,47 @@ def test_the_gateway_reads_its_api_keys_from_a_mounted_secret(kustomization):
     assert compose["services"]["gateway"]["environment"]["KDSERVE_API_KEYS_FILE"] == "/run/secrets/kdserve-api-keys"
     assert compose["services"]["gateway"]["secrets"] == ["kdserve-api-keys"]
     assert "kdserve-api-keys" in compose["secrets"]
+
+
+MIRROR_SCRIPT = ROOT / "deploy" / "podman" / "debian-mirror.sh"
+
+
+@pytest.mark.parametrize(
+    ("files", "env", "expected"),
+    [
+        (
+            {
+                "sources.list.d/debian.sources": "Types: deb\nURIs: http://mirror.example.internal/debian/\n"
+                "Suites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\n"
+                "URIs: http://mirror.example.internal/debian-security\nSuites: bookworm-security\n",
+                "sources.list.d/vendor.sources": "Types: deb\nURIs: https://vendor.example/apt\nSuites: stable\n",
+            },
+            {},
+            "http://mirror.example.internal/debian",
+        ),
+        (
+            {"sources.list": "# a comment\ndeb [arch=amd64 signed-by=/k.gpg] http://proxy:3142/debian bookworm main\n"},
+            {},
+            "http://proxy:3142/debian",
+        ),
+        ({}, {}, "http://deb.debian.org/debian"),
+        (
+            {"sources.list": "deb http://proxy:3142/debian bookworm main\n"},
+            {"DEBIAN_MIRROR": "file:///srv/m"},
+            "file:///srv/m",
+        ),
+    ],
+    ids=["deb822-local-mirror", "one-line-behind-a-proxy", "nothing-configured", "said-explicitly"],
+)
+def test_the_image_base_comes_from_the_mirror_apt_uses(tmp_path, files, env, expected):
+    """Review finding 22: image.sh hard-coded deb.debian.org for debootstrap; it now follows apt's sources."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    clean = {k: v for k, v in os.environ.items() if k != "DEBIAN_MIRROR"}
+    found = subprocess.run(
+        ["bash", str(MIRROR_SCRIPT)], env=clean | {"APT_ETC": str(tmp_path)} | env, capture_output=True, text=True
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == expected
+    assert '"$mirror"' in (ROOT / "deploy" / "podman" / "image.sh").read_text()  # and the build uses it

@@ -2,7 +2,7 @@
 # Build the gateway image with podman from deploy/docker/gateway.Dockerfile and print its name.
 #
 # No container registry is reachable from the project's machines, so the Dockerfile's base (an official
-# python image elsewhere) is made here: Debian bookworm from Debian's own mirror with debootstrap, with
+# python image elsewhere) is made here: Debian bookworm with debootstrap, from the mirror apt uses here, with
 # python3.11, its venv module (and python3-distutils, which debootstrap does not resolve for it) and
 # libpython (Triton's Python-backend stub links it), imported under a
 # local name and handed to the Dockerfile's PYTHON_IMAGE argument. Users with a registry keep building
@@ -16,8 +16,10 @@ BASE=localhost/kdserve-base/python:3.11-bookworm
 if ! podman image exists "$BASE"; then
   rootfs=$(mktemp -d)
   trap 'rm -rf "$rootfs"' EXIT
+  # The mirror apt uses here (or $DEBIAN_MIRROR): behind a proxy or with a local mirror, as apt-get works.
+  mirror=$(bash deploy/podman/debian-mirror.sh)
   debootstrap --variant=minbase --include=python3.11,python3.11-venv,python3-distutils,libpython3.11,python-is-python3,ca-certificates \
-    bookworm "$rootfs" http://deb.debian.org/debian >&2
+    bookworm "$rootfs" "$mirror" >&2
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -c . | podman import --change 'CMD ["python3"]' - "$BASE" >&2
 fi
