@@ -23,6 +23,10 @@ log = logging.getLogger("kdserve.gateway")
 # Triton's words for a model that is not loaded (unloaded, failed, or a newer version still loading):
 # a server-side condition that passes, so a 503, not the client's fault.
 NOT_SERVING = ("unknown model", "no available versions", "not ready", "is not found")
+# How long a readiness answer is reused: probes (open to anyone, and a load balancer's every second) share
+# one Triton call per path in this window, on a connection of their own, so a probe flood never takes
+# the connections inference waits for (review of 61e1da7: 504s under a flood of /readyz).
+READY_TTL_S = 0.25
 
 
 class TritonClient:
@@ -39,10 +43,13 @@ class TritonClient:
         self.url, self.timeout_s, self.retry_after = url, timeout_s, str(retry_after_s)
         self.metrics = metrics
         self._http = TritonHTTP(url, connections)
+        self.probes = TritonHTTP(url, 1)
+        self._readiness: dict[str, tuple[float, asyncio.Future[bool]]] = {}
         self._coalescer = Coalescer(self._call, calls_in_flight, max_images, timeout_s, self._count_images)
 
     async def close(self) -> None:
         await self._http.close()
+        await self.probes.close()
 
     def _unavailable(self, why: str) -> Unavailable:
         return Unavailable(why, headers={"Retry-After": self.retry_after})
@@ -96,9 +103,19 @@ class TritonClient:
             self.metrics.triton_seconds.labels(model, outcome).observe(time.perf_counter() - start)
 
     async def _ready(self, path: str) -> bool:
+        """Triton's answer for a readiness `path`, asked at most once per READY_TTL_S however many ask
+        (the paths are Triton's health and the manifest's models: a bounded set)."""
+        now = time.monotonic()
+        known = self._readiness.get(path)
+        if known is None or (known[1].done() and now - known[0] > READY_TTL_S):
+            known = (now, asyncio.ensure_future(self._probe(path)))
+            self._readiness[path] = known
+        return await asyncio.shield(known[1])  # a caller that gives up leaves the call to the others
+
+    async def _probe(self, path: str) -> bool:
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await self._http.ready(path)
+                return await self.probes.ready(path)
         except (TimeoutError, OSError):
             return False
 

@@ -423,3 +423,31 @@ def test_the_api_page_loads_its_assets_from_the_gateway(own_gateway):
     assert assets and not [a for a in assets if "://" in a], f"assets from elsewhere: {assets}"
     for asset in assets:
         assert own_gateway.client.get(asset).status_code == 200, asset
+
+
+# -- finding 4: readiness probes never take inference's connections -----------------------------------------
+def test_a_probe_flood_shares_one_readiness_call_on_a_connection_of_its_own(triton):
+    from gateway.triton_client import TritonClient
+
+    async def flood() -> tuple[list[bool], int, int]:
+        client = TritonClient(triton.http_url, 5.0, 2, 1, GatewayMetrics(), 4, 64)
+        inference_calls, probe_calls = [], []
+        original_inference_ready, original_probe_ready = client._http.ready, client.probes.ready
+
+        async def counting(calls, original, path):
+            calls.append(path)
+            return await original(path)
+
+        client._http.ready = lambda path: counting(inference_calls, original_inference_ready, path)
+        client.probes.ready = lambda path: counting(probe_calls, original_probe_ready, path)
+        try:
+            answers = await asyncio.gather(*(client.server_ready() for _ in range(200)))
+            answers += await asyncio.gather(*(client.model_ready("student_kd", 1) for _ in range(200)))
+        finally:
+            await client.close()
+        return answers, len(inference_calls), len(probe_calls)
+
+    answers, through_inference, through_probes = asyncio.run(flood())
+    assert all(answers)
+    assert through_inference == 0, "readiness probes took inference's connections"
+    assert 2 <= through_probes <= 4, f"{through_probes} Triton calls for 400 probes"
