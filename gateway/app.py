@@ -131,7 +131,9 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
         tracing.configure(settings.trace_sample_ratio, settings.otlp_endpoint, exporter=span_exporter)
         grpc_server = None
         if settings.grpc_port:
-            grpc_server = await start_grpc(app, settings.host, settings.grpc_port, settings.max_body_bytes)
+            grpc_server = await start_grpc(
+                app, settings.host, settings.grpc_port, settings.max_body_bytes, settings.header_timeout_s
+            )
         gc.collect()
         gc.freeze()
         try:

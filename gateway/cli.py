@@ -40,6 +40,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.http_protocol import with_header_timeout
     from gateway.server import DrainingServer
     from gateway.settings import GatewaySettings
 
@@ -66,7 +67,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=with_header_timeout(settings.header_timeout_s),
         log_level=args.log_level,
         access_log=False,
         # Nothing here reads client addresses, and the X-Forwarded-* rewrite costs on every request.

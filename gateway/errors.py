@@ -82,6 +82,16 @@ class ClientDisconnected(GatewayError):
     status_code, kind = 499, "client_disconnected"
 
 
+class RequestTimeout(GatewayError):
+    """The body did not arrive within its deadline. The connection is closed: the rest of the body may
+    still be on its way, and is not a next request."""
+
+    status_code, kind = 408, "request_timeout"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class UnsupportedMediaType(GatewayError):
     status_code, kind = 415, "unsupported_media_type"
 

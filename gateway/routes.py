@@ -23,6 +23,7 @@ from gateway.errors import (
     Conflict,
     GatewayError,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from gateway.experiment import (
@@ -105,12 +106,23 @@ TOP_K = re.compile(r"[0-9]{1,3}")  # ASCII digits only: str.isdigit() also accep
 
 
 async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The body's chunks, refused as soon as they pass `limit` bytes (never buffered past it)."""
+    """The body's chunks, refused as soon as they pass `limit` bytes (never buffered past it), or when the
+    whole body has not arrived within the body deadline (a client trickling it holds the request)."""
     declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and len(declared) <= 12 and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    timeout_s = request.app.state.settings.body_timeout_s
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    chunks = request.stream().__aiter__()
     size = 0
-    async for chunk in request.stream():
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):  # around the one await: never across a yield
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")

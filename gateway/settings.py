@@ -57,6 +57,11 @@ class GatewaySettings(BaseSettings):
     admission_max_images: int = Field(256, ge=1, description="images in flight per Triton model")
     decode_threads: int = Field(os.cpu_count() or 1, ge=1, description="threads decoding large images")
 
+    # Slow clients: a request's headers, and then its body, must arrive within these (a socket that
+    # trickles or stalls holds a descriptor and a coroutine; a 408 or a closed connection ends it).
+    header_timeout_s: float = Field(10.0, gt=0, description="to send a request's headers")
+    body_timeout_s: float = Field(30.0, gt=0, description="to send a request's body (408 past it)")
+
     # Input limits, enforced before decoding.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)

@@ -297,7 +297,9 @@ def _background(work) -> None:
     task.add_done_callback(_BACKGROUND.discard)
 
 
-async def start_grpc(app: FastAPI, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
+async def start_grpc(
+    app: FastAPI, host: str, port: int, max_message_bytes: int, header_timeout_s: float
+) -> grpc.aio.Server:
     """The gRPC server on `host:port`, started; the caller stops it (`await server.stop(grace)`)."""
     server = grpc.aio.server(
         interceptors=[KeyInterceptor(app)],
@@ -305,6 +307,10 @@ async def start_grpc(app: FastAPI, host: str, port: int, max_message_bytes: int)
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second gateway on the same port fails to start instead of sharing it
+            # A connection must finish its handshake within the header deadline, and is closed after five
+            # idle minutes: a socket that connects and stalls holds nothing for long.
+            ("grpc.server_handshake_timeout_ms", int(header_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", 300_000),
         ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app), server)

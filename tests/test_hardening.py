@@ -451,3 +451,49 @@ def test_a_probe_flood_shares_one_readiness_call_on_a_connection_of_its_own(trit
     assert all(answers)
     assert through_inference == 0, "readiness probes took inference's connections"
     assert 2 <= through_probes <= 4, f"{through_probes} Triton calls for 400 probes"
+
+
+# -- finding 10: a connection that never finishes its headers or its body is closed -------------------------
+@pytest.fixture(scope="module")
+def impatient_gateway(tiny_repo, triton):
+    env = {"KDSERVE_HEADER_TIMEOUT_S": "2", "KDSERVE_BODY_TIMEOUT_S": "2"}
+    with GatewayProcess(tiny_repo, triton.http_url, env=env) as gateway:
+        yield gateway
+
+
+def _answer_or_close(sock: socket.socket, wait_s: float) -> bytes | None:
+    """What the server sends before it closes the socket; None when it still holds it open after `wait_s`."""
+    sock.settimeout(wait_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return None
+    return received
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # connected, then silence
+        b"POST /v1/classify?model=student HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+    ],
+    ids=["silent", "headers-unfinished"],
+)
+def test_a_connection_that_never_finishes_its_headers_is_closed(impatient_gateway, sent):
+    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
+        sock.sendall(sent)
+        # The product's contract: closed at the 2 s header deadline (30 s of slack for a slow machine).
+        assert _answer_or_close(sock, 30) == b""
+
+
+def test_a_body_trickling_past_its_deadline_gets_408_and_the_connection_closes(impatient_gateway):
+    head = (
+        b"POST /v1/classify?model=student HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 8000000\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
+        sock.sendall(head + b"\r\n" + b"\x89PNG\r\n\x1a\n12")  # 10 of 8 MB, then nothing
+        answer = _answer_or_close(sock, 30)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+    assert impatient_gateway.client.get("/healthz").status_code == 200
