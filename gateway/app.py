@@ -68,6 +68,7 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
         settings.allow_anonymous,
         metrics,
         host=settings.host,
+        default_max_in_flight=settings.default_key_max_in_flight,
     )
 
     @asynccontextmanager

@@ -37,6 +37,7 @@ class CallState(Protocol):
     rid: str
     model: str
     arm: str
+    key_id: str  # the caller's API key id (`anonymous` without one): admission shares a model between them
 
 
 @dataclass
@@ -115,7 +116,7 @@ async def _shadow(
     start = time.perf_counter()
     metrics.in_flight.inc()  # shadow work is in flight too, after its request's own count ended
     try:
-        with classifier.admit(target, len(images)):
+        with classifier.admit(target, len(images), call.key_id):
             outcome = await classify_following(state, call, classifier, arm, images)
     except Overloaded:
         metrics.shadow.labels(arm, "shed").inc()
@@ -158,7 +159,7 @@ async def classify_request(
     with ExitStack() as admitted:
         # Admitted before decoding: a shed request costs no decoding at all. Held until Triton answered.
         with tracing.span("admission"):
-            admitted.enter_context(classifier.admit(target, count))
+            admitted.enter_context(classifier.admit(target, count, call.key_id))
         decode_start = time.perf_counter()
         if files is not None:
             with tracing.span("decode", images=count):

@@ -110,8 +110,8 @@ def bearer(authorization: str | None) -> str | None:
 class _Quota:
     """One key's token bucket (shared by every request with the key)."""
 
-    def __init__(self, key: ApiKey):
-        self.rate, self.max_in_flight = key.rate_per_s, key.max_in_flight
+    def __init__(self, key: ApiKey, default_max_in_flight: int | None):
+        self.rate, self.max_in_flight = key.rate_per_s, key.max_in_flight or default_max_in_flight
         self.capacity = float(key.burst or max(1, math.ceil(key.rate_per_s or 1)))
         self.tokens, self.updated = self.capacity, time.monotonic()
 
@@ -137,12 +137,14 @@ class KeyGate:
         allow_anonymous: bool,
         metrics: GatewayMetrics,
         host: str = "127.0.0.1",
+        default_max_in_flight: int | None = None,
     ):
         """Raises GatewayError for keys that start-up must refuse (see `_check_open`)."""
         self._configured, self.keys_file, self.metrics = list(keys), keys_file, metrics
         if admin_token_sha256 is not None:
             self._configured.append(ApiKey(id=ADMIN_TOKEN_ID, sha256=admin_token_sha256, scopes=["admin"]))
         self.allow_anonymous, self.host = allow_anonymous, host
+        self.default_max_in_flight = default_max_in_flight  # for keys that set no max_in_flight of their own
         self._file_state: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -173,7 +175,7 @@ class KeyGate:
         for key in keys:
             if key.revoked:
                 continue
-            quota, before = _Quota(key), old.get(key.id)
+            quota, before = _Quota(key, self.default_max_in_flight), old.get(key.id)
             if before is not None and (before.rate, before.capacity) == (quota.rate, quota.capacity):
                 quota.tokens, quota.updated = before.tokens, before.updated  # an unchanged bucket keeps its level
             self._quotas[key.id] = quota
@@ -426,12 +428,13 @@ class KeyMiddleware:
                 raise Forbidden(f"route {scope['path'][:64]} declares no scope: refused (see gateway.keys.requires)")
             authorization = credential([v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"])
             admitted = self.gate.admit(authorization, access.scope)
-            admitted.__enter__()
+            key_id = admitted.__enter__()
         except GatewayError as exc:
             self.on_error(exc.kind)
             response = error_response(Request(scope), exc.status_code, exc.kind, exc.message, exc.headers)
             await response(scope, receive, send)
             return
+        scope.setdefault("state", {})["key_id"] = key_id  # request.state.key_id: admission's caller
         try:
             await self.app(scope, receive, send)
         finally:

@@ -69,9 +69,10 @@ class Classifier:
             raise UnknownModel(f"unknown model {echo(name)}; choose one of: {known}, {AUTO}")
         return name
 
-    def admit(self, target: str, images: int) -> AbstractContextManager[None]:
-        """Hold `images` against every Triton model `target` may call, or raise Overloaded (admission control)."""
-        return self.admission.admit(self.triton_models(target), images)
+    def admit(self, target: str, images: int, caller: str) -> AbstractContextManager[None]:
+        """Hold `images` against every Triton model `target` may call, or raise Overloaded (admission control,
+        shared fairly between callers)."""
+        return self.admission.admit(self.triton_models(target), images, caller)
 
     def triton_models(self, target: str) -> list[str]:
         if target == ENSEMBLE:

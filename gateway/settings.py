@@ -90,6 +90,9 @@ class GatewaySettings(BaseSettings):
     )
 
     # Who may call (gateway/keys.py): API keys by their sha256, with scopes and per-key quotas.
+    default_key_max_in_flight: int | None = Field(
+        64, ge=1, description="requests under way at once for a key that sets no max_in_flight (none: unlimited)"
+    )
     api_keys: list[ApiKey] = Field(default_factory=list, description="API keys (JSON list), e.g. from a Secret")
     api_keys_file: Path | None = Field(None, description="a JSON file of API keys, re-read when it changes")
     allow_anonymous: bool = Field(

@@ -25,7 +25,7 @@ from gateway import oip, tracing
 from gateway.answers import new_request_id
 from gateway.errors import BadRequest, GatewayError
 from gateway.inference import classify_request, describe
-from gateway.keys import KeyGate, Scope, credential, declared_scope, requires
+from gateway.keys import ANONYMOUS, KeyGate, Scope, credential, declared_scope, requires
 from gateway.observe import CLIENT_ID
 from gateway.routes import not_ready
 
@@ -179,12 +179,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         sent = metadata.get("x-request-id", "")
         ours = sent.isascii() and CLIENT_ID.fullmatch(sent.encode())
-        call = SimpleNamespace(rid=sent if ours else new_request_id(), model="", arm="")
+        call = SimpleNamespace(rid=sent if ours else new_request_id(), model="", arm="", key_id=ANONYMOUS)
         status = 500
         state.metrics.in_flight.inc()
         try:
             with (
-                self._authorize(context, "classify"),
+                self._authorize(context, "classify") as call.key_id,
                 tracing.request_span("grpc ModelInfer", metadata, model=request.model_name),
             ):
                 response = await self._infer(request, metadata, call, start)

@@ -497,3 +497,38 @@ def test_a_body_trickling_past_its_deadline_gets_408_and_the_connection_closes(i
         answer = _answer_or_close(sock, 30)
     assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
     assert impatient_gateway.client.get("/healthz").status_code == 200
+
+
+# -- finding 9: one caller cannot take a model's whole admission bound -----------------------------------
+def test_a_models_admission_bound_is_shared_between_callers():
+    from gateway.admission import AdmissionControl
+    from gateway.errors import Overloaded
+
+    admission = AdmissionControl(256, 1, GatewayMetrics())
+    with contextlib.ExitStack() as held:
+        # One key alone may hold half the bound: the other half waits for whoever comes next.
+        for _ in range(2):
+            held.enter_context(admission.admit(["student_kd"], 64, caller="hog"))
+        with pytest.raises(Overloaded), admission.admit(["student_kd"], 64, caller="hog"):
+            pass
+        held.enter_context(admission.admit(["student_kd"], 64, caller="neighbour"))  # never refused
+        # Two callers busy: each may hold a third, and a third caller still finds room.
+        with pytest.raises(Overloaded), admission.admit(["student_kd"], 64, caller="neighbour"):
+            pass
+        held.enter_context(admission.admit(["student_kd"], 64, caller="third"))
+        with pytest.raises(Overloaded), admission.admit(["student_kd"], 1, caller="fourth"):
+            pass  # the model's own bound still holds: 256 images in flight
+    with admission.admit(["student_kd"], 64, caller="hog"), admission.admit(["student_kd"], 64, caller="hog"):
+        pass  # all released
+
+
+def test_keys_without_their_own_in_flight_quota_get_the_default():
+    key, entry = new_key("unmetered", ["classify"], None, None)
+    gate = KeyGate([ApiKey(**entry)], None, None, False, GatewayMetrics(), default_max_in_flight=2)
+    with (
+        gate.admit(f"Bearer {key}", "classify"),
+        gate.admit(f"Bearer {key}", "classify"),
+        pytest.raises(TooManyInFlight),
+        gate.admit(f"Bearer {key}", "classify"),
+    ):
+        pass
