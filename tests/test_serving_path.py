@@ -1,6 +1,7 @@
 """The serving path under pressure: admission control at its bound, and an event loop that large images never block."""
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from gateway.keys import new_key
 from gateway.process import GatewayProcess, free_port
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes
@@ -49,29 +51,41 @@ async def until_admitted(gateway: GatewayProcess, model: str, images: float) -> 
 
 def test_admission_control_sheds_at_its_bound_with_exact_counts(tiny_repo, own_triton):
     """Bound 4 images in flight to a model. With Triton frozen nothing completes, so what is admitted stays
-    admitted: 3 + 1 images fit, a 2-image and a 1-image request past the bound get an immediate 503."""
-    env = {"KDSERVE_ADMISSION_MAX_IMAGES": "4", "KDSERVE_MAX_IMAGES": "4", "KDSERVE_TRITON_TIMEOUT_S": "60"}
+    admitted: 3 images of one key + 1 of another fit, a 2-image and a 1-image request past the bound get an
+    immediate 503. (Two keys: one caller alone may hold only half a model's bound, see gateway.admission.)"""
+    (first, first_entry), (second, second_entry) = (new_key(n, ["classify"], None, None) for n in ("a", "b"))
+    env = {
+        "KDSERVE_ADMISSION_MAX_IMAGES": "4",
+        "KDSERVE_MAX_IMAGES": "4",
+        "KDSERVE_TRITON_TIMEOUT_S": "60",
+        "KDSERVE_API_KEYS": json.dumps([first_entry, second_entry]),
+    }
     png = digit_png_bytes(1700)
 
     def files(n: int) -> list:
         return [("images", (f"{i}.png", png, "image/png")) for i in range(n)]
 
+    def by(key: str) -> dict:
+        return {"Authorization": f"Bearer {key}"}
+
     with GatewayProcess(tiny_repo, own_triton.http_url, env=env) as gateway:
-        assert gateway.client.post("/v1/classify?model=student", files=files(1)).status_code == 200
+        assert gateway.client.post("/v1/classify?model=student", files=files(1), headers=by(first)).status_code == 200
 
         async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
             async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
 
-                def post(n: int):
-                    return asyncio.create_task(client.post("/v1/classify?model=student", files=files(n)))
+                def post(n: int, key: str):
+                    return asyncio.create_task(
+                        client.post("/v1/classify?model=student", files=files(n), headers=by(key))
+                    )
 
                 os.kill(own_triton.pid, signal.SIGSTOP)
-                three = post(3)
+                three = post(3, first)
                 await until_admitted(gateway, "student_kd", 3)
-                shed_two = await client.post("/v1/classify?model=student", files=files(2))
-                one = post(1)
+                shed_two = await client.post("/v1/classify?model=student", files=files(2), headers=by(second))
+                one = post(1, second)
                 await until_admitted(gateway, "student_kd", 4)
-                shed_one = await client.post("/v1/classify?model=student", files=files(1))
+                shed_one = await client.post("/v1/classify?model=student", files=files(1), headers=by(first))
                 other_model = await asyncio.wait_for(
                     client.get("/healthz"), timeout=5
                 )  # the gateway itself stays responsive
