@@ -222,15 +222,25 @@ def _pixels(tensor: Tensor, image_size: int, max_images: int) -> np.ndarray:
     else:
         if tensor.data is None:
             raise BadRequest(f"input {V2_PIXELS_INPUT} has no data")
-        flat = _flat(tensor.data, count)
-        if len(flat) != count:
-            raise BadRequest(
-                f"input {V2_PIXELS_INPUT}: shape {tensor.shape} declares {count} elements, got {len(flat)}"
-            )
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in flat):
-            raise BadRequest(f"input {V2_PIXELS_INPUT}: elements must be integers 0-255")
-        values = np.asarray(flat, np.uint8)
+        values = _json_uint8(tensor.data, tensor.shape, count)
     return values.reshape(tensor.shape)
+
+
+def _json_uint8(data: list, shape: list[int], count: int) -> np.ndarray:
+    """A JSON `data` list (flat, or nested as Triton accepts) as uint8, converted and range-checked by
+    numpy in C: flattening and checking element by element in Python cost ~140 ms of event loop for one
+    64-image body on two busy cores (review of 61e1da7)."""
+    try:
+        values = np.array(data)
+    except (ValueError, OverflowError) as exc:  # ragged nesting; an integer past int64
+        raise BadRequest(f"input {V2_PIXELS_INPUT}: data is not a regular array of integers") from exc
+    if values.dtype.kind not in "iu":  # booleans, floats, strings and mixtures are refused
+        raise BadRequest(f"input {V2_PIXELS_INPUT}: elements must be integers 0-255")
+    if values.size != count:
+        raise BadRequest(f"input {V2_PIXELS_INPUT}: shape {shape} declares {count} elements, got {values.size}")
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise BadRequest(f"input {V2_PIXELS_INPUT}: elements must be integers 0-255")
+    return values.astype(np.uint8).ravel()
 
 
 def check_counts(inputs: int, outputs: int, parameters: int) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -532,3 +533,23 @@ def test_keys_without_their_own_in_flight_quota_get_the_default():
         gate.admit(f"Bearer {key}", "classify"),
     ):
         pass
+
+
+# -- finding 3: JSON tensors are converted by numpy, not element by element in Python ---------------------
+def test_json_pixels_are_converted_in_one_numpy_call_and_checked_whole(monkeypatch):
+    from gateway import oip
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 8, 8, 3))
+
+    def python_loop(*_):
+        raise AssertionError("the JSON tensor was flattened element by element on the event loop")
+
+    monkeypatch.setattr(oip, "_flat", python_loop)
+    for data in (pixels.ravel().tolist(), pixels.tolist()):  # flat, and nested as Triton accepts too
+        read = oip.read_inputs([oip.Tensor("PIXELS", "UINT8", [64, 8, 8, 3], data)], 8, 64)
+        np.testing.assert_array_equal(read.pixels, pixels.astype(np.uint8))
+    for bad in ([[0] * 3] * 63 + [[0] * 2], [True] * 192, [0.5] * 192, [256] * 192, [-1] * 192, ["1"] * 192):
+        with pytest.raises(GatewayError) as refused:
+            oip.read_inputs([oip.Tensor("PIXELS", "UINT8", [1, 8, 8, 3], bad)], 8, 64)
+        assert refused.value.status_code == 400
