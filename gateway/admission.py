@@ -56,7 +56,7 @@ class AdmissionControl:
         for model in models:
             self._in_flight[model] += images
             self._by_caller[model][caller] = self._by_caller[model].get(caller, 0) + images
-            self.metrics.admitted_images.labels(model).set(self._in_flight[model])
+            self.metrics.child(self.metrics.admitted_images, model).set(self._in_flight[model])
         try:
             yield
         finally:
@@ -67,4 +67,4 @@ class AdmissionControl:
                     self._by_caller[model][caller] = left
                 else:
                     del self._by_caller[model][caller]
-                self.metrics.admitted_images.labels(model).set(self._in_flight[model])
+                self.metrics.child(self.metrics.admitted_images, model).set(self._in_flight[model])

@@ -169,7 +169,7 @@ async def classify_request(
         decode_s = time.perf_counter() - decode_start
         state.metrics.decode_seconds.observe(decode_s)
         outcome = await classify_following(state, call, classifier, model, images)
-    state.metrics.images.labels(target).inc(len(images))
+    state.metrics.child(state.metrics.images, target).inc(len(images))
     if state.capture is not None and state.capture.sample():
         # Prepared pixels have no original bytes: the capture keeps an empty original for each.
         state.capture.images(call.rid, images, files if files is not None else [b""] * len(images), outcome)

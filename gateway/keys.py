@@ -298,7 +298,7 @@ class KeyGate:
             key = self._caller(bearer(authorization), scope)
             if key is not None:
                 self._hold(key)
-            self.metrics.key_requests.labels(ANONYMOUS if key is None else key.id, "accepted").inc()
+            self.metrics.child(self.metrics.key_requests, ANONYMOUS if key is None else key.id, "accepted").inc()
         if key is None:
             yield ANONYMOUS
             return

@@ -53,8 +53,8 @@ class RequestObserver:
             self.metrics.in_flight.dec()
             path = getattr(scope.get("route"), "path", "unmatched")
             labels = (path, state.get("model", ""), state.get("arm", ""), str(status))
-            self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(*labels).inc()
+            self.metrics.child(self.metrics.request_seconds, *labels).observe(time.perf_counter() - start)
+            self.metrics.child(self.metrics.requests, *labels).inc()
 
         async def send_observed(message: Message) -> None:
             nonlocal status

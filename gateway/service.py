@@ -150,7 +150,7 @@ class Classifier:
                 weights,
             )
         fusion_s = time.perf_counter() - start
-        self.metrics.fusion_seconds.labels(self.settings.fusion).observe(fusion_s)
+        self.metrics.child(self.metrics.fusion_seconds, self.settings.fusion).observe(fusion_s)
         return Outcome(ENSEMBLE, None, probabilities, inference_ms, fusion_s * 1000, degraded, names)
 
     async def _cascade(self, images: np.ndarray) -> Outcome:

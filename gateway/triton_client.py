@@ -74,7 +74,7 @@ class TritonClient:
             raise UpstreamTimeout(f"model {model} did not answer within {self.timeout_s:.2f}s") from exc
 
     def _count_images(self, key: tuple, images: int) -> None:
-        self.metrics.triton_call_images.labels(key[0]).observe(images)
+        self.metrics.child(self.metrics.triton_call_images, key[0]).observe(images)
 
     async def _call(self, key: tuple, images: np.ndarray) -> np.ndarray:
         """One Triton request, timed and counted, its errors mapped to domain errors."""
@@ -100,7 +100,7 @@ class TritonClient:
             log.warning("triton unreachable at %s: %r", self.url, exc)
             raise self._unavailable("inference server unreachable") from exc
         finally:
-            self.metrics.triton_seconds.labels(model, outcome).observe(time.perf_counter() - start)
+            self.metrics.child(self.metrics.triton_seconds, model, outcome).observe(time.perf_counter() - start)
 
     async def _ready(self, path: str) -> bool:
         """Triton's answer for a readiness `path`, asked at most once per READY_TTL_S however many ask

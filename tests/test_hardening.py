@@ -553,3 +553,29 @@ def test_json_pixels_are_converted_in_one_numpy_call_and_checked_whole(monkeypat
         with pytest.raises(GatewayError) as refused:
             oip.read_inputs([oip.Tensor("PIXELS", "UINT8", [1, 8, 8, 3], bad)], 8, 64)
         assert refused.value.status_code == 400
+
+
+# -- finding 24: the request path looks its metric children up without prometheus_client's lock -----------
+def test_a_warm_classify_takes_no_metric_label_lookup(tiny_repo, triton, monkeypatch):
+    from fastapi.testclient import TestClient
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    app = create_app(GatewaySettings(repo=tiny_repo, triton_url=triton.http_url, grpc_port=0))
+    png = digit_png_bytes(1500)
+    with TestClient(app) as client:
+        for path in ("/v1/classify?model=student", "/v1/classify?model=teacher"):
+            assert client.post(path, content=png, headers={"Content-Type": "image/png"}).status_code == 200
+        lookups = []
+        original = MetricWrapperBase.labels
+
+        def counting(self, *values, **named):
+            lookups.append((self._name, values))
+            return original(self, *values, **named)
+
+        monkeypatch.setattr(MetricWrapperBase, "labels", counting)
+        for path in ("/v1/classify?model=student", "/v1/classify?model=teacher") * 3:
+            assert client.post(path, content=png, headers={"Content-Type": "image/png"}).status_code == 200
+    assert lookups == [], f"{len(lookups)} labels() calls in 6 warm requests: {sorted(set(lookups))[:5]}"
