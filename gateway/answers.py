@@ -242,6 +242,17 @@ class AnswerStore:
             return Found(Answer.from_json(text), bucket / (name + RECORD_SUFFIX))
         return None
 
+    def erase(self, request_id: str) -> int:
+        """Remove what is kept of `request_id` (its answer, the shadow's, its label and pair claims) from
+        every bucket; returns the answers removed."""
+        name, removed = _key(request_id), 0
+        for _, bucket in self._buckets():
+            for suffix in (RECORD_SUFFIX, SHADOW_SUFFIX, LABEL_SUFFIX, PAIR_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    (bucket / (name + suffix)).unlink()
+                    removed += suffix == RECORD_SUFFIX
+        return removed
+
     @staticmethod
     def claim(found: Found, suffix: str, content: str = "") -> bool:
         """True for the one caller (on any replica) that creates this file beside the record: the label

@@ -52,6 +52,9 @@ class LocalSink:
     def put(self, name: str, data: bytes) -> None:
         write_whole(self.directory / name, data)
 
+    def delete(self, name: str) -> None:
+        (self.directory / name).unlink(missing_ok=True)
+
     def enforce(self, now: float) -> int:
         """Remove segments past the retention, then the oldest while the capture is over its size cap;
         and the temporary files of a writer killed mid-write (any replica's, once they are stale)."""
@@ -96,6 +99,9 @@ class ObjectStoreSink:
 
     def put(self, name: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
+
+    def delete(self, name: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
 
     def enforce(self, now: float) -> int:
         segments = [(at, size, name) for name, size, at in object_store_listing(self.client, self.url)]

@@ -135,6 +135,28 @@ def _cmd_keys_new(args: argparse.Namespace) -> None:
     print(json.dumps(entry))
 
 
+def _cmd_erase(args: argparse.Namespace) -> None:
+    from gateway.capture import LocalSink, ObjectStoreSink
+    from gateway.erase import Erased, erase_answers, erase_capture
+
+    request_ids = set(args.request_id or [])
+    if args.ids_file:
+        request_ids |= {line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()}
+    if not request_ids:
+        raise GatewayError("name the requests to erase: --request-id ID (repeat) or --ids-file FILE")
+    if not (args.capture_dir or args.capture_url or args.answers_dir):
+        raise GatewayError("name where the data is kept: --capture-dir or --capture-url, and/or --answers-dir")
+    erased = Erased()
+    if args.capture_dir or args.capture_url:
+        location = args.capture_url or str(args.capture_dir)
+        # Retention and cap are not applied here: the sinks only put and delete.
+        store = ObjectStoreSink(location, 0, 0) if args.capture_url else LocalSink(Path(location), 0, 0)
+        erase_capture(location, store, request_ids, erased)
+    if args.answers_dir:
+        erase_answers(Path(args.answers_dir), request_ids, erased)
+    print(f"{erased.summary()} for {len(request_ids)} request id(s)", flush=True)
+
+
 def _add_triton_port_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
@@ -191,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--rate", type=float, help="requests per second (default unlimited)")
     new.add_argument("--max-in-flight", type=int, help="requests under way at once (default unlimited)")
     new.set_defaults(func=_cmd_keys_new)
+
+    erase = commands.add_parser(
+        "erase", help="remove the captured images, labels and A/B answers of given requests (data erasure)"
+    )
+    erase.add_argument("--request-id", action="append", help="a request id the gateway returned (repeat)")
+    erase.add_argument("--ids-file", help="a file of request ids, one a line")
+    erase.add_argument("--capture-dir", help="the capture directory (KDSERVE_CAPTURE_DIR of the gateways)")
+    erase.add_argument("--capture-url", help="the capture's s3://bucket/prefix (KDSERVE_CAPTURE_URL)")
+    erase.add_argument("--answers-dir", help="the A/B answer store (KDSERVE_ANSWERS_DIR of the gateways)")
+    erase.set_defaults(func=_cmd_erase)
 
     return parser
 

@@ -78,6 +78,29 @@ def encode_images(rows: list[CapturedImage], class_names: list[str]) -> bytes:
     return buffer.getvalue()
 
 
+def decode_rows(data: bytes) -> tuple[list[str], list[CapturedImage]]:
+    """A whole images segment back as its class names and rows (what `encode_images` wrote): for
+    rewriting a segment without some rows (erasure)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        a = {key: npz[key] for key in npz.files}
+    offsets = a["original_offsets"]
+    rows = [
+        CapturedImage(
+            str(a["request_ids"][i]),
+            int(a["image_index"][i]),
+            a["images"][i],
+            str(a["models"][i]),
+            int(a["versions"][i]),
+            int(a["top1"][i]),
+            a["probabilities"][i],
+            float(a["at"][i]),
+            a["originals"][offsets[i] : offsets[i + 1]].tobytes() if a["has_original"][i] else None,
+        )
+        for i in range(len(a["images"]))
+    ]
+    return [str(c) for c in a["class_names"]], rows
+
+
 def encode_labels(items: Iterable[tuple[str, list[str], float]]) -> bytes:
     lines = [json.dumps({"request_id": rid, "labels": labels, "at": at}) for rid, labels, at in items]
     return ("\n".join(lines) + "\n").encode()
@@ -211,6 +234,16 @@ def _segment_index(data: bytes) -> dict:
         raise ValueError("inconsistent arrays")
     part["shape"] = shape
     return part
+
+
+def decode_label_lines(data: bytes) -> list[tuple[str, list[str], float]]:
+    """A labels segment's items, in order, as `encode_labels` takes them."""
+    items = []
+    for line in data.decode().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            items.append((str(item["request_id"]), [str(label) for label in item["labels"]], float(item["at"])))
+    return items
 
 
 def _decode_labels(data: bytes) -> dict[str, list[str]]:

@@ -298,3 +298,34 @@ def test_segments_are_read_one_at_a_time_into_one_array():
     # Beside the result: the segment being read, its images array, and this test's own making of it (~4
     # segments). Before: every segment, every decoded part and the concatenation (~3x the result).
     assert peak < result + 8 * one_segment, f"peak {peak / 2**20:.1f} MiB for a {result / 2**20:.1f} MiB capture"
+
+
+def test_erase_removes_one_requests_images_labels_and_answers_everywhere_they_are_kept(tmp_path, capsys):
+    """Review finding 18: there was no way to erase one person's data. `python -m gateway erase` removes the
+    captured images, labels and A/B answers of given request ids, and leaves everything else whole."""
+    from gateway.answers import Answer, AnswerStore
+    from gateway.cli import main
+
+    capture, answers = tmp_path / "capture", tmp_path / "answers"
+    sink = LocalSink(capture, retention_s=3600, max_bytes=2**30)
+    sink.put(segment_name("images", 1.0, "w", 1), encode_images(rows("req-a", 2, seed=1) + rows("req-b", 1), CLASSES))
+    sink.put(segment_name("images", 2.0, "w", 2), encode_images(rows("req-a", 1, seed=2), CLASSES))
+    sink.put(segment_name("labels", 3.0, "w", 3), encode_labels([("req-a", ["1", "2"], 3.0), ("req-b", ["7"], 3.0)]))
+    store = AnswerStore(answers, ttl_s=600, max_records=100, queue_size=10)
+    now = time.time()
+    store.write(
+        [(rid, Answer(arm="student", model="student_kd", version=1, top1=[3], at=now)) for rid in ("req-a", "req-b")]
+    )
+
+    assert main(["erase", "--request-id", "req-a", "--capture-dir", str(capture), "--answers-dir", str(answers)]) == 0
+    report = capsys.readouterr().out
+    assert "3 captured images" in report and "1 label" in report and "1 A/B answer" in report
+    captured = read_capture(directory_files(capture))
+    assert captured.request_ids.tolist() == ["req-b"] and captured.labels.tolist() == [7]
+    assert sorted(p.name for p in capture.iterdir()) == [
+        segment_name("images", 1.0, "w", 1),
+        segment_name("labels", 3.0, "w", 3),
+    ]
+    assert store.find("req-a") is None and store.find("req-b") is not None
+    assert main(["erase", "--request-id", "req-a", "--capture-dir", str(capture), "--answers-dir", str(answers)]) == 0
+    assert "0 captured images" in capsys.readouterr().out  # nothing left to erase: said, not an error
