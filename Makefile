@@ -109,6 +109,7 @@ bench: setup
 	$(PY) -m loadtest bench --repo $(REPO) --run $(RUN_DIR) --timing-repo runs/timing-224 --out benchmarks
 	$(PY) -m loadtest capture-cost --repo $(REPO) --out benchmarks
 	$(PY) -m loadtest protocols --repo $(REPO) --out benchmarks/protocols
+	$(PY) -m gateway experiment-cost --repo $(REPO) --samples 1000000 --out benchmarks/experiment_read.json
 
 # Few labels and an unlabelled transfer set, where distillation pays: trains the digits-fewlabels recipe
 # (5 seeds of plain and KD students), exports it into its own repository and serves the confidence

@@ -32,7 +32,7 @@ from gateway.settings import GatewaySettings
 from gateway.triton_client import TritonClient
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from gateway.v2_grpc import start_grpc
-from gateway.v2_rest import document_model_names
+from gateway.v2_rest import document_served
 from gateway.v2_rest import router as v2_router
 from kdcontract.manifest import SchemaMismatch, read_manifest
 
@@ -196,5 +196,5 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
 
     app.include_router(router)
     app.include_router(v2_router)
-    document_model_names(app, model_names(manifest))
+    document_served(app, model_names(manifest), next(iter(manifest.models.values())).class_names)
     return app

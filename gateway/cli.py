@@ -157,6 +157,18 @@ def _cmd_erase(args: argparse.Namespace) -> None:
     print(f"{erased.summary()} for {len(request_ids)} request id(s)", flush=True)
 
 
+def _cmd_experiment_cost(args: argparse.Namespace) -> None:
+    import json
+
+    from gateway.experiment_cost import experiment_cost
+
+    figures = experiment_cost(Path(args.repo), args.samples, args.reads)
+    text = json.dumps(figures, indent=2)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
 def _add_triton_port_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
@@ -223,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--capture-url", help="the capture's s3://bucket/prefix (KDSERVE_CAPTURE_URL)")
     erase.add_argument("--answers-dir", help="the A/B answer store (KDSERVE_ANSWERS_DIR of the gateways)")
     erase.set_defaults(func=_cmd_erase)
+
+    cost = commands.add_parser(
+        "experiment-cost", help="time GET /v1/experiment, and the event loop it holds, at --samples per arm"
+    )
+    cost.add_argument("--repo", default="model_repository")
+    cost.add_argument("--samples", type=int, default=1_000_000, help="latency observations per arm")
+    cost.add_argument("--reads", type=int, default=50)
+    cost.add_argument("--out", help="write the figures (JSON) here too")
+    cost.set_defaults(func=_cmd_experiment_cost)
 
     return parser
 

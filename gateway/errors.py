@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from gateway.route_table import served_routes
+
 log = logging.getLogger("kdserve.gateway")
 
 
@@ -145,6 +147,16 @@ def error_response(
     )
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (a path with GET and PUT routes: both)."""
+    methods: set[str] = set()
+    for route in served_routes(request.app.router.routes):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path) and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI, on_error=None) -> None:
     def count(kind: str) -> None:
         if on_error:
@@ -166,7 +178,10 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = HTTP_KINDS.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
         count(kind)
-        return error_response(request, exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # the router names the first route's methods only: every route's of the path
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return error_response(request, exc.status_code, kind, str(exc.detail), headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _client_disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:

@@ -32,7 +32,7 @@ OUTCOME_OF = {
 
 
 class FeedbackItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
     request_id: str = Field(min_length=1, max_length=128, description="the X-Request-ID a classification returned")
     label: str | list[str] = Field(description="the true class name; one per image for a request of several")
 

@@ -40,6 +40,7 @@ from starlette.routing import Match
 from gateway.errors import GatewayError, error_response
 from gateway.files import file_stamp
 from gateway.metrics import GatewayMetrics
+from gateway.route_table import served_routes
 
 log = logging.getLogger("kdserve.gateway")
 Scope = Literal["classify", "admin"]
@@ -362,21 +363,6 @@ def declared_scope(route: object) -> Access | None:
     """The access a route (or a mounted app, or a gRPC method) declared; None when it declared none."""
     target = getattr(route, "endpoint", None) or getattr(route, "app", None) or route
     return getattr(target, "kdserve_access", None)
-
-
-def served_routes(routes: list) -> Iterator:
-    """Every route a router dispatches to, in its order. FastAPI keeps an included router as one entry
-    (`original_router`); its routes already carry the router's own prefix, and the gateway includes
-    routers with no prefix of their own (an include prefix would change the paths matched here)."""
-    for route in routes:
-        included = getattr(route, "original_router", None)
-        if included is None:
-            yield route
-            continue
-        prefix = getattr(getattr(route, "include_context", None), "prefix", "")
-        if prefix:
-            raise GatewayError(f"a router included with prefix {prefix!r}: declare the prefix on the APIRouter")
-        yield from served_routes(included.routes)
 
 
 UNDECLARED = Access("admin")  # stands for "refuse": see KeyMiddleware

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field, TypeAdapter, ValidationError
 from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from gateway import tracing
 from gateway.errors import (
@@ -39,6 +39,7 @@ from gateway.gates import arm_statistics, judge
 from gateway.inference import classify_request
 from gateway.keys import requires
 from gateway.schemas import (
+    IMAGE_MEDIA_TYPES,
     ClassifyJSON,
     ClassifyResponse,
     ErrorResponse,
@@ -86,6 +87,8 @@ CLASSIFY_OPENAPI = {
     "requestBody": {
         "content": {
             "multipart/form-data": {
+                # Each `images` part is an image file: its content type says which.
+                "encoding": {"images": {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}},
                 "schema": {
                     "type": "object",
                     "properties": {
@@ -94,7 +97,7 @@ CLASSIFY_OPENAPI = {
                         "top_k": {"type": "integer", "minimum": 1, "maximum": 100},
                     },
                     "required": ["images"],  # a form without an image is a 400, so the schema says so
-                }
+                },
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/json": {"schema": ClassifyJSON.model_json_schema()},
@@ -159,8 +162,20 @@ def parse_top_k(text: str) -> int:
     return int(text)
 
 
+class ImagePartsParser(MultiPartParser):
+    """Starlette takes a part without a filename for a text field (decoded as text: lossy for an image's
+    bytes, and counted against the field limit); an `images` part is a file whether or not its client
+    named one, as RFC 7578 makes the filename optional."""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._current_part.content_disposition)
+        if options.get(b"name") == b"images" and b"filename" not in options:
+            self._current_part.content_disposition += b'; filename="image"'
+        super().on_headers_finished()
+
+
 async def _multipart(request: Request, limit: int, max_images: int) -> FormData:
-    parser = MultiPartParser(
+    parser = ImagePartsParser(
         request.headers, _limited(request, limit), max_files=max_images, max_fields=10, max_part_size=limit
     )
     try:

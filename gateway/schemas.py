@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gateway.experiment import Experiment
 from gateway.settings import MAX_IMAGES_PER_REQUEST
 from kdcontract.manifest import DataSplit
 
+# The image files the gateway decodes (its default allow-list): a multipart part's, or a JSON string's, type.
+IMAGE_MEDIA_TYPES = ["image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff"]
+IMAGE_MEDIA_TYPE = "image/*"
+
+
+def _json_integer(value: object) -> object:
+    """JSON Schema's integer: 29 and 29.0 are integers; `true` and "29" are not (pydantic's lax mode takes
+    both, and its strict mode refuses 29.0: neither is what the schema says)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be an integer")
+    return value
+
+
+# Constraints go before the validator (`JsonInt` then `Field(ge=...)` would document them as "ge"/"le").
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+TopK = Annotated[int, Field(ge=1, le=100), BeforeValidator(_json_integer)]
+
+# What the schema can say of an image sent as JSON: base64 (`byte`) of an image file, never empty.
+Base64Image = Annotated[
+    str, Field(min_length=1, json_schema_extra={"format": "byte", "contentMediaType": IMAGE_MEDIA_TYPE})
+]
+
 
 class ClassifyJSON(BaseModel):
+    model_config = ConfigDict(strict=True)  # JSON as written: `"top_k": true` is not 1
     # fail_fast: a list of a million wrong items is refused at the first, instead of pydantic listing
     # every error (28 s and 4.7 GB on the event loop for 4.2 M zeros, review of 61e1da7).
-    images: list[str] = Field(
+    images: list[Base64Image] = Field(
         ...,
         min_length=1,
         max_length=MAX_IMAGES_PER_REQUEST,
@@ -22,7 +47,7 @@ class ClassifyJSON(BaseModel):
         description="base64-encoded image files (PNG, JPEG, ...)",
     )
     model: str | None = Field(None, description="overrides the `model` query parameter when given")
-    top_k: int | None = Field(None, ge=1, le=100, description="overrides the `top_k` query parameter when given")
+    top_k: TopK | None = Field(None, description="overrides the `top_k` query parameter when given")
 
 
 class Label(BaseModel):

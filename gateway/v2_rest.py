@@ -20,9 +20,9 @@ from gateway.errors import BadRequest, UnsupportedMediaType, echo
 from gateway.inference import classify_request, describe
 from gateway.keys import requires
 from gateway.routes import not_ready, parse_json_body, read_body_limited, trace_carrier
-from gateway.schemas import inline_schema
+from gateway.schemas import JsonInt, inline_schema
 from gateway.service import Classifier
-from kdcontract.names import V2_OUTPUT
+from kdcontract.names import V2_IMAGE_INPUT, V2_OUTPUT, V2_PIXELS_INPUT
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -37,22 +37,23 @@ Parameter = str | int | float | bool
 
 
 class InputTensor(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(max_length=64)
-    shape: list[int] = Field(max_length=8)
-    datatype: str = Field(max_length=16)
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
+    # The names and types the gateway takes, documented as enums (other values get a 400 that says so).
+    name: str = Field(max_length=64, json_schema_extra={"enum": [V2_IMAGE_INPUT, V2_PIXELS_INPUT]})
+    shape: list[JsonInt] = Field(max_length=8)
+    datatype: str = Field(max_length=16, json_schema_extra={"enum": ["BYTES", "UINT8"]})
     parameters: dict[str, Parameter] | None = Field(None, max_length=oip.MAX_PARAMETERS)
     data: list[Any] | None = None
 
 
 class OutputRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(max_length=64)
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
+    name: str = Field(max_length=64, json_schema_extra={"enum": [V2_OUTPUT]})
     parameters: dict[str, Parameter] | None = Field(None, max_length=oip.MAX_PARAMETERS)
 
 
 class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
     id: str | None = Field(None, max_length=128)
     parameters: dict[str, Parameter] | None = Field(None, max_length=oip.MAX_PARAMETERS)
     inputs: list[InputTensor] = Field(min_length=1, max_length=oip.MAX_TENSORS, fail_fast=True)
@@ -260,10 +261,12 @@ async def infer(request: Request) -> Response:
 router.routes.sort(key=lambda route: not getattr(route, "path", "").endswith("/infer"))
 
 
-def document_model_names(app, names: list[str]) -> None:
-    """List the v2 model names in the OpenAPI document (an enum on `{name}`), so clients see them and API
-    fuzzers send bodies to real models (and unknown names as the invalid case)."""
+def document_served(app, names: list[str], class_names: list[str]) -> None:
+    """What the manifest serves, in the OpenAPI document: the v2 model names (an enum on `{name}`) and the
+    class names feedback labels must be (an enum on `label`), so clients see them and API fuzzers send
+    real models and labels (and unknown ones as the invalid case)."""
     build = app.openapi
+    label = {"type": "string", "enum": class_names}
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -274,6 +277,12 @@ def document_model_names(app, names: list[str]) -> None:
                         for parameter in operation.get("parameters", []):
                             if parameter["name"] == "name":
                                 parameter["schema"] = {"type": "string", "enum": names}
+            feedback = schema["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]
+            for item in (feedback["schema"]["oneOf"][0], feedback["schema"]["oneOf"][1]["items"]):
+                item["properties"]["label"] = {
+                    "anyOf": [label, {"type": "array", "items": label, "minItems": 1}],
+                    "description": item["properties"]["label"].get("description", ""),
+                }
         return app.openapi_schema
 
     app.openapi = openapi

@@ -29,6 +29,7 @@ from PIL import Image
 from gateway.process import serving
 from kdcontract.digits import digit_png_bytes
 from kdcontract.tables import markdown_table
+from loadtest import neighbours
 from loadtest.measure import LOST, REFUSED, load_client, post_images, summarize
 
 
@@ -292,6 +293,7 @@ def run_faults(repo: Path, out_dir: Path, machine: str) -> Path:
         hostile = hostile_inputs(gateway.url)
     faults = [triton_killed(repo), triton_stalled(repo), overload(repo), sigterm_under_load(repo)]
     out_dir.mkdir(parents=True, exist_ok=True)
+    print(neighbours.write(neighbours.noisy_neighbours(repo), out_dir, machine).read_text(), flush=True)
     payload = {"hostile": hostile, "faults": [asdict(f) for f in faults], "machine": machine}
     (out_dir / "faults.json").write_text(json.dumps(payload, indent=2) + "\n")
     path = out_dir / "faults.md"

@@ -55,3 +55,19 @@ def test_sigterm_turns_readiness_off_first_finishes_in_flight_and_exits_in_grace
     assert 0 <= result.figures["unready_after_ms"] < 1000, result.figures  # within the drain
     assert result.figures["answered_200_after_signal"] > 0  # served during the drain
     assert result.figures["exit_after_s"] < 1.0 + 20.0, result.figures
+
+
+@pytest.mark.slow
+def test_a_hostile_key_never_gets_the_neighbour_refused_nor_a_5xx(tiny_repo):
+    """The noisy-neighbour benchmark of `make faults`, three of its attacks for 3 s each: the figures
+    (p99 ratios, memory) are the benchmark's to report; here what must hold on any machine."""
+    from loadtest.neighbours import ATTACKS, noisy_neighbours
+
+    chosen = [a for a in ATTACKS if a[1].__name__ in ("future_feedback", "json_8mb", "keys_emptied")]
+    stages = noisy_neighbours(tiny_repo, seconds=3.0, attacks=chosen)
+    assert [s.attack for s in stages[1:]] == [a[0] for a in chosen]
+    for stage in stages:
+        assert stage.refused() == 0 and stage.fivexx() == 0, stage
+    future, zeros, emptied = stages[1:]
+    assert set(future.attacker) == {"404"} and set(zeros.attacker) == {"400"}, (future, zeros)
+    assert set(emptied.attacker) == {"401"}, emptied  # the emptied keys file opened nothing

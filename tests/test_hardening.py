@@ -393,7 +393,8 @@ def app_without_lifespan(tiny_repo):
 
 
 def test_every_route_the_gateway_serves_declares_the_scope_it_needs(app_without_lifespan):
-    from gateway.keys import declared_scope, served_routes
+    from gateway.keys import declared_scope
+    from gateway.route_table import served_routes
 
     routes = list(served_routes(app_without_lifespan.routes))
     assert len(routes) > 20
@@ -579,3 +580,17 @@ def test_a_warm_classify_takes_no_metric_label_lookup(tiny_repo, triton, monkeyp
         for path in ("/v1/classify?model=student", "/v1/classify?model=teacher") * 3:
             assert client.post(path, content=png, headers={"Content-Type": "image/png"}).status_code == 200
     assert lookups == [], f"{len(lookups)} labels() calls in 6 warm requests: {sorted(set(lookups))[:5]}"
+
+
+# -- finding 23: a wrong method is told every method the path has ---------------------------------------
+def test_a_wrong_method_is_answered_405_with_every_method_of_the_path(app_without_lifespan):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(app_without_lifespan)  # not entered: no lifespan, nothing else starts
+    for method, path, allowed in (
+        ("OPTIONS", "/v1/experiment", "GET, PUT"),
+        ("DELETE", "/v1/classify", "POST"),
+        ("PUT", "/healthz", "GET"),
+    ):
+        answer = client.request(method, path)
+        assert answer.status_code == 405 and answer.headers["Allow"] == allowed, (method, path, answer.headers)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -52,3 +53,29 @@ def test_an_import_of_training_from_the_gateway_breaks_the_build(tmp_path):
     assert "The contract package imports no torch and none of the packages built on it BROKEN" in proc.stdout
     assert "gateway.routes -> training.models" in proc.stdout
     assert "training.stages -> training.data" in proc.stdout  # the recipe and stage planning contract
+
+
+# What the load tools may use of the gateway: its process API, its wire clients, and two pure helpers (the
+# statistics the rollout study checks, the whole-file writes the demo shares). The contract in pyproject.toml
+# lists the rest by name, so a new gateway module must be listed there or here.
+LOADTEST_MAY_IMPORT = {
+    "gateway.__main__",
+    "gateway.capture",
+    "gateway.files",
+    "gateway.process",
+    "gateway.readiness",
+    "gateway.sequential",
+    "gateway.triton_http",
+    "gateway.triton_server",
+}
+
+
+def test_every_gateway_module_is_either_forbidden_to_the_load_tools_or_allowed_on_purpose():
+    contract = next(
+        c
+        for c in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+        if c["name"].startswith("The load tools reach the gateway only through its process API")
+    )
+    modules = {f"gateway.{p.stem}" for p in (ROOT / "gateway").glob("*.py") if p.stem != "__init__"}
+    unlisted = modules - set(contract["forbidden_modules"]) - LOADTEST_MAY_IMPORT
+    assert not unlisted, f"gateway modules neither forbidden to loadtest nor allowed on purpose: {sorted(unlisted)}"
