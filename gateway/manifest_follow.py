@@ -90,7 +90,9 @@ class ManifestFollower:
         candidate = Classifier(self.waiting_for, current.triton, self.settings, metrics, current.admission)
         needed = candidate.routed_models()
         versions = [self.waiting_for.models[n].version for n in needed]
-        ready = await asyncio.gather(*(current.triton.model_ready(n, v) for n, v in zip(needed, versions, strict=True)))
+        ready = await asyncio.gather(
+            *(current.triton.model_ready(n, v, shared=False) for n, v in zip(needed, versions, strict=True))
+        )
         if not all(ready):
             metrics.manifest_reloads.labels("waiting").inc()
             return "waiting"

@@ -25,6 +25,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedMediaType,
+    echo,
 )
 from gateway.experiment import (
     Experiment,
@@ -97,6 +98,7 @@ CLASSIFY_OPENAPI = {
                         "top_k": {"type": "integer", "minimum": 1, "maximum": 100},
                     },
                     "required": ["images"],  # a form without an image is a 400, so the schema says so
+                    "additionalProperties": False,
                 },
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
@@ -184,6 +186,25 @@ async def _multipart(request: Request, limit: int, max_images: int) -> FormData:
         raise BadRequest(f"multipart body: {exc.message}") from exc
 
 
+FORM_FIELDS = ("model", "top_k")  # beside the `images` files: what the schema documents, once each
+
+
+async def _form_parts(form: FormData) -> tuple[list[bytes], dict[str, str]]:
+    """The `images` files and the fields of a classify form; any other part, or a field given twice (which
+    one would count?), is refused as the schema says (`additionalProperties: false`)."""
+    files, fields = [], {}
+    for name, value in form.multi_items():
+        if name == "images" and isinstance(value, UploadFile):
+            files.append(await value.read())
+        elif name not in FORM_FIELDS or not isinstance(value, str):
+            raise BadRequest(f"form part {echo(name)} is not one of: images (files), {', '.join(FORM_FIELDS)}")
+        elif name in fields:
+            raise BadRequest(f"form field {echo(name)} given more than once")
+        else:
+            fields[name] = value
+    return files, fields
+
+
 async def parse_classify_request(request: Request, model: str, top_k: int) -> tuple[list[bytes], str, int]:
     """(image files, model, top_k). A model or top_k in the body overrides the query parameter."""
     settings = request.app.state.settings
@@ -191,8 +212,7 @@ async def parse_classify_request(request: Request, model: str, top_k: int) -> tu
     if content_type == "multipart/form-data":
         form = await _multipart(request, settings.max_body_bytes, settings.max_images)
         try:
-            files = [await item.read() for _, item in form.multi_items() if isinstance(item, UploadFile)]
-            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+            files, fields = await _form_parts(form)
         finally:
             await form.close()
         model = fields.get("model") or model

@@ -23,9 +23,10 @@ log = logging.getLogger("kdserve.gateway")
 # Triton's words for a model that is not loaded (unloaded, failed, or a newer version still loading):
 # a server-side condition that passes, so a 503, not the client's fault.
 NOT_SERVING = ("unknown model", "no available versions", "not ready", "is not found")
-# How long a readiness answer is reused: probes (open to anyone, and a load balancer's every second) share
-# one Triton call per path in this window, on a connection of their own, so a probe flood never takes
-# the connections inference waits for (review of 61e1da7: 504s under a flood of /readyz).
+# How long a probe's readiness answer is reused: probes (open to anyone, and a load balancer's every second)
+# share one Triton call per path in this window. Every readiness call goes over a connection of its own,
+# so a probe flood never takes the connections inference waits for (review of 61e1da7: 504s under a flood
+# of /readyz). The manifest follower asks afresh: a version that just became READY must be seen at once.
 READY_TTL_S = 0.25
 
 
@@ -102,9 +103,11 @@ class TritonClient:
         finally:
             self.metrics.child(self.metrics.triton_seconds, model, outcome).observe(time.perf_counter() - start)
 
-    async def _ready(self, path: str) -> bool:
-        """Triton's answer for a readiness `path`, asked at most once per READY_TTL_S however many ask
-        (the paths are Triton's health and the manifest's models: a bounded set)."""
+    async def _ready(self, path: str, shared: bool) -> bool:
+        """Triton's answer for a readiness `path`; `shared`: asked at most once per READY_TTL_S however many
+        ask (the paths are Triton's health and the manifest's models: a bounded set)."""
+        if not shared:
+            return await self._probe(path)
         now = time.monotonic()
         known = self._readiness.get(path)
         if known is None or (known[1].done() and now - known[0] > READY_TTL_S):
@@ -119,8 +122,9 @@ class TritonClient:
         except (TimeoutError, OSError):
             return False
 
-    async def server_ready(self) -> bool:
-        return await self._ready("/v2/health/ready")
+    async def server_ready(self, shared: bool = True) -> bool:
+        return await self._ready("/v2/health/ready", shared)
 
-    async def model_ready(self, model: str, version: int | None = None) -> bool:
-        return await self._ready(f"{model_path(model, version)}/ready")
+    async def model_ready(self, model: str, version: int | None = None, shared: bool = True) -> bool:
+        """`shared` (probes): an answer up to READY_TTL_S old may be reused; else Triton is asked now."""
+        return await self._ready(f"{model_path(model, version)}/ready", shared)

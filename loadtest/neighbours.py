@@ -342,7 +342,13 @@ def noisy_neighbours(repo: Path, seconds: float = ATTACK_S, attacks: list | None
     with tempfile.TemporaryDirectory(prefix="kdserve-neighbours-") as work:
         keys_file = Path(work) / "keys.json"
         keys_file.write_text(json.dumps([hostile_entry, neighbour_entry]))
-        env = {"KDSERVE_API_KEYS_FILE": str(keys_file), "KDSERVE_ANSWERS_DIR": str(Path(work) / "answers")}
+        # Bound to every address, as a deployed gateway is (it is only ever called on loopback here): on a
+        # loopback address a keys file emptied may open classification, since start-up would allow that.
+        env = {
+            "KDSERVE_HOST": "0.0.0.0",
+            "KDSERVE_API_KEYS_FILE": str(keys_file),
+            "KDSERVE_ANSWERS_DIR": str(Path(work) / "answers"),
+        }
         with serving(repo, env) as (_, gateway):
             image_size = json.loads((Path(repo) / "manifest.json").read_text())["preprocessing"]["image_size"]
             target = Target(gateway, hostile, neighbour, keys_file, int(image_size))
