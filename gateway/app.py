@@ -29,6 +29,7 @@ from gateway.oip import model_names
 from gateway.routes import router
 from gateway.service import Classifier
 from gateway.settings import GatewaySettings
+from gateway.single_flight import SingleFlight
 from gateway.triton_client import TritonClient
 from gateway.triton_server import EmbeddedTriton, TritonPorts
 from gateway.v2_grpc import start_grpc
@@ -151,6 +152,7 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
             if app.state.capture is not None:
                 await app.state.capture.flush()  # the open segment, written whole before the process ends
             app.state.decode_pool.shutdown(wait=True)
+            app.state.figures.close()
             await triton.close()
             if server is not None:
                 await asyncio.to_thread(server.stop)
@@ -171,6 +173,7 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
     app.state.settings, app.state.metrics = settings, metrics  # the manifest lives in app.state.classifier
     app.state.ab_stats = ABStats([], settings.ab_window)
     app.state.local_step = LocalStep(metrics.registry)
+    app.state.figures = SingleFlight("figures")  # GET /v1/experiment's intervals, off the event loop
     start_experiment(app, settings, manifest)
     install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
 

@@ -34,9 +34,13 @@ PRIOR = 0.5
 _BISECTIONS = 50  # 2^-50: far below any rate a count can show
 
 
+_LGAMMA = np.frompyfunc(math.lgamma, 1, 1)  # numpy has no lgamma; frompyfunc calls it with the least overhead
+
+
 def _log_beta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lgamma = np.vectorize(math.lgamma, otypes=[float])
-    return lgamma(a) + lgamma(b) - lgamma(a + b)
+    both = _LGAMMA(np.concatenate([np.ravel(a), np.ravel(b), np.ravel(a + b)])).astype(float)
+    size = np.size(a)
+    return (both[:size] + both[size : 2 * size] - both[2 * size :]).reshape(np.shape(a))
 
 
 def _log_mixture(s: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -66,24 +70,22 @@ def proportion_cs(
     n = np.asarray(trials, dtype=float)
     if np.any(s < 0) or np.any(s > n):
         raise ValueError("successes must lie between 0 and trials")
-    log_mixture = _log_mixture(s, n)
-
-    def outside(p: np.ndarray) -> np.ndarray:
-        return _rejected(s, n, p, log_mixture, alpha)
-
-    centre = np.where(n > 0, s / np.maximum(n, 1), 0.5)
-
-    def edge(far: float) -> np.ndarray:
-        inside, out = centre.copy(), np.full_like(centre, far)
-        for _ in range(_BISECTIONS):
-            mid = (inside + out) / 2
-            rejected = outside(mid)
-            out = np.where(rejected, mid, out)
-            inside = np.where(rejected, inside, mid)
-        # The far end itself is in the set when nothing there is rejected (e.g. no failures yet: p = 1).
-        return np.where(outside(np.full_like(centre, far)), inside, far)
-
-    return edge(0.0), edge(1.0)
+    # Both edges bisected in one pass over the stacked arrays: half the numpy calls, which dominate for the
+    # few counts a gate reads (GET /v1/experiment computes a dozen of these).
+    shape = s.shape
+    s2, n2 = np.concatenate([s.ravel(), s.ravel()]), np.concatenate([n.ravel(), n.ravel()])
+    log_mixture = _log_mixture(s2, n2)
+    centre = np.where(n2 > 0, s2 / np.maximum(n2, 1), 0.5)
+    far = np.repeat([0.0, 1.0], s.size)
+    inside, out = centre.copy(), far.copy()
+    for _ in range(_BISECTIONS):
+        mid = (inside + out) / 2
+        rejected = _rejected(s2, n2, mid, log_mixture, alpha)
+        out = np.where(rejected, mid, out)
+        inside = np.where(rejected, inside, mid)
+    # The far end itself is in the set when nothing there is rejected (e.g. no failures yet: p = 1).
+    edges = np.where(_rejected(s2, n2, far, log_mixture, alpha), inside, far)
+    return edges[: s.size].reshape(shape), edges[s.size :].reshape(shape)
 
 
 def difference_cs(
