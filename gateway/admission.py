@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from gateway.errors import Overloaded
+from gateway.errors import Overloaded, OverShare
 from gateway.metrics import GatewayMetrics
 
 ANYONE = "anonymous"
@@ -33,26 +33,28 @@ class AdmissionControl:
         self._in_flight: dict[str, int] = defaultdict(int)
         self._by_caller: dict[str, dict[str, int]] = defaultdict(dict)  # model -> caller -> images
 
-    def _refusal(self, model: str, images: int, caller: str) -> str | None:
-        """Why `caller` may not add `images` to `model` now (None: it may)."""
+    def _refusal(self, model: str, images: int, caller: str) -> Overloaded | None:
+        """Why `caller` may not add `images` to `model` now (None: it may): the model full (503), or the
+        caller over its share (429)."""
+        retry = {"Retry-After": self.retry_after}
         if self._in_flight[model] + images > self.limit:
-            return f"model {model} is at its bound of {self.limit} images in flight; retry shortly"
+            return Overloaded(f"model {model} is at its bound of {self.limit} images in flight; retry shortly", retry)
         holders = self._by_caller[model]
         held = holders.get(caller, 0)
         others = len(holders) - (caller in holders)
         share = self.limit // (others + 2)  # room kept for one more caller than are busy now
         if held and held + images > share:
-            return f"model {model}: this caller holds {held} of its {share} images in flight; retry shortly"
+            return OverShare(f"model {model}: this caller holds {held} of its {share} images in flight", retry)
         return None
 
     @contextmanager
     def admit(self, models: list[str], images: int, caller: str = ANYONE) -> Iterator[None]:
         """Hold `images` against every model in `models` for the block, or raise Overloaded for all of them."""
-        refusals = [(m, why) for m in models if (why := self._refusal(m, images, caller)) is not None]
+        refusals = [(m, error) for m in models if (error := self._refusal(m, images, caller)) is not None]
         if refusals:
             for model, _ in refusals:
                 self.metrics.admission_rejected.labels(model).inc()
-            raise Overloaded(refusals[0][1], headers={"Retry-After": self.retry_after})
+            raise refusals[0][1]
         for model in models:
             self._in_flight[model] += images
             self._by_caller[model][caller] = self._by_caller[model].get(caller, 0) + images

@@ -110,6 +110,13 @@ class Overloaded(GatewayError):
     status_code, kind = 503, "overloaded"
 
 
+class OverShare(Overloaded):
+    """The model has room, but this caller holds its share of it (admission shares a model between
+    callers): the caller's doing, so a 429, with Retry-After."""
+
+    status_code, kind = 429, "over_share"
+
+
 class UpstreamError(GatewayError):
     """Triton ran the model and it failed (INTERNAL): not retryable, and Triton's text stays in the log."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import grpc
@@ -276,7 +277,36 @@ class KeyInterceptor(grpc.aio.ServerInterceptor):
             except GatewayError as exc:
                 self.app.state.metrics.errors.labels(exc.kind).inc()
                 return _refusal(GRPC_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message)
-        return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if method == "ModelInfer" and handler is not None:
+            return _counted_before_parsing(handler, self.app.state.metrics)
+        return handler
+
+
+@dataclass(frozen=True)
+class _TooMany:
+    """What the deserializer hands the handler instead of a message it did not parse."""
+
+    reason: str
+
+
+def _counted_before_parsing(handler: grpc.RpcMethodHandler, metrics) -> grpc.RpcMethodHandler:
+    """ModelInfer with its message's repeated fields counted on the wire before protobuf builds them."""
+    parse = handler.request_deserializer
+
+    def deserialize(message: bytes):
+        reason = oip.wire_refusal(message)
+        return _TooMany(reason) if reason is not None else parse(message)
+
+    async def behaviour(request, context: grpc.aio.ServicerContext):
+        if isinstance(request, _TooMany):
+            metrics.errors.labels(BadRequest.kind).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return await handler.unary_unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        behaviour, request_deserializer=deserialize, response_serializer=handler.response_serializer
+    )
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

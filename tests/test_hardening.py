@@ -511,15 +511,17 @@ def test_a_models_admission_bound_is_shared_between_callers():
         # One key alone may hold half the bound: the other half waits for whoever comes next.
         for _ in range(2):
             held.enter_context(admission.admit(["student_kd"], 64, caller="hog"))
-        with pytest.raises(Overloaded), admission.admit(["student_kd"], 64, caller="hog"):
+        with pytest.raises(Overloaded) as over_share, admission.admit(["student_kd"], 64, caller="hog"):
             pass
+        assert over_share.value.status_code == 429  # the caller's doing: not a 503
         held.enter_context(admission.admit(["student_kd"], 64, caller="neighbour"))  # never refused
         # Two callers busy: each may hold a third, and a third caller still finds room.
         with pytest.raises(Overloaded), admission.admit(["student_kd"], 64, caller="neighbour"):
             pass
         held.enter_context(admission.admit(["student_kd"], 64, caller="third"))
-        with pytest.raises(Overloaded), admission.admit(["student_kd"], 1, caller="fourth"):
+        with pytest.raises(Overloaded) as full, admission.admit(["student_kd"], 1, caller="fourth"):
             pass  # the model's own bound still holds: 256 images in flight
+        assert full.value.status_code == 503
     with admission.admit(["student_kd"], 64, caller="hog"), admission.admit(["student_kd"], 64, caller="hog"):
         pass  # all released
 
@@ -594,3 +596,30 @@ def test_a_wrong_method_is_answered_405_with_every_method_of_the_path(app_withou
     ):
         answer = client.request(method, path)
         assert answer.status_code == 405 and answer.headers["Allow"] == allowed, (method, path, answer.headers)
+
+
+def test_a_grpc_message_is_counted_on_the_wire_and_refused_before_protobuf_builds_it(monkeypatch):
+    """`make faults` found it: 800k bare inputs in one 7 MB ModelInfer took the gateway to 3 GB while protobuf
+    built them, before any count could be checked. The wire is read tag by tag and the scan stops at the
+    first field past its bound."""
+    from gateway import oip
+
+    image = service_pb2.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1, 1])
+    image.contents.bytes_contents.append(digit_png_bytes(1500))
+    valid = service_pb2.ModelInferRequest(model_name="student", inputs=[image], parameters={"a": _param(1)})
+    assert oip.wire_refusal(valid.SerializeToString()) is None
+    bare = service_pb2.ModelInferRequest.InferInputTensor(name="IMAGE")
+    huge = service_pb2.ModelInferRequest(model_name="student", inputs=[bare] * 100_000).SerializeToString()
+    tags = []
+    original = oip._varint
+    monkeypatch.setattr(oip, "_varint", lambda data, at: tags.append(at) or original(data, at))
+    assert "at most 8 inputs" in oip.wire_refusal(huge)
+    assert len(tags) < 40, f"{len(tags)} varints read of a 100k-input message"
+    many_parameters = service_pb2.ModelInferRequest(parameters={str(i): _param(i) for i in range(17)})
+    assert "at most 16 parameters" in oip.wire_refusal(many_parameters.SerializeToString())
+    assert oip.wire_refusal(valid.SerializeToString()[:-3]) == "not a ModelInferRequest"
+    assert "field 99" in oip.wire_refusal(b"".join(bytes([0x98, 0x06, 0x01]) for _ in range(2)))
+
+
+def _param(value: int) -> service_pb2.InferParameter:
+    return service_pb2.InferParameter(int64_param=value)
