@@ -514,6 +514,11 @@ def test_a_models_admission_bound_is_shared_between_callers():
         with pytest.raises(Overloaded) as over_share, admission.admit(["student_kd"], 64, caller="hog"):
             pass
         assert over_share.value.status_code == 429  # the caller's doing: not a 503
+        # Holding its whole share, the hog is refused before its next body is even read; the others are not.
+        with pytest.raises(Overloaded) as early:
+            admission.check_share(["student_kd"], "hog")
+        assert early.value.status_code == 429
+        admission.check_share(["student_kd"], "neighbour")
         held.enter_context(admission.admit(["student_kd"], 64, caller="neighbour"))  # never refused
         # Two callers busy: each may hold a third, and a third caller still finds room.
         with pytest.raises(Overloaded), admission.admit(["student_kd"], 64, caller="neighbour"):

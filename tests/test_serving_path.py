@@ -52,13 +52,15 @@ async def until_admitted(gateway: GatewayProcess, model: str, images: float) -> 
 def test_admission_control_sheds_at_its_bound_with_exact_counts(tiny_repo, own_triton):
     """Bound 4 images in flight to a model. With Triton frozen nothing completes, so what is admitted stays
     admitted: 3 images of one key + 1 of another fit, a 2-image and a 1-image request past the bound get an
-    immediate 503. (Two keys: one caller alone may hold only half a model's bound, see gateway.admission.)"""
-    (first, first_entry), (second, second_entry) = (new_key(n, ["classify"], None, None) for n in ("a", "b"))
+    immediate 503. (Three keys: one caller alone may hold only half a model's bound, see gateway.admission.)"""
+    (first, first_entry), (second, second_entry), (third, third_entry) = (
+        new_key(n, ["classify"], None, None) for n in ("a", "b", "c")
+    )
     env = {
         "KDSERVE_ADMISSION_MAX_IMAGES": "4",
         "KDSERVE_MAX_IMAGES": "4",
         "KDSERVE_TRITON_TIMEOUT_S": "60",
-        "KDSERVE_API_KEYS": json.dumps([first_entry, second_entry]),
+        "KDSERVE_API_KEYS": json.dumps([first_entry, second_entry, third_entry]),
     }
     png = digit_png_bytes(1700)
 
@@ -85,7 +87,8 @@ def test_admission_control_sheds_at_its_bound_with_exact_counts(tiny_repo, own_t
                 shed_two = await client.post("/v1/classify?model=student", files=files(2), headers=by(second))
                 one = post(1, second)
                 await until_admitted(gateway, "student_kd", 4)
-                shed_one = await client.post("/v1/classify?model=student", files=files(1), headers=by(first))
+                # A third key: the first, holding its share, would be told 429 (its doing), not 503.
+                shed_one = await client.post("/v1/classify?model=student", files=files(1), headers=by(third))
                 other_model = await asyncio.wait_for(
                     client.get("/healthz"), timeout=5
                 )  # the gateway itself stays responsive
