@@ -44,7 +44,10 @@ def test_overload_sheds_with_503_and_answers_within_the_deadline(tiny_repo):
     # holds the overload for 15 s.
     result = overload(tiny_repo, clients=48, images=32, seconds=6.0)
     assert set(result.statuses) <= {"200", "503", "429"}, result.statuses
-    assert result.statuses.get("503", 0) > 0 and result.statuses.get("200", 0) > 0, result.statuses
+    # Shed at once, as 503 (the model at its bound) or 429 (these 48 anonymous clients are one caller, which
+    # may hold half a model's bound: gateway.admission).
+    shed = result.statuses.get("503", 0) + result.statuses.get("429", 0)
+    assert shed > 0 and result.statuses.get("200", 0) > 0, result.statuses
     assert result.figures["answered_p99_ms"] <= result.figures["deadline_ms"], result.figures
 
 
