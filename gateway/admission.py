@@ -39,22 +39,24 @@ class AdmissionControl:
         retry = {"Retry-After": self.retry_after}
         if self._in_flight[model] + images > self.limit:
             return Overloaded(f"model {model} is at its bound of {self.limit} images in flight; retry shortly", retry)
-        holders = self._by_caller[model]
-        held = holders.get(caller, 0)
-        others = len(holders) - (caller in holders)
-        share = self.limit // (others + 2)  # room kept for one more caller than are busy now
+        held, share = self._share(model, caller)
         if held and held + images > share:
             return OverShare(f"model {model}: this caller holds {held} of its {share} images in flight", retry)
         return None
+
+    def _share(self, model: str, caller: str) -> tuple[int, int]:
+        """(images `caller` holds of `model`, its share): the bound over two more than the other holders,
+        room kept for one more caller than are busy now."""
+        holders = self._by_caller[model]
+        held = holders.get(caller, 0)
+        return held, self.limit // (len(holders) - (caller in holders) + 2)
 
     def check_share(self, models: list[str], caller: str) -> None:
         """Raise OverShare when `caller` already holds its whole share of one of `models`: checked before a
         request's body is read, so a caller flooding a model is refused without parsing what it sent (100
         connections of 64-image requests cost the gateway its event loop in parsing alone, `make faults`)."""
         for model in models:
-            holders = self._by_caller[model]
-            held = holders.get(caller, 0)
-            share = self.limit // (len(holders) - (caller in holders) + 2)
+            held, share = self._share(model, caller)
             if held and held >= share:
                 self.metrics.admission_rejected.labels(model).inc()
                 raise OverShare(

@@ -365,7 +365,6 @@ def declared_scope(route: object) -> Access | None:
     return getattr(target, "kdserve_access", None)
 
 
-UNDECLARED = Access("admin")  # stands for "refuse": see KeyMiddleware
 UNMATCHED = Access("classify")  # no route: a caller without a key learns nothing, not even a 404
 ROUTE_CACHE_SIZE = 4096  # (method, path) pairs whose route is remembered; paths are the caller's choice
 
@@ -377,14 +376,14 @@ class KeyMiddleware:
 
     def __init__(self, app, gate: KeyGate, on_error) -> None:
         self.app, self.gate, self.on_error = app, gate, on_error
-        self._access: dict[tuple[str, str], Access] = {}
+        self._access: dict[tuple[str, str], Access | None] = {}
 
-    def access(self, scope) -> Access:
-        """The declared access of the route the router will choose: a full match first, else the first
-        partial one (another method: 405), else none."""
-        known = self._access.get((scope["method"], scope["path"]))
-        if known is not None:
-            return known
+    def access(self, scope) -> Access | None:
+        """The declared access of the route the router will choose (a full match first, else the first
+        partial one: another method, 405); UNMATCHED for no route; None for a route that declares none."""
+        key = (scope["method"], scope["path"])
+        if key in self._access:
+            return self._access[key]
         chosen = None
         for route in served_routes(scope["app"].router.routes):
             match, _ = route.matches(scope)
@@ -393,12 +392,12 @@ class KeyMiddleware:
                 break
             if match == Match.PARTIAL and chosen is None:
                 chosen = route
-        access = UNMATCHED if chosen is None else declared_scope(chosen) or UNDECLARED
-        if access is UNDECLARED:
+        access = UNMATCHED if chosen is None else declared_scope(chosen)
+        if access is None:
             log.error("route %s %s declares no scope: refused to everyone", scope["method"], scope["path"])
         if len(self._access) >= ROUTE_CACHE_SIZE:
             self._access.clear()
-        self._access[(scope["method"], scope["path"])] = access
+        self._access[key] = access
         return access
 
     async def __call__(self, scope, receive, send) -> None:
@@ -406,11 +405,11 @@ class KeyMiddleware:
             await self.app(scope, receive, send)
             return
         access = self.access(scope)
-        if access.scope is None:
+        if access is not None and access.scope is None:
             await self.app(scope, receive, send)
             return
         try:
-            if access is UNDECLARED:
+            if access is None:
                 raise Forbidden(f"route {scope['path'][:64]} declares no scope: refused (see gateway.keys.requires)")
             authorization = credential([v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"])
             admitted = self.gate.admit(authorization, access.scope)

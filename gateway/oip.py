@@ -292,17 +292,6 @@ def _varint(data: bytes, offset: int) -> tuple[int, int]:
         shift += 7
 
 
-def check_counts(inputs: int, outputs: int, parameters: int) -> None:
-    """The request's sizes, before anything is read from them."""
-    for what, count, limit in (
-        ("inputs", inputs, MAX_TENSORS),
-        ("outputs", outputs, MAX_TENSORS),
-        ("parameters", parameters, MAX_PARAMETERS),
-    ):
-        if count > limit:
-            raise BadRequest(f"{count} {what}; at most {limit} {what} per request")
-
-
 def read_inputs(tensors: list[Tensor], image_size: int, max_images: int) -> Inputs:
     """The one input a request may carry, checked: encoded images or prepared pixels."""
     if len(tensors) != 1:

@@ -253,7 +253,7 @@ async def classify(request: Request) -> Response:
     state = request.app.state
     query = request.query_params
     with tracing.request_span("POST /v1/classify", trace_carrier(request)):
-        state.classifier.check_share(query.get("model") or AUTO, request.state.key_id)
+        state.classifier.check_share(query.get("model") or AUTO, request.state.key_id, state.experiment.weights)
         files, model, top_k = await parse_classify_request(
             request, query.get("model") or AUTO, parse_top_k(query["top_k"]) if "top_k" in query else 3
         )

@@ -69,10 +69,10 @@ class Classifier:
             raise UnknownModel(f"unknown model {echo(name)}; choose one of: {known}, {AUTO}")
         return name
 
-    def check_share(self, name: str, caller: str) -> None:
+    def check_share(self, name: str, caller: str, arms: Iterable[str]) -> None:
         """Refuse `caller` before its body is read when it already holds its share of what `name` calls
-        (`auto`: of every arm's models)."""
-        targets = self.routed_models() if name == AUTO else self.triton_models(self.resolve(name))
+        (`auto`: of what the experiment's `arms` may call)."""
+        targets = self.routed_models(arms) if name == AUTO else self.triton_models(self.resolve(name))
         self.admission.check_share(targets, caller)
 
     def admit(self, target: str, images: int, caller: str) -> AbstractContextManager[None]:

@@ -212,11 +212,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request, metadata: dict, call, start: float) -> service_pb2.ModelInferResponse:
         state = self.state
         classifier = state.classifier
-        oip.check_counts(
-            max(len(request.inputs), len(request.raw_input_contents)), len(request.outputs), len(request.parameters)
-        )
-        for tensor in (*request.inputs, *request.outputs):  # at most 8 + 8, checked just above
-            oip.check_counts(0, 0, len(tensor.parameters))
+        # The message's own fields were counted on the wire (KeyInterceptor); its tensors' parameters are nested.
+        for tensor in (*request.inputs, *request.outputs):
+            if len(tensor.parameters) > oip.MAX_PARAMETERS:
+                raise BadRequest(f"at most {oip.MAX_PARAMETERS} parameters per tensor, got {len(tensor.parameters)}")
         oip.check_version(classifier, request.model_name, request.model_version or None)
         requested = [
             oip.requested_output(o.name, {k: _plain(v) for k, v in o.parameters.items()}, True) for o in request.outputs

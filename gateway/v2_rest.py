@@ -223,7 +223,7 @@ async def infer(request: Request) -> Response:
     classifier = _classifier(request)
     with tracing.request_span("POST /v2/models/{name}/infer", trace_carrier(request)):
         name, _ = _model_name(request)
-        classifier.check_share(name, request.state.key_id)
+        classifier.check_share(name, request.state.key_id, state.experiment.weights)
         body = await read_body_limited(request, state.settings.max_body_bytes)
         header, binary = _split_body(request, body)
         parsed = parse_json_body(InferRequest.model_validate_json, header)
