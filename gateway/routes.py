@@ -40,6 +40,7 @@ from gateway.gates import arm_statistics, judge
 from gateway.inference import classify_request
 from gateway.keys import requires
 from gateway.schemas import (
+    CLASSIFY_JSON_MAX_COMMAS,
     IMAGE_MEDIA_TYPES,
     ClassifyJSON,
     ClassifyResponse,
@@ -50,6 +51,7 @@ from gateway.schemas import (
     inline_schema,
 )
 from gateway.service import Classifier
+from gateway.settings import MAX_IMAGES_PER_REQUEST
 from kdcontract.names import AUTO
 
 router = APIRouter()
@@ -151,6 +153,16 @@ def parse_json_body(validate: Callable[[bytes], T], body: bytes, invalid: type[G
         raise invalid(f"{where}: {first['msg']}") from exc
 
 
+def parse_classify_json(body: bytes) -> ClassifyJSON:
+    """A JSON classify body, refused before parsing when it has more values than one can hold."""
+    if body.count(b",") > CLASSIFY_JSON_MAX_COMMAS:
+        raise BadRequest(
+            f"a classify body holds at most {MAX_IMAGES_PER_REQUEST} images and two options; "
+            f"this one has more than {CLASSIFY_JSON_MAX_COMMAS} values"
+        )
+    return parse_json_body(ClassifyJSON.model_validate_json, body)
+
+
 def trace_carrier(request: Request) -> dict[str, str]:
     """The headers a caller's trace context may arrive in (read only while tracing is on)."""
     if not tracing.enabled():
@@ -222,7 +234,7 @@ async def parse_classify_request(request: Request, model: str, top_k: int) -> tu
         files = [await read_body_limited(request, settings.max_body_bytes)]
     elif content_type == "application/json":
         body = await read_body_limited(request, settings.max_body_bytes)
-        payload = parse_json_body(ClassifyJSON.model_validate_json, body)
+        payload = parse_classify_json(body)
         try:
             files = [base64.b64decode(item, validate=True) for item in payload.images]
         except (binascii.Error, ValueError) as exc:
@@ -372,7 +384,7 @@ EXPERIMENT_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 
 
 @router.get("/v1/experiment", response_model=ExperimentResponse, summary="The A/B experiment this gateway runs")
 @requires("classify")
-async def get_experiment(request: Request) -> ExperimentResponse:
+async def get_experiment(request: Request) -> Response:
     return await _experiment_figures(request)
 
 
@@ -384,7 +396,7 @@ async def get_experiment(request: Request) -> ExperimentResponse:
     summary="Change the A/B experiment (admin): every replica following its file takes it up",
 )
 @requires("admin")
-async def put_experiment(request: Request) -> ExperimentResponse:
+async def put_experiment(request: Request) -> Response:
     state = request.app.state
     body = await read_body_limited(request, 64 * 1024)
     experiment = parse_json_body(parse_experiment, body, ExperimentRefused)
@@ -402,11 +414,14 @@ async def put_experiment(request: Request) -> ExperimentResponse:
     return await _experiment_figures(request)
 
 
-async def _experiment_figures(request: Request) -> ExperimentResponse:
-    """The experiment with this replica's figures, computed off the event loop: at a million samples per
-    arm the intervals take ~10 ms of CPU (`make bench`: benchmarks/experiment_read.json), which would
-    hold every other request. Readers arriving while it is computed share that computation."""
-    return await request.app.state.figures.read(lambda: _experiment_response(request))
+async def _experiment_figures(request: Request) -> Response:
+    """The experiment with this replica's figures, computed and serialised off the event loop: at a million
+    samples per arm the intervals take ~3 ms of CPU (`make bench`: benchmarks/experiment_read.json), which
+    would hold every other request. Readers arriving while it is computed share that computation. The
+    answer is a ready `Response`: FastAPI would otherwise validate and encode the model again on the loop
+    (`response_model` still documents it)."""
+    body = await request.app.state.figures.read(lambda: _experiment_response(request).model_dump_json().encode())
+    return Response(body, media_type="application/json")
 
 
 def _experiment_response(request: Request) -> ExperimentResponse:

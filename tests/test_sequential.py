@@ -101,17 +101,35 @@ def test_quantile_bounds_equal_the_every_rank_definition(n, quantile):
 
 def test_quantile_bounds_at_a_million_samples_evaluate_the_sequence_at_few_ranks(monkeypatch):
     """Review finding 2: `GET /v1/experiment` evaluated the sequence at every rank on the event loop (0.82 s
-    at 100k samples): the ranks are searched, a few dozen at a time, since the bounds are monotone in it."""
+    at 100k samples): the ranks are bisected, since the bounds are monotone in it."""
     evaluated = []
-    original = sequential._log_beta  # the sequence's cost: one log-beta per rank evaluated
+    original = sequential._covers_rate  # the sequence's cost: one test per rank evaluated
 
-    def counting(a, b):
-        evaluated.append(np.size(a))
-        return original(a, b)
+    def counting(*args):
+        evaluated.append(args)
+        return original(*args)
 
-    monkeypatch.setattr(sequential, "_log_beta", counting)
+    monkeypatch.setattr(sequential, "_covers_rate", counting)
     edges = [1, 2, 4, 8, 16, 32, 64, math.inf]
     counts = [0, 600_000, 300_000, 80_000, 15_000, 4_000, 1_000, 0]
     low, high = sequential.quantile_cs(edges, counts, 0.99)
     assert (low, high) == (8, 16)
-    assert sum(evaluated) <= 2000, f"{sum(evaluated)} log-betas evaluated"
+    assert len(evaluated) <= 50, f"{len(evaluated)} ranks evaluated"  # 61e1da7: 2,000,002 log-betas
+
+
+def test_the_scalar_coverage_test_is_the_vectorised_rejection_negated():
+    """Two spellings of one test (scalar for the quantile's bisection, numpy for the proportion's edges)
+    must agree everywhere, edges of the count range included."""
+    rng = np.random.default_rng(7)
+    trials = np.concatenate([rng.integers(1, 2_000_000, 300), [1, 2, 10]]).astype(float)
+    successes = np.floor(rng.random(trials.size) * (trials + 1))
+    successes[-3:] = [0, 2, 10]
+    rates = rng.uniform(0.001, 0.999, trials.size)
+    rates[:100] = np.clip(successes[:100] / trials[:100] + rng.normal(0, 1e-3, 100), 1e-6, 1 - 1e-6)  # near edges
+    for alpha in (0.05, 0.0125):
+        rejected = sequential._rejected(successes, trials, rates, sequential._log_mixture(successes, trials), alpha)
+        bar = math.log(1 / alpha)
+        cases = zip(successes, trials, rates, strict=True)
+        covered = [sequential._covers_rate(int(s), int(n), float(p), bar) for s, n, p in cases]
+        assert list(~rejected) == covered
+        assert 0 < sum(covered) < len(covered), "both outcomes are exercised"
