@@ -186,4 +186,4 @@ clean:
 # The Kubernetes PrometheusRule carries the groups of deploy/monitoring/prometheus/rules.yml (the one
 # source); a test fails when they differ.
 deploy-rules: setup
-	$(PY) -c 'from loadtest.monitoring import PROMETHEUS_RULE, prometheus_rule_manifest as m; PROMETHEUS_RULE.write_text(m())'
+	$(PY) -c 'from loadtest.stacks.monitoring import PROMETHEUS_RULE, prometheus_rule_manifest as m; PROMETHEUS_RULE.write_text(m())'

@@ -12,8 +12,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gateway.errors import GatewayError
-from gateway.experiment import read_experiment, write_experiment
-from gateway.triton_server import EmbeddedTriton, TritonError, TritonPorts
+from gateway.experiments.file import read_experiment, write_experiment
+from gateway.triton.server import EmbeddedTriton, TritonError, TritonPorts
 
 
 def _cmd_triton(args: argparse.Namespace) -> None:
@@ -39,9 +39,9 @@ def _cmd_triton(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from gateway.app import create_app
-    from gateway.http_protocol import with_header_timeout
-    from gateway.server import DrainingServer
+    from gateway.app.factory import create_app
+    from gateway.http.protocol import with_header_timeout
+    from gateway.http.server import DrainingServer
     from gateway.settings import GatewaySettings
 
     # Only flags the user gave override: arguments outrank KDSERVE_* variables in pydantic-settings,
@@ -80,17 +80,16 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_rollout(args: argparse.Namespace) -> None:
     from prometheus_client import start_http_server
 
-    from gateway.figures import fetch_metrics, prometheus_counts, scraped_counts
-    from gateway.rollout import ControllerMetrics, RolloutController
+    from gateway.experiments.controller import ControllerMetrics, RolloutController
+    from gateway.experiments.sources import CountSource, PrometheusCounts, ReplicaCounts
 
     if bool(args.prometheus) == bool(args.metrics_url):
         raise GatewayError("give --prometheus URL, or --metrics-url for each gateway replica (not both)")
+    counts: CountSource
     if args.prometheus:
-        read_counts = lambda: prometheus_counts(args.prometheus)  # noqa: E731
-        source = f"Prometheus {args.prometheus}"
+        counts, source = PrometheusCounts(args.prometheus), f"Prometheus {args.prometheus}"
     else:
-        read_counts = lambda: scraped_counts(fetch_metrics(url) for url in args.metrics_url)  # noqa: E731
-        source = f"{len(args.metrics_url)} replica(s)' /metrics"
+        counts, source = ReplicaCounts(tuple(args.metrics_url)), f"{len(args.metrics_url)} replica(s)' /metrics"
     experiment_file = Path(args.experiment_file)
     if args.seed and not experiment_file.exists():
         # The declared experiment (a ConfigMap, a file in the image) copied once into the shared volume,
@@ -101,7 +100,7 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
     if args.port:
         start_http_server(args.port, addr=args.host, registry=metrics.registry)
     controller = RolloutController(
-        Path(args.experiment_file), read_counts, Path(args.events) if args.events else None, metrics
+        Path(args.experiment_file), counts, Path(args.events) if args.events else None, metrics
     )
     print(
         f"rollout controller: {args.experiment_file} every {args.interval:g} s, figures from {source}, "
@@ -127,7 +126,7 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
 def _cmd_keys_new(args: argparse.Namespace) -> None:
     import json
 
-    from gateway.keys import new_key
+    from gateway.auth.keys import new_key
 
     key, entry = new_key(args.id, args.scope or ["classify"], args.rate, args.max_in_flight)
     # The key goes to stdout once; only its entry (the hash) belongs in KDSERVE_API_KEYS or the keys file.
@@ -136,7 +135,7 @@ def _cmd_keys_new(args: argparse.Namespace) -> None:
 
 
 def _cmd_erase(args: argparse.Namespace) -> None:
-    from gateway.capture import LocalSink, ObjectStoreSink
+    from gateway.capture.sinks import LocalSink, ObjectStoreSink
     from gateway.erase import Erased, erase_answers, erase_capture
 
     request_ids = set(args.request_id or [])
@@ -199,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_serve)
+    _add_operator_commands(commands)
+    return parser
 
+
+def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
+    """What an operator runs beside the gateways: the rollout controller, keys, erasure, a cost check."""
     rollout = commands.add_parser(
         "rollout", help="step the experiment's candidate weight by its gates; back to 0 when one fails"
     )
@@ -244,8 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--reads", type=int, default=50)
     cost.add_argument("--out", help="write the figures (JSON) here too")
     cost.set_defaults(func=_cmd_experiment_cost)
-
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

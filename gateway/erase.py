@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gateway.answers import AnswerStore
+from gateway.feedback.answers import AnswerStore
 from kdcontract.capture import (
     IMAGES_PREFIX,
     IMAGES_SUFFIX,

@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from gateway.app import create_app
-from gateway.experiment import apply_experiment, parse_experiment
+from gateway.app.factory import create_app
+from gateway.experiments.spec import parse_experiment
+from gateway.serving.experiment import apply_experiment
 from gateway.settings import GatewaySettings
 
 ROUTE = "/v1/classify"
@@ -106,7 +107,7 @@ def experiment_cost(repo: Path, samples: int, reads: int = 50, seed: int = 0) ->
             }
         ).encode()
     )
-    apply_experiment(app, experiment)
+    apply_experiment(app.state, experiment)
     started = time.perf_counter()
     _fill(app, samples, seed)
     figures = asyncio.run(_measure(app, reads))

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from gateway.readiness import wait_until_ready
-from gateway.triton_server import EmbeddedTriton, TritonPorts
+from gateway.triton.server import EmbeddedTriton, TritonPorts
 
 
 def _outside_ephemeral_range() -> tuple[int, int] | None:

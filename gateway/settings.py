@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.keys import ApiKey
+from gateway.auth.keys import ApiKey
 from kdcontract.fusion import FusionMethod
 from kdcontract.names import DEFAULT_AB_WEIGHTS
 
@@ -89,7 +89,7 @@ class GatewaySettings(BaseSettings):
         None, pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the admin bearer token; unset: no admin API"
     )
 
-    # Who may call (gateway/keys.py): API keys by their sha256, with scopes and per-key quotas.
+    # Who may call (gateway/auth/gate.py): API keys by their sha256, with scopes and per-key quotas.
     default_key_max_in_flight: int | None = Field(
         64, ge=1, description="requests under way at once for a key that sets no max_in_flight (none: unlimited)"
     )
@@ -99,23 +99,23 @@ class GatewaySettings(BaseSettings):
         False, description="classify without keys on a non-loopback address when no classify key is configured"
     )
 
-    # The Open Inference Protocol over gRPC (gateway/v2_grpc.py), beside HTTP.
+    # The Open Inference Protocol over gRPC (gateway/grpc/servicer.py), beside HTTP.
     grpc_port: int = Field(8081, ge=0, le=65535, description="the gateway's gRPC port (0: no gRPC)")
 
-    # OpenTelemetry traces (gateway/tracing.py): off at 0.
+    # OpenTelemetry traces (gateway/telemetry/tracing.py): off at 0.
     trace_sample_ratio: float = Field(0.0, ge=0, le=1, description="share of requests traced (0: tracing off)")
     otlp_endpoint: str | None = Field(
         None, pattern=r"^https?://", description="OTLP/HTTP collector base URL (spans go to <url>/v1/traces)"
     )
 
     # Ground truth for the A/B arms: what each A/B request's arms answered, kept in a directory every
-    # replica reaches, so feedback joins on any replica (gateway/answers.py). Unset: no feedback.
+    # replica reaches, so feedback joins on any replica (gateway/feedback/answers.py). Unset: no feedback.
     answers_dir: Path | None = Field(None, description="shared directory of A/B answers awaiting feedback")
     answers_ttl_s: float = Field(3600.0, ge=1, description="how long an answer waits for its feedback")
     answers_max_records: int = Field(1_000_000, ge=100, description="answers kept on disk at most (oldest go first)")
     answers_queue: int = Field(10_000, ge=1, description="answers waiting for the writer; beyond, dropped and counted")
 
-    # Served traffic kept as distillation data (gateway/capture.py): opt-in, images can be personal data.
+    # Served traffic kept as distillation data (gateway/capture/recorder.py): opt-in, images can be personal data.
     capture_fraction: float = Field(0.0, ge=0, le=1, description="share of classified requests captured (0: off)")
     capture_dir: Path | None = Field(None, description="directory the capture's segments are written to")
     capture_url: str | None = Field(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from gateway.triton_server import TritonPorts
-    from loadtest.demo import DemoClock, run_demo
+    from gateway.triton.server import TritonPorts
+    from loadtest.stacks.demo import DemoClock, run_demo
 
     ports = TritonPorts(args.http_port, args.grpc_port, args.metrics_port)
     clock = DemoClock(args.started_at, args.record)
@@ -19,7 +19,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_rollout(args: argparse.Namespace) -> None:
-    from loadtest.rollout import RolloutPlan, run_rollout
+    from loadtest.stacks.rollout import RolloutPlan, run_rollout
 
     plan = RolloutPlan(seconds=args.seconds, users=args.users)
     results = run_rollout(Path(args.repo), Path(args.out), plan, args.break_student, Path(args.bench_results))
@@ -33,28 +33,28 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
 
 
 def _cmd_loop(args: argparse.Namespace) -> None:
-    from loadtest.loop import run_loop
+    from loadtest.stacks.loop import run_loop
 
     run_loop(Path(args.run), Path(args.repo), Path(args.out), Path(args.work), args.seeds)
     print((Path(args.out) / "results.md").read_text())
 
 
 def _cmd_capture_cost(args: argparse.Namespace) -> None:
-    from loadtest.capture_cost import capture_cost
+    from loadtest.benchmarks.capture_cost import capture_cost
 
     capture_cost(Path(args.repo), Path(args.out), args.requests)
     print((Path(args.out) / "capture_cost.md").read_text())
 
 
 def _cmd_statistics(args: argparse.Namespace) -> None:
-    from loadtest.statistics_study import run_study
+    from loadtest.benchmarks.statistics_study import run_study
 
     run_study(Path(args.out))
     print((Path(args.out) / "statistics.md").read_text())
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from loadtest.bench import run_bench
+    from loadtest.benchmarks.bench import run_bench
 
     run_bench(
         Path(args.repo),
@@ -67,7 +67,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_protocols(args: argparse.Namespace) -> None:
-    from loadtest.protocols import run_protocols
+    from loadtest.benchmarks.protocols import run_protocols
 
     run_protocols(Path(args.repo), Path(args.out), args.requests)
     print(f"[protocols] results in {Path(args.out) / 'results.md'}")
@@ -76,7 +76,7 @@ def _cmd_protocols(args: argparse.Namespace) -> None:
 def _cmd_served_accuracy(args: argparse.Namespace) -> None:
     import httpx
 
-    from loadtest.served_accuracy import markdown, served_accuracy, write
+    from loadtest.clients.served_accuracy import markdown, served_accuracy, write
 
     def measure(url: str) -> dict:
         with httpx.Client(base_url=url, timeout=120) as client:
@@ -94,7 +94,7 @@ def _cmd_served_accuracy(args: argparse.Namespace) -> None:
 
 
 def _cmd_cascade(args: argparse.Namespace) -> None:
-    from loadtest.cascade import check_cascade, write
+    from loadtest.benchmarks.cascade import check_cascade, write
 
     results = check_cascade(Path(args.repo), args.requests)
     path = write(results, Path(args.out))
@@ -104,15 +104,15 @@ def _cmd_cascade(args: argparse.Namespace) -> None:
 
 
 def _cmd_faults(args: argparse.Namespace) -> None:
-    from loadtest.bench import cpu_description
-    from loadtest.faults import run_faults
+    from loadtest.benchmarks.bench import cpu_description
+    from loadtest.benchmarks.faults import run_faults
 
     print(run_faults(Path(args.repo), Path(args.out), cpu_description()).read_text())
 
 
 def _cmd_soak(args: argparse.Namespace) -> None:
-    from loadtest.bench import cpu_description
-    from loadtest.soak import run_soak, write
+    from loadtest.benchmarks.bench import cpu_description
+    from loadtest.benchmarks.soak import run_soak, write
 
     results = run_soak(Path(args.repo), args.minutes, args.clients)
     print(write(results, Path(args.out), cpu_description()).read_text())
@@ -121,15 +121,15 @@ def _cmd_soak(args: argparse.Namespace) -> None:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> None:
-    from loadtest.bench import cpu_description
-    from loadtest.dashboard import run_dashboard
+    from loadtest.benchmarks.bench import cpu_description
+    from loadtest.stacks.dashboard import run_dashboard
 
     print(run_dashboard(Path(args.repo), args.minutes, args.clients, Path(args.out), cpu_description()).read_text())
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from loadtest.report import write_report
-    from loadtest.run import run_load
+    from loadtest.clients.report import write_report
+    from loadtest.clients.run import run_load
 
     summary = run_load(
         args.host,
@@ -149,14 +149,14 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_headline(args: argparse.Namespace) -> None:
-    from loadtest.headline import write_headline
+    from loadtest.benchmarks.headline import write_headline
 
     changed = write_headline(Path(args.readme), Path(args.benchmarks))
     print(f"[headline] {args.readme} {'updated' if changed else 'already current'}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from loadtest.report import write_report
+    from loadtest.clients.report import write_report
 
     print(f"[loadtest] {write_report(Path(args.run))}")
 
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from gateway.process import GatewayStartError
-    from gateway.triton_server import TritonError
+    from gateway.triton.server import TritonError
     from kdcontract.errors import UserError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the results

@@ -203,7 +203,7 @@ def gateway_image(artifacts) -> str:
 @pytest.fixture(scope="session")
 def triton(tiny_repo: Path, tmp_path_factory):
     """A real tritonserver on free loopback ports serving the tiny repository."""
-    from gateway.triton_server import EmbeddedTriton, TritonPorts
+    from gateway.triton.server import EmbeddedTriton, TritonPorts
 
     log_file = tmp_path_factory.mktemp("triton") / "triton.log"
     # Explicit model control (all models loaded at start) lets a test unload an ensemble member for real.

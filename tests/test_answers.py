@@ -9,10 +9,10 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from gateway.answers import LABEL_SUFFIX, Answer, AnswerStore, ShadowAnswer, issued_at, new_request_id
-from gateway.feedback import FeedbackItem, FeedbackJoin
+from gateway.feedback.answers import LABEL_SUFFIX, Answer, AnswerStore, ShadowAnswer, issued_at, new_request_id
+from gateway.feedback.join import FeedbackItem, FeedbackJoin
 from gateway.files import create_once, file_stamp, write_whole
-from gateway.metrics import GatewayMetrics
+from gateway.telemetry.metrics import GatewayMetrics
 
 
 def answer(at: float, arm: str = "student") -> Answer:

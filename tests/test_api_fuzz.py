@@ -26,7 +26,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 
-from gateway.schemas import IMAGE_MEDIA_TYPES
+from gateway.http.schemas import IMAGE_MEDIA_TYPES
 from kdcontract.digits import digit_png_bytes
 
 # Per operation and generation mode; the classify endpoints carry nearly all of the input space.

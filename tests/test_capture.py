@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.capture import LocalSink
+from gateway.capture.sinks import LocalSink
 from gateway.process import GatewayProcess
 from kdcontract.capture import (
     UNLABELLED,
@@ -303,8 +303,8 @@ def test_segments_are_read_one_at_a_time_into_one_array():
 def test_erase_removes_one_requests_images_labels_and_answers_everywhere_they_are_kept(tmp_path, capsys):
     """Review finding 18: there was no way to erase one person's data. `python -m gateway erase` removes the
     captured images, labels and A/B answers of given request ids, and leaves everything else whole."""
-    from gateway.answers import Answer, AnswerStore
     from gateway.cli import main
+    from gateway.feedback.answers import Answer, AnswerStore
 
     capture, answers = tmp_path / "capture", tmp_path / "answers"
     sink = LocalSink(capture, retention_s=3600, max_bytes=2**30)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.capture import ObjectStoreSink
+from gateway.capture.sinks import ObjectStoreSink
 from gateway.process import GatewayProcess, free_port
 from kdcontract.capture import capture_files, capture_listing, read_capture
 from kdcontract.digits import digit_png_bytes

@@ -10,7 +10,7 @@ import pytest
 from gateway.process import GatewayProcess
 from kdcontract.digits import digit_png_bytes
 from kdcontract.manifest import read_manifest
-from loadtest.measure import metric_value
+from loadtest.clients.measure import metric_value
 
 HELD_OUT = list(range(1700, 1760))  # 60 digits, as 8x8 PNG files
 

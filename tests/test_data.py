@@ -185,7 +185,7 @@ def test_a_gateway_capture_joins_the_transfer_set_with_its_feedback_labels_and_b
 
 
 def test_the_loops_client_sends_exactly_the_few_labels_recipes_unlabelled_training_images(tmp_path):
-    from loadtest.loop import traffic_indices
+    from loadtest.stacks.loop import traffic_indices
     from training.data import load_digits_images
     from training.recipe import dump_recipe, load_recipe
 

@@ -25,7 +25,7 @@ import yaml
 from kubernetes_validate.utils import ValidationError as KubernetesValidationError
 
 from gateway.settings import GatewaySettings
-from loadtest.monitoring import (
+from loadtest.stacks.monitoring import (
     ADAPTER_CONFIG,
     DASHBOARD,
     MONITORING,
@@ -534,7 +534,7 @@ def test_gateway_image_installs_the_serve_extra_only_and_it_has_no_torch():
     assert "fastapi" in closure and "nvidia-pytriton" in closure
     assert not closure & {"torch", "torchvision"}, "the serve extra pulls in torch"
     # ... and the gateway's code imports none: started with torch made unimportable.
-    modules = "gateway.app, gateway.cli, gateway.triton_server, kdcontract.manifest"
+    modules = "gateway.app.factory, gateway.cli, gateway.triton.server, kdcontract.manifest"
     probe = f"import sys; sys.modules['torch'] = None; import {modules}"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -543,7 +543,7 @@ def test_gateway_image_installs_the_serve_extra_only_and_it_has_no_torch():
 @pytest.mark.parametrize("kustomization", SERVING)
 def test_the_rollout_controller_runs_one_at_a_time_on_the_shared_experiment_with_a_valid_seed(kustomization):
     from gateway.cli import build_parser
-    from gateway.experiment import read_experiment
+    from gateway.experiments.file import read_experiment
 
     deployments = objects(kustomization, "Deployment")
     rollout = deployments["kdserve-rollout"]

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtest.headline import END, START, headline_block
+from loadtest.benchmarks.headline import END, START, headline_block
 from tests.conftest import ROOT
 
 README = ROOT / "README.md"
@@ -28,7 +28,7 @@ def test_the_readme_headline_table_is_the_one_generated_from_the_benchmark_files
 def test_the_committed_bench_report_is_what_its_json_renders_to():
     import json
 
-    from loadtest.bench import results_markdown
+    from loadtest.benchmarks.bench import results_markdown
 
     # One renderer for the report: the committed pair must agree (a hand edit of either fails here).
     results = json.loads((ROOT / "benchmarks" / "results.json").read_text())

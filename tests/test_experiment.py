@@ -11,7 +11,7 @@ import pytest
 
 from gateway.process import GatewayProcess
 from kdcontract.digits import digit_png_bytes, digits_gray
-from loadtest.measure import metric_value
+from loadtest.clients.measure import metric_value
 
 TOKEN = "test-admin-token"  # only its sha256 is configured
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

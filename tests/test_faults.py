@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.faults import LOST, hostile_inputs, overload, sigterm_under_load, triton_killed, triton_stalled
+from loadtest.benchmarks.faults import hostile_inputs, overload, sigterm_under_load, triton_killed, triton_stalled
+from loadtest.clients.measure import LOST
 
 # Recovery takes a Triton restart and model load: ~4-11 s on the machines measured so far (faults.md).
 RECOVERY_BOUND_S = 60
@@ -45,7 +46,7 @@ def test_overload_sheds_with_503_and_answers_within_the_deadline(tiny_repo):
     result = overload(tiny_repo, clients=48, images=32, seconds=6.0)
     assert set(result.statuses) <= {"200", "503", "429"}, result.statuses
     # Shed at once, as 503 (the model at its bound) or 429 (these 48 anonymous clients are one caller, which
-    # may hold half a model's bound: gateway.admission).
+    # may hold half a model's bound: gateway.serving.admission).
     shed = result.statuses.get("503", 0) + result.statuses.get("429", 0)
     assert shed > 0 and result.statuses.get("200", 0) > 0, result.statuses
     assert result.figures["answered_p99_ms"] <= result.figures["deadline_ms"], result.figures
@@ -64,7 +65,7 @@ def test_sigterm_turns_readiness_off_first_finishes_in_flight_and_exits_in_grace
 def test_a_hostile_key_never_gets_the_neighbour_refused_nor_a_5xx(tiny_repo):
     """The noisy-neighbour benchmark of `make faults`, three of its attacks for 3 s each: the figures
     (p99 ratios, memory) are the benchmark's to report; here what must hold on any machine."""
-    from loadtest.neighbours import ATTACKS, noisy_neighbours
+    from loadtest.benchmarks.neighbours import ATTACKS, noisy_neighbours
 
     chosen = [a for a in ATTACKS if a[1].__name__ in ("future_feedback", "json_8mb", "keys_emptied")]
     stages = noisy_neighbours(tiny_repo, seconds=3.0, attacks=chosen)

@@ -8,11 +8,13 @@ import math
 import numpy as np
 from prometheus_client import generate_latest
 
-from gateway.experiment import Experiment, read_experiment, write_experiment
-from gateway.figures import agreement_counts, arm_counts, minus, paired_counts, registry_counts, scraped_counts
-from gateway.gates import judge
-from gateway.metrics import GatewayMetrics
-from gateway.rollout import RolloutController
+from gateway.experiments.controller import RolloutController
+from gateway.experiments.counts import agreement_counts, arm_counts, minus, paired_counts
+from gateway.experiments.file import read_experiment, write_experiment
+from gateway.experiments.gates import judge
+from gateway.experiments.sources import RegistryCounts, registry_counts, scraped_counts
+from gateway.experiments.spec import Experiment
+from gateway.telemetry.metrics import GatewayMetrics
 
 ROUTE = ("/v1/classify",)
 
@@ -95,7 +97,7 @@ def test_the_controller_steps_up_promotes_and_a_restarted_one_carries_on(tmp_pat
     replica, clock = Replica(5), [1000.0]
 
     def controller() -> RolloutController:
-        return RolloutController(path, lambda: registry_counts(replica.metrics.registry), clock=lambda: clock[0])
+        return RolloutController(path, RegistryCounts(replica.metrics.registry), clock=lambda: clock[0])
 
     assert controller().tick().outcome == "started"
     assert read_experiment(path).weights == {"student": 0.1, "teacher": 0.9}
@@ -121,7 +123,7 @@ def test_a_failing_gate_rolls_back_to_the_control_and_says_why(tmp_path):
     path = tmp_path / "experiment.json"
     write_experiment(path, experiment())
     replica, clock = Replica(6), [0.0]
-    controller = RolloutController(path, lambda: registry_counts(replica.metrics.registry), clock=lambda: clock[0])
+    controller = RolloutController(path, RegistryCounts(replica.metrics.registry), clock=lambda: clock[0])
     controller.tick()
     replica.traffic(300, 2, 4, 0.5, 0.5, 0.98)
     clock[0] += 1

@@ -15,7 +15,7 @@ from gateway.process import GatewayProcess, free_port
 from kdcontract.digits import digit_png_bytes
 from kdcontract.manifest import read_manifest
 from kdcontract.ort_session import open_session
-from loadtest.measure import metric_value
+from loadtest.clients.measure import metric_value
 from tests.conftest import triton_inference_stats
 from training.data import load_digits_images
 from training.onnx_tools import run_logits
@@ -276,9 +276,9 @@ def test_an_unhandled_exception_is_a_500_in_the_shape_counted_and_traceable():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from gateway.errors import install_error_handlers
-    from gateway.metrics import GatewayMetrics
-    from gateway.observe import RequestObserver
+    from gateway.http.errors import install_error_handlers
+    from gateway.http.observe import RequestObserver
+    from gateway.telemetry.metrics import GatewayMetrics
 
     metrics = GatewayMetrics()
     app = FastAPI()

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from gateway.ab import ABRouter, ABStats
-from gateway.coalesce import Coalescer
 from gateway.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from gateway.images import decode_image
 from gateway.process import free_port
+from gateway.serving.images import decode_image
+from gateway.serving.routing import ABRouter, ABStats
 from gateway.settings import GatewaySettings
+from gateway.triton.coalesce import Coalescer
 from kdcontract.fusion import fuse, softmax
 
 FORMATS = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]

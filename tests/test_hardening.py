@@ -26,15 +26,17 @@ from PIL import Image
 from pydantic import ValidationError
 from tritonclient.grpc import service_pb2
 
-from gateway.answers import Answer, AnswerStore, issued_at, new_request_id
+from gateway.auth.gate import KeyGate
+from gateway.auth.keys import ApiKey, TooManyInFlight, hash_key, new_key
 from gateway.errors import GatewayError, UnknownRequest
-from gateway.feedback import FeedbackItem, FeedbackJoin
-from gateway.keys import ApiKey, KeyGate, TooManyInFlight, hash_key, new_key
-from gateway.metrics import GatewayMetrics
+from gateway.feedback.answers import Answer, AnswerStore, issued_at, new_request_id
+from gateway.feedback.join import FeedbackItem, FeedbackJoin
+from gateway.http.feedback import validate_feedback
+from gateway.http.reading import parse_classify_json, parse_json_body
+from gateway.http.schemas import ClassifyJSON
+from gateway.http.v2 import InferRequest
 from gateway.process import GatewayProcess
-from gateway.routes import parse_classify_json, parse_json_body, validate_feedback
-from gateway.schemas import ClassifyJSON
-from gateway.v2_rest import InferRequest
+from gateway.telemetry.metrics import GatewayMetrics
 from kdcontract.digits import digit_png_bytes
 
 CLASSES = [str(d) for d in range(10)]
@@ -304,7 +306,7 @@ STARTS_TRITON = """
 import sys, time
 from pathlib import Path
 from gateway.process import free_port
-from gateway.triton_server import EmbeddedTriton, TritonPorts
+from gateway.triton.server import EmbeddedTriton, TritonPorts
 triton = EmbeddedTriton(Path(sys.argv[1]), TritonPorts(free_port(), free_port(), free_port())).start(timeout=180)
 print(triton.pid, flush=True)
 time.sleep(600)
@@ -403,15 +405,15 @@ def test_the_pixels_of_a_whole_request_are_bounded_before_anything_is_decoded(ow
 @pytest.fixture
 def app_without_lifespan(tiny_repo):
     """The gateway's app, routed and keyed but not started (no Triton): what the key check sees."""
-    from gateway.app import create_app
+    from gateway.app.factory import create_app
     from gateway.settings import GatewaySettings
 
     return create_app(GatewaySettings(repo=tiny_repo, grpc_port=0))
 
 
 def test_every_route_the_gateway_serves_declares_the_scope_it_needs(app_without_lifespan):
-    from gateway.keys import declared_scope
-    from gateway.route_table import served_routes
+    from gateway.auth.scopes import declared_scope
+    from gateway.http.route_table import served_routes
 
     routes = list(served_routes(app_without_lifespan.routes))
     assert len(routes) > 20
@@ -446,7 +448,7 @@ def test_the_api_page_loads_its_assets_from_the_gateway(own_gateway):
 
 # -- finding 4: readiness probes never take inference's connections -----------------------------------------
 def test_a_probe_flood_shares_one_readiness_call_on_a_connection_of_its_own(triton):
-    from gateway.triton_client import TritonClient
+    from gateway.triton.client import TritonClient
 
     async def flood() -> tuple[list[bool], int, int]:
         client = TritonClient(triton.http_url, 5.0, 2, 1, GatewayMetrics(), 4, 64)
@@ -520,8 +522,8 @@ def test_a_body_trickling_past_its_deadline_gets_408_and_the_connection_closes(i
 
 # -- finding 9: one caller cannot take a model's whole admission bound -----------------------------------
 def test_a_models_admission_bound_is_shared_between_callers():
-    from gateway.admission import AdmissionControl
     from gateway.errors import Overloaded
+    from gateway.serving.admission import AdmissionControl
 
     admission = AdmissionControl(256, 1, GatewayMetrics())
     with contextlib.ExitStack() as held:
@@ -562,7 +564,7 @@ def test_keys_without_their_own_in_flight_quota_get_the_default():
 
 # -- finding 3: JSON tensors are converted by numpy, not element by element in Python ---------------------
 def test_json_pixels_are_converted_in_one_numpy_call_and_checked_whole(monkeypatch):
-    from gateway import oip
+    from gateway.v2 import tensors
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (64, 8, 8, 3))
@@ -570,13 +572,13 @@ def test_json_pixels_are_converted_in_one_numpy_call_and_checked_whole(monkeypat
     def python_loop(*_):
         raise AssertionError("the JSON tensor was flattened element by element on the event loop")
 
-    monkeypatch.setattr(oip, "_flat", python_loop)
+    monkeypatch.setattr(tensors, "_flat", python_loop)
     for data in (pixels.ravel().tolist(), pixels.tolist()):  # flat, and nested as Triton accepts too
-        read = oip.read_inputs([oip.Tensor("PIXELS", "UINT8", [64, 8, 8, 3], data)], 8, 64)
+        read = tensors.read_inputs([tensors.Tensor("PIXELS", "UINT8", [64, 8, 8, 3], data)], 8, 64)
         np.testing.assert_array_equal(read.pixels, pixels.astype(np.uint8))
     for bad in ([[0] * 3] * 63 + [[0] * 2], [True] * 192, [0.5] * 192, [256] * 192, [-1] * 192, ["1"] * 192):
         with pytest.raises(GatewayError) as refused:
-            oip.read_inputs([oip.Tensor("PIXELS", "UINT8", [1, 8, 8, 3], bad)], 8, 64)
+            tensors.read_inputs([tensors.Tensor("PIXELS", "UINT8", [1, 8, 8, 3], bad)], 8, 64)
         assert refused.value.status_code == 400
 
 
@@ -585,7 +587,7 @@ def test_a_warm_classify_takes_no_metric_label_lookup(tiny_repo, triton, monkeyp
     from fastapi.testclient import TestClient
     from prometheus_client.metrics import MetricWrapperBase
 
-    from gateway.app import create_app
+    from gateway.app.factory import create_app
     from gateway.settings import GatewaySettings
 
     app = create_app(GatewaySettings(repo=tiny_repo, triton_url=triton.http_url, grpc_port=0))
@@ -624,23 +626,23 @@ def test_a_grpc_message_is_counted_on_the_wire_and_refused_before_protobuf_build
     """`make faults` found it: 800k bare inputs in one 7 MB ModelInfer took the gateway to 3 GB while protobuf
     built them, before any count could be checked. The wire is read tag by tag and the scan stops at the
     first field past its bound."""
-    from gateway import oip
+    from gateway.v2 import wire
 
     image = service_pb2.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1, 1])
     image.contents.bytes_contents.append(digit_png_bytes(1500))
     valid = service_pb2.ModelInferRequest(model_name="student", inputs=[image], parameters={"a": _param(1)})
-    assert oip.wire_refusal(valid.SerializeToString()) is None
+    assert wire.wire_refusal(valid.SerializeToString()) is None
     bare = service_pb2.ModelInferRequest.InferInputTensor(name="IMAGE")
     huge = service_pb2.ModelInferRequest(model_name="student", inputs=[bare] * 100_000).SerializeToString()
     tags = []
-    original = oip._varint
-    monkeypatch.setattr(oip, "_varint", lambda data, at: tags.append(at) or original(data, at))
-    assert "at most 8 inputs" in oip.wire_refusal(huge)
+    original = wire._varint
+    monkeypatch.setattr(wire, "_varint", lambda data, at: tags.append(at) or original(data, at))
+    assert "at most 8 inputs" in wire.wire_refusal(huge)
     assert len(tags) < 40, f"{len(tags)} varints read of a 100k-input message"
     many_parameters = service_pb2.ModelInferRequest(parameters={str(i): _param(i) for i in range(17)})
-    assert "at most 16 parameters" in oip.wire_refusal(many_parameters.SerializeToString())
-    assert oip.wire_refusal(valid.SerializeToString()[:-3]) == "not a ModelInferRequest"
-    assert "field 99" in oip.wire_refusal(b"".join(bytes([0x98, 0x06, 0x01]) for _ in range(2)))
+    assert "at most 16 parameters" in wire.wire_refusal(many_parameters.SerializeToString())
+    assert wire.wire_refusal(valid.SerializeToString()[:-3]) == "not a ModelInferRequest"
+    assert "field 99" in wire.wire_refusal(b"".join(bytes([0x98, 0x06, 0x01]) for _ in range(2)))
 
 
 def _param(value: int) -> service_pb2.InferParameter:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from gateway.keys import new_key
+from gateway.auth.keys import new_key
 from gateway.process import free_port
 from kdcontract.digits import digit_png_bytes
 from tests.conftest import ROOT

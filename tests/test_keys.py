@@ -12,10 +12,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from gateway.auth.gate import KeyGate
+from gateway.auth.keys import ApiKey, TooManyInFlight, hash_key, new_key
 from gateway.errors import GatewayError
-from gateway.keys import ApiKey, KeyGate, TooManyInFlight, hash_key, new_key
-from gateway.metrics import GatewayMetrics
 from gateway.process import GatewayProcess, GatewayStartError
+from gateway.telemetry.metrics import GatewayMetrics
 from kdcontract.digits import digit_png_bytes
 
 RATE, BURST, WINDOW_S = 20.0, 5, 10.0

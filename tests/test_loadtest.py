@@ -6,8 +6,8 @@ import json
 import pytest
 
 from gateway.process import GatewayProcess, free_port
-from loadtest.report import write_report
-from loadtest.run import direct_targets, model_concurrency, run_load
+from loadtest.clients.report import write_report
+from loadtest.clients.run import direct_targets, model_concurrency, run_load
 
 
 @pytest.mark.slow
@@ -81,7 +81,7 @@ def test_ab_traffic_is_compared_with_both_arms_and_the_ensemble_with_tritons():
 
 def test_load_stages_parse_once_and_refuse_what_locust_could_not_run():
     from kdcontract.errors import UserError
-    from loadtest.stages import parse_stages
+    from loadtest.clients.stages import parse_stages
 
     assert parse_stages("20:1, 20:2,20:4") == [(20, 1), (20, 2), (20, 4)]
     assert parse_stages(None) == [] and parse_stages("") == []

@@ -12,9 +12,10 @@ import httpx
 import pytest
 
 from gateway.process import GatewayProcess, free_port
-from gateway.triton_server import EmbeddedTriton, TritonPorts
+from gateway.triton.server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes, digits_gray
-from loadtest.monitoring import (
+from loadtest.benchmarks.soak import mixed_traffic, traffic_models
+from loadtest.stacks.monitoring import (
     ADAPTER_CONFIG,
     CONTROLLER_METRICS,
     DASHBOARD,
@@ -28,7 +29,6 @@ from loadtest.monitoring import (
     recording_rules,
     referenced_metrics,
 )
-from loadtest.soak import mixed_traffic, traffic_models
 from tests.conftest import GATEWAY_ENV
 
 

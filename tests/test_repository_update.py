@@ -15,10 +15,10 @@ import time
 import pytest
 
 from gateway.process import GatewayProcess, free_port
-from gateway.triton_server import EmbeddedTriton, TritonPorts
+from gateway.triton.server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes
 from kdcontract.manifest import read_manifest, write_manifest
-from loadtest.measure import metric_value
+from loadtest.clients.measure import metric_value
 
 PNG = {"content": digit_png_bytes(1700), "headers": {"Content-Type": "image/png"}}
 

@@ -24,12 +24,12 @@ import httpx
 import pytest
 
 from gateway.process import GatewayProcess, free_port
-from gateway.triton_server import EmbeddedTriton, TritonPorts
+from gateway.triton.server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes, digits_gray, held_out_indices
 from kdcontract.manifest import read_manifest
-from loadtest.measure import metric_value
-from loadtest.monitoring import PrometheusServer, dashboard_queries, local_config
-from loadtest.rollout import export_broken_student, scratch_repository
+from loadtest.clients.measure import metric_value
+from loadtest.stacks.monitoring import PrometheusServer, dashboard_queries, local_config
+from loadtest.stacks.rollout import export_broken_student, scratch_repository
 
 TOKEN = "rollout-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from gateway import sequential
-from gateway.sequential import at_least, at_most, paired_difference_cs, proportion_cs, quantile_cs
-from loadtest.statistics_study import (
+from gateway.experiments import sequential
+from gateway.experiments.sequential import at_least, at_most, paired_difference_cs, proportion_cs, quantile_cs
+from loadtest.benchmarks.statistics_study import (
     aa_false_alarms,
     coverage,
     paired_detection,

@@ -5,7 +5,7 @@ both polarities, digits small or off-centre on a canvas)."""
 import pytest
 
 from kdcontract.client_forms import SERVED_FORMS
-from loadtest.served_accuracy import MODELS, served_accuracy
+from loadtest.clients.served_accuracy import MODELS, served_accuracy
 
 # Points of top-1 any client form may lose against the native 8x8 pictures, per model. Before framing
 # and client-form training, forms lost 5 to 90 points (dark on light: guessing). The suite's models train

@@ -11,11 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway.keys import new_key
+from gateway.auth.keys import new_key
 from gateway.process import GatewayProcess, free_port
-from gateway.triton_server import EmbeddedTriton, TritonPorts
+from gateway.triton.server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes
-from loadtest.bench import large_png
+from loadtest.benchmarks.bench import large_png
 from tests.conftest import triton_inference_stats
 
 
@@ -52,7 +52,7 @@ async def until_admitted(gateway: GatewayProcess, model: str, images: float) -> 
 def test_admission_control_sheds_at_its_bound_with_exact_counts(tiny_repo, own_triton):
     """Bound 4 images in flight to a model. With Triton frozen nothing completes, so what is admitted stays
     admitted: 3 images of one key + 1 of another fit, a 2-image and a 1-image request past the bound get an
-    immediate 503. (Three keys: one caller alone may hold only half a model's bound, see gateway.admission.)"""
+    immediate 503. (Three keys: one caller alone may hold only half a model's bound, see gateway.serving.admission.)"""
     (first, first_entry), (second, second_entry), (third, third_entry) = (
         new_key(n, ["classify"], None, None) for n in ("a", "b", "c")
     )

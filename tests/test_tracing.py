@@ -16,11 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway import tracing
-from gateway.app import create_app
-from gateway.coalesce import Coalescer
+from gateway.app.factory import create_app
 from gateway.process import free_port
 from gateway.settings import GatewaySettings
+from gateway.telemetry import tracing
+from gateway.triton.coalesce import Coalescer
 from kdcontract.digits import digit_png_bytes
 from kdcontract.manifest import read_manifest
 

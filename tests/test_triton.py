@@ -10,7 +10,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from gateway.process import free_port
-from gateway.triton_server import EmbeddedTriton, TritonError, TritonPorts
+from gateway.triton.server import EmbeddedTriton, TritonError, TritonPorts
 from kdcontract.fusion import fuse
 from kdcontract.manifest import read_manifest
 from kdcontract.ort_session import open_session

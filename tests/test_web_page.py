@@ -17,9 +17,9 @@ from playwright.sync_api import Page, sync_playwright
 
 from kdcontract.client_forms import ClientForm, render
 from kdcontract.digits import digit_png_bytes
-from loadtest.measure import metric_value
-from loadtest.served_accuracy import held_out as served_held_out
-from loadtest.served_accuracy import served_split
+from loadtest.clients.measure import metric_value
+from loadtest.clients.served_accuracy import held_out as served_held_out
+from loadtest.clients.served_accuracy import served_split
 from tests.conftest import ROOT
 
 ARTIFACTS = ROOT / "runs" / "test-artifacts"

@@ -32,7 +32,7 @@ with atheris.instrument_imports(include=["PIL", "gateway", "kdcontract"]):
 
     Image.init()
     from gateway.errors import GatewayError
-    from gateway.images import decode_image
+    from gateway.serving.images import decode_image
     from gateway.settings import GatewaySettings
     from kdcontract.manifest import DigitFraming, Preprocessing
 

@@ -1,0 +1,183 @@
+"""The rollout controller: steps the candidate's weight up while every gate passes, and sets it back to 0
+(the control serves everything) the moment one fails.
+
+One controller for any number of gateway replicas, in the pattern of Flagger and Argo Rollouts: it reads
+figures summed over the replicas (Prometheus' query API when deployed, the replicas' own /metrics when
+there is no Prometheus) and writes the experiment file they all follow. All of its state is in that
+file (phase, step, when the step began, the counters at that moment), so a restarted controller carries
+on where the last one stopped; it keeps no other state and one replica of it is enough.
+
+Each tick: read the file; a rollout that is enabled and not finished is judged on the counts since its
+step's baseline (gateway/experiments/gates.py); a failed gate rolls back at once, a passing step advances (the step
+after the last judged one is 100%: the rollout is then promoted), a pending one waits. Every transition
+is an event: appended to the event log (JSON lines), kept in the file's recent history, logged, and
+counted on the controller's own metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from gateway.experiments.counts import Counts, minus
+from gateway.experiments.file import read_experiment, write_experiment
+from gateway.experiments.gates import StepVerdict, judge
+from gateway.experiments.sources import CountSource
+from gateway.experiments.spec import Experiment
+from gateway.experiments.state import HISTORY, RolloutEvent, RolloutState
+from gateway.files import file_stamp
+
+log = logging.getLogger("kdserve.rollout")
+
+STATUS_VALUE = {"pass": 1, "pending": 0, "fail": -1}
+
+
+class ControllerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.gate_status = Gauge(
+            "kdserve_rollout_gate_status", "Each gate as last judged: 1 pass, 0 pending, -1 fail", ["gate"], registry=r
+        )
+        self.gate_value = Gauge(
+            "kdserve_rollout_gate_value",
+            "Each gate's estimate, interval bounds and threshold as last judged",
+            ["gate", "bound"],
+            registry=r,
+        )
+        self.candidate_weight = Gauge("kdserve_rollout_candidate_weight", "The candidate's weight", registry=r)
+        self.transitions = Counter(
+            "kdserve_rollout_transitions_total",
+            "Rollout events: started, advanced, promoted, rolled_back",
+            ["event"],
+            registry=r,
+        )
+        self.ticks = Counter("kdserve_rollout_ticks_total", "Evaluations, by outcome", ["outcome"], registry=r)
+        for event in ("started", "advanced", "promoted", "rolled_back"):
+            self.transitions.labels(event)
+
+    def show(self, experiment: Experiment, verdict: StepVerdict | None) -> None:
+        self.candidate_weight.set(experiment.weights.get(experiment.candidate, 0.0))
+        for v in verdict.verdicts if verdict else ():
+            self.gate_status.labels(v.gate).set(STATUS_VALUE[v.status])
+            for bound, value in (
+                ("estimate", v.estimate),
+                ("low", v.interval[0]),
+                ("high", v.interval[1]),
+                ("threshold", v.threshold),
+            ):
+                if value is not None:
+                    self.gate_value.labels(v.gate, bound).set(value)
+
+
+@dataclass
+class Tick:
+    outcome: str  # idle | waiting | started | advanced | promoted | rolled_back | changed_underneath
+    experiment: Experiment | None
+    verdict: StepVerdict | None = None
+
+
+class RolloutController:
+    def __init__(
+        self,
+        experiment_file: Path,
+        counts: CountSource,
+        events_file: Path | None = None,
+        metrics: ControllerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path, self.counts, self.clock = Path(experiment_file), counts, clock
+        self.events_file = events_file or self.path.with_name(self.path.stem + ".events.jsonl")
+        self.metrics = metrics or ControllerMetrics()
+
+    def tick(self) -> Tick:
+        stamp = file_stamp(self.path)
+        if stamp is None:
+            return self._count(Tick("idle", None))
+        experiment = read_experiment(self.path)
+        state = experiment.state
+        if not experiment.rollout.enabled or state.phase in ("promoted", "rolled_back"):
+            self.metrics.show(experiment, None)
+            return self._count(Tick("idle", experiment))
+        counts, now = self.counts.read(), self.clock()
+        if state.phase == "off":
+            return self._transition(experiment, stamp, "started", 0, counts, now, None, "rollout started")
+        verdict = judge(experiment, minus(counts, state.baseline), now - (state.step_started_at or now))
+        self.metrics.show(experiment, verdict)
+        if verdict.status == "fail":
+            return self._transition(experiment, stamp, "rolled_back", state.step, counts, now, verdict, verdict.reason)
+        if verdict.status == "pending":
+            return self._count(Tick("waiting", experiment, verdict))
+        following = state.step + 1
+        steps = experiment.rollout.steps
+        if following >= len(steps) or steps[following] >= 1.0:
+            return self._transition(
+                experiment, stamp, "promoted", len(steps) - 1, counts, now, verdict, "every step passed"
+            )
+        return self._transition(experiment, stamp, "advanced", following, counts, now, verdict, verdict.reason)
+
+    def _transition(
+        self,
+        experiment: Experiment,
+        stamp,
+        event: str,
+        step: int,
+        counts: Counts,
+        now: float,
+        verdict: StepVerdict | None,
+        reason: str,
+    ) -> Tick:
+        weight = {"rolled_back": 0.0, "promoted": 1.0}.get(event, experiment.rollout.steps[step])
+        phase = {"rolled_back": "rolled_back", "promoted": "promoted"}.get(event, "running")
+        record = RolloutEvent(
+            at=now,
+            event=event,
+            step=step,
+            weight=weight,
+            reason=reason,
+            verdicts=[v.as_dict() for v in verdict.verdicts] if verdict else [],
+        )
+        state = RolloutState(
+            phase=phase,
+            step=step,
+            step_started_at=now,
+            baseline=counts,
+            reason=reason,
+            history=[*experiment.state.history, record][-HISTORY:],
+        )
+        changed = experiment.model_copy(update={"weights": experiment.with_candidate_weight(weight), "state": state})
+        changed = Experiment.model_validate(changed.model_dump())  # the file is always a valid experiment
+        if file_stamp(self.path) != stamp:
+            # Changed since this tick read it (a PUT): the next tick judges the new one.
+            return self._count(Tick("changed_underneath", experiment, verdict))
+        write_experiment(self.path, changed)
+        with self.events_file.open("a") as handle:
+            handle.write(json.dumps({"experiment_file": str(self.path), **record.model_dump()}) + "\n")
+        (log.error if event == "rolled_back" else log.warning)(
+            "rollout %s: step %d, %s weight %.3g: %s", event, step, experiment.candidate, weight, reason
+        )
+        self.metrics.transitions.labels(event).inc()
+        self.metrics.show(changed, verdict)
+        return self._count(Tick(event, changed, verdict))
+
+    def _count(self, tick: Tick) -> Tick:
+        self.metrics.ticks.labels(tick.outcome).inc()
+        return tick
+
+    def run(self, interval_s: float, stop: Callable[[], bool] = lambda: False) -> None:
+        """Tick every `interval_s` until `stop()`; a tick that fails (a replica down, Prometheus away) is
+        logged and the next one tries again: the replicas keep the last written weights meanwhile."""
+        while not stop():
+            try:
+                self.tick()
+            except Exception as exc:  # one bad tick must not end the controller
+                log.error("rollout tick failed, trying again in %.3g s: %s", interval_s, exc)
+                self.metrics.ticks.labels("error").inc()
+            deadline = time.monotonic() + interval_s
+            while not stop() and time.monotonic() < deadline:
+                time.sleep(min(0.1, interval_s))

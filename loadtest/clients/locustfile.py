@@ -1,0 +1,185 @@
+"""Locust users for the kdserve gateway. Runs in its own virtualenv (.venv-locust): see pyproject.toml.
+
+Every response body is checked, not just the status: the model that answered, one prediction per
+image, a label from the model's classes. Environment (set by `python -m loadtest run`):
+  KDSERVE_IMAGES_DIR   held-out PNGs and labels.json
+  KDSERVE_STAGES       load shape, "seconds:users,seconds:users,..." (optional)
+  KDSERVE_MAX_FAIL_RATIO  stop the test when the failure ratio passes this (default 0.01)
+  KDSERVE_OUT          where accuracy.json (correct top-1 per model under load) is written
+  KDSERVE_FEEDBACK_URL where ABFeedbackUser posts the true labels (another replica: any one joins them)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+from pathlib import Path
+
+import gevent
+from locust import LoadTestShape, events, task
+from locust.contrib.fasthttp import FastHttpUser
+from locust.runners import MasterRunner, WorkerRunner
+
+from kdcontract.names import AUTO, ENSEMBLE, STUDENT, STUDENT_KD, TEACHER
+from loadtest.clients.stages import parse_stages
+
+IMAGES_DIR = Path(os.environ.get("KDSERVE_IMAGES_DIR", "."))
+LABELS: dict[str, str] = (
+    json.loads((IMAGES_DIR / "labels.json").read_text()) if IMAGES_DIR.joinpath("labels.json").exists() else {}
+)
+IMAGES = [(name, (IMAGES_DIR / name).read_bytes(), label) for name, label in sorted(LABELS.items())]
+# The model a response may name for each `?model=` (the A/B entry: either arm).
+EXPECTED_MODEL = {
+    STUDENT: {STUDENT_KD},
+    TEACHER: {TEACHER},
+    ENSEMBLE: {ENSEMBLE},
+    AUTO: {STUDENT_KD, TEACHER},
+}
+CORRECT: dict[str, list[int]] = {}
+
+
+class ClassifyUser(FastHttpUser):
+    abstract = True
+    model = "student"
+
+    def on_start(self) -> None:
+        if not IMAGES:
+            raise RuntimeError(f"no images in {IMAGES_DIR}; run through `python -m loadtest run`")
+        self.images = itertools.cycle(random.sample(IMAGES, len(IMAGES)))
+        self.client_key = f"user-{random.getrandbits(48):012x}"
+
+    def next_client_key(self) -> str:
+        return self.client_key
+
+    def answered(self, request_id: str, label: str) -> None:
+        """Called with every well-formed answer (the feedback user sends the label back)."""
+
+    @task
+    def classify(self) -> None:
+        _, payload, label = next(self.images)
+        headers = {"Content-Type": "image/png", "X-Client-Key": self.next_client_key()}
+        with self.client.post(
+            f"/v1/classify?model={self.model}&top_k=1",
+            data=payload,
+            headers=headers,
+            name=f"classify {self.model}",
+            catch_response=True,
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
+                return
+            try:
+                body = resp.json()
+                top = body["predictions"][0]["top_k"][0]
+            except (ValueError, KeyError, IndexError, TypeError):
+                resp.failure("response is not a classification")
+                return
+            if body["model"] not in EXPECTED_MODEL[self.model]:
+                resp.failure(f"answered by {body['model']}, expected {EXPECTED_MODEL[self.model]}")
+            elif len(body["predictions"]) != 1 or not 0.0 <= top["probability"] <= 1.0:
+                resp.failure("malformed prediction")
+            elif self.model == "auto" and body.get("arm") is None:
+                resp.failure("A/B request without an arm")
+            else:
+                resp.success()
+                self.answered(resp.headers.get("X-Request-ID", ""), label)
+                tally = CORRECT.setdefault(body["model"], [0, 0])
+                tally[0] += int(top["label"] == label)
+                tally[1] += 1
+
+
+class StudentUser(ClassifyUser):
+    model = "student"
+
+
+class TeacherUser(ClassifyUser):
+    model = "teacher"
+
+
+class EnsembleUser(ClassifyUser):
+    model = "ensemble"
+
+
+class ABUser(ClassifyUser):
+    """Many end users behind one Locust user, each sticky to its arm: with one key per Locust user, a
+    90/10 split over 4 users sends everything to one arm two times in three (0.9^4)."""
+
+    model = "auto"
+    CLIENTS = 1000
+
+    def next_client_key(self) -> str:
+        return f"client-{random.randrange(self.CLIENTS)}"
+
+
+class ABFeedbackUser(ABUser):
+    """A/B traffic whose true labels come back as feedback, in batches, to KDSERVE_FEEDBACK_URL (default:
+    the same gateway); each item must be accepted (joined once to the arm that answered)."""
+
+    BATCH = 20
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.pending: list[dict] = []
+        self.feedback_url = os.environ.get("KDSERVE_FEEDBACK_URL", "").rstrip("/") + "/v1/feedback"
+
+    def answered(self, request_id: str, label: str) -> None:
+        self.pending.append({"request_id": request_id, "label": label})
+        if len(self.pending) >= self.BATCH:
+            items, self.pending = self.pending, []
+            gevent.sleep(0.05)  # answers reach the shared store off the request path
+            with self.client.post(self.feedback_url, json=items, name="feedback", catch_response=True) as resp:
+                if resp.status_code != 200:
+                    resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
+                    return
+                refused = [r for r in resp.json()["results"] if r["status"] != 200]
+                if refused:
+                    resp.failure(f"{len(refused)} of {len(items)} refused: {refused[0]['message']}")
+                else:
+                    resp.success()
+
+
+STAGES = parse_stages(os.environ.get("KDSERVE_STAGES"))
+
+if STAGES:  # Locust uses a shape class when the locustfile defines one; without stages, -u/-r/-t apply.
+
+    class StagesShape(LoadTestShape):
+        """Steps of constant load, e.g. KDSERVE_STAGES="20:1,20:2,20:4": 20 s at 1 user, then 2, then 4."""
+
+        def tick(self):
+            elapsed = self.get_run_time()
+            for seconds, users in STAGES:
+                if elapsed < seconds:
+                    return users, users  # spawn the whole step at once
+                elapsed -= seconds
+            return None
+
+
+@events.init.add_listener
+def stop_on_failure_ratio(environment, **_kwargs) -> None:
+    """Stop early when more than KDSERVE_MAX_FAIL_RATIO of requests fail: the result would be noise."""
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    limit = float(os.environ.get("KDSERVE_MAX_FAIL_RATIO", "0.01"))
+
+    def watch() -> None:
+        while True:
+            gevent.sleep(1.0)
+            total = environment.runner.stats.total
+            if total.num_requests >= 50 and total.fail_ratio > limit:
+                print(f"stopping: failure ratio {total.fail_ratio:.3f} > {limit}")
+                environment.process_exit_code = 3
+                environment.runner.quit()
+                return
+
+    if not isinstance(environment.runner, MasterRunner):
+        gevent.spawn(watch)
+
+
+@events.test_stop.add_listener
+def write_accuracy(environment, **_kwargs) -> None:
+    out = os.environ.get("KDSERVE_OUT")
+    if out:
+        accuracy = {m: {"correct": c, "total": t, "top1": c / t if t else None} for m, (c, t) in CORRECT.items()}
+        Path(out, "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
