@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.serving.service import Classifier
+from gateway.serving.service import Classifier, ReplicaState
 
 
-async def not_ready(state) -> tuple[str | None, list[str]]:
+async def not_ready(state: ReplicaState) -> tuple[str | None, list[str]]:
     """Why this gateway cannot serve every route now (None when it can), and the models not READY:
     draining, Triton not ready, or a model some route needs not loaded (`/readyz`, `/v2/health/ready`)."""
     classifier: Classifier = state.classifier
