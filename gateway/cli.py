@@ -85,9 +85,15 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
 
     if bool(args.prometheus) == bool(args.metrics_url):
         raise GatewayError("give --prometheus URL, or --metrics-url for each gateway replica (not both)")
+    if args.prometheus and not args.prometheus_selector:
+        raise GatewayError(
+            "--prometheus needs --prometheus-selector naming the gateways to judge "
+            '(e.g. \'job="kdserve-gateway",namespace="prod"\'): without one, every gateway Prometheus scrapes counts'
+        )
     counts: CountSource
     if args.prometheus:
-        counts, source = PrometheusCounts(args.prometheus), f"Prometheus {args.prometheus}"
+        counts = PrometheusCounts(args.prometheus, args.prometheus_selector)
+        source = f"Prometheus {args.prometheus} {{{args.prometheus_selector}}}"
     else:
         counts, source = ReplicaCounts(tuple(args.metrics_url)), f"{len(args.metrics_url)} replica(s)' /metrics"
     experiment_file = Path(args.experiment_file)
@@ -208,7 +214,10 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
         "rollout", help="step the experiment's candidate weight by its gates; back to 0 when one fails"
     )
     rollout.add_argument("--experiment-file", required=True, help="the experiment file the replicas follow")
-    rollout.add_argument("--prometheus", help="Prometheus base URL: figures summed over every replica it scrapes")
+    rollout.add_argument("--prometheus", help="Prometheus base URL: figures from every replica the selector names")
+    rollout.add_argument(
+        "--prometheus-selector", help='label matchers naming the gateways to judge, e.g. job="kdserve-gateway"'
+    )
     rollout.add_argument(
         "--metrics-url", action="append", help="a replica's /metrics URL (repeat for each); without Prometheus"
     )

@@ -50,6 +50,12 @@ class UnknownRequest(GatewayError):
     status_code, kind = 404, "unknown_request"
 
 
+class ForeignRequest(GatewayError):
+    """Feedback for a request another API key made: only the caller that made a request may label it."""
+
+    status_code, kind = 403, "foreign_request"
+
+
 class ExpiredRequest(GatewayError):
     """Feedback for a request this gateway answered longer ago than answers are kept."""
 

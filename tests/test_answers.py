@@ -89,11 +89,11 @@ def test_a_shadow_answering_before_or_after_the_feedback_is_paired_exactly_once(
     primary = Answer(arm="student", model="student_kd", version=1, top1=[3], at=now, shadow_arm="teacher")
     # The shadow first, then the feedback: the feedback counts the pair.
     store.write([("early", primary), ("early", ShadowAnswer([3], now))])
-    assert asyncio.run(join.accept_all([FeedbackItem(request_id="early", label="3")]))[0].status == 200
+    assert asyncio.run(join.accept_all([FeedbackItem(request_id="early", label="3")], "anonymous"))[0].status == 200
     assert pairs_counted(metrics) == 1
     # The feedback first (the shadow still running), then the shadow: the writer counts the pair.
     store.write([("late", primary)])
-    assert asyncio.run(join.accept_all([FeedbackItem(request_id="late", label="8")]))[0].status == 200
+    assert asyncio.run(join.accept_all([FeedbackItem(request_id="late", label="8")], "anonymous"))[0].status == 200
     assert pairs_counted(metrics) == 1
     store.write([("late", ShadowAnswer([8], now))])
     assert pairs_counted(metrics) == 2
@@ -174,3 +174,38 @@ def test_a_claim_whose_link_was_made_but_answered_exists_is_still_won(tmp_path, 
     assert create_once(tmp_path / "claim", "3")
     monkeypatch.setattr(os, "link", real_link)
     assert not create_once(tmp_path / "claim", "4") and (tmp_path / "claim").read_text() == "3"
+
+
+def test_only_the_key_that_made_a_request_may_label_it_even_an_id_the_client_chose(tmp_path):
+    """Issue 36: any caller with a classify key could label any request id (the first label won, and the
+    owner's own feedback then got 409), ids may be the client's, and those labels train the next student.
+    The answer records the caller's key; a label from another key is 403 and counts nothing."""
+    metrics = GatewayMetrics()
+    store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
+    join = FeedbackJoin(store, [str(d) for d in range(10)], metrics)
+    now = time.time()
+    issued = new_request_id(now)
+    for request_id in (issued, "alice-own-id-7"):  # an id the gateway issued, and one the client chose
+        store.write([(request_id, Answer(arm="student", model="student_kd", version=1, top1=[3], at=now, key="alice"))])
+
+    def label(request_id: str, key: str):
+        return asyncio.run(join.accept_all([FeedbackItem(request_id=request_id, label="7")], key))[0]
+
+    for request_id in (issued, "alice-own-id-7"):
+        foreign = label(request_id, "mallory")
+        assert foreign.status_code == 403 and foreign.kind == "foreign_request", foreign
+        assert label(request_id, "anonymous").status_code == 403
+        assert label(request_id, "alice").status == 200  # the owner's label is not taken by the first comer
+    assert metrics.feedback.labels("foreign_request")._value.get() == 4
+    assert metrics.feedback_top1.labels("student", "false")._value.get() == 2  # the two labels alice sent
+
+
+def test_an_answer_recorded_before_keys_were_recorded_is_still_joinable(tmp_path):
+    """Records written by a gateway before this change carry no key: they stay joinable (they expire
+    within the store's retention), as answers already given stay joinable after a restart."""
+    store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
+    join = FeedbackJoin(store, [str(d) for d in range(10)], GatewayMetrics())
+    store.write([("old", answer(time.time()))])
+    legacy = store.find("old").answer
+    assert legacy.key is None
+    assert asyncio.run(join.accept_all([FeedbackItem(request_id="old", label="3")], "anyone"))[0].status == 200

@@ -67,7 +67,7 @@ def test_feedback_waits_for_a_just_issued_answer_without_holding_a_thread(tmp_pa
 
     async def scenario() -> tuple[list, float]:
         started = time.monotonic()
-        pending = asyncio.ensure_future(join.accept_all(items))
+        pending = asyncio.ensure_future(join.accept_all(items, "anonymous"))
         await asyncio.sleep(0.2)
         store.write([(young, Answer(arm="student", model="student_kd", version=1, top1=[3], at=time.time()))])
         return await pending, time.monotonic() - started

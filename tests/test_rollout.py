@@ -184,7 +184,7 @@ def controller(stack: Stack, tmp_path: Path, prometheus: str | None = None, port
     /metrics on `port` when given."""
     args = [sys.executable, "-m", "gateway", "rollout", "--experiment-file", str(stack.experiment_file)]
     if prometheus:
-        args += ["--prometheus", prometheus, "--port", str(port)]
+        args += ["--prometheus", prometheus, "--prometheus-selector", 'job="kdserve-gateway"', "--port", str(port)]
     for url in [] if prometheus else stack.metrics_urls():
         args += ["--metrics-url", url]
     args += ["--interval", str(TICK_S), "--until-done", "--events", str(tmp_path / "events.jsonl")]

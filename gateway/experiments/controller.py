@@ -3,12 +3,13 @@
 
 One controller for any number of gateway replicas, in the pattern of Flagger and Argo Rollouts: it reads
 figures summed over the replicas (Prometheus' query API when deployed, the replicas' own /metrics when
-there is no Prometheus) and writes the experiment file they all follow. All of its state is in that
-file (phase, step, when the step began, the counters at that moment), so a restarted controller carries
-on where the last one stopped; it keeps no other state and one replica of it is enough.
+there is no Prometheus) and writes the experiment file they all follow. Its state is in that file (phase,
+step, when the step began) and, beside it, the step's counts so far (`<experiment>.counts.json`, a
+`counts.StepLedger` advanced at every tick, so a replica's restart never subtracts), so a restarted
+controller carries on where the last one stopped; one replica of it is enough.
 
 Each tick: read the file; a rollout that is enabled and not finished is judged on the counts since its
-step's baseline (gateway/experiments/gates.py); a failed gate rolls back at once, a passing step advances (the step
+step began (gateway/experiments/gates.py); a failed gate rolls back at once, a passing step advances (the step
 after the last judged one is 100%: the rollout is then promoted), a pending one waits. Every transition
 is an event: appended to the event log (JSON lines), kept in the file's recent history, logged, and
 counted on the controller's own metrics.
@@ -20,18 +21,18 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.experiments.counts import Counts, minus
-from gateway.experiments.file import read_experiment, write_experiment
+from gateway.experiments.counts import Counts, StepLedger
+from gateway.experiments.file import ExperimentBusy, read_experiment, write_experiment, writing
 from gateway.experiments.gates import StepVerdict, judge
 from gateway.experiments.sources import CountSource
 from gateway.experiments.spec import Experiment
 from gateway.experiments.state import HISTORY, RolloutEvent, RolloutState
-from gateway.files import file_stamp
+from gateway.files import file_stamp, write_whole
 
 log = logging.getLogger("kdserve.rollout")
 
@@ -93,7 +94,34 @@ class RolloutController:
     ) -> None:
         self.path, self.counts, self.clock = Path(experiment_file), counts, clock
         self.events_file = events_file or self.path.with_name(self.path.stem + ".events.jsonl")
+        self.ledger_file = self.path.with_name(self.path.stem + ".counts.json")
         self.metrics = metrics or ControllerMetrics()
+
+    def step_counts(self) -> Counts:
+        """What the current step has counted so far, over every replica (empty before a step began)."""
+        ledger = self._ledger()
+        return dict(ledger.counted) if ledger is not None else {}
+
+    def _ledger(self) -> StepLedger | None:
+        try:
+            return StepLedger(**json.loads(self.ledger_file.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def _keep(self, ledger: StepLedger) -> None:
+        write_whole(self.ledger_file, json.dumps(asdict(ledger)), durable=True)
+
+    def _counted(self, state: RolloutState, by_instance: dict[str, Counts]) -> Counts:
+        """The step's counts advanced to this read. Without a ledger for this step (lost, or another
+        step's), counting starts over from now: fewer samples, never counts the step did not see."""
+        ledger = self._ledger()
+        if ledger is None or ledger.step_started_at != state.step_started_at:
+            log.warning("no counts kept for step %d: counting it from now", state.step)
+            ledger = StepLedger.begin(state.step_started_at or self.clock(), by_instance)
+        else:
+            ledger = ledger.advance(by_instance)
+        self._keep(ledger)
+        return ledger.counted
 
     def tick(self) -> Tick:
         stamp = file_stamp(self.path)
@@ -104,22 +132,25 @@ class RolloutController:
         if not experiment.rollout.enabled or state.phase in ("promoted", "rolled_back"):
             self.metrics.show(experiment, None)
             return self._count(Tick("idle", experiment))
-        counts, now = self.counts.read(), self.clock()
+        by_instance, now = self.counts.read_by_instance(), self.clock()
         if state.phase == "off":
-            return self._transition(experiment, stamp, "started", 0, counts, now, None, "rollout started")
-        verdict = judge(experiment, minus(counts, state.baseline), now - (state.step_started_at or now))
+            return self._transition(experiment, stamp, "started", 0, by_instance, now, None, "rollout started")
+        counted = self._counted(state, by_instance)
+        verdict = judge(experiment, counted, now - (state.step_started_at or now))
         self.metrics.show(experiment, verdict)
         if verdict.status == "fail":
-            return self._transition(experiment, stamp, "rolled_back", state.step, counts, now, verdict, verdict.reason)
+            return self._transition(
+                experiment, stamp, "rolled_back", state.step, by_instance, now, verdict, verdict.reason
+            )
         if verdict.status == "pending":
             return self._count(Tick("waiting", experiment, verdict))
         following = state.step + 1
         steps = experiment.rollout.steps
         if following >= len(steps) or steps[following] >= 1.0:
             return self._transition(
-                experiment, stamp, "promoted", len(steps) - 1, counts, now, verdict, "every step passed"
+                experiment, stamp, "promoted", len(steps) - 1, by_instance, now, verdict, "every step passed"
             )
-        return self._transition(experiment, stamp, "advanced", following, counts, now, verdict, verdict.reason)
+        return self._transition(experiment, stamp, "advanced", following, by_instance, now, verdict, verdict.reason)
 
     def _transition(
         self,
@@ -127,7 +158,7 @@ class RolloutController:
         stamp,
         event: str,
         step: int,
-        counts: Counts,
+        by_instance: dict[str, Counts],
         now: float,
         verdict: StepVerdict | None,
         reason: str,
@@ -146,24 +177,34 @@ class RolloutController:
             phase=phase,
             step=step,
             step_started_at=now,
-            baseline=counts,
             reason=reason,
             history=[*experiment.state.history, record][-HISTORY:],
         )
         changed = experiment.model_copy(update={"weights": experiment.with_candidate_weight(weight), "state": state})
         changed = Experiment.model_validate(changed.model_dump())  # the file is always a valid experiment
-        if file_stamp(self.path) != stamp:
-            # Changed since this tick read it (a PUT): the next tick judges the new one.
+        try:
+            with writing(self.path):
+                if file_stamp(self.path) != stamp:
+                    # Changed since this tick read it (a PUT): the next tick judges the new one.
+                    return self._count(Tick("changed_underneath", experiment, verdict))
+                self._write(changed, record, by_instance, now, phase)
+        except ExperimentBusy:  # a PUT is writing it now: the next tick reads what it wrote
             return self._count(Tick("changed_underneath", experiment, verdict))
-        write_experiment(self.path, changed)
-        with self.events_file.open("a") as handle:
-            handle.write(json.dumps({"experiment_file": str(self.path), **record.model_dump()}) + "\n")
         (log.error if event == "rolled_back" else log.warning)(
             "rollout %s: step %d, %s weight %.3g: %s", event, step, experiment.candidate, weight, reason
         )
         self.metrics.transitions.labels(event).inc()
         self.metrics.show(changed, verdict)
         return self._count(Tick(event, changed, verdict))
+
+    def _write(
+        self, changed: Experiment, record: RolloutEvent, by_instance: dict[str, Counts], now: float, phase: str
+    ) -> None:
+        if phase == "running":  # before the file: a step never runs without its ledger (a finished one keeps its)
+            self._keep(StepLedger.begin(now, by_instance))
+        write_experiment(self.path, changed)
+        with self.events_file.open("a") as handle:
+            handle.write(json.dumps({"experiment_file": str(self.path), **record.model_dump()}) + "\n")
 
     def _count(self, tick: Tick) -> Tick:
         self.metrics.ticks.labels(tick.outcome).inc()

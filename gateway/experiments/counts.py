@@ -1,11 +1,12 @@
 """The counters every gate is judged on, read from Prometheus series and added up across replicas.
 
 Counts are kept as a flat mapping `key -> value`, with keys such as `latency|student|0.005` (requests
-of the arm at or under 5 ms), `agree|teacher|true` (shadowed requests whose top-1 agreed),
-`top1|student|false` and `pair|student|teacher|true|false`. Such mappings add up (replicas), subtract
-(a step's figures are now minus its baseline) and are plain JSON (the baseline lives in the experiment
-file, so a restarted controller carries on). The same keys come from three sources: this process's
-registry, the text of one or more replicas' /metrics, and Prometheus' query API (`sources`).
+of the arm at or under 5 ms, through any front door), `agree|teacher|true` (shadowed requests whose top-1
+agreed), `top1|student|false` and `pair|student|teacher|true|false`. Such mappings add up (replicas) and
+are plain JSON. The same keys come from three sources (`sources`): this process's registry, the text of
+the replicas' /metrics, and Prometheus' query API, each read per replica, so that a step's counts are
+the increases of every replica's own series (`StepLedger`): a replica that restarts counts from 0 again,
+and only what it counted since is added, never the fall of its series.
 """
 
 from __future__ import annotations
@@ -17,16 +18,30 @@ from dataclasses import dataclass
 Counts = dict[str, float]
 Sample = tuple[str, dict[str, str], float]
 
-CLASSIFY_ROUTE = "/v1/classify"
+# Every front door of inference, as the request metrics' `route` label names it: the latency gate judges
+# them all (it read /v1/classify only before, and v2 REST and gRPC traffic was invisible to it).
+INFERENCE_ROUTES = (
+    "/v1/classify",
+    "/v2/models/{name}/infer",
+    "/v2/models/{name}/versions/{version}/infer",
+    "grpc:ModelInfer",
+)
+START = "start"  # a replica's start time, read beside its counts: a new value means it restarted
 # Series read -> the labels that make up the key (in order); their values must be known at this point.
 SERIES = {
     "kdserve_request_duration_seconds_bucket": ("latency", ("arm", "le")),
     "kdserve_shadow_requests_total": ("agree", ("arm", "agreed")),
     "kdserve_feedback_top1_total": ("top1", ("arm", "correct")),
     "kdserve_feedback_pairs_total": ("pair", ("primary", "shadow", "primary_correct", "shadow_correct")),
+    "kdserve_started_at_seconds": (START, ()),
 }
-# The latency histogram counts every route and model: the gates read answered A/B requests only.
-LATENCY_FILTER = {"route": CLASSIFY_ROUTE, "status": "200"}
+LATENCY_STATUS = "200"  # the latency histogram counts every route and status: the gates read answered ones
+
+
+def _latency_sample_counts(labels: dict[str, str]) -> bool:
+    return (
+        bool(labels.get("arm")) and labels.get("route") in INFERENCE_ROUTES and labels.get("status") == LATENCY_STATUS
+    )
 
 
 def counts_from_samples(samples: Iterable[Sample]) -> Counts:
@@ -34,18 +49,59 @@ def counts_from_samples(samples: Iterable[Sample]) -> Counts:
     for name, labels, value in samples:
         if name not in SERIES:
             continue
-        if name.endswith("_bucket") and (
-            not labels.get("arm") or any(labels.get(k) != v for k, v in LATENCY_FILTER.items())
-        ):
+        if name.endswith("_bucket") and not _latency_sample_counts(labels):
             continue
         prefix, keys = SERIES[name]
         key = "|".join([prefix, *(_le(labels[k]) if k == "le" else labels[k] for k in keys)])
-        counts[key] = counts.get(key, 0.0) + value
+        counts[key] = max(counts.get(key, 0.0), value) if key == START else counts.get(key, 0.0) + value
     return counts
 
 
 def _le(text: str) -> str:
     return "inf" if math.isinf(float(text)) else repr(float(text))
+
+
+def total(by_instance: dict[str, Counts]) -> Counts:
+    """The counts of every replica added up (start times are per replica and are left out)."""
+    summed: Counts = {}
+    for counts in by_instance.values():
+        for key, value in counts.items():
+            if key != START:
+                summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
+@dataclass(frozen=True)
+class StepLedger:
+    """What a rollout step has counted so far: every replica's series as last read (`seen`), and the sum of
+    their increases since the step began (`counted`). Advanced at every read, so a replica that restarted
+    between two reads (a new start time, or a series lower than before) adds what it counted since it
+    started, and nothing is subtracted across a reset. Plain JSON, kept by the controller beside the
+    experiment file, so a restarted controller carries on."""
+
+    step_started_at: float
+    seen: dict[str, Counts]
+    counted: Counts
+
+    @classmethod
+    def begin(cls, step_started_at: float, by_instance: dict[str, Counts]) -> StepLedger:
+        return cls(step_started_at, dict(by_instance), {})
+
+    def advance(self, by_instance: dict[str, Counts]) -> StepLedger:
+        counted, seen = dict(self.counted), dict(self.seen)
+        for instance, now in by_instance.items():
+            before = self.seen.get(instance)
+            if before is None:
+                # A replica first read during the step: counted from its start when it started during the
+                # step (a new pod), else from now (it was there before, unread: its counts are not all ours).
+                before = {} if now.get(START, 0.0) > self.step_started_at else now
+            elif now.get(START) != before.get(START) or any(now.get(k, 0.0) < v for k, v in before.items()):
+                before = {}  # restarted since the last read: all it counts now came after
+            for key, value in now.items():
+                if key != START:
+                    counted[key] = counted.get(key, 0.0) + value - before.get(key, 0.0)
+            seen[instance] = now
+        return StepLedger(self.step_started_at, seen, counted)
 
 
 def minus(now: Counts, baseline: Counts) -> Counts:

@@ -1,10 +1,18 @@
-"""The experiment file every replica follows: written whole or not at all, re-read when it changes."""
+"""The experiment file every replica follows: written whole or not at all, re-read when it changes, and
+written by one writer at a time (a PUT on any replica, or the rollout controller's transition): each
+writer holds the file's lock while it compares what it read with what is there and writes, so no write
+is lost and none lands on top of one it did not see."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -14,6 +22,60 @@ from gateway.experiments.spec import Experiment, parse_experiment
 from gateway.files import file_stamp, write_whole
 
 log = logging.getLogger("kdserve.gateway")
+LOCK_STALE_S = 30.0  # no write holds the lock this long: an older lock was left by a writer that died
+
+
+class ExperimentBusy(GatewayError):
+    """Another writer holds the experiment file (the rollout controller mid-transition, or another PUT)."""
+
+    status_code, kind = 409, "experiment_busy"
+
+
+class ExperimentChanged(GatewayError):
+    """The experiment file is no longer the version the writer read (`If-Match`)."""
+
+    status_code, kind = 412, "experiment_changed"
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """The right to write `path`, alone: a lock file beside it, created exclusively (atomic on a local disk
+    and on NFS, where the replicas share the file). Busy: ExperimentBusy at once, never a wait. A lock
+    older than LOCK_STALE_S is a dead writer's and is taken over."""
+    lock = path.with_name(path.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+            break
+        except FileExistsError:
+            try:
+                stale = time.time() - lock.stat().st_mtime > LOCK_STALE_S
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            if not stale or attempt:
+                raise ExperimentBusy(
+                    "the experiment file is being written (the rollout controller's transition, or another "
+                    "change): read it again and retry"
+                ) from None
+            log.warning("taking over a stale lock on %s", path)
+            lock.unlink(missing_ok=True)
+    else:
+        raise ExperimentBusy("the experiment file is being written: read it again and retry")
+    try:
+        yield
+    finally:
+        os.close(handle)
+        lock.unlink(missing_ok=True)
+
+
+def file_version(path: Path) -> str | None:
+    """The experiment file's version, as an entity tag (None: no file): what a writer compares before
+    writing, and what `GET /v1/experiment` hands out as its `ETag`."""
+    try:
+        return '"' + hashlib.sha256(path.read_bytes()).hexdigest()[:32] + '"'
+    except FileNotFoundError:
+        return None
 
 
 def read_experiment(path: Path) -> Experiment:

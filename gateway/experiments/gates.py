@@ -3,8 +3,10 @@
 Every interval is a confidence sequence (gateway/experiments/sequential.py), so a verdict may be read after every
 request: a gate fails as soon as its interval lies wholly on the wrong side of the threshold, and
 passes once it lies wholly on the right side, the step has lasted `min_duration_s` and the gate has
-`min_samples` samples. A gate judging two things at once (a ratio of two arms' quantiles, a difference
-of two top-1 rates) spends `alpha / 2` on each.
+`min_samples` samples. `alpha` is the error rate of the whole rollout: each gate at each judged step
+spends `alpha / (gates x steps)` (a union bound: identical models are rolled back at most `alpha` of the
+time, however often the controller looks), and a gate judging two things at once (a ratio of two arms'
+quantiles, a difference of two top-1 rates) spends half of its share on each.
 """
 
 from __future__ import annotations
@@ -90,11 +92,20 @@ def _held(verdict: Verdict, min_samples: int, long_enough: bool) -> Verdict:
     return verdict
 
 
+def gate_alpha(experiment: ExperimentSpec) -> float:
+    """One gate's share of the rollout's `alpha` at one step: split over the configured gates and the steps
+    judged (every step below 100%; the step that reaches 100% is the promotion)."""
+    gates = experiment.gates
+    count = sum(g is not None for g in (gates.latency, gates.min_agreement, gates.max_top1_drop))
+    steps = sum(1 for s in experiment.rollout.steps if s < 1.0) if experiment.rollout.enabled else 1
+    return experiment.alpha / max(count, 1) / max(steps, 1)
+
+
 def latency_gate(experiment: ExperimentSpec, counts: Counts) -> Verdict | None:
     gate = experiment.gates.latency
     if gate is None:
         return None
-    q, alpha = gate.quantile, experiment.alpha
+    q, alpha = gate.quantile, gate_alpha(experiment)
     name = f"latency_p{q * 100:g}"
     candidate = arm_counts(counts, experiment.candidate)
     if gate.max_ms is not None:
@@ -134,7 +145,7 @@ def agreement_gate(experiment: ExperimentSpec, counts: Counts) -> Verdict | None
     if threshold is None:
         return None
     agreed, shadowed = agreement_counts(counts, (experiment.candidate, experiment.control))
-    low, high = (float(x) for x in proportion_cs(agreed, shadowed, experiment.alpha))
+    low, high = (float(x) for x in proportion_cs(agreed, shadowed, gate_alpha(experiment)))
     return Verdict(
         "agreement",
         at_least((low, high), threshold),
@@ -155,7 +166,7 @@ def top1_gate(experiment: ExperimentSpec, counts: Counts) -> Verdict | None:
         return None
     candidate, control = arm_counts(counts, experiment.candidate), arm_counts(counts, experiment.control)
     wins, losses, pairs = paired_counts(counts, experiment.candidate, experiment.control)
-    half = experiment.alpha / 2
+    half = gate_alpha(experiment) / 2
     low, high = difference_cs(candidate.correct, candidate.labelled, control.correct, control.labelled, half)
     if pairs:
         p_low, p_high = paired_difference_cs(wins, losses, pairs, half)

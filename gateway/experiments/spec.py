@@ -74,7 +74,13 @@ class ExperimentSpec(StrictModel):
     )
     gates: Gates = Field(default_factory=Gates)
     rollout: Rollout = Field(default_factory=Rollout)
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="error rate of each gate's anytime-valid test")
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="error rate of the whole rollout: each gate at each judged step is tested at "
+        "alpha / (gates x steps)",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -96,6 +102,11 @@ class ExperimentSpec(StrictModel):
             raise ValueError("shadow_fraction > 0 needs two arms to mirror between")
         if self.rollout.enabled and len(self.weights) != 2:
             raise ValueError("a rollout moves traffic between two arms: give weights to control and candidate only")
+        if self.rollout.enabled and self.gates.min_agreement is None and self.gates.max_top1_drop is None:
+            raise ValueError(
+                "a rollout needs a quality gate (gates.min_agreement or gates.max_top1_drop): latency and "
+                "traffic alone say nothing of the candidate's answers"
+            )
         return self
 
     def with_candidate_weight(self, weight: float) -> dict[str, float]:

@@ -33,8 +33,5 @@ class RolloutState(StrictModel):
     phase: Phase = "off"
     step: int = Field(-1, description="index into rollout.steps; -1 before the first")
     step_started_at: float | None = None
-    baseline: dict[str, float] = Field(
-        default_factory=dict, description="the gates' counters, summed over replicas, when this step began"
-    )
     reason: str = ""
     history: list[RolloutEvent] = Field(default_factory=list)

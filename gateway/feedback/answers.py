@@ -87,6 +87,9 @@ class Answer:
     top1: list[int]
     at: float
     shadow_arm: str | None = None
+    # The API key id that made the request (`anonymous` without one): only it may label the request. None
+    # in a record written before keys were recorded (joinable by anyone until it expires).
+    key: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, separators=(",", ":"))

@@ -15,19 +15,28 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.errors import DuplicateFeedback, ExpiredRequest, GatewayError, InvalidLabel, UnknownRequest, echo
+from gateway.errors import (
+    DuplicateFeedback,
+    ExpiredRequest,
+    ForeignRequest,
+    GatewayError,
+    InvalidLabel,
+    UnknownRequest,
+    echo,
+)
 from gateway.feedback.answers import LABEL_SUFFIX, PAIR_SUFFIX, AnswerStore, Found, issued_at
 from gateway.telemetry.metrics import GatewayMetrics
 
 MAX_ITEMS = 1000  # items in one feedback request
 # Feedback for a request this young may overtake its answer (written off the request path): it waits.
 JUST_ANSWERED_S = 2.0
-OUTCOMES = ("accepted", "unknown", "expired", "duplicate", "invalid_label")
+OUTCOMES = ("accepted", "unknown", "expired", "duplicate", "invalid_label", "foreign_request")
 OUTCOME_OF = {
     UnknownRequest: "unknown",
     ExpiredRequest: "expired",
     DuplicateFeedback: "duplicate",
     InvalidLabel: "invalid_label",
+    ForeignRequest: "foreign_request",
 }
 
 
@@ -62,11 +71,12 @@ class FeedbackJoin:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def accept_all(self, items: list[FeedbackItem]) -> list[FeedbackResult | GatewayError]:
-        """Each item's result, or the error that says why it was not counted (counted too), in order."""
+    async def accept_all(self, items: list[FeedbackItem], key: str) -> list[FeedbackResult | GatewayError]:
+        """Each item's result, or the error that says why it was not counted (counted too), in order. `key`:
+        the caller's API key id; a request another key made is refused (ForeignRequest)."""
         loop = asyncio.get_running_loop()
         results: list[FeedbackResult | GatewayError | float] = await loop.run_in_executor(
-            self._pool, self._try_all, items, True
+            self._pool, self._try_all, items, key, True
         )
         waiting = [i for i, r in enumerate(results) if isinstance(r, float)]
         if waiting:
@@ -74,16 +84,18 @@ class FeedbackJoin:
             # request path). One wait for all of them, bounded by JUST_ANSWERED_S.
             until = max(results[i] for i in waiting) + JUST_ANSWERED_S
             await asyncio.sleep(min(JUST_ANSWERED_S, max(0.0, until - time.time())))
-            again = await loop.run_in_executor(self._pool, self._try_all, [items[i] for i in waiting], False)
+            again = await loop.run_in_executor(self._pool, self._try_all, [items[i] for i in waiting], key, False)
             for i, result in zip(waiting, again, strict=True):
                 results[i] = result
         return results  # type: ignore[return-value]  # no float is left after the second pass
 
-    def _try_all(self, items: list[FeedbackItem], may_wait: bool) -> list[FeedbackResult | GatewayError | float]:
+    def _try_all(
+        self, items: list[FeedbackItem], key: str, may_wait: bool
+    ) -> list[FeedbackResult | GatewayError | float]:
         results: list[FeedbackResult | GatewayError | float] = []
         for item in items:
             try:
-                result = self._accept(item, may_wait)
+                result = self._accept(item, key, may_wait)
             except GatewayError as exc:
                 self.metrics.feedback.labels(OUTCOME_OF.get(type(exc), "invalid_label")).inc()
                 results.append(exc)
@@ -93,7 +105,7 @@ class FeedbackJoin:
             results.append(result)
         return results
 
-    def _accept(self, item: FeedbackItem, may_wait: bool) -> FeedbackResult | float:
+    def _accept(self, item: FeedbackItem, key: str, may_wait: bool) -> FeedbackResult | float:
         """The item joined and counted; or, when its answer may still be on its way (`may_wait`), the time
         its id was issued, to try again after JUST_ANSWERED_S. Raises the error that says why not."""
         labels = [item.label] if isinstance(item.label, str) else item.label
@@ -113,6 +125,10 @@ class FeedbackJoin:
                 f"no A/B answer is recorded for request {item.request_id} (only model=auto requests are kept)"
             )
         answer = found.answer
+        if answer.key is not None and answer.key != key:
+            raise ForeignRequest(
+                f"request {item.request_id} was made with another API key: only its caller may label it"
+            )
         if answer.at < now - self.store.ttl_s:
             raise ExpiredRequest(f"request {item.request_id} was answered more than {self.store.ttl_s:g} s ago")
         if len(labels) != len(answer.top1):

@@ -187,6 +187,7 @@ async def classify_request(
                 top1=outcome.probabilities.argmax(-1).tolist(),
                 at=time.time(),
                 shadow_arm=shadow_arm,
+                key=call.key_id,
             )
             _remember(state, call.rid, answer)
         if shadow_arm is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -58,6 +59,11 @@ class GatewayMetrics:
         )
         self.requests = Counter("kdserve_requests_total", "Requests", ["route", "model", "arm", "status"], registry=r)
         self.errors = Counter("kdserve_errors_total", "Errors by kind", ["kind"], registry=r)
+        # Read with the gates' counters: a new value says the replica restarted (its counters began at 0 then).
+        self.started_at = Gauge(
+            "kdserve_started_at_seconds", "When this gateway process started (unix time)", registry=r
+        )
+        self.started_at.set(time.time())
         # Label values: configured key ids, `anonymous` and `invalid` only (never a key): bounded by configuration.
         self.key_requests = Counter(
             "kdserve_api_key_requests_total", "Requests by API key id and outcome", ["key", "outcome"], registry=r
