@@ -59,7 +59,7 @@ def erase_capture(location: str, store: SegmentStore, request_ids: set[str], era
             erased.images += gone
         elif base.startswith(LABELS_PREFIX) and base.endswith(LABELS_SUFFIX):
             items = decode_label_lines(read())
-            kept = [item for item in items if item[0] not in request_ids]
+            kept = [item for item in items if item.request_id not in request_ids]
             gone = len(items) - len(kept)
             erased.labels += gone
         else:

@@ -6,7 +6,8 @@ all by one gateway replica:
   `uint8` image), with the request id it came in, its index in that request, the model and version that
   answered, its top-1 and calibrated probabilities, the time, and optionally the original file's bytes;
 - `labels-<ms>-<writer>-<seq>.jsonl`: feedback labels, one JSON object a line:
-  `{"request_id", "labels": [one class name per image], "at"}`.
+  `{"request_id", "labels": [one class name per image], "at", "key"}` (`key`: the API key id that sent
+  them, which is the key that made the request; absent in segments written before keys were recorded).
 
 NumPy's `.npz` without pickled objects (`allow_pickle=False` reads it): strings as fixed-width unicode,
 original bytes concatenated with offsets. Reading skips, and names, every file that is not a whole
@@ -25,6 +26,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -101,8 +103,20 @@ def decode_rows(data: bytes) -> tuple[list[str], list[CapturedImage]]:
     return [str(c) for c in a["class_names"]], rows
 
 
-def encode_labels(items: Iterable[tuple[str, list[str], float]]) -> bytes:
-    lines = [json.dumps({"request_id": rid, "labels": labels, "at": at}) for rid, labels, at in items]
+class LabelItem(NamedTuple):
+    """One feedback item as a labels segment keeps it."""
+
+    request_id: str
+    labels: list[str]
+    at: float
+    key: str | None = None  # the API key id that sent it (None: written before keys were recorded)
+
+
+def encode_labels(items: Iterable[LabelItem | tuple]) -> bytes:
+    lines = []
+    for item in items:
+        rid, labels, at, key = LabelItem(*item)
+        lines.append(json.dumps({"request_id": rid, "labels": labels, "at": at} | ({"key": key} if key else {})))
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -116,6 +130,7 @@ class CapturedSet:
     top1: np.ndarray  # [N] what the serving model answered
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    label_keys: np.ndarray | None = None  # [N] the API key id each label came from ("" unlabelled or unknown)
 
     @property
     def labelled(self) -> int:
@@ -150,7 +165,7 @@ def read_capture(files: Iterable[tuple[str, SegmentData]]) -> CapturedSet:
                 class_names, image_shape = part["class_names"], part["shape"][1:]
                 parts.append((name, data, part))
             elif name.endswith(LABELS_SUFFIX) and Path(name).name.startswith(LABELS_PREFIX):
-                label_map.update(_decode_labels(_bytes_of(data)))
+                label_map.update({item.request_id: item for item in _decode_labels(_bytes_of(data))})
             else:
                 raise ValueError("not a capture segment (images-*.npz or labels-*.jsonl)")
         except READ_ERRORS as exc:
@@ -181,12 +196,13 @@ def read_capture(files: Iterable[tuple[str, SegmentData]]) -> CapturedSet:
     request_ids = np.concatenate([p["request_ids"] for p in kept])
     positions = np.concatenate([p["image_index"] for p in kept])
     labels = np.full(len(images), UNLABELLED, dtype=np.int64)
+    keys = [""] * len(images)
     for i, (rid, position) in enumerate(zip(request_ids, positions, strict=True)):
         given = label_map.get(str(rid))
-        if given is not None and position < len(given) and given[position] in index:
-            labels[i] = index[given[position]]
+        if given is not None and position < len(given.labels) and given.labels[position] in index:
+            labels[i], keys[i] = index[given.labels[position]], given.key or ""
     top1 = np.concatenate([p["top1"] for p in kept]).astype(np.int64)
-    return CapturedSet(images, request_ids, labels, top1, class_names, skipped)
+    return CapturedSet(images, request_ids, labels, top1, class_names, skipped, np.array(keys))
 
 
 def _bytes_of(data: SegmentData) -> bytes:
@@ -236,25 +252,28 @@ def _segment_index(data: bytes) -> dict:
     return part
 
 
-def decode_label_lines(data: bytes) -> list[tuple[str, list[str], float]]:
+def decode_label_lines(data: bytes) -> list[LabelItem]:
     """A labels segment's items, in order, as `encode_labels` takes them."""
     items = []
     for line in data.decode().splitlines():
         if line.strip():
             item = json.loads(line)
-            items.append((str(item["request_id"]), [str(label) for label in item["labels"]], float(item["at"])))
+            key = item.get("key")
+            items.append(
+                LabelItem(
+                    str(item["request_id"]),
+                    [str(label) for label in item["labels"]],
+                    float(item["at"]),
+                    None if key is None else str(key),
+                )
+            )
     return items
 
 
-def _decode_labels(data: bytes) -> dict[str, list[str]]:
+def _decode_labels(data: bytes) -> list[LabelItem]:
     if not data:
         raise ValueError("empty file")
-    found = {}
-    for line in data.decode().splitlines():
-        if line.strip():
-            item = json.loads(line)
-            found[str(item["request_id"])] = [str(label) for label in item["labels"]]
-    return found
+    return decode_label_lines(data)
 
 
 def directory_files(directory: Path) -> list[tuple[str, Callable[[], bytes]]]:

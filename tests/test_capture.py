@@ -232,6 +232,35 @@ def test_a_student_redistilled_from_a_killed_gateways_capture_reads_every_whole_
     assert after.cascade is not None and after.cascade.metrics != before.cascade.metrics  # refitted for the new one
     assert after.models["teacher"] == before.models["teacher"]
     assert "every config matches its graph" in result.stdout  # check-repo passed on the new repository
+    offline = report["candidate"]["offline"]  # the offline gate's figures, whatever it decided
+    assert offline["passed"] and offline["top1"]["images"] == report["test_images"]
+    assert offline["top1"]["interval"][0] <= offline["top1"]["difference"] <= offline["top1"]["interval"][1]
+
+
+def test_a_redistilled_student_surely_worse_than_the_served_one_is_refused_offline_unless_forced(
+    tiny_run, tiny_repo, triton, tmp_path
+):
+    """Issue 36: a re-distilled student was exported and served whatever its evaluation said. A student
+    made worse on purpose (fresh weights, one epoch, instead of continuing from the served one) is refused
+    with exit 2 and one line of figures, the repository untouched; `--force` exports it all the same."""
+    capture, _ = capture_until_killed(tiny_repo, triton, tmp_path)
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    before = (repo / "manifest.json").read_bytes()
+    args = [
+        "redistill", "--run", str(tiny_run), "--capture", str(capture), "--repo", str(repo),
+        "--out", str(tmp_path / "broken"), "--set", "student.train.epochs=1", "--set", "redistill.start=fresh",
+    ]  # fmt: skip
+    refused = run_training(*args)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    error = refused.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: the re-distilled student is not exported: top-1 ") and "--force" in error, error
+    assert (repo / "manifest.json").read_bytes() == before
+    offline = json.loads((tmp_path / "broken" / "redistill.json").read_text())["candidate"]["offline"]
+    assert not offline["passed"] and offline["top1"]["interval"][1] < -offline["max_drop"]
+    forced = run_training(*args, "--force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert read_manifest(repo).models["student_kd"].version == json.loads(before)["models"]["student_kd"]["version"] + 1
 
 
 def _declaring(segment: bytes, shape: tuple[int, ...]) -> bytes:

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from gateway.experiments import sequential
-from gateway.experiments.sequential import at_least, at_most, paired_difference_cs, proportion_cs, quantile_cs
+from kdcontract import sequential
+from kdcontract.sequential import at_least, at_most, paired_difference_cs, proportion_cs, quantile_cs
 from loadtest.benchmarks.statistics_study import (
     aa_false_alarms,
     coverage,

@@ -126,6 +126,7 @@ def _cmd_redistill(args: argparse.Namespace) -> None:
         flavor=args.flavor,
         opts=_serving_options(args),
         export=not args.no_export,
+        force=args.force,
         overrides=tuple(args.overrides),
     )
     runtime = init_runtime()
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--against", help="served model it is compared with (default: the --served-as one)")
     add_serving_args(again)
     again.add_argument("--no-export", action="store_true", help="train and evaluate only")
+    again.add_argument("--force", action="store_true", help="export even when the offline gate refuses the new student")
     again.add_argument(
         "--set",
         dest="overrides",

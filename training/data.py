@@ -39,6 +39,8 @@ class InMemoryImages(Dataset):
     clients send it, prepared as the gateway prepares it (`client_forms.random_form`).
     """
 
+    label_keys: np.ndarray | None = None  # a capture's: the API key id each label came from
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, client_forms: torch.Tensor | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
@@ -379,7 +381,11 @@ def load_capture(location: str, spec: Preprocessing, class_names: list[str]) -> 
         f"{len(captured.skipped)} files skipped",
         flush=True,
     )
-    return InMemoryImages(torch.from_numpy(captured.images.copy()), torch.from_numpy(captured.labels.astype(np.int64)))
+    images = InMemoryImages(
+        torch.from_numpy(captured.images.copy()), torch.from_numpy(captured.labels.astype(np.int64))
+    )
+    images.label_keys = captured.label_keys  # which API key sent each label (training.label_trust judges them)
+    return images
 
 
 def load_transfer_folder(folder: str, spec: Preprocessing) -> InMemoryImages:

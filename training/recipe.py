@@ -246,6 +246,15 @@ class RedistillConfig(_Strict):
     # plain student reached 95.31% (3 seeds), 16 from fresh weights 94.07%, in a quarter of the time.
     start: Literal["served", "fresh"] = "served"
     epochs: int | None = Field(None, ge=1, description="the new student's epochs (None: student.train.epochs)")
+    # The offline gate (training/offline_gate.py): refused when surely worse than the served version by more.
+    max_top1_drop: float = Field(
+        0.02, ge=0, le=1, description="refuse the export when test top-1 is surely this much below the served"
+    )
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="error rate of the offline gate's paired intervals")
+    # Which keys' feedback labels train (training/label_trust.py): a key disagreeing with the teacher surely
+    # more than the other keys by `label_key_margin` is excluded; with a list, only those keys' labels train.
+    trusted_label_keys: list[str] | None = Field(None, description="API key ids whose labels train (None: all)")
+    label_key_margin: float = Field(0.05, ge=0, le=1, description="exclude a key this far above the others")
 
 
 class EvalConfig(_Strict):

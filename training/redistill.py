@@ -7,7 +7,9 @@ with the capture's feedback labels where there are some. By default (`redistill.
 student starts from the served model's weights and trains `redistill.epochs` epochs: the capture
 refines what served it instead of teaching a fresh network from nothing. The new student is evaluated
 on the recipe's held-out test split beside the model the repository serves under the same name (or
-`--against`), then exported as a new version of that name: the graph is written and checked first,
+`--against`), checked by the offline gate (`training.offline_gate`: refused, exit 2, when surely worse than
+the served version by more than `redistill.max_top1_drop`, unless `--force`), then exported as a new
+version of that name: the graph is written and checked first,
 the version directory appears whole, and only then does the manifest name it, so Triton (polling the
 repository) loads it and every gateway following the manifest switches once it is ready. When the
 repository's cascade or INT8 sibling is built on that student, both are renewed with it (the cascade's
@@ -22,13 +24,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from kdcontract.errors import UserError
 from kdcontract.manifest import ModelEntry, read_manifest, write_manifest
 from kdcontract.names import STUDENT_KD, TEACHER, int8_name
 from kdcontract.tables import markdown_table
 from training.checkpoint import ModelSpec, load_model, save_model
-from training.data import SplitData, load_capture, load_data
+from training.data import InMemoryImages, SplitData, load_capture, load_data
+from training.evaluate import predict_logits
 from training.export import as_numpy, cascade_entry, export_graph, int8_sibling, write_served_model
+from training.label_trust import LabelVerdict, judge_label_keys
+from training.offline_gate import offline_gate
 from training.pipeline import evaluate_cascade, evaluate_stage, train_or_reuse
 from training.recipe import Recipe, load_recipe
 from training.runtime import Runtime
@@ -48,6 +56,7 @@ class RedistillJob:
     flavor: str = "cpu"
     opts: ServingOptions = field(default_factory=ServingOptions)  # as `export` was given them
     export: bool = True
+    force: bool = False  # export even when the offline gate refuses the candidate
     overrides: tuple[str, ...] = ()  # KEY=VALUE on the run's recipe (the students' schedule, say)
 
 
@@ -70,6 +79,23 @@ def _numbers(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, float | int)}
 
 
+def _judge_labels(recipe: Recipe, teacher, transfer: InMemoryImages) -> LabelVerdict:
+    """The capture's feedback labels judged key by key against the teacher and the other keys; the labels of
+    an excluded key are dropped (its images still train on the teacher's soft targets)."""
+    labelled = torch.nonzero(transfer.labels >= 0).flatten()
+    keys = np.asarray(transfer.label_keys)[labelled.numpy()]
+    subset = InMemoryImages(transfer.images[labelled], transfer.labels[labelled])
+    teacher_top1 = predict_logits(teacher, subset)[0].argmax(-1).numpy() if len(labelled) else np.array([], int)
+    config = recipe.redistill
+    trust = judge_label_keys(
+        keys, subset.labels.numpy(), teacher_top1, config.trusted_label_keys, config.label_key_margin, config.alpha
+    )
+    for key, why in trust.excluded.items():
+        print(f"[redistill] labels of key {key or '(unrecorded)'} not used: {why}", flush=True)
+    transfer.labels[labelled[torch.from_numpy(~trust.keep(keys))]] = -1
+    return trust
+
+
 def redistill(job: RedistillJob, runtime: Runtime) -> dict:
     """Train, evaluate and export; returns the report (also written to `<out>/redistill.json`)."""
     started = time.perf_counter()
@@ -90,12 +116,13 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
     labelled, own_transfer = len(data.train), len(data.transfer) if data.transfer is not None else 0
     # The capture is the transfer set: the recipe's own unlabelled images are what traffic replaces.
     data.transfer = load_capture(job.capture, data.preprocessing, data.class_names)
-    captured_labels = int((data.transfer.labels >= 0).sum())
     ece_bins = recipe.evaluation.ece_bins
 
     teacher_stage = Stage(TEACHER, "teacher", recipe.teacher, recipe.seed, recipe.data.augment)
     teacher_eval = evaluate_stage(teacher, teacher_stage, data, None, ece_bins)
     teacher_pred = teacher_eval.test_logits.argmax(-1)
+    trust = _judge_labels(recipe, teacher, data.transfer)
+    captured_labels = int((data.transfer.labels >= 0).sum())
     served_model, _, _ = load_model(against_source)
     served_stage = Stage(against, "student", recipe.student, recipe.seed, recipe.data.augment)
     served_eval = evaluate_stage(served_model, served_stage, data, teacher_pred, ece_bins)
@@ -127,6 +154,7 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
         "recipe_transfer_images_replaced": own_transfer,
         "captured_images": len(data.transfer),
         "captured_labelled": captured_labels,
+        "labels": {"by_key": trust.by_key, "excluded": trust.excluded},
         "test_images": len(data.test),
         "teacher": {"top1": teacher_eval.metrics["top1"]},
         "served_before": {"name": against, "version": against_entry.version, "top1": served_eval.metrics["top1"]},
@@ -141,13 +169,26 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
             "exported_top1": students[0]["top1"],
         },
     }
-    if job.export:
-        model, spec, evaluated, path = first
+    model, spec, evaluated, path = first
+    gate = offline_gate(
+        evaluated.test_logits.argmax(-1).numpy(),
+        served_eval.test_logits.argmax(-1).numpy(),
+        served_eval.test_labels.numpy(),
+        teacher_pred.numpy(),
+        recipe.redistill.max_top1_drop,
+        recipe.redistill.alpha,
+    )
+    report["candidate"] = {"offline": {"passed": gate.passed, "reason": gate.reason, **gate.figures}}
+    print(f"[redistill] offline gate: {'passed' if gate.passed else 'REFUSED'}: {gate.reason}", flush=True)
+    refused = job.export and not gate.passed and not job.force
+    if job.export and not refused:
         report["export"] = _export_new_version(job, recipe, data, model, spec, evaluated, teacher_eval, path)
     report["seconds"] = round(time.perf_counter() - started, 1)
     job.out.mkdir(parents=True, exist_ok=True)
     (job.out / "redistill.json").write_text(json.dumps(report, indent=2) + "\n")
     (job.out / "redistill.md").write_text(markdown(report))
+    if refused:
+        raise UserError(f"the re-distilled student is not exported: {gate.reason} (--force exports it anyway)")
     return report
 
 
@@ -208,6 +249,31 @@ def markdown(report: dict) -> str:
         f"Mean {r['top1']:.2%} (std {100 * r['std']:.2f} pt); served before: {before['name']} version "
         f"{before['version']} {before['top1']:.2%}; teacher {report['teacher']['top1']:.2%}.",
     ]
+    offline = report["candidate"]["offline"]
+    rows = [
+        [
+            name,
+            f"{figures['candidate']:.2%}",
+            f"{figures['served']:.2%}",
+            f"[{figures['interval'][0] * 100:+.2f}, {figures['interval'][1] * 100:+.2f}]",
+        ]
+        for name, figures in (("top-1", offline["top1"]), ("agreement with the teacher", offline["agreement"]))
+    ]
+    lines += [
+        "",
+        f"Offline gate (seed {r['exported_seed']} against the served version, paired on the test split, "
+        f"alpha {offline['alpha']:g}): {'passed' if offline['passed'] else 'refused'}.",
+        "",
+        markdown_table(["", "candidate", "served", "difference, points"], rows),
+    ]
+    excluded = report["labels"]["excluded"]
+    if excluded:
+        lines += [
+            "",
+            "Feedback labels not used: "
+            + "; ".join(f"key {k or '(unrecorded)'}: {why}" for k, why in excluded.items())
+            + ".",
+        ]
     if "export" in report:
         versions = ", ".join(f"{n} version {v}" for n, v in report["export"]["versions"].items())
         lines += ["", f"Exported (seed {r['exported_seed']}): {versions}."]

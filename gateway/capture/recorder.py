@@ -28,6 +28,7 @@ from gateway.capture.sinks import LocalSink, ObjectStoreSink
 from gateway.telemetry.metrics import GatewayMetrics
 from kdcontract.capture import (
     CapturedImage,
+    LabelItem,
     encode_images,
     encode_labels,
     segment_name,
@@ -67,7 +68,7 @@ class Capture:
         self._random = random.Random()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="capture")
         self._open_rows: list[CapturedImage] = []  # the segments being gathered
-        self._open_labels: list[tuple[str, list[str], float]] = []
+        self._open_labels: list[LabelItem] = []
 
     # -- the request path: O(1), never waits --------------------------------------------------------
     def sample(self) -> bool:
@@ -85,8 +86,10 @@ class Capture:
         )
         self._put(item, len(images))
 
-    def labels(self, request_id: str, labels: list[str]) -> None:
-        self._put((request_id, labels, time.time()), 0)
+    def labels(self, request_id: str, labels: list[str], key: str) -> None:
+        """Feedback labels joined to a captured request, with the API key id that sent them (training judges
+        each key's labels against the others' before it trusts them)."""
+        self._put(LabelItem(request_id, labels, time.time(), key), 0)
 
     def _put(self, item, images: int) -> None:
         try:
@@ -118,7 +121,7 @@ class Capture:
             self._take(self.queue.get_nowait())
         await self._write_open()
 
-    def _take(self, item: _Pending | tuple[str, list[str], float]) -> None:
+    def _take(self, item: _Pending | LabelItem) -> None:
         if isinstance(item, _Pending):
             self._open_rows.extend(self._rows(item))
         else:

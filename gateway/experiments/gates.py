@@ -1,6 +1,6 @@
 """The experiment's gates judged on a step's counts: pass, fail or pending, with the numbers behind each.
 
-Every interval is a confidence sequence (gateway/experiments/sequential.py), so a verdict may be read after every
+Every interval is a confidence sequence (kdcontract/sequential.py), so a verdict may be read after every
 request: a gate fails as soon as its interval lies wholly on the wrong side of the threshold, and
 passes once it lies wholly on the right side, the step has lasted `min_duration_s` and the gate has
 `min_samples` samples. `alpha` is the error rate of the whole rollout: each gate at each judged step
@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass, replace
 
 from gateway.experiments.counts import Counts, agreement_counts, arm_counts, paired_counts
-from gateway.experiments.sequential import (
+from gateway.experiments.spec import ExperimentSpec
+from kdcontract.sequential import (
     Status,
     Verdict,
     at_least,
@@ -25,7 +26,6 @@ from gateway.experiments.sequential import (
     proportion_cs,
     quantile_cs,
 )
-from gateway.experiments.spec import ExperimentSpec
 
 
 @dataclass(frozen=True)

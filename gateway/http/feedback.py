@@ -66,7 +66,7 @@ async def feedback(request: Request) -> Response:
         else r
         for item, r in zip(items, joined, strict=True)
     ]
-    _capture_labels(state.capture, items, results)
+    _capture_labels(state.capture, items, results, request.state.key_id)
     if isinstance(parsed, FeedbackItem):
         if isinstance(joined[0], GatewayError):
             raise joined[0]
@@ -74,10 +74,11 @@ async def feedback(request: Request) -> Response:
     return Response(FeedbackBatch(results=results).model_dump_json(), media_type="application/json")
 
 
-def _capture_labels(capture, items: list[FeedbackItem], results: list[FeedbackResult]) -> None:
-    """Accepted labels join the captured images of their requests (in the capture's labels segments)."""
+def _capture_labels(capture, items: list[FeedbackItem], results: list[FeedbackResult], key: str) -> None:
+    """Accepted labels join the captured images of their requests (in the capture's labels segments), with
+    the key that sent them."""
     if capture is None:
         return
     for item, result in zip(items, results, strict=True):
         if result.status == 200:
-            capture.labels(item.request_id, [item.label] if isinstance(item.label, str) else item.label)
+            capture.labels(item.request_id, [item.label] if isinstance(item.label, str) else item.label, key)

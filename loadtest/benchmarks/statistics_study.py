@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.experiments.sequential import ALPHA, difference_cs, paired_difference_cs, proportion_cs, quantile_cs
+from kdcontract.sequential import ALPHA, difference_cs, paired_difference_cs, proportion_cs, quantile_cs
 from kdcontract.tables import markdown_table
 
 EXPERIMENTS = 1000
