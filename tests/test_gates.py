@@ -285,3 +285,17 @@ def test_two_hundred_aa_rollouts_of_identical_models_roll_back_at_most_five_perc
     outcomes = [_aa_rollout(rng, spec) for _ in range(200)]
     rolled_back = outcomes.count("rolled_back")
     assert rolled_back <= 10, f"{rolled_back} of 200 A/A rollouts rolled back"
+
+
+def test_an_unreadable_ledger_restarts_the_steps_counting_instead_of_stopping_the_controller(tmp_path):
+    path = tmp_path / "experiment.json"
+    write_experiment(path, experiment(gates={"max_top1_drop": 0.05}, rollout={"enabled": True, "min_samples": 10_000}))
+    fleet, clock = Fleet("a"), [0.0]
+    controller = RolloutController(path, fleet, clock=lambda: clock[0])
+    assert controller.tick().outcome == "started"
+    controller.ledger_file.write_text('{"step_started_at": 0.0, "seen"')  # cut short
+    fleet.replicas["a"].metrics.feedback_top1.labels("student", "true").inc(5)
+    assert controller.tick().outcome == "waiting"  # counted from now: fewer samples, never invented ones
+    fleet.replicas["a"].metrics.feedback_top1.labels("student", "true").inc(3)
+    controller.tick()
+    assert _top1(controller.step_counts()) == (3, 0)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdcontract.capture import UNLABELLED
 from kdcontract.errors import UserError
 from kdcontract.manifest import ModelEntry, read_manifest, write_manifest
 from kdcontract.names import STUDENT_KD, TEACHER, int8_name
@@ -82,7 +83,7 @@ def _numbers(metrics: dict) -> dict[str, float]:
 def _judge_labels(recipe: Recipe, teacher, transfer: InMemoryImages) -> LabelVerdict:
     """The capture's feedback labels judged key by key against the teacher and the other keys; the labels of
     an excluded key are dropped (its images still train on the teacher's soft targets)."""
-    labelled = torch.nonzero(transfer.labels >= 0).flatten()
+    labelled = torch.nonzero(transfer.labels != UNLABELLED).flatten()
     keys = np.asarray(transfer.label_keys)[labelled.numpy()]
     subset = InMemoryImages(transfer.images[labelled], transfer.labels[labelled])
     teacher_top1 = predict_logits(teacher, subset)[0].argmax(-1).numpy() if len(labelled) else np.array([], int)
@@ -92,7 +93,7 @@ def _judge_labels(recipe: Recipe, teacher, transfer: InMemoryImages) -> LabelVer
     )
     for key, why in trust.excluded.items():
         print(f"[redistill] labels of key {key or '(unrecorded)'} not used: {why}", flush=True)
-    transfer.labels[labelled[torch.from_numpy(~trust.keep(keys))]] = -1
+    transfer.labels[labelled[torch.from_numpy(~trust.keep(keys))]] = UNLABELLED
     return trust
 
 
@@ -122,7 +123,7 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
     teacher_eval = evaluate_stage(teacher, teacher_stage, data, None, ece_bins)
     teacher_pred = teacher_eval.test_logits.argmax(-1)
     trust = _judge_labels(recipe, teacher, data.transfer)
-    captured_labels = int((data.transfer.labels >= 0).sum())
+    captured_labels = int((data.transfer.labels != UNLABELLED).sum())
     served_model, _, _ = load_model(against_source)
     served_stage = Stage(against, "student", recipe.student, recipe.seed, recipe.data.augment)
     served_eval = evaluate_stage(served_model, served_stage, data, teacher_pred, ece_bins)

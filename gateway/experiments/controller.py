@@ -107,6 +107,9 @@ class RolloutController:
             return StepLedger(**json.loads(self.ledger_file.read_text()))
         except FileNotFoundError:
             return None
+        except (ValueError, TypeError) as exc:  # not a ledger this controller wrote: the step counts from now
+            log.warning("the step's counts in %s are unreadable (%s): counting from now", self.ledger_file, exc)
+            return None
 
     def _keep(self, ledger: StepLedger) -> None:
         write_whole(self.ledger_file, json.dumps(asdict(ledger)), durable=True)
