@@ -26,6 +26,8 @@ from gateway.process import GatewayProcess
 from kdcontract.capture import (
     UNLABELLED,
     CapturedImage,
+    LabelItem,
+    decode_label_lines,
     directory_files,
     encode_images,
     encode_labels,
@@ -71,6 +73,18 @@ def test_segments_round_trip_and_labels_join_by_request_and_position():
     np.testing.assert_array_equal(captured.images[:3], np.stack([r.image for r in first]))
     assert captured.labels.tolist() == [7, 1, 2, UNLABELLED, UNLABELLED] and captured.labelled == 3
     assert captured.request_ids.tolist() == ["req-a"] * 3 + ["req-b"] * 2
+
+
+def test_each_label_keeps_the_key_that_sent_it_and_segments_without_keys_still_read():
+    """Issue 36: training judges each key's labels against the other keys', so the capture keeps the key."""
+    files = [
+        (segment_name("images", 1.0, "w", 1), encode_images(rows("req-a", 2) + rows("req-b", 1), CLASSES)),
+        (segment_name("labels", 2.0, "w", 2), encode_labels([LabelItem("req-a", ["4", "5"], 2.0, "alice")])),
+        (segment_name("labels", 3.0, "w", 3), b'{"request_id": "req-b", "labels": ["9"], "at": 3.0}\n'),  # older
+    ]
+    captured = read_capture(files)
+    assert captured.labels.tolist() == [4, 5, 9] and captured.label_keys.tolist() == ["alice", "alice", ""]
+    assert decode_label_lines(files[1][1]) == [LabelItem("req-a", ["4", "5"], 2.0, "alice")]
 
 
 def test_truncated_empty_and_foreign_files_are_named_and_skipped():

@@ -250,7 +250,9 @@ class RedistillConfig(_Strict):
     max_top1_drop: float = Field(
         0.02, ge=0, le=1, description="refuse the export when test top-1 is surely this much below the served"
     )
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="error rate of the offline gate's paired intervals")
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="error rate of the offline gate's intervals and of the label keys' judgement"
+    )
     # Which keys' feedback labels train (training/label_trust.py): a key disagreeing with the teacher surely
     # more than the other keys by `label_key_margin` is excluded; with a list, only those keys' labels train.
     trusted_label_keys: list[str] | None = Field(None, description="API key ids whose labels train (None: all)")
