@@ -198,6 +198,9 @@ def test_only_the_key_that_made_a_request_may_label_it_even_an_id_the_client_cho
         assert label(request_id, "alice").status == 200  # the owner's label is not taken by the first comer
     assert metrics.feedback.labels("foreign_request")._value.get() == 4
     assert metrics.feedback_top1.labels("student", "false")._value.get() == 2  # the two labels alice sent
+    # Per key, whether its labels agree with what was answered: a key far apart from the others shows.
+    assert metrics.feedback_key_labels.labels("alice", "false")._value.get() == 2
+    assert metrics.feedback_key_labels.labels("mallory", "false")._value.get() == 0
 
 
 def test_an_answer_recorded_before_keys_were_recorded_is_still_joinable(tmp_path):

@@ -138,6 +138,7 @@ class FeedbackJoin:
         truth = [self.class_index[label] for label in labels]
         for i, y in enumerate(truth):
             self.metrics.feedback_top1.labels(answer.arm, _flag(answer.top1[i] == y)).inc()
+            self.metrics.feedback_key_labels.labels(key, _flag(answer.top1[i] == y)).inc()
         # The label is claimed before the shadow's answer is read (see AnswerStore._pair_if_labelled).
         shadow_top1 = found.shadow_top1()
         if shadow_top1 is not None and self.store.claim(found, PAIR_SUFFIX):

@@ -141,6 +141,13 @@ class GatewayMetrics:
             ["arm", "correct"],
             registry=r,
         )
+        # Label values: configured key ids and `anonymous` (bounded by configuration, as the key metrics are).
+        self.feedback_key_labels = Counter(
+            "kdserve_feedback_key_labels_total",
+            "Accepted labels by the API key that sent them and whether they agree with the answer's top-1",
+            ["key", "agrees"],
+            registry=r,
+        )
         self.feedback_pairs = Counter(
             "kdserve_feedback_pairs_total",
             "Labelled images both an arm and its shadow answered, by whether each was right",
