@@ -175,7 +175,9 @@ def test_large_images_decode_off_the_event_loop(gateway):
     """While 4000x4000 PNGs decode, /healthz answers in a fraction of one decode.
 
     If decoding ran on the event loop, every /healthz arriving during a decode would wait for all of it:
-    its slowest answer would be at least one decode long.
+    most answers would take a large part of a decode, and the slowest at least one. Off the loop, one probe
+    in many may still meet a scheduling hiccup on two busy cores (107 ms once, against 193 ms decodes, in a
+    fresh-clone run): the 90th percentile is judged, and the slowest must stay under one decode.
     """
     big = large_png()
 
@@ -210,4 +212,5 @@ def test_large_images_decode_off_the_event_loop(gateway):
     assert len(decode_ms) == 8 and len(health_ms) >= 20
     one_decode = float(np.median(decode_ms))
     assert one_decode > 20, f"decoding a 4000x4000 PNG took {one_decode:.1f} ms: too fast to tell anything"
-    assert max(health_ms) < one_decode / 2, (max(health_ms), one_decode)
+    assert float(np.percentile(health_ms, 90)) < one_decode / 2, (sorted(health_ms)[-5:], one_decode)
+    assert max(health_ms) < one_decode, (max(health_ms), one_decode)
