@@ -33,8 +33,7 @@ from gateway.feedback.answers import Answer, AnswerStore, issued_at, new_request
 from gateway.feedback.join import FeedbackItem, FeedbackJoin
 from gateway.http.feedback import validate_feedback
 from gateway.http.reading import parse_classify_json, parse_json_body
-from gateway.http.schemas import ClassifyJSON
-from gateway.http.v2 import InferRequest
+from gateway.http.schemas import ClassifyJSON, InferRequest
 from gateway.process import GatewayProcess
 from gateway.telemetry.metrics import GatewayMetrics
 from kdcontract.digits import digit_png_bytes

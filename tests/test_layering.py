@@ -66,7 +66,7 @@ def test_a_breach_of_the_gateways_layers_breaks_the_build(tmp_path):
     controller's package) importing Triton's client, and a load client importing a whole stack."""
     tree = copy_of_the_packages(tmp_path)
     _append(tree, "gateway.serving.inference", "from gateway.http.reading import read_body_limited")
-    _append(tree, "gateway.grpc.servicer", "from gateway.http.v2 import InferRequest")
+    _append(tree, "gateway.grpc.servicer", "from gateway.http.v2 import router")
     _append(tree, "gateway.feedback.join", "import starlette.requests")
     _append(tree, "gateway.experiments.gates", "from gateway.triton.client import TritonClient")
     _append(tree, "loadtest.clients.measure", "from loadtest.stacks.demo import run_demo")

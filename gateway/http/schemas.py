@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gateway.experiments.spec import Experiment
 from gateway.settings import MAX_IMAGES_PER_REQUEST
+from gateway.v2 import tensors as v2_tensors
 from kdcontract.manifest import DataSplit
+from kdcontract.names import V2_IMAGE_INPUT, V2_OUTPUT, V2_PIXELS_INPUT
 
 # The image files the gateway decodes (its default allow-list): a multipart part's, or a JSON string's, type.
 IMAGE_MEDIA_TYPES = ["image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff"]
@@ -151,3 +153,36 @@ def inline_schema(model: type[BaseModel]) -> dict:
         return node
 
     return resolve(schema)
+
+
+# The Open Inference Protocol's REST bodies (`http.v2`): what the gateway takes, bounded before it is read.
+class V2Error(BaseModel):
+    error: str
+
+
+V2_ERRORS = {code: {"model": V2Error} for code in (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)}
+Parameter = str | int | float | bool
+
+
+class InputTensor(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
+    # The names and types the gateway takes, documented as enums (other values get a 400 that says so).
+    name: str = Field(max_length=64, json_schema_extra={"enum": [V2_IMAGE_INPUT, V2_PIXELS_INPUT]})
+    shape: list[JsonInt] = Field(max_length=8)
+    datatype: str = Field(max_length=16, json_schema_extra={"enum": ["BYTES", "UINT8"]})
+    parameters: dict[str, Parameter] | None = Field(None, max_length=v2_tensors.MAX_PARAMETERS)
+    data: list[Any] | None = None
+
+
+class OutputRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
+    name: str = Field(max_length=64, json_schema_extra={"enum": [V2_OUTPUT]})
+    parameters: dict[str, Parameter] | None = Field(None, max_length=v2_tensors.MAX_PARAMETERS)
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
+    id: str | None = Field(None, max_length=128)
+    parameters: dict[str, Parameter] | None = Field(None, max_length=v2_tensors.MAX_PARAMETERS)
+    inputs: list[InputTensor] = Field(min_length=1, max_length=v2_tensors.MAX_TENSORS, fail_fast=True)
+    outputs: list[OutputRequest] | None = Field(None, max_length=v2_tensors.MAX_TENSORS, fail_fast=True)

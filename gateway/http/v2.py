@@ -14,13 +14,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from gateway.auth.scopes import requires
 from gateway.errors import BadRequest, UnsupportedMediaType, echo
 from gateway.http.reading import parse_json_body, read_body_limited, trace_carrier
-from gateway.http.schemas import JsonInt, inline_schema
+from gateway.http.schemas import V2_ERRORS, InferRequest, inline_schema
 from gateway.serving.health import not_ready
 from gateway.serving.inference import classify_request, describe
 from gateway.serving.service import Classifier
@@ -28,42 +27,10 @@ from gateway.settings import GatewaySettings
 from gateway.telemetry import tracing
 from gateway.v2 import models as v2_models
 from gateway.v2 import tensors as v2_tensors
-from kdcontract.names import V2_IMAGE_INPUT, V2_OUTPUT, V2_PIXELS_INPUT
+from kdcontract.names import V2_OUTPUT
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 HEADER_LENGTH = "inference-header-content-length"
-
-
-class V2Error(BaseModel):
-    error: str
-
-
-V2_ERRORS = {code: {"model": V2Error} for code in (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)}
-Parameter = str | int | float | bool
-
-
-class InputTensor(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
-    # The names and types the gateway takes, documented as enums (other values get a 400 that says so).
-    name: str = Field(max_length=64, json_schema_extra={"enum": [V2_IMAGE_INPUT, V2_PIXELS_INPUT]})
-    shape: list[JsonInt] = Field(max_length=8)
-    datatype: str = Field(max_length=16, json_schema_extra={"enum": ["BYTES", "UINT8"]})
-    parameters: dict[str, Parameter] | None = Field(None, max_length=v2_tensors.MAX_PARAMETERS)
-    data: list[Any] | None = None
-
-
-class OutputRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
-    name: str = Field(max_length=64, json_schema_extra={"enum": [V2_OUTPUT]})
-    parameters: dict[str, Parameter] | None = Field(None, max_length=v2_tensors.MAX_PARAMETERS)
-
-
-class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as written: no `true` taken for 1
-    id: str | None = Field(None, max_length=128)
-    parameters: dict[str, Parameter] | None = Field(None, max_length=v2_tensors.MAX_PARAMETERS)
-    inputs: list[InputTensor] = Field(min_length=1, max_length=v2_tensors.MAX_TENSORS, fail_fast=True)
-    outputs: list[OutputRequest] | None = Field(None, max_length=v2_tensors.MAX_TENSORS, fail_fast=True)
 
 
 INFER_OPENAPI = {
