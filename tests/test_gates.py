@@ -145,7 +145,7 @@ class Fleet:
         self.replicas = {name: Replica(i) for i, name in enumerate(names)}
 
     def restart(self, name: str) -> None:
-        self.replicas[name] = Replica(hash(name) % 100)
+        self.replicas[name] = Replica(len(self.replicas))
         self.replicas[name].metrics.started_at.set(self.replicas[name].metrics.started_at._value.get() + 1)
 
     def read_by_instance(self):

@@ -69,11 +69,16 @@ async def _experiment_figures(request: Request) -> Response:
     samples per arm the intervals take ~3 ms of CPU (`make bench`: benchmarks/experiment_read.json), which
     would hold every other request. Readers arriving while it is computed share that computation. The
     answer is a ready `Response`: FastAPI would otherwise validate and encode the model again on the loop
-    (`response_model` still documents it)."""
-    body = await request.app.state.figures.read(lambda: _experiment_response(request).model_dump_json().encode())
+    (`response_model` still documents it). The file's version (`ETag`) is read in the same thread: a file on
+    a slow shared volume never holds the loop."""
+    body, version = await request.app.state.figures.read(lambda: _experiment_answer(request))
+    return Response(body, media_type="application/json", headers={"ETag": version} if version else None)
+
+
+def _experiment_answer(request: Request) -> tuple[bytes, str | None]:
     path = request.app.state.settings.experiment_file
     version = file_version(path) if path is not None else None
-    return Response(body, media_type="application/json", headers={"ETag": version} if version else None)
+    return _experiment_response(request).model_dump_json().encode(), version
 
 
 def _experiment_response(request: Request) -> ExperimentResponse:
