@@ -106,7 +106,11 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
     if args.port:
         start_http_server(args.port, addr=args.host, registry=metrics.registry)
     controller = RolloutController(
-        Path(args.experiment_file), counts, Path(args.events) if args.events else None, metrics
+        Path(args.experiment_file),
+        counts,
+        Path(args.events) if args.events else None,
+        metrics,
+        repo=Path(args.repo) if args.repo else None,
     )
     print(
         f"rollout controller: {args.experiment_file} every {args.interval:g} s, figures from {source}, "
@@ -220,6 +224,11 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
     )
     rollout.add_argument(
         "--metrics-url", action="append", help="a replica's /metrics URL (repeat for each); without Prometheus"
+    )
+    rollout.add_argument(
+        "--repo",
+        help="the model repository: a candidate arm naming a version (student_kd@2) is promoted to current there "
+        "when the rollout is promoted, and unloaded when it is rolled back",
     )
     rollout.add_argument("--interval", type=float, default=5.0, help="seconds between evaluations")
     rollout.add_argument("--events", help="event log, JSON lines (default: <experiment>.events.jsonl beside it)")

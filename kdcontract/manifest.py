@@ -16,7 +16,9 @@ MANIFEST_NAME = "manifest.json"
 # 2: preprocessing carries the resize method and, for digits, how a picture is framed (polarity, ink box).
 # 3: the confidence cascade (student first, the teacher below a threshold).
 # 4: the data split (serving-side tools draw the held-out images from it instead of reading the recipe).
-SCHEMA_VERSION = 4
+# 5: a model's candidate version, served beside its current one until a rollout promotes or rejects it.
+SCHEMA_VERSION = 5
+READABLE_SCHEMAS = (4, 5)  # a 4 is a 5 without candidates: read as it is
 
 Role = Literal["teacher", "student", "variant", "multihead", "quantized", "ensemble", "fusion"]
 
@@ -77,11 +79,34 @@ class Preprocessing(_Strict):
     digit: DigitFraming | None = Field(None, description="digits only: polarity and framing")
 
 
+class Cascade(_Strict):
+    """The student answers; an image whose calibrated student confidence is below `threshold` goes to
+    the teacher. The threshold was fitted on the validation split (see `metrics`)."""
+
+    student: str
+    teacher: str
+    threshold: float = Field(ge=0, le=1.001)
+    metrics: dict[str, float] = Field(default_factory=dict, description="held-out test split")
+
+
+class CandidateVersion(_Strict):
+    """A newer version of a model, loaded by Triton beside the current one, answering only where a rollout
+    (or a caller naming `NAME@VERSION`) sends it, until its gates promote it to current or reject it."""
+
+    version: int = Field(ge=1)
+    temperature: float = Field(1.0, gt=0)
+    metrics: dict[str, float] = Field(default_factory=dict, description="held-out test split")
+    files: dict[str, str] = Field(default_factory=dict, description="its version directory's files -> sha256")
+    source: str = Field("", description="checkpoint it was exported from")
+    offline_gate: dict = Field(default_factory=dict, description="the paired comparison it passed before export")
+    cascade: Cascade | None = Field(None, description="the cascade refitted for it: taken up when it is promoted")
+
+
 class ModelEntry(_Strict):
     name: str
     role: Role
     arch: str
-    version: int = Field(ge=1, description="the newest version directory")
+    version: int = Field(ge=1, description="the current version: what the name answers")
     backend: str
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     input: TensorSpec
@@ -93,16 +118,21 @@ class ModelEntry(_Strict):
     members: list[str] = Field(default_factory=list, description="ensemble models: what they fuse")
     files: dict[str, str] = Field(default_factory=dict, description="path in the repository -> sha256")
     source: str = Field("", description="checkpoint the model was exported from")
+    candidate: CandidateVersion | None = Field(None, description="a newer version on trial beside the current one")
 
+    def loaded_versions(self) -> list[int]:
+        """What Triton must load: the current version and the candidate's."""
+        return sorted({self.version, *([self.candidate.version] if self.candidate else [])})
 
-class Cascade(_Strict):
-    """The student answers; an image whose calibrated student confidence is below `threshold` goes to
-    the teacher. The threshold was fitted on the validation split (see `metrics`)."""
-
-    student: str
-    teacher: str
-    threshold: float = Field(ge=0, le=1.001)
-    metrics: dict[str, float] = Field(default_factory=dict, description="held-out test split")
+    def as_version(self, version: int) -> ModelEntry | None:
+        """This model as one of its versions (weights and calibration together), None when not loaded."""
+        if version == self.version:
+            return self
+        c = self.candidate
+        if c is None or version != c.version:
+            return None
+        update = {"version": c.version, "temperature": c.temperature, "metrics": c.metrics, "files": c.files}
+        return self.model_copy(update={**update, "source": c.source, "candidate": None})
 
 
 class Manifest(_Strict):
@@ -126,12 +156,12 @@ class SchemaMismatch(ValueError):
 def read_manifest(repo: Path) -> Manifest:
     raw = json.loads((Path(repo) / MANIFEST_NAME).read_text())
     found = raw.get("schema_version") if isinstance(raw, dict) else None
-    if found != SCHEMA_VERSION:
+    if found not in READABLE_SCHEMAS:
         raise SchemaMismatch(
             f"{Path(repo) / MANIFEST_NAME} has schema version {found}, this kdserve reads {SCHEMA_VERSION}: "
             "re-export it (python -m training export)"
         )
-    return Manifest.model_validate(raw)
+    return Manifest.model_validate({**raw, "schema_version": SCHEMA_VERSION})
 
 
 def write_manifest(repo: Path, manifest: Manifest) -> None:

@@ -53,6 +53,33 @@ def int8_name(name: str) -> str:
     return f"{name}{INT8_SUFFIX}"
 
 
+VERSION_MARK = "@"  # `student_kd@4`: one version of a served model (its current one or its candidate)
+
+
+def versioned(name: str, version: int) -> str:
+    return f"{name}{VERSION_MARK}{version}"
+
+
+def served_entry(manifest: Manifest, name: str) -> ModelEntry | None:
+    """A served model by its name (its current version) or as `NAME@VERSION` (its current version or its
+    candidate: the versions Triton loads), with that version's calibration; None for anything else."""
+    base, mark, version = name.partition(VERSION_MARK)
+    entry = manifest.models.get(base)
+    if entry is None or not mark:
+        return entry
+    return entry.as_version(int(version)) if version.isdigit() and version == str(int(version)) else None
+
+
+def candidate_names(manifest: Manifest) -> list[str]:
+    """`NAME@VERSION` for both versions of every model that has a candidate on trial."""
+    return [
+        versioned(n, v)
+        for n, m in manifest.models.items()
+        if m.candidate is not None and m.role not in NOT_CALLABLE_ROLES
+        for v in m.loaded_versions()
+    ]
+
+
 def model_aliases(manifest: Manifest) -> dict[str, str]:
     """The names clients may use besides served model names -> what each one runs (only what the
     repository serves: `make demo` serves the plain student before the teacher and the KD student)."""
@@ -70,7 +97,7 @@ def model_aliases(manifest: Manifest) -> dict[str, str]:
 def callable_names(manifest: Manifest) -> list[str]:
     """Every name a client may ask for (aliases and served models), sorted; `auto` is the A/B entry."""
     served = {n for n, m in manifest.models.items() if m.role not in NOT_CALLABLE_ROLES}
-    return sorted(set(model_aliases(manifest)) | served)
+    return sorted(set(model_aliases(manifest)) | served | set(candidate_names(manifest)))
 
 
 def available(manifest: Manifest, names: tuple[str, ...] = SHOWCASE) -> list[str]:
@@ -86,6 +113,8 @@ def trained_entry(manifest: Manifest, name: str) -> ModelEntry | None:
     the fused ensemble's test metrics, which the export writes on the Triton-side ensembles' entries.
     """
     target = model_aliases(manifest).get(name, name)
+    if VERSION_MARK in target:
+        return served_entry(manifest, target)
     if target == ENSEMBLE:
         return next(iter(manifest.by_role("ensemble")), None)
     if target == CASCADE and manifest.cascade is not None:

@@ -238,12 +238,18 @@ def test_a_student_redistilled_from_a_killed_gateways_capture_reads_every_whole_
     assert report["redistilled"]["epochs"] == 1
     assert report["captured_images"] == whole_images  # every image of every whole file, the kill's last one too
     after = read_manifest(repo)
-    for name in ("student_kd", "student_kd_int8"):
-        assert after.models[name].version == before.models[name].version + 1
-        assert (repo / name / str(after.models[name].version) / "model.onnx").is_file()
-    assert after.models["student_kd"].source == str(tmp_path / "redistilled" / "student_seed0" / "model.pt")
-    assert after.models["student_kd"].metrics["top1"] == pytest.approx(report["redistilled"]["top1"])
-    assert after.cascade is not None and after.cascade.metrics != before.cascade.metrics  # refitted for the new one
+    for name in ("student_kd", "student_kd_int8"):  # a candidate beside the current version, which still answers
+        assert after.models[name].version == before.models[name].version
+        assert after.models[name].candidate.version == before.models[name].version + 1
+        assert (repo / name / str(after.models[name].candidate.version) / "model.onnx").is_file()
+        assert report["export"]["versions"][name] == after.models[name].candidate.version
+    candidate = after.models["student_kd"].candidate
+    assert report["export"]["candidate"] == f"student_kd@{candidate.version}"
+    assert candidate.source == str(tmp_path / "redistilled" / "student_seed0" / "model.pt")
+    assert candidate.metrics["top1"] == pytest.approx(report["redistilled"]["top1"])
+    assert candidate.offline_gate == report["candidate"]["offline"]
+    # The cascade refitted for the candidate waits for its promotion; the served one is unchanged.
+    assert after.cascade == before.cascade and candidate.cascade.metrics != before.cascade.metrics
     assert after.models["teacher"] == before.models["teacher"]
     assert "every config matches its graph" in result.stdout  # check-repo passed on the new repository
     offline = report["candidate"]["offline"]  # the offline gate's figures, whatever it decided
@@ -274,7 +280,8 @@ def test_a_redistilled_student_surely_worse_than_the_served_one_is_refused_offli
     assert not offline["passed"] and offline["top1"]["interval"][1] < -offline["max_drop"]
     forced = run_training(*args, "--force")
     assert forced.returncode == 0, forced.stderr[-3000:]
-    assert read_manifest(repo).models["student_kd"].version == json.loads(before)["models"]["student_kd"]["version"] + 1
+    served = json.loads(before)["models"]["student_kd"]["version"]
+    assert read_manifest(repo).models["student_kd"].candidate.version == served + 1
 
 
 def _declaring(segment: bytes, shape: tuple[int, ...]) -> bytes:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
 from kdcontract.manifest import MANIFEST_NAME, ModelEntry, SchemaMismatch, read_manifest
+from kdcontract.versions import loaded_by_config
 from training.triton_repo import DTYPES, STALL_REASON, parse_config, sha256, stalling_queue_policy
 
 ONNX_DTYPES = {onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16"}
@@ -81,7 +82,15 @@ def check_repository(repo: Path) -> list[str]:
         version_dir = repo / name / str(entry.version)
         if not version_dir.is_dir():
             problems.append(f"{name}: version directory {version_dir} missing")
-        for rel, digest in entry.files.items():
+        loaded = loaded_by_config(config)
+        if loaded is not None and not set(entry.loaded_versions()) <= set(loaded):
+            problems.append(
+                f"{name}: config.pbtxt loads versions {loaded}, the manifest serves {entry.loaded_versions()}"
+            )
+        if entry.candidate is not None and not (repo / name / str(entry.candidate.version)).is_dir():
+            problems.append(f"{name}: candidate version directory {repo / name / str(entry.candidate.version)} missing")
+        candidate_files = entry.candidate.files if entry.candidate is not None else {}
+        for rel, digest in {**entry.files, **candidate_files}.items():
             path = repo / rel
             if not path.is_file():
                 problems.append(f"{name}: {rel} missing")

@@ -139,6 +139,23 @@ def _cmd_redistill(args: argparse.Namespace) -> None:
         _cmd_check_repo(argparse.Namespace(repo=args.repo))
 
 
+def _cmd_versions(args: argparse.Namespace) -> None:
+    from kdcontract.manifest import read_manifest
+    from kdcontract.versions import promote, reject, split_versioned
+
+    repo = Path(args.repo)
+    if args.action == "list":
+        for name, entry in read_manifest(repo).models.items():
+            trial = f", candidate version {entry.candidate.version} on trial" if entry.candidate else ""
+            print(f"{name}: current version {entry.version}{trial}")
+        return
+    if not args.model:
+        raise UserError(f"versions {args.action} needs the candidate as NAME@VERSION")
+    name, version = split_versioned(args.model)
+    done = (promote if args.action == "promote" else reject)(repo, name, version)
+    print(f"[versions] {args.action}: {'; '.join(done)}")
+
+
 def _cmd_check_repo(args: argparse.Namespace) -> None:
     from training.check_repo import check_repository
 
@@ -261,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     again.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     again.set_defaults(func=_cmd_redistill)
+
+    versions = commands.add_parser(
+        "versions",
+        help="a served model's current and candidate versions; end a candidate's trial by hand "
+        "(the rollout controller does it when its gates decide)",
+    )
+    versions.add_argument("action", choices=["list", "promote", "reject"])
+    versions.add_argument("model", nargs="?", help="the candidate, as NAME@VERSION (e.g. student_kd@2)")
+    versions.add_argument("--repo", default="model_repository")
+    versions.set_defaults(func=_cmd_versions)
 
     check = commands.add_parser("check-repo", help="check a repository's configs, graphs and hashes")
     check.add_argument("repo", nargs="?", default="model_repository")

@@ -128,14 +128,15 @@ def write_served_model(
     source: str,
     precision: str = "fp32",
     metrics: dict | None = None,
+    also_loaded: tuple[int, ...] = (),
 ) -> ModelEntry:
+    """A new version of `name` (loaded alone, or beside `also_loaded`: the version a candidate is tried against)."""
     inp, out = _tensors(spec)
     files = {"model.onnx": onnx_path}
     if flavor == "cpu":
         files.update(BACKEND_FILES)
-    version, hashes = write_model(
-        repo, name, model_config(name, inp, out, flavor, opts), files, spec.class_names, opts.keep_versions
-    )
+    config = model_config(name, inp, out, flavor, opts)
+    version, hashes = write_model(repo, name, config, files, spec.class_names, opts.keep_versions, also_loaded)
     return ModelEntry(
         name=name,
         role=role,

@@ -8,12 +8,14 @@ student starts from the served model's weights and trains `redistill.epochs` epo
 refines what served it instead of teaching a fresh network from nothing. The new student is evaluated
 on the recipe's held-out test split beside the model the repository serves under the same name (or
 `--against`), checked by the offline gate (`training.offline_gate`: refused, exit 2, when surely worse than
-the served version by more than `redistill.max_top1_drop`, unless `--force`), then exported as a new
-version of that name: the graph is written and checked first,
-the version directory appears whole, and only then does the manifest name it, so Triton (polling the
-repository) loads it and every gateway following the manifest switches once it is ready. When the
-repository's cascade or INT8 sibling is built on that student, both are renewed with it (the cascade's
-threshold refitted on validation), so nothing served keeps describing the old student.
+the served version by more than `redistill.max_top1_drop`, unless `--force`), then exported as a
+candidate version of that name (`kdcontract.versions`): the graph is written and checked first, the
+version directory appears whole, the config loads it beside the current version, and only then does the
+manifest name it as the candidate. Triton (polling the repository) loads it; the name keeps answering with
+its current version, and the candidate answers only as `NAME@VERSION`, which a rollout's candidate arm
+names: it is promoted by passing that rollout's gates, or rejected and unloaded. When the repository's
+cascade or INT8 sibling is built on that student, a candidate of each comes with it (the cascade's
+threshold refitted on validation) and shares its fate.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import torch
 from kdcontract.capture import UNLABELLED
 from kdcontract.errors import UserError
 from kdcontract.manifest import ModelEntry, read_manifest, write_manifest
-from kdcontract.names import STUDENT_KD, TEACHER, int8_name
+from kdcontract.names import STUDENT_KD, TEACHER, int8_name, versioned
 from kdcontract.tables import markdown_table
+from kdcontract.versions import check_no_trial, on_trial
 from training.checkpoint import ModelSpec, load_model, save_model
 from training.data import InMemoryImages, SplitData, load_capture, load_data
 from training.evaluate import predict_logits
@@ -183,7 +186,9 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
     print(f"[redistill] offline gate: {'passed' if gate.passed else 'REFUSED'}: {gate.reason}", flush=True)
     refused = job.export and not gate.passed and not job.force
     if job.export and not refused:
-        report["export"] = _export_new_version(job, recipe, data, model, spec, evaluated, teacher_eval, path)
+        report["export"] = _export_new_version(
+            job, recipe, data, model, spec, evaluated, teacher_eval, path, report["candidate"]["offline"]
+        )
     report["seconds"] = round(time.perf_counter() - started, 1)
     job.out.mkdir(parents=True, exist_ok=True)
     (job.out / "redistill.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -194,27 +199,26 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
 
 
 def _export_new_version(
-    job: RedistillJob, recipe: Recipe, data: SplitData, model, spec: ModelSpec, evaluated, teacher_eval, path: Path
+    job: RedistillJob,
+    recipe: Recipe,
+    data: SplitData,
+    model,
+    spec: ModelSpec,
+    evaluated,
+    teacher_eval,
+    path: Path,
+    gate: dict,
 ) -> dict:
-    """The student as a new version of `served_as` (its INT8 sibling and the cascade renewed with it),
-    the manifest rewritten last."""
+    """The student as a candidate version of `served_as`, loaded beside the current one (its INT8 sibling and
+    the cascade's refitted threshold with it), the manifest rewritten last. The current version keeps every
+    request until a rollout promotes the candidate (`kdcontract.versions`)."""
     opts = job.opts
+    manifest = read_manifest(job.repo)
+    check_no_trial(manifest.models[job.served_as])
     test = as_numpy(data.test)
     onnx_path = job.out / "onnx" / f"{job.served_as}_seed{job.seeds[0]}.onnx"
     parity, onnx_logits = export_graph(job.served_as, model, spec.image_size, onnx_path, data, test, job.flavor)
-    manifest = read_manifest(job.repo)
-    entry = write_served_model(job.repo, job.served_as, "student", spec, onnx_path, job.flavor, opts, str(path))
-    updated = {job.served_as: entry}
-    written = {job.served_as: entry.version}
-    quantized = int8_name(job.served_as)
-    if quantized in manifest.models and job.flavor == "cpu":
-        int8_path, int8 = int8_sibling(job.served_as, onnx_path, data, test, onnx_logits, spec.temperature)
-        metrics = {**spec.metrics, "top1": int8["int8_top1"], "ece": int8["int8_ece"]}
-        updated[quantized] = write_served_model(
-            job.repo, quantized, "quantized", spec, int8_path, job.flavor, opts, str(int8_path), "int8", metrics
-        )
-        written[quantized] = updated[quantized].version
-    manifest.models.update(updated)
+    cascade = None
     if manifest.cascade is not None and manifest.cascade.student == job.served_as:
         # The threshold fitted again on validation for the new student, as training fits it.
         student = recipe.cascade.student
@@ -225,10 +229,43 @@ def _export_new_version(
         }
         teacher_pred = teacher_eval.test_logits.argmax(-1)
         measured = evaluate_cascade(recipe, evals, models, teacher_pred, recipe.evaluation.ece_bins)
-        manifest.cascade = cascade_entry({"models": {"cascade": measured}}, manifest.models)
+        cascade = cascade_entry({"models": {"cascade": measured}}, manifest.models)
+    current = manifest.models[job.served_as]
+    new = write_served_model(
+        job.repo, job.served_as, "student", spec, onnx_path, job.flavor, opts, str(path), also_loaded=(current.version,)
+    )
+    updated = {job.served_as: on_trial(current, new, gate, cascade)}
+    quantized = int8_name(job.served_as)
+    if quantized in manifest.models and job.flavor == "cpu":
+        check_no_trial(manifest.models[quantized])
+        int8_path, int8 = int8_sibling(job.served_as, onnx_path, data, test, onnx_logits, spec.temperature)
+        metrics = {**spec.metrics, "top1": int8["int8_top1"], "ece": int8["int8_ece"]}
+        sibling = manifest.models[quantized]
+        new_int8 = write_served_model(
+            job.repo,
+            quantized,
+            "quantized",
+            spec,
+            int8_path,
+            job.flavor,
+            opts,
+            str(int8_path),
+            "int8",
+            metrics,
+            also_loaded=(sibling.version,),
+        )
+        updated[quantized] = on_trial(sibling, new_int8)
+    manifest.models.update(updated)
     write_manifest(job.repo, manifest)
-    print(f"[redistill] exported {', '.join(f'{n} version {v}' for n, v in written.items())} into {job.repo}")
-    return {"versions": written, "onnx_vs_torch": parity["onnx_vs_torch"]}
+    written = {name: entry.candidate.version for name, entry in updated.items()}
+    trial = ", ".join(f"{n} version {v} (current {updated[n].version})" for n, v in written.items())
+    print(f"[redistill] exported as candidates beside the current versions: {trial} into {job.repo}")
+    return {
+        "versions": written,
+        "current": {name: entry.version for name, entry in updated.items()},
+        "candidate": versioned(job.served_as, written[job.served_as]),
+        "onnx_vs_torch": parity["onnx_vs_torch"],
+    }
 
 
 def markdown(report: dict) -> str:
@@ -276,6 +313,13 @@ def markdown(report: dict) -> str:
             + ".",
         ]
     if "export" in report:
-        versions = ", ".join(f"{n} version {v}" for n, v in report["export"]["versions"].items())
-        lines += ["", f"Exported (seed {r['exported_seed']}): {versions}."]
+        exported = report["export"]
+        versions = ", ".join(
+            f"{n} version {v} beside version {exported['current'][n]}" for n, v in exported["versions"].items()
+        )
+        lines += [
+            "",
+            f"Exported as candidates (seed {r['exported_seed']}): {versions}. The current versions answer every "
+            f"request until a rollout with `{exported['candidate']}` as its candidate promotes it.",
+        ]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from kdcontract.manifest import TensorSpec
+from kdcontract.versions import load_only
 
 BACKEND_DIR = Path(__file__).parent / "triton_backend"
 DTYPES = {"UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32", "FP16": "TYPE_FP16"}
@@ -102,7 +103,6 @@ def model_config(name: str, inp: TensorSpec, out: TensorSpec, flavor: str, opts:
     config = pb.ModelConfig(name=name)
     _add_tensor(config.input, inp)
     _add_tensor(config.output, out)
-    config.version_policy.latest.num_versions = 1
     _batched(config, opts)
     if flavor == "cpu":
         config.backend = "python"
@@ -188,8 +188,10 @@ def write_model(
     files: dict[str, Path],
     labels: list[str] | None,
     keep_versions: int,
+    also_loaded: tuple[int, ...] = (),
 ) -> tuple[int, dict[str, str]]:
-    """Add a new numbered version holding `files`, keep the newest `keep_versions`, write config and labels.
+    """Add a new numbered version holding `files`, keep the newest `keep_versions` (and `also_loaded`), write
+    config and labels. The config loads the new version and `also_loaded` (a candidate's current version).
 
     Returns the new version and {path relative to the repository: sha256} for the manifest.
     """
@@ -205,7 +207,9 @@ def write_model(
         shutil.copyfile(source, staging / target)
     os.replace(staging, version_dir)
     for old in existing_versions(model_dir)[:-keep_versions]:
-        shutil.rmtree(model_dir / str(old))
+        if old not in also_loaded:
+            shutil.rmtree(model_dir / str(old))
+    load_only(config, [*also_loaded, version])
     _write_replacing(model_dir / "config.pbtxt", config_text(config))
     if labels is not None:
         _write_replacing(model_dir / "labels.txt", "\n".join(labels) + "\n")

@@ -33,6 +33,9 @@ from gateway.experiments.sources import CountSource
 from gateway.experiments.spec import Experiment
 from gateway.experiments.state import HISTORY, RolloutEvent, RolloutState
 from gateway.files import file_stamp, write_whole
+from kdcontract.errors import UserError
+from kdcontract.names import VERSION_MARK
+from kdcontract.versions import promote, reject, split_versioned
 
 log = logging.getLogger("kdserve.rollout")
 
@@ -59,6 +62,12 @@ class ControllerMetrics:
             registry=r,
         )
         self.ticks = Counter("kdserve_rollout_ticks_total", "Evaluations, by outcome", ["outcome"], registry=r)
+        self.version_changes = Counter(
+            "kdserve_rollout_version_changes_total",
+            "Candidate versions promoted or rejected in the model repository, by outcome",
+            ["action", "outcome"],
+            registry=r,
+        )
         for event in ("started", "advanced", "promoted", "rolled_back"):
             self.transitions.labels(event)
 
@@ -91,8 +100,10 @@ class RolloutController:
         events_file: Path | None = None,
         metrics: ControllerMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        repo: Path | None = None,
     ) -> None:
         self.path, self.counts, self.clock = Path(experiment_file), counts, clock
+        self.repo = Path(repo) if repo is not None else None
         self.events_file = events_file or self.path.with_name(self.path.stem + ".events.jsonl")
         self.ledger_file = self.path.with_name(self.path.stem + ".counts.json")
         self.metrics = metrics or ControllerMetrics()
@@ -198,7 +209,26 @@ class RolloutController:
         )
         self.metrics.transitions.labels(event).inc()
         self.metrics.show(changed, verdict)
+        if event in ("promoted", "rolled_back"):
+            self._end_trial(changed.candidate, event)
         return self._count(Tick(event, changed, verdict))
+
+    def _end_trial(self, candidate: str, event: str) -> None:
+        """A candidate version (`NAME@VERSION`) is promoted to current or rejected (unloaded) in the model
+        repository, after the experiment moved its traffic: a failure here leaves the traffic where the gates
+        put it, and is logged and counted for an operator (`python -m training versions`)."""
+        if self.repo is None or VERSION_MARK not in candidate:
+            return
+        action = "promote" if event == "promoted" else "reject"
+        try:
+            name, version = split_versioned(candidate)
+            done = (promote if action == "promote" else reject)(self.repo, name, version)
+        except (OSError, ValueError, UserError) as exc:
+            log.error("rollout %s: could not %s %s in %s: %s", event, action, candidate, self.repo, exc)
+            self.metrics.version_changes.labels(action, "failed").inc()
+            return
+        log.warning("rollout %s: %s %s", event, action, "; ".join(done))
+        self.metrics.version_changes.labels(action, "done").inc()
 
     def _write(
         self, changed: Experiment, record: RolloutEvent, by_instance: dict[str, Counts], now: float, phase: str

@@ -14,6 +14,7 @@ from gateway.auth.scopes import requires
 from gateway.http.reading import parse_classify_request, parse_top_k, trace_carrier
 from gateway.http.schemas import (
     IMAGE_MEDIA_TYPES,
+    CandidateInfo,
     ClassifyJSON,
     ClassifyResponse,
     ErrorResponse,
@@ -23,6 +24,7 @@ from gateway.http.schemas import (
 from gateway.serving.inference import classify_request
 from gateway.serving.service import Classifier
 from gateway.telemetry import tracing
+from kdcontract.manifest import ModelEntry
 from kdcontract.names import AUTO
 
 router = APIRouter()
@@ -134,7 +136,19 @@ async def models(request: Request) -> ModelsResponse:
     classifier: Classifier = request.app.state.classifier
     manifest = classifier.manifest
     names = list(manifest.models)
-    ready = await asyncio.gather(*(classifier.triton.model_ready(n, manifest.models[n].version) for n in names))
+    pinned = [(n, v) for n in names for v in manifest.models[n].loaded_versions()]
+    ready = dict(
+        zip(pinned, await asyncio.gather(*(classifier.triton.model_ready(n, v) for n, v in pinned)), strict=True)
+    )
+
+    def candidate(m: ModelEntry) -> CandidateInfo | None:
+        c = m.candidate
+        if c is None:
+            return None
+        return CandidateInfo(
+            version=c.version, ready=ready[m.name, c.version], top1=c.metrics.get("top1"), offline_gate=c.offline_gate
+        )
+
     return ModelsResponse(
         aliases=classifier.aliases,
         class_names=classifier.class_names,
@@ -144,13 +158,14 @@ async def models(request: Request) -> ModelsResponse:
                 role=m.role,
                 arch=m.arch,
                 version=m.version,
-                ready=r,
+                ready=ready[n, m.version],
                 precision=m.precision,
                 top1=m.metrics.get("top1"),
                 temperature=m.temperature,
                 input_shape=m.input.shape,
+                candidate=candidate(m),
             )
-            for (n, m), r in zip(manifest.models.items(), ready, strict=True)
+            for n, m in manifest.models.items()
         ],
         split=manifest.split,
     )

@@ -31,5 +31,5 @@ async def readyz(request: Request) -> JSONResponse:
         headers = {} if reason.startswith("draining") else {"Retry-After": str(state.settings.retry_after_s)}
         return JSONResponse(body, status_code=503, headers=headers)
     needed = state.classifier.routed_models(state.experiment.weights)
-    versions = {n: state.classifier.manifest.models[n].version for n in needed}
+    versions = {n: state.classifier.pinned(n)[1] for n in needed}
     return JSONResponse({"ready": True, "models": needed, "versions": versions})

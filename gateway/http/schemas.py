@@ -92,6 +92,13 @@ class ClassifyResponse(BaseModel):
     latency: Latency
 
 
+class CandidateInfo(BaseModel):
+    version: int
+    ready: bool
+    top1: float | None
+    offline_gate: dict = Field(description="the paired comparison with the current version it passed before export")
+
+
 class ModelInfo(BaseModel):
     name: str
     role: str
@@ -102,6 +109,9 @@ class ModelInfo(BaseModel):
     top1: float | None
     temperature: float
     input_shape: list[int]
+    candidate: CandidateInfo | None = Field(
+        None, description="a newer version on trial beside the current one (call it as NAME@VERSION)"
+    )
 
 
 class ModelsResponse(BaseModel):

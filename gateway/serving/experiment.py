@@ -15,9 +15,12 @@ from kdcontract.names import AUTO, STUDENT, TEACHER, callable_names
 
 
 def check_arms(manifest: Manifest, experiment: Experiment) -> None:
-    """Every arm must be a name `/v1/classify` answers (an alias or a served model), never `auto`."""
+    """Every arm must be a name `/v1/classify` answers (an alias, a served model or `NAME@VERSION`), never
+    `auto`; but a rolled-back candidate's version is unloaded as the roll-back's last act, so that arm (at
+    weight 0, never routed to) may have gone."""
     known = callable_names(manifest)
-    unknown = sorted(set(experiment.weights) - set(known))
+    gone = {experiment.candidate} if experiment.state.phase == "rolled_back" else set()
+    unknown = sorted(set(experiment.weights) - set(known) - gone)
     if unknown:
         raise ExperimentRefused(f"weights: {unknown} not served; arms are among: {', '.join(known)} (not {AUTO})")
 
@@ -26,7 +29,9 @@ def apply_experiment(state: ReplicaState, experiment: Experiment) -> None:
     """Route by `experiment` from the next request on (its arms were checked against the manifest)."""
     previous = getattr(state, "experiment", None)
     state.experiment = experiment
-    state.ab_router = ABRouter(ordered_weights(experiment), experiment.shadow_fraction)
+    # Nothing is mirrored to a rolled-back candidate: it is refused, and its version is being unloaded.
+    shadow = 0.0 if experiment.state.phase == "rolled_back" else experiment.shadow_fraction
+    state.ab_router = ABRouter(ordered_weights(experiment), shadow)
     state.ab_stats.add_arms(list(experiment.weights))
     for arm in set(previous.weights if previous else ()) - set(experiment.weights):
         state.metrics.ab_weight.labels(arm).set(0)

@@ -19,7 +19,7 @@ from gateway.files import file_stamp
 from gateway.serving.service import Classifier, ReplicaState
 from gateway.settings import GatewaySettings
 from kdcontract.manifest import MANIFEST_NAME, Manifest, SchemaMismatch, read_manifest
-from kdcontract.names import GATEWAY_NAMES, model_aliases
+from kdcontract.names import GATEWAY_NAMES, model_aliases, served_entry
 
 log = logging.getLogger("kdserve.gateway")
 
@@ -32,7 +32,8 @@ def check_against_manifest(settings: GatewaySettings, manifest: Manifest) -> Non
             f"the repository serves a model named {sorted(taken)}, a name of what the gateway composes "
             f"({', '.join(GATEWAY_NAMES)}); re-export it with this version (python -m training export)"
         )
-    unknown_arms = set(settings.ab_weights) - {*model_aliases(manifest), *manifest.models}
+    aliases = model_aliases(manifest)
+    unknown_arms = {a for a in settings.ab_weights if a not in aliases and served_entry(manifest, a) is None}
     if unknown_arms:
         raise GatewayError(f"ab_weights names arms that are not served: {sorted(unknown_arms)}")
     variants = [m.name for m in manifest.by_role("variant")]
@@ -87,10 +88,8 @@ class ManifestFollower:
         current: Classifier = self.state.classifier
         candidate = Classifier(self.waiting_for, current.triton, self.settings, metrics, current.admission)
         needed = candidate.routed_models()
-        versions = [self.waiting_for.models[n].version for n in needed]
-        ready = await asyncio.gather(
-            *(current.triton.model_ready(n, v, shared=False) for n, v in zip(needed, versions, strict=True))
-        )
+        versions = [candidate.pinned(n)[1] for n in needed]
+        ready = await asyncio.gather(*(current.triton.model_ready(*candidate.pinned(n), shared=False) for n in needed))
         if not all(ready):
             metrics.manifest_reloads.labels("waiting").inc()
             return "waiting"

@@ -28,7 +28,9 @@ from kdcontract.names import (
     STUDENT_KD,
     TEACHER,
     callable_names,
+    candidate_names,
     model_aliases,
+    served_entry,
 )
 
 # The app's state namespace (starlette's `State` on the FastAPI app): the classifier, the experiment, the
@@ -68,11 +70,23 @@ class Classifier:
         """An alias or served model name -> what to run (a manifest model or the gateway ensemble)."""
         if name in self.aliases:
             return self.aliases[name]
-        entry = self.manifest.models.get(name)
+        entry = served_entry(self.manifest, name)
         if entry is None or entry.role in NOT_CALLABLE_ROLES:
             known = ", ".join(callable_names(self.manifest))
             raise UnknownModel(f"unknown model {echo(name)}; choose one of: {known}, {AUTO}")
         return name
+
+    def entry(self, target: str) -> ModelEntry:
+        """The manifest entry a resolved target runs: a model's current version, or `NAME@VERSION`'s."""
+        entry = served_entry(self.manifest, target)
+        if entry is None:
+            raise UnknownModel(f"{echo(target)} is not served by this manifest")
+        return entry
+
+    def pinned(self, target: str) -> tuple[str, int]:
+        """The Triton model and version a resolved target calls."""
+        entry = self.entry(target)
+        return entry.name, entry.version
 
     def check_share(self, name: str, caller: str, arms: Iterable[str]) -> None:
         """Refuse `caller` before its body is read when it already holds its share of what `name` calls
@@ -94,10 +108,12 @@ class Classifier:
 
     def routed_models(self, arms: Iterable[str] | None = None) -> list[str]:
         """Every Triton model some route depends on (for /readyz): the A/B arms (the running
-        experiment's, else the start-up settings'), the student, the teacher and the variants."""
+        experiment's, else the start-up settings'), the student, the teacher, the variants and both
+        versions of a model with a candidate (`NAME@VERSION`, as `pinned` reads them)."""
         arms = self.settings.ab_weights if arms is None else arms
-        needed = {self.aliases.get(a, a) for a in arms if a in self.aliases or a in self.manifest.models}
+        needed = {self.aliases.get(a, a) for a in arms if a in self.aliases or served_entry(self.manifest, a)}
         needed |= {STUDENT_KD, TEACHER} & set(self.manifest.models)
+        needed |= set(candidate_names(self.manifest))
         needed |= set(self.variants)
         if CASCADE in needed:
             needed |= set(self.triton_models(CASCADE))
@@ -109,12 +125,12 @@ class Classifier:
         if target == CASCADE:
             with tracing.span("cascade", images=len(images)):
                 return await self._cascade(images)
-        entry = self.manifest.models[target]
+        entry = self.entry(target)
         start = time.perf_counter()
         output = "probabilities" if entry.role == "ensemble" else "logits"
         # Pinned to the manifest's version: weights and the temperature they were calibrated with go
         # together, so a Triton serving another version is a 503, never a mis-calibrated answer.
-        raw = await self.triton.infer(target, images, output=output, version=entry.version)
+        raw = await self.triton.infer(entry.name, images, output=output, version=entry.version)
         inference_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         probabilities = self._calibrated(entry, raw)

@@ -125,6 +125,9 @@ class TritonClient:
     async def server_ready(self, shared: bool = True) -> bool:
         return await self._ready("/v2/health/ready", shared)
 
+    async def server_live(self, shared: bool = True) -> bool:
+        return await self._ready("/v2/health/live", shared)
+
     async def model_ready(self, model: str, version: int | None = None, shared: bool = True) -> bool:
         """`shared` (probes): an answer up to READY_TTL_S old may be reused; else Triton is asked now."""
         return await self._ready(f"{model_path(model, version)}/ready", shared)

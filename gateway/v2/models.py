@@ -37,15 +37,13 @@ def versions(classifier: Classifier, name: str) -> list[str]:
     target = classifier.resolve(name)  # UnknownModel for anything else
     if target in (ENSEMBLE, CASCADE):
         return [COMPOSED_VERSION]
-    return [str(classifier.manifest.models[target].version)]
+    return [str(classifier.entry(target).version)]
 
 
 async def model_ready(classifier: Classifier, name: str, arms: list[str]) -> bool:
     """Every Triton model `name` may call is READY (for `auto`: every model the experiment's `arms` need)."""
     targets = classifier.routed_models(arms) if name == AUTO else classifier.triton_models(classifier.resolve(name))
-    states = await asyncio.gather(
-        *(classifier.triton.model_ready(t, classifier.manifest.models[t].version) for t in targets)
-    )
+    states = await asyncio.gather(*(classifier.triton.model_ready(*classifier.pinned(t)) for t in targets))
     return all(states)
 
 
