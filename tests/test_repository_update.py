@@ -19,8 +19,8 @@ from gateway.triton.server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes
 from kdcontract.manifest import read_manifest, write_manifest
 from kdcontract.versions import load_only
-from training.triton_repo import config_text, parse_config
 from loadtest.clients.measure import metric_value
+from training.triton_repo import config_text, parse_config
 
 PNG = {"content": digit_png_bytes(1700), "headers": {"Content-Type": "image/png"}}
 
