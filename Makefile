@@ -121,15 +121,14 @@ fewlabels: setup
 	cp $(FEWLABELS_RUN)/results.md $(FEWLABELS_RUN)/pareto.png benchmarks/fewlabels/
 	$(PY) -m loadtest cascade --repo $(FEWLABELS_RUN)/repo --out benchmarks/fewlabels
 
-# The loop on the few-labels digits: traffic through the gateway is captured, a student is re-distilled from
-# the capture and exported as a new version, and compared with the served one through the gateway
-# (benchmarks/loop/). Reuses `make fewlabels`'s teacher and repository (trained when missing).
-# LOOP_SEEDS="0 1 2 3 4" re-distils a student per seed (the first is served).
-LOOP_SEEDS ?= 0
+# Continuous distillation gated end to end, on the demo's models (trained when missing): upright traffic, then
+# a style the models misread (italic) flagged by the drift test, captured with an honest key's labels,
+# re-distilled, the offline gate, the candidate served beside the current version, the gated rollout with
+# two replicas, the controller and Locust: benchmarks/loop/. POISON=1: a second key labels 30% of the
+# traffic wrong (benchmarks/loop-poison/).
 loop: setup
-	test -f $(FEWLABELS_RUN)/results.json && test -f $(FEWLABELS_RUN)/repo/manifest.json || \
-	  $(MAKE) --no-print-directory fewlabels
-	$(PY) -m loadtest loop --run $(FEWLABELS_RUN) --repo $(FEWLABELS_RUN)/repo --out benchmarks/loop --seeds $(LOOP_SEEDS)
+	$(MODELS_READY)
+	$(PY) -m loadtest loop --run $(RUN_DIR) --repo $(REPO) $(if $(POISON),--poison --out benchmarks/loop-poison --work runs/loop-poison)
 
 # The pruning stage again with other seeds for its recovery training, every other stage reused from the
 # demo's run (copied): does compression hold beyond one draw? benchmarks/$(RECIPE)/pruning_seeds.md.

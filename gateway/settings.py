@@ -89,6 +89,13 @@ class GatewaySettings(BaseSettings):
         None, pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the admin bearer token; unset: no admin API"
     )
 
+    # Drift of each served version against its validation reference (gateway/serving/drift.py).
+    drift_tolerance: float = Field(
+        0.10, ge=0, lt=1, description="a share (unsure answers, one class's answers) may exceed its reference by this"
+    )
+    drift_alpha: float = Field(0.05, gt=0, lt=1, description="false alarm rate of each version's drift test")
+    drift_interval_s: float = Field(5.0, gt=0, description="seconds between drift judgements")
+
     # Who may call (gateway/auth/gate.py): API keys by their sha256, with scopes and per-key quotas.
     default_key_max_in_flight: int | None = Field(
         64, ge=1, description="requests under way at once for a key that sets no max_in_flight (none: unlimited)"

@@ -23,22 +23,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from kdcontract.manifest import DriftReference
 
 UNSURE_QUANTILE = 0.10  # the reference's least sure share of validation images
 ALTERNATIVES = 64  # grid of alternative rates in the mixture (uniform weights)
 UNSURE = "unsure"
-
-
-class DriftReference(BaseModel):
-    """A model version's answers on the validation split, for drift detection."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    images: int = Field(ge=1, description="validation images the reference was measured on")
-    unsure_below: float = Field(ge=0, le=1, description="calibrated top-1 confidence: below it an answer is unsure")
-    unsure_rate: float = Field(ge=0, le=1, description="share of validation images answered below `unsure_below`")
-    class_shares: list[float] = Field(description="share of validation images predicted as each class")
+_STEPS = np.arange(1, ALTERNATIVES + 1) / (ALTERNATIVES + 1)  # alternatives, as shares of the way from bound to 1
 
 
 def reference_from(probabilities: np.ndarray) -> DriftReference:
@@ -61,13 +52,10 @@ def log_evidence(k: int, n: int, bound: float) -> float:
     if n == 0 or bound >= 1:
         return 0.0
     bound = max(bound, 1e-9)
-    terms = []
-    for j in range(1, ALTERNATIVES + 1):
-        q = bound + (1 - bound) * j / (ALTERNATIVES + 1)
-        terms.append(k * math.log(q / bound) + (n - k) * math.log((1 - q) / (1 - bound)))
-    top = max(terms)
-    return top + math.log(sum(math.exp(t - top) for t in terms)) - math.log(ALTERNATIVES)
-
+    q = bound + (1 - bound) * _STEPS
+    terms = k * np.log(q / bound) + (n - k) * np.log((1 - q) / (1 - bound))
+    top = terms.max()
+    return float(top + np.log(np.exp(terms - top).sum()) - math.log(ALTERNATIVES))
 
 @dataclass
 class VersionCounts:

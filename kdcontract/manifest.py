@@ -89,6 +89,16 @@ class Cascade(_Strict):
     metrics: dict[str, float] = Field(default_factory=dict, description="held-out test split")
 
 
+class DriftReference(_Strict):
+    """A model version's answers on the validation split, which its served answers are compared with
+    (`kdcontract.drift`)."""
+
+    images: int = Field(ge=1, description="validation images the reference was measured on")
+    unsure_below: float = Field(ge=0, le=1, description="calibrated top-1 confidence: below it an answer is unsure")
+    unsure_rate: float = Field(ge=0, le=1, description="share of validation images answered below `unsure_below`")
+    class_shares: list[float] = Field(description="share of validation images predicted as each class")
+
+
 class CandidateVersion(_Strict):
     """A newer version of a model, loaded by Triton beside the current one, answering only where a rollout
     (or a caller naming `NAME@VERSION`) sends it, until its gates promote it to current or reject it."""
@@ -100,6 +110,7 @@ class CandidateVersion(_Strict):
     source: str = Field("", description="checkpoint it was exported from")
     offline_gate: dict = Field(default_factory=dict, description="the paired comparison it passed before export")
     cascade: Cascade | None = Field(None, description="the cascade refitted for it: taken up when it is promoted")
+    drift_reference: DriftReference | None = None
 
 
 class ModelEntry(_Strict):
@@ -118,6 +129,7 @@ class ModelEntry(_Strict):
     members: list[str] = Field(default_factory=list, description="ensemble models: what they fuse")
     files: dict[str, str] = Field(default_factory=dict, description="path in the repository -> sha256")
     source: str = Field("", description="checkpoint the model was exported from")
+    drift_reference: DriftReference | None = Field(None, description="its answers on validation, for drift")
     candidate: CandidateVersion | None = Field(None, description="a newer version on trial beside the current one")
 
     def loaded_versions(self) -> list[int]:
@@ -132,7 +144,9 @@ class ModelEntry(_Strict):
         if c is None or version != c.version:
             return None
         update = {"version": c.version, "temperature": c.temperature, "metrics": c.metrics, "files": c.files}
-        return self.model_copy(update={**update, "source": c.source, "candidate": None})
+        return self.model_copy(
+            update={**update, "source": c.source, "drift_reference": c.drift_reference, "candidate": None}
+        )
 
 
 class Manifest(_Strict):

@@ -77,6 +77,7 @@ def on_trial(
         source=new.source,
         offline_gate=offline_gate or {},
         cascade=cascade,
+        drift_reference=new.drift_reference,
     )
     return current.model_copy(update={"files": {**current.files, **model_wide}, "candidate": candidate})
 
@@ -108,6 +109,7 @@ def promote(repo: Path, name: str, version: int) -> list[str]:
                 "metrics": candidate.metrics,
                 "files": {**kept, **candidate.files},
                 "source": candidate.source,
+                "drift_reference": candidate.drift_reference,
                 "candidate": None,
             }
         )

@@ -33,10 +33,12 @@ def _cmd_rollout(args: argparse.Namespace) -> None:
 
 
 def _cmd_loop(args: argparse.Namespace) -> None:
-    from loadtest.stacks.loop import run_loop
+    from loadtest.stacks.loop import LoopPlan, run_loop
 
-    run_loop(Path(args.run), Path(args.repo), Path(args.out), Path(args.work), args.seeds)
+    results = run_loop(Path(args.run), Path(args.repo), Path(args.out), Path(args.work), LoopPlan(poison=args.poison))
     print((Path(args.out) / "results.md").read_text())
+    if results["server_errors"]:
+        raise SystemExit(f"{results['server_errors']} server errors during the loop")
 
 
 def _cmd_capture_cost(args: argparse.Namespace) -> None:
@@ -203,13 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.set_defaults(func=_cmd_rollout)
 
     loop = commands.add_parser(
-        "loop", help="traffic -> capture -> re-distillation -> a new version, compared through the gateway"
+        "loop",
+        help="traffic -> drift -> capture -> re-distillation -> offline gate -> candidate -> gated rollout",
     )
-    loop.add_argument("--run", default="runs/digits-fewlabels", help="the few-labels run (teacher, plain student)")
-    loop.add_argument("--repo", default="runs/digits-fewlabels/repo", help="its exported repository (copied)")
+    loop.add_argument("--run", default="runs/digits", help="the demo's trained run (teacher, KD student)")
+    loop.add_argument("--repo", default="model_repository", help="its exported repository (student and teacher copied)")
     loop.add_argument("--out", default="benchmarks/loop", help="where results.{md,json} go")
     loop.add_argument("--work", default="runs/loop", help="the loop's own stack: repository copy, capture, logs")
-    loop.add_argument("--seeds", type=int, nargs="+", default=[0], help="students re-distilled; the first is served")
+    loop.add_argument("--poison", action="store_true", help="a second key labels 30%% of the traffic wrong")
     loop.set_defaults(func=_cmd_loop)
 
     cost = commands.add_parser("capture-cost", help="capture on vs off in one run: p50 at c=1, throughput at 16")

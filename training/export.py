@@ -17,9 +17,10 @@ import torch
 
 import kdcontract.fusion
 import kdcontract.ort_session
+from kdcontract.drift import reference_from
 from kdcontract.errors import UserError
 from kdcontract.fusion import top1
-from kdcontract.manifest import Cascade, Manifest, ModelEntry, TensorSpec, write_manifest
+from kdcontract.manifest import Cascade, DriftReference, Manifest, ModelEntry, TensorSpec, write_manifest
 from kdcontract.names import (
     ENSEMBLE,
     FUSED_ENSEMBLE,
@@ -37,7 +38,7 @@ from kdcontract.names import (
 from kdcontract.ort_session import open_session
 from kdcontract.pareto import pareto_rows, write_pareto
 from training.checkpoint import ModelSpec, load_model
-from training.data import SplitData, iterate_batches, load_data
+from training.data import SplitData, iterate_batches, load_data, validation_as_served
 from training.evaluate import FusedEnsemble, expected_calibration_error, predict_logits
 from training.onnx_tools import (
     INPUT_NAME,
@@ -129,8 +130,10 @@ def write_served_model(
     precision: str = "fp32",
     metrics: dict | None = None,
     also_loaded: tuple[int, ...] = (),
+    validation: np.ndarray | None = None,
 ) -> ModelEntry:
-    """A new version of `name` (loaded alone, or beside `also_loaded`: the version a candidate is tried against)."""
+    """A new version of `name` (loaded alone, or beside `also_loaded`: the version a candidate is tried against),
+    with the drift reference of its graph's answers on the `validation` images when given."""
     inp, out = _tensors(spec)
     files = {"model.onnx": onnx_path}
     if flavor == "cpu":
@@ -152,7 +155,15 @@ def write_served_model(
         metrics=metrics if metrics is not None else spec.metrics,
         files=hashes,
         source=source,
+        drift_reference=drift_reference(onnx_path, validation, spec.temperature) if validation is not None else None,
     )
+
+
+def drift_reference(onnx_path: Path, validation: np.ndarray, temperature: float) -> DriftReference | None:
+    """What the exported graph answers on the validation images, calibrated as served (`kdcontract.drift`);
+    None for a multi-head graph (its heads are fused in the gateway)."""
+    logits = run_logits(open_session(onnx_path), validation)
+    return reference_from(kdcontract.fusion.softmax(logits, temperature)) if logits.ndim == 2 else None
 
 
 def int8_sibling(
@@ -251,6 +262,7 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
     recipe = load_recipe(str(run / "recipe.yaml"))
     data = load_data(recipe.data)
     test = as_numpy(data.test)
+    validation = validation_as_served(recipe.data, as_numpy(data.val)[0])  # each version's drift reference
     onnx_dir = run / "onnx"
     repo.mkdir(parents=True, exist_ok=True)
     entries: dict[str, ModelEntry] = {}
@@ -262,7 +274,9 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         report["models"][name], onnx_logits = export_graph(name, model, spec.image_size, onnx_path, data, test, flavor)
         role = spec.role if name not in (STUDENT_KD, STUDENT_PLAIN) else "student"
         source = str(run / name / "model.pt")
-        entries[name] = write_served_model(repo, name, role, spec, onnx_path, flavor, opts, source)
+        entries[name] = write_served_model(
+            repo, name, role, spec, onnx_path, flavor, opts, source, validation=validation
+        )
         report["models"][name]["version"] = entries[name].version
 
         if name in INT8_SOURCES and flavor == "cpu":
@@ -280,6 +294,7 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
                 str(int8_path),
                 precision="int8",
                 metrics=metrics,
+                validation=validation,
             )
             report["models"][quantized] = int8
             _print_int8(quantized, int8)

@@ -36,7 +36,7 @@ from kdcontract.names import STUDENT_KD, TEACHER, int8_name, versioned
 from kdcontract.tables import markdown_table
 from kdcontract.versions import check_no_trial, on_trial
 from training.checkpoint import ModelSpec, load_model, save_model
-from training.data import InMemoryImages, SplitData, load_capture, load_data
+from training.data import InMemoryImages, SplitData, load_capture, load_data, validation_as_served
 from training.evaluate import predict_logits
 from training.export import as_numpy, cascade_entry, export_graph, int8_sibling, write_served_model
 from training.label_trust import LabelVerdict, judge_label_keys
@@ -231,8 +231,18 @@ def _export_new_version(
         measured = evaluate_cascade(recipe, evals, models, teacher_pred, recipe.evaluation.ece_bins)
         cascade = cascade_entry({"models": {"cascade": measured}}, manifest.models)
     current = manifest.models[job.served_as]
+    validation = validation_as_served(recipe.data, as_numpy(data.val)[0])
     new = write_served_model(
-        job.repo, job.served_as, "student", spec, onnx_path, job.flavor, opts, str(path), also_loaded=(current.version,)
+        job.repo,
+        job.served_as,
+        "student",
+        spec,
+        onnx_path,
+        job.flavor,
+        opts,
+        str(path),
+        also_loaded=(current.version,),
+        validation=validation,
     )
     updated = {job.served_as: on_trial(current, new, gate, cascade)}
     quantized = int8_name(job.served_as)
@@ -253,6 +263,7 @@ def _export_new_version(
             "int8",
             metrics,
             also_loaded=(sibling.version,),
+            validation=validation,
         )
         updated[quantized] = on_trial(sibling, new_int8)
     manifest.models.update(updated)

@@ -20,6 +20,7 @@ from gateway.feedback.join import FeedbackJoin
 from gateway.grpc.server import start_grpc
 from gateway.http.errors import error_kinds
 from gateway.serving.admission import AdmissionControl
+from gateway.serving.drift import DriftMonitor
 from gateway.serving.manifest_follow import ManifestFollower
 from gateway.serving.service import Classifier
 from gateway.settings import GatewaySettings
@@ -117,6 +118,17 @@ async def manifest_follower(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     app.state.manifest_follower = ManifestFollower(app.state, settings) if settings.manifest_poll_s > 0 else None
     async with running_if(app.state.manifest_follower):
+        yield
+
+
+@asynccontextmanager
+async def drift_monitor(app: FastAPI) -> AsyncIterator[None]:
+    """Each served version's answers judged against its validation reference every `drift_interval_s`."""
+    settings = app.state.settings
+    app.state.drift = DriftMonitor(
+        app.state.metrics, settings.drift_tolerance, settings.drift_alpha, settings.drift_interval_s
+    )
+    async with running(app.state.drift.run()):
         yield
 
 

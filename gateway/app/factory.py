@@ -15,7 +15,7 @@ from gateway.app import components
 from gateway.auth.gate import KeyGate
 from gateway.errors import GatewayError
 from gateway.experiments.sources import LocalStep, RegistryCounts
-from gateway.http import classify, experiment, feedback, health, pages, v2
+from gateway.http import classify, drift, experiment, feedback, health, pages, v2
 from gateway.http.api_pages import add_api_pages
 from gateway.http.errors import install_error_handlers
 from gateway.http.key_middleware import KeyMiddleware
@@ -29,7 +29,7 @@ from gateway.telemetry.metrics import GatewayMetrics
 from gateway.v2.models import model_names
 from kdcontract.manifest import Manifest, SchemaMismatch, read_manifest
 
-ROUTERS = (pages, classify, health, experiment, feedback, v2)  # every route the gateway serves, in order
+ROUTERS = (pages, classify, health, experiment, feedback, drift, v2)  # every route the gateway serves, in order
 
 
 def _served_manifest(settings: GatewaySettings) -> Manifest:
@@ -57,6 +57,7 @@ def _lifespan(settings: GatewaySettings, manifest: Manifest, span_exporter=None)
                 components.embedded_triton(settings),
                 components.classifier(app, manifest),
                 components.manifest_follower(app),
+                components.drift_monitor(app),
                 components.experiment_follower(app),
                 components.answer_store(app),
                 components.capture(app),

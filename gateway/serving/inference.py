@@ -25,7 +25,7 @@ from gateway.serving.images import open_image, prepare_images
 from gateway.serving.service import Classifier, Outcome, ReplicaState
 from gateway.telemetry import tracing
 from kdcontract.manifest import Preprocessing
-from kdcontract.names import AUTO
+from kdcontract.names import AUTO, served_entry
 
 # Below this many pixels in a request, decoding costs less than handing it to a thread (measured
 # ~0.1 ms for 8x8 to 64x64 PNGs); above it, it runs in the decode threads so the loop stays free.
@@ -91,6 +91,18 @@ async def classify_following(
         return await current.classify(current.resolve(name), images)
 
 
+def _observe_drift(state: ReplicaState, classifier: Classifier, outcome: Outcome) -> None:
+    """A single model's answers counted for its version's drift test (compositions have no reference)."""
+    drift = getattr(state, "drift", None)
+    if drift is None or outcome.version is None:
+        return
+    for serving in (classifier, state.classifier):  # the request's manifest, or the one it switched to
+        entry = served_entry(serving.manifest, outcome.model)
+        if entry is not None and entry.version == outcome.version:
+            drift.observe(entry, outcome.probabilities)
+            return
+
+
 def _remember(state: ReplicaState, rid: str, answer: Answer | ShadowAnswer | None) -> None:
     """Keep an A/B answer for its feedback (when an answer store is configured); never waits."""
     if answer is not None and state.answers is not None and not state.answers.remember(rid, answer):
@@ -128,6 +140,7 @@ async def _shadow(
     finally:
         metrics.in_flight.dec()
     latency_ms = (time.perf_counter() - start) * 1000
+    _observe_drift(state, classifier, outcome)
     shadow_top1 = outcome.probabilities.argmax(-1)
     agreed = bool((shadow_top1 == primary.argmax(-1)).all())
     state.ab_stats.record_shadow(arm, latency_ms, agreed)
@@ -171,6 +184,7 @@ async def classify_request(
         state.metrics.decode_seconds.observe(decode_s)
         outcome = await classify_following(state, call, classifier, model, images)
     state.metrics.child(state.metrics.images, target).inc(len(images))
+    _observe_drift(state, classifier, outcome)
     if state.capture is not None and state.capture.sample():
         # Prepared pixels have no original bytes: the capture keeps an empty original for each.
         state.capture.images(call.rid, images, files if files is not None else [b""] * len(images), outcome)

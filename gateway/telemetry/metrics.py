@@ -41,6 +41,7 @@ class GatewayMetrics:
         self._triton_series(self.registry)
         self._experiment_series(self.registry)
         self._store_series(self.registry)
+        self._drift_series(self.registry)
 
     def _request_series(self, r: CollectorRegistry) -> None:
         """Latency and counts of requests, by route, model, arm and status; errors by kind; per key."""
@@ -160,6 +161,31 @@ class GatewayMetrics:
         self.rollout_step = Gauge("kdserve_rollout_step", "The rollout's current step (-1: not started)", registry=r)
         # The configured split, next to the observed one: the A/B drift alert compares the two.
         self.ab_weight = Gauge("kdserve_ab_weight", "Configured share of A/B traffic per arm", ["arm"], registry=r)
+
+    def _drift_series(self, r: CollectorRegistry) -> None:
+        """Each served version's answers against its validation reference (gateway/serving/drift.py)."""
+        self.drift_evidence = Gauge(
+            "kdserve_drift_evidence_log10",
+            "log10 e-value that a served version's answers drifted from its validation reference, by signal "
+            "(unsure: more answers below the reference's confidence; class_share: the most over-predicted class)",
+            ["model", "version", "signal"],
+            registry=r,
+        )
+        self.drift_threshold = Gauge(
+            "kdserve_drift_threshold_log10", "log10 e-value a signal must reach", ["model", "version"], registry=r
+        )
+        self.drift_detected = Gauge(
+            "kdserve_drift_detected",
+            "1 once a version's drift test rejected (latched)",
+            ["model", "version"],
+            registry=r,
+        )
+        self.drift_images = Gauge(
+            "kdserve_drift_images", "Answers a version's drift test has counted", ["model", "version"], registry=r
+        )
+        self.drift_judge_seconds = Histogram(
+            "kdserve_drift_judge_seconds", "Judging every version's drift (off the event loop)", registry=r
+        )
 
     def _store_series(self, r: CollectorRegistry) -> None:
         """The answer store's and the capture's own counts."""

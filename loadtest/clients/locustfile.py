@@ -6,7 +6,9 @@ image, a label from the model's classes. Environment (set by `python -m loadtest
   KDSERVE_STAGES       load shape, "seconds:users,seconds:users,..." (optional)
   KDSERVE_MAX_FAIL_RATIO  stop the test when the failure ratio passes this (default 0.01)
   KDSERVE_OUT          where accuracy.json (correct top-1 per model under load) is written
-  KDSERVE_FEEDBACK_URL where ABFeedbackUser posts the true labels (another replica: any one joins them)
+  KDSERVE_FEEDBACK_URL where ABFeedbackUser and LoopUser post labels (another replica: any one joins them)
+  KDSERVE_API_KEY      the API key every user sends (Authorization: Bearer), when the gateway requires keys
+  KDSERVE_LOOP_KEYS    LoopUser's clients: JSON [{"key", "share", "wrong_labels"}]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from locust import LoadTestShape, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.runners import MasterRunner, WorkerRunner
 
-from kdcontract.names import AUTO, ENSEMBLE, STUDENT, STUDENT_KD, TEACHER
+from kdcontract.names import AUTO, ENSEMBLE, STUDENT, STUDENT_KD, TEACHER, VERSION_MARK
 from loadtest.clients.stages import parse_stages
 
 IMAGES_DIR = Path(os.environ.get("KDSERVE_IMAGES_DIR", "."))
@@ -30,6 +32,8 @@ LABELS: dict[str, str] = (
     json.loads((IMAGES_DIR / "labels.json").read_text()) if IMAGES_DIR.joinpath("labels.json").exists() else {}
 )
 IMAGES = [(name, (IMAGES_DIR / name).read_bytes(), label) for name, label in sorted(LABELS.items())]
+API_KEY = os.environ.get("KDSERVE_API_KEY", "")
+LOOP_KEYS: list[dict] = json.loads(os.environ.get("KDSERVE_LOOP_KEYS", "[]"))
 # The model a response may name for each `?model=` (the A/B entry: either arm).
 EXPECTED_MODEL = {
     STUDENT: {STUDENT_KD},
@@ -49,9 +53,14 @@ class ClassifyUser(FastHttpUser):
             raise RuntimeError(f"no images in {IMAGES_DIR}; run through `python -m loadtest run`")
         self.images = itertools.cycle(random.sample(IMAGES, len(IMAGES)))
         self.client_key = f"user-{random.getrandbits(48):012x}"
+        self.auth = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
 
     def next_client_key(self) -> str:
         return self.client_key
+
+    def request_auth(self) -> dict[str, str]:
+        """The Authorization header of the next request (every request the same key, but LoopUser's)."""
+        return self.auth
 
     def answered(self, request_id: str, label: str) -> None:
         """Called with every well-formed answer (the feedback user sends the label back)."""
@@ -59,7 +68,7 @@ class ClassifyUser(FastHttpUser):
     @task
     def classify(self) -> None:
         _, payload, label = next(self.images)
-        headers = {"Content-Type": "image/png", "X-Client-Key": self.next_client_key()}
+        headers = {"Content-Type": "image/png", "X-Client-Key": self.next_client_key(), **self.request_auth()}
         with self.client.post(
             f"/v1/classify?model={self.model}&top_k=1",
             data=payload,
@@ -76,7 +85,7 @@ class ClassifyUser(FastHttpUser):
             except (ValueError, KeyError, IndexError, TypeError):
                 resp.failure("response is not a classification")
                 return
-            if body["model"] not in EXPECTED_MODEL[self.model]:
+            if body["model"].partition(VERSION_MARK)[0] not in EXPECTED_MODEL[self.model]:  # a version: its name
                 resp.failure(f"answered by {body['model']}, expected {EXPECTED_MODEL[self.model]}")
             elif len(body["predictions"]) != 1 or not 0.0 <= top["probability"] <= 1.0:
                 resp.failure("malformed prediction")
@@ -129,7 +138,9 @@ class ABFeedbackUser(ABUser):
         if len(self.pending) >= self.BATCH:
             items, self.pending = self.pending, []
             gevent.sleep(0.05)  # answers reach the shared store off the request path
-            with self.client.post(self.feedback_url, json=items, name="feedback", catch_response=True) as resp:
+            with self.client.post(
+                self.feedback_url, json=items, headers=self.auth, name="feedback", catch_response=True
+            ) as resp:
                 if resp.status_code != 200:
                     resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
                     return
@@ -138,6 +149,51 @@ class ABFeedbackUser(ABUser):
                     resp.failure(f"{len(refused)} of {len(items)} refused: {refused[0]['message']}")
                 else:
                     resp.success()
+
+
+class LoopUser(ABUser):
+    """The loop's clients behind API keys (KDSERVE_LOOP_KEYS): each request is sent with a key drawn by its
+    share, and that key labels it (only the key that made a request may); an honest key sends the true
+    label, a hostile one (`wrong_labels`) the next class's, as a poisoner shifting one class onto another
+    would. Labels go in batches, per key, to KDSERVE_FEEDBACK_URL; each must be accepted."""
+
+    BATCH = 20
+
+    def on_start(self) -> None:
+        super().on_start()
+        if not LOOP_KEYS:
+            raise RuntimeError("LoopUser needs KDSERVE_LOOP_KEYS")
+        self.feedback_url = os.environ.get("KDSERVE_FEEDBACK_URL", "").rstrip("/") + "/v1/feedback"
+        self.pending: dict[str, list[dict]] = {k["key"]: [] for k in LOOP_KEYS}
+        self.classes = sorted({label for _, _, label in IMAGES})
+        self.current = LOOP_KEYS[0]
+
+    def request_auth(self) -> dict[str, str]:
+        self.current = random.choices(LOOP_KEYS, weights=[k["share"] for k in LOOP_KEYS])[0]
+        return {"Authorization": f"Bearer {self.current['key']}"}
+
+    def answered(self, request_id: str, label: str) -> None:
+        key = self.current
+        if key["wrong_labels"]:
+            label = self.classes[(self.classes.index(label) + 1) % len(self.classes)]
+        pending = self.pending[key["key"]]
+        pending.append({"request_id": request_id, "label": label})
+        if len(pending) < self.BATCH:
+            return
+        items, self.pending[key["key"]] = pending, []
+        gevent.sleep(0.05)  # answers reach the shared store off the request path
+        headers = {"Authorization": f"Bearer {key['key']}"}
+        with self.client.post(
+            self.feedback_url, json=items, headers=headers, name="feedback", catch_response=True
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
+                return
+            refused = [r for r in resp.json()["results"] if r["status"] != 200]
+            if refused:
+                resp.failure(f"{len(refused)} of {len(items)} refused: {refused[0]['message']}")
+            else:
+                resp.success()
 
 
 STAGES = parse_stages(os.environ.get("KDSERVE_STAGES"))

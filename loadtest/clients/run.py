@@ -43,6 +43,7 @@ SCENARIOS = {
     "ab": ["ABUser"],
     "ab_feedback": ["ABFeedbackUser"],  # A/B traffic with the true labels sent back (a rollout's gates)
     "compare": ["StudentUser", "TeacherUser"],  # both at once: half the users each
+    "loop": ["LoopUser"],  # A/B traffic under API keys, each labelling its own requests (make loop)
 }
 
 
@@ -68,13 +69,15 @@ def write_images(out: Path, split: DataSplit | None) -> Path:
     return images
 
 
-def warm_up(host: str, images: Path, models: list[str], requests: int = 5) -> None:
+def warm_up(
+    host: str, images: Path, models: list[str], requests: int = 5, headers: dict[str, str] | None = None
+) -> None:
     """A few requests per model first, so first-call costs do not land in the measured percentiles.
 
     A 4xx here is a broken set-up (a model the gateway does not serve, an image it refuses), found before
     minutes of load; 5xx are left to the run, which measures them (and its stop rule acts on them)."""
     sample = sorted(images.glob("*.png"))[0].read_bytes()
-    with httpx.Client(base_url=host, timeout=30) as client:
+    with httpx.Client(base_url=host, timeout=30, headers=headers) as client:
         for model in models:
             for _ in range(requests):
                 resp = client.post(f"/v1/classify?model={model}", content=sample, headers={"Content-Type": "image/png"})
@@ -106,12 +109,20 @@ def run_load(
     triton_http: str | None = None,
     feedback_url: str | None = None,
     stop_when: Callable[[], bool] | None = None,
+    api_key: str | None = None,
+    images: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict:
+    """Locust against `host`. `api_key`: sent by this function's own calls and by every user (a gateway with
+    keys); `images`: a folder of PNGs and labels.json to send (default: the held-out split's digits); `env`:
+    more of the Locust users' environment (LoopUser's keys)."""
     out.mkdir(parents=True, exist_ok=True)
-    models = _get_json(f"{host}/v1/models")
-    images = write_images(out, DataSplit.model_validate(models["split"]) if models.get("split") else None)
-    ab_weights = _get_json(f"{host}/v1/ab/summary")["weights"]
-    warm_up(host, images, [m for m in (STUDENT, TEACHER, ENSEMBLE) if m in models["aliases"]])
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    models = _get_json(f"{host}/v1/models", auth)
+    if images is None:
+        images = write_images(out, DataSplit.model_validate(models["split"]) if models.get("split") else None)
+    ab_weights = _get_json(f"{host}/v1/ab/summary", auth)["weights"]
+    warm_up(host, images, [m for m in (STUDENT, TEACHER, ENSEMBLE) if m in models["aliases"]], headers=auth)
     scrape(f"{host}/metrics", out / "gateway_metrics_before.txt")
     if triton_metrics:
         scrape(triton_metrics, out / "triton_metrics_before.txt")
@@ -147,6 +158,8 @@ def run_load(
         "KDSERVE_MAX_FAIL_RATIO": str(max_fail_ratio),
         "KDSERVE_STAGES": stages or "",
         "KDSERVE_FEEDBACK_URL": feedback_url or host,
+        "KDSERVE_API_KEY": api_key or "",
+        **(env or {}),
     }
     started = time.perf_counter()
     # The children's CPU time around the run is Locust's own: how hard the load generator itself worked.
@@ -203,8 +216,8 @@ def _wait_for_locust(proc: subprocess.Popen, seconds: int, stop_when: Callable[[
             stopping = True
 
 
-def _get_json(url: str) -> dict:
-    response = httpx.get(url, timeout=10)
+def _get_json(url: str, headers: dict[str, str] | None = None) -> dict:
+    response = httpx.get(url, headers=headers, timeout=10)
     if response.status_code != 200:
         raise UserError(f"{url} answered {response.status_code}: {response.text[:200]}")
     return response.json()

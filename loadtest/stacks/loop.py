@@ -1,240 +1,439 @@
-"""`python -m loadtest loop`: served traffic becomes a better student, measured at each step.
+"""`python -m loadtest loop` (`make loop`): continuous distillation, gated end to end, as one command.
 
-On the few-labels digits (63 labels; the teacher and the plain student that `make fewlabels` trained):
-1. serve: a copy of that run's repository (Triton polling it), a gateway capturing every request;
-2. traffic: a client sends the recipe's unlabelled training digits (the images the offline KD student
-   learnt from) through the gateway to the plain student, each in a client form drawn at random (sizes,
-   filters, PNG/JPEG, polarity, canvases), one image a request, several clients at once;
-3. the gateway is stopped (SIGTERM: its open capture segment is written whole) and the capture counted;
-4. re-distil: `python -m training redistill` trains a KD student from the teacher on the labelled split
-   and the capture, and exports it as a new version of `student_kd` into the served repository;
-5. compare: once Triton has loaded the new version, a new gateway (capture off, so the held-out images
-   never join a capture) serves the held-out test split to the old and the new student by name, and
-   then as an A/B experiment (the old student the control, the new one the candidate, every request
-   shadowed, true labels sent as feedback) whose verdict comes from the gateway's own statistics.
+On the demo's digits (`make models`: its teacher and KD student), a stack of its own in `--work`: Triton
+polling a scratch copy of the repository's student and teacher, two gateway replicas with API keys that
+share one experiment file, answer store and capture, and the rollout controller (`python -m gateway
+rollout --repo`). Locust drives every phase; each request is sent under an API key and labelled by the
+same key (`LoopUser`), to the other replica.
 
-Writes `results.json` and `results.md` (the offline KD student of `make fewlabels` beside it, the CPU,
-and the seconds of every step).
+1. before: upright digits in random client forms; the served student's drift test stays quiet.
+2. a new style arrives: half the traffic is italic (digits slanted as a right-handed writer slants them, a
+   style neither the teacher nor the student saw: both misread it), labelled by an honest key. The loop
+   waits for the drift test to flag the student's version, and keeps the traffic up until enough of the
+   new style is captured with labels. With `--poison`, a second key sends 30% of the traffic and labels
+   every request of its own with the next class.
+3. re-distil from the capture (`python -m training redistill`): the label keys judged, the offline gate
+   against the served version on the held-out test split, the candidate exported beside the current
+   version (`student_kd@N`) when it passes.
+4. the candidate and the current version compared by name on held-out digits, upright and italic.
+5. the gated rollout: the current version the control, the candidate the candidate, every request
+   shadowed, steps of traffic judged on the labels and latency; the controller promotes the candidate in the
+   repository (current := candidate) or rolls it back and unloads it. A candidate still pending at the
+   deadline is rejected by the loop (`training versions reject`): it was not shown to be better.
+
+With `--poison`, the hostile key is flagged (its labels dropped) and that candidate's offline figures are
+reported; then a candidate trained on every key's labels (a poisoner past the key check) goes through the
+same gates, which must refuse it offline or roll it back online, the current version answering at least
+90% of the name's traffic throughout.
+
+Writes results.json and results.md (`benchmarks/loop/`, `benchmarks/loop-poison/`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
-import yaml
+from PIL import Image
 
-from gateway.files import write_whole
 from gateway.process import GatewayProcess, free_port
 from gateway.triton.server import EmbeddedTriton, TritonPorts
-from kdcontract.capture import capture_files, read_capture
-from kdcontract.client_forms import ClientForm, random_form, render
-from kdcontract.digits import digits_gray, labelled_positions, split_indices
+from kdcontract.client_forms import FILTERS, ClientForm, render_image
+from kdcontract.digits import digits_gray, held_out_indices, split_indices
 from kdcontract.errors import UserError
 from kdcontract.manifest import read_manifest
-from kdcontract.names import STUDENT, STUDENT_KD, STUDENT_PLAIN, TEACHER
+from kdcontract.names import STUDENT_KD, versioned
 from kdcontract.tables import markdown_table
 from loadtest.benchmarks.bench import cpu_description
 from loadtest.clients.measure import metric_value
-from loadtest.clients.served_accuracy import held_out, top1_through_gateway
+from loadtest.clients.run import run_load
+from loadtest.stacks.rollout import _locust_totals, _requests, scratch_repository, start_experiment_file
 
-CLIENTS = 4  # concurrent clients sending the traffic
-POLL_S = 1.0  # Triton's repository poll
-READY_TIMEOUT_S = 120.0
-
-
-def traffic_indices(run: Path, split) -> np.ndarray:
-    """Indices (into sklearn's digits) of the few-labels recipe's unlabelled training images: what the
-    offline KD student learnt from, and what the loop's client sends."""
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    labels = digits_gray()[1]
-    train_idx = split_indices(labels, split, with_test=True)[0]
-    kept = labelled_positions(labels[train_idx], recipe["data"]["labelled_fraction"], split.seed)
-    return train_idx[~kept]
+SLANT = 0.45  # the italic style (x shifted by SLANT per row); the demo's student and teacher read ~70% of it
+KEYS = {"honest": "loop-honest-key-0001", "hostile": "loop-hostile-key-0002"}
+HOSTILE_SHARE = 0.3
+POLL_S = 0.5  # the replicas' experiment and manifest polls
+USERS = 4
+GATES = {"latency": {"quantile": 0.5, "max_ratio": 2.0}, "max_top1_drop": 0.0}
+STEPS = [0.1, 0.5, 1.0]
 
 
-def send_traffic(url: str, digits: np.ndarray, model: str, seed: int = 0) -> tuple[list[int], float]:
-    """Every digit once, in a random client form, from CLIENTS clients at once; the answers' top-1 and
-    the seconds it took."""
-    rng = np.random.default_rng(seed)
-    forms: list[ClientForm] = [random_form(rng) for _ in digits]
-    bodies = [(render(d, f), f"image/{f.encoding.lower()}") for d, f in zip(digits, forms, strict=True)]
-
-    def send(chunk: list[int]) -> list[tuple[int, int]]:
-        answers = []
-        with httpx.Client(base_url=url, timeout=60) as client:
-            for i in chunk:
-                body, content_type = bodies[i]
-                resp = client.post(
-                    f"/v1/classify?model={model}&top_k=1", content=body, headers={"Content-Type": content_type}
-                )
-                if resp.status_code != 200:
-                    raise RuntimeError(f"traffic image {i}: HTTP {resp.status_code}: {resp.text[:300]}")
-                answers.append((i, int(resp.json()["predictions"][0]["top_k"][0]["label"])))
-        return answers
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        chunks = [list(range(k, len(digits), CLIENTS)) for k in range(CLIENTS)]
-        answered = dict(pair for part in pool.map(send, chunks) for pair in part)
-    return [answered[i] for i in range(len(digits))], time.perf_counter() - started
+@dataclass(frozen=True)
+class LoopPlan:
+    before_s: int = 20  # upright traffic only
+    after_drift_s: int = 40  # the new style's traffic kept up after the drift flag, for the capture
+    new_style_max_s: int = 120  # the drift flag must come within this
+    rollout_max_s: int = 240  # the rollout must end within this (a pending candidate is then rejected)
+    min_samples: int = 300
+    min_duration_s: float = 10.0
+    redistill_epochs: int = 3
+    poison: bool = False
 
 
-def wait_for_version(triton_url: str, model: str, version: int) -> float:
-    """Seconds until Triton (polling the repository) has `version` of `model` ready."""
-    started = time.monotonic()
-    while time.monotonic() - started < READY_TIMEOUT_S:
-        try:
-            if httpx.get(f"{triton_url}/v2/models/{model}/versions/{version}/ready", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"Triton did not load {model} version {version} within {READY_TIMEOUT_S:.0f}s")
-
-
-def ab_experiment() -> dict:
-    """The old student the control, the new one the candidate, half the traffic each, every request
-    answered by both (shadow), judged on feedback labels: the candidate at most 0 points worse."""
-    return {
-        "control": STUDENT_PLAIN,
-        "candidate": STUDENT,
-        "weights": {STUDENT_PLAIN: 0.5, STUDENT: 0.5},
-        "shadow_fraction": 1.0,
-        "gates": {"max_top1_drop": 0.0},
-        "rollout": {"enabled": False, "min_samples": 100, "min_duration_s": 0},
-    }
-
-
-def run_ab(gateway: GatewayProcess, digits: np.ndarray, labels: np.ndarray) -> dict:
-    """The held-out split as A/B traffic (a client key per image), its true labels as feedback; the
-    gateway's own per-arm top-1 and verdict, with their intervals."""
-    client = gateway.client
-    feedback = []
-    for i, digit in enumerate(digits):
-        body = render(digit, ClientForm())
-        resp = client.post(
-            "/v1/classify?model=auto", content=body, headers={"Content-Type": "image/png", "X-Client-Key": f"c{i}"}
-        )
-        if resp.status_code != 200:
-            raise RuntimeError(f"A/B image {i}: HTTP {resp.status_code}: {resp.text[:300]}")
-        feedback.append({"request_id": resp.headers["x-request-id"], "label": str(labels[i])})
-    time.sleep(0.5)  # the shadows' answers land beside the primaries' (the pairs count when both are there)
-    results = client.post("/v1/feedback", json=feedback).json()
-    accepted = sum(1 for r in results["results"] if r["status"] == 200)
-    body = client.get("/v1/experiment").json()
-    arms = {arm: {"requests": a["requests"], "top1": a["top1"]} for arm, a in body["this_replica"]["arms"].items()}
-    return {"images": len(digits), "feedback_accepted": accepted, "arms": arms, "verdict": body["this_replica"]["step"]}
-
-
-def run_loop(fewlabels_run: Path, repo: Path, out: Path, work: Path, seeds: list[int]) -> dict:
-    """The whole loop on a stack of its own in `work`; results in `out`."""
-    for needed in (fewlabels_run / "results.json", repo / "manifest.json"):
-        if not needed.is_file():
-            raise UserError(f"{needed} not found: train and export the few-labels recipe first (make fewlabels)")
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
-    shutil.rmtree(work, ignore_errors=True)
-    served = work / "repo"
-    shutil.copytree(repo, served, ignore=shutil.ignore_patterns("__pycache__"))
-    manifest = read_manifest(served)
-    before_version = manifest.models[STUDENT_KD].version
-    traffic = traffic_indices(fewlabels_run, manifest.split)
-    digits, true_labels = digits_gray()[0][traffic], digits_gray()[1][traffic]  # the labels: the report's only
-    capture = work / "capture"
-    ports = TritonPorts(free_port(), free_port(), free_port())
-    poll = ["--model-control-mode=poll", f"--repository-poll-secs={POLL_S:g}"]
-    with EmbeddedTriton(served, ports, log_file=work / "triton.log", extra_args=poll) as triton:
-        capture_env = {
-            "KDSERVE_CAPTURE_FRACTION": "1.0",
-            "KDSERVE_CAPTURE_DIR": str(capture),
-            "KDSERVE_CAPTURE_SEGMENT_S": "2",
-        }
-        with GatewayProcess(served, triton.http_url, env=capture_env, ready_path="/readyz") as gateway:
-            answered, seconds["traffic"] = send_traffic(gateway.url, digits, STUDENT_PLAIN)
-            metrics = gateway.client.get("/metrics").text
-        dropped = metric_value(metrics, "kdserve_capture_dropped_total", {"reason": "queue_full"})
-        captured = read_capture(capture_files(str(capture)))
-        print(f"[loop] traffic: {len(digits)} images in {seconds['traffic']:.1f}s; captured {len(captured.images)}")
-
-        t = time.perf_counter()
-        redistill_out = work / "redistill"
-        command = [sys.executable, "-m", "training", "redistill", "--run", str(fewlabels_run)]
-        command += ["--capture", str(capture), "--repo", str(served), "--out", str(redistill_out)]
-        command += ["--against", STUDENT_PLAIN, "--served-as", STUDENT_KD, "--seeds", *map(str, seeds)]
-        subprocess.run(command, check=True)
-        seconds["redistill_and_export"] = time.perf_counter() - t
-        redistilled = json.loads((redistill_out / "redistill.json").read_text())
-        new_version = redistilled["export"]["versions"][STUDENT_KD]
-        seconds["triton_loaded_new_version"] = wait_for_version(f"http://{triton.http_url}", STUDENT_KD, new_version)
-
-        t = time.perf_counter()
-        test_digits, test_labels = held_out(manifest.split)
-        experiment_file = work / "experiment.json"
-        write_whole(experiment_file, json.dumps(ab_experiment(), indent=2) + "\n")
-        env = {"KDSERVE_EXPERIMENT_FILE": str(experiment_file), "KDSERVE_ANSWERS_DIR": str(work / "answers")}
-        with GatewayProcess(served, triton.http_url, env=env, ready_path="/readyz") as gateway:
-            versions = {m["name"]: m["version"] for m in gateway.client.get("/v1/models").json()["models"]}
-            served_top1 = {
-                name: top1_through_gateway(gateway.client, name, ClientForm(), test_digits, test_labels)
-                for name in (STUDENT_PLAIN, STUDENT, TEACHER)
-            }
-            ab = run_ab(gateway, test_digits, test_labels)
-        seconds["compare"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - started
-
-    offline = json.loads((fewlabels_run / "results.json").read_text())["seed_study"]
-    results = {
-        "cpu": cpu_description(),
-        "seeds": seeds,
-        "traffic": {
-            "images": len(digits),
-            "clients": CLIENTS,
-            "captured": len(captured.images),
-            "dropped": int(dropped),
-            "skipped_files": len(captured.skipped),
-            "served_top1_on_traffic": float(np.mean(np.asarray(answered) == true_labels)),
-        },
-        "served_before": {
-            "model": STUDENT_PLAIN,
-            "version": versions.get(STUDENT_PLAIN),
-            "top1": served_top1[STUDENT_PLAIN],
-            "offline_top1_seeds_mean": offline[STUDENT_PLAIN]["mean"],
-        },
-        "redistilled": {
-            "model": STUDENT_KD,
-            "version_before": before_version,
-            "version": new_version,
-            "start": redistilled["redistilled"]["start"],
-            "epochs": redistilled["redistilled"]["epochs"],
-            "top1": redistilled["redistilled"]["top1"],
-            "std": redistilled["redistilled"]["std"],
-            "per_seed": redistilled["redistilled"]["per_seed"],
-            "served_top1": served_top1[STUDENT],
-            "exported_seed": redistilled["redistilled"]["exported_seed"],
-            "labelled_images": redistilled["labelled_images"],
-            "captured_images": redistilled["captured_images"],
-        },
-        "offline_kd": {
-            "top1": offline[STUDENT_KD]["mean"],
-            "std": offline[STUDENT_KD]["std"],
-            "per_seed": offline[STUDENT_KD]["top1"],
-            "seeds": offline["seeds"],
-        },
-        "teacher": {"served_top1": served_top1[TEACHER]},
-        "ab": ab,
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
-    }
-    results["redistilled_minus_offline_kd_points"] = 100 * (
-        results["redistilled"]["top1"] - results["offline_kd"]["top1"]
+def italic(digit: np.ndarray, size: int = 64) -> bytes:
+    """A digit written slanted, as a 64 px PNG (light ink on black, as the gateway's framing expects)."""
+    upright = render_image(digit, ClientForm(size=size, resample="bilinear"))
+    shift = -SLANT * size / 2
+    slanted = upright.transform(
+        (size, size), Image.Transform.AFFINE, (1, SLANT, shift, 0, 1, 0), Image.Resampling.BILINEAR
     )
+    out = io.BytesIO()
+    slanted.save(out, format="PNG")
+    return out.getvalue()
+
+
+def upright(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A digit as a random client sends it (size, filter, polarity), as PNG."""
+    size = int(rng.choice([8, 16, 32, 64, 128]))
+    form = ClientForm(size=size, resample=str(rng.choice(list(FILTERS))), dark_on_light=bool(rng.random() < 0.5))
+    out = io.BytesIO()
+    render_image(digit, form).save(out, format="PNG")
+    return out.getvalue()
+
+
+def traffic_folder(folder: Path, indices: np.ndarray, italic_share: float, seed: int) -> Path:
+    """PNGs and labels.json for the Locust users: each digit upright (a random client form) or italic."""
+    rng = np.random.default_rng(seed)
+    digits, labels = digits_gray()
+    folder.mkdir(parents=True, exist_ok=True)
+    mapping = {}
+    for index in indices:
+        style = "italic" if rng.random() < italic_share else "upright"
+        body = italic(digits[index]) if style == "italic" else upright(digits[index], rng)
+        name = f"{style}-{int(index):04d}.png"
+        (folder / name).write_bytes(body)
+        mapping[name] = str(labels[index])
+    (folder / "labels.json").write_text(json.dumps(mapping))
+    return folder
+
+
+def keys_file(path: Path) -> Path:
+    keys = [{"id": key_id, "sha256": hashlib.sha256(key.encode()).hexdigest()} for key_id, key in KEYS.items()]
+    path.write_text(json.dumps(keys))
+    return path
+
+
+def loop_keys(poison: bool) -> str:
+    """LoopUser's clients: the honest key alone, or beside a hostile one sending HOSTILE_SHARE of the traffic."""
+    keys = [{"key": KEYS["honest"], "share": 1 - HOSTILE_SHARE if poison else 1.0, "wrong_labels": False}]
+    if poison:
+        keys.append({"key": KEYS["hostile"], "share": HOSTILE_SHARE, "wrong_labels": True})
+    return json.dumps(keys)
+
+
+def one_arm(model: str) -> dict:
+    return {"control": model, "candidate": model, "weights": {model: 1.0}}
+
+
+def rollout_experiment(candidate: str, plan: LoopPlan) -> dict:
+    return {
+        "control": STUDENT_KD,
+        "candidate": candidate,
+        "weights": {candidate: 0.0, STUDENT_KD: 1.0},
+        "shadow_fraction": 1.0,
+        "gates": GATES,
+        "rollout": {
+            "enabled": True,
+            "steps": STEPS,
+            "min_samples": plan.min_samples,
+            "min_duration_s": plan.min_duration_s,
+        },
+    }
+
+
+class Stack:
+    """Triton and two gateway replicas on a scratch repository, with keys, one experiment file, one answer
+    store and one capture."""
+
+    def __init__(self, repo: Path, work: Path) -> None:
+        self.work = work
+        shutil.rmtree(work, ignore_errors=True)
+        self.repo = scratch_repository(repo, work / "repo")
+        self.experiment_file = work / "experiment.json"
+        self.capture = work / "capture"
+        start_experiment_file(self.experiment_file, one_arm(STUDENT_KD))
+        self.env = {
+            "KDSERVE_API_KEYS_FILE": str(keys_file(work / "keys.json")),
+            "KDSERVE_EXPERIMENT_FILE": str(self.experiment_file),
+            "KDSERVE_EXPERIMENT_POLL_S": str(POLL_S),
+            "KDSERVE_MANIFEST_POLL_S": str(POLL_S),
+            "KDSERVE_ANSWERS_DIR": str(work / "answers"),
+            "KDSERVE_CAPTURE_FRACTION": "1.0",
+            "KDSERVE_CAPTURE_DIR": str(self.capture),
+            "KDSERVE_CAPTURE_SEGMENT_S": "2",
+            "KDSERVE_DRIFT_INTERVAL_S": "1",
+        }
+        self.auth = {"Authorization": f"Bearer {KEYS['honest']}"}
+
+    def __enter__(self) -> Stack:
+        ports = TritonPorts(free_port(), free_port(), free_port())
+        poll = ["--model-control-mode=poll", "--repository-poll-secs=1"]
+        self.triton = EmbeddedTriton(self.repo, ports, log_file=self.work / "triton.log", extra_args=poll)
+        self.triton.start()
+        self.replicas = [
+            GatewayProcess(self.repo, self.triton.http_url, env=self.env, ready_path="/readyz") for _ in range(2)
+        ]
+        self.urls = [g.url for g in self.replicas]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for gateway in self.replicas:
+            gateway.stop()
+        self.triton.stop()
+
+    def get(self, url: str, path: str) -> dict:
+        resp = httpx.get(f"{url}{path}", headers=self.auth, timeout=10)
+        resp.raise_for_status()
+        return resp.json()
+
+    def drift(self, version: int) -> list[dict]:
+        """Each replica's drift verdict of the student's `version` (empty before any answer)."""
+        name = versioned(STUDENT_KD, version)
+        return [self.get(url, "/v1/drift")["versions"].get(name, {}) for url in self.urls]
+
+    def load(self, phase: str, images: Path, poison: bool, seconds: int, stop_when=None) -> dict:
+        """Locust against the first replica, labels to the second, for `seconds` or until `stop_when()`."""
+        return run_load(
+            self.urls[0], "loop", USERS, f"{seconds}s", self.work / f"locust-{phase}", None,
+            max_fail_ratio=1.0, feedback_url=self.urls[-1], stop_when=stop_when, api_key=KEYS["honest"],
+            images=images, env={"KDSERVE_LOOP_KEYS": loop_keys(poison)},
+        )  # fmt: skip
+
+    def metrics(self) -> list[str]:
+        return [httpx.get(f"{url}/metrics", timeout=10).text for url in self.urls]
+
+
+def pools(split) -> tuple[np.ndarray, np.ndarray]:
+    """(traffic, held-out): the digits outside the test split, which clients send; the test split, which no
+    model trained on and no client sends (the offline gate's and the comparison's images)."""
+    labels = digits_gray()[1]
+    train_idx, val_idx, _ = split_indices(labels, split, with_test=True)
+    return np.concatenate([train_idx, val_idx]), held_out_indices(split)
+
+
+def top1(stack: Stack, model: str, bodies: list[bytes], labels: np.ndarray) -> float:
+    right = 0
+    with httpx.Client(base_url=stack.urls[0], headers=stack.auth, timeout=30) as client:
+        for start in range(0, len(bodies), 32):
+            files = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate(bodies[start : start + 32])]
+            resp = client.post("/v1/classify", params={"model": model, "top_k": 1}, files=files)
+            resp.raise_for_status()
+            answers = [int(p["top_k"][0]["label"]) for p in resp.json()["predictions"]]
+            right += int(np.sum(np.asarray(answers) == labels[start : start + 32]))
+    return right / len(bodies)
+
+
+def redistill(run: Path, stack: Stack, out: Path, epochs: int, extra: list[str], export: bool) -> dict:
+    command = [sys.executable, "-m", "training", "redistill", "--run", str(run), "--capture", str(stack.capture)]
+    command += ["--repo", str(stack.repo), "--out", str(out), "--set", f"redistill.epochs={epochs}", *extra]
+    command += [] if export else ["--no-export"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr)
+    if done.returncode not in (0, 2):
+        raise UserError(f"redistill failed ({done.returncode}): {done.stderr[-2000:]}")
+    report = json.loads((out / "redistill.json").read_text())
+    return {"exit_code": done.returncode, "seconds": round(time.perf_counter() - started, 1), "report": report}
+
+
+@dataclass
+class Watch:
+    """Each replica's candidate weight, sampled every 0.2 s in a thread: when the candidate first answered all
+    of the name's traffic on every replica, and the most it ever had."""
+
+    stack: Stack
+    candidate: str
+    samples: list[tuple[float, list[float]]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Watch:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                weights = [
+                    self.stack.get(url, "/v1/experiment")["experiment"]["weights"].get(self.candidate, 0.0)
+                    for url in self.stack.urls
+                ]
+                self.samples.append((time.time(), weights))
+            except httpx.HTTPError:
+                pass
+            self.stop.wait(0.2)
+
+    def all_traffic_at(self) -> float | None:
+        return next((t for t, w in self.samples if min(w) >= 1.0), None)
+
+    def max_weight(self) -> float:
+        return max((max(w) for _, w in self.samples), default=0.0)
+
+
+def rollout(stack: Stack, candidate: str, plan: LoopPlan, images: Path, label: str) -> dict:
+    """The gated rollout of `candidate` under Locust, the controller promoting or rejecting it in the repository."""
+    events = stack.work / f"rollout-{label}-events.jsonl"
+    start_experiment_file(stack.experiment_file, rollout_experiment(candidate, plan))
+    command = [sys.executable, "-m", "gateway", "rollout", "--experiment-file", str(stack.experiment_file)]
+    for url in stack.urls:
+        command += ["--metrics-url", f"{url}/metrics"]
+    command += ["--interval", "1", "--events", str(events), "--repo", str(stack.repo)]
+    watch = Watch(stack, candidate).start()
+    ended: list[float] = []
+
+    def finished() -> bool:
+        phase = json.loads(stack.experiment_file.read_text()).get("state", {}).get("phase")
+        if not ended and phase in ("promoted", "rolled_back"):
+            ended.append(time.monotonic())
+        return bool(ended) and time.monotonic() - ended[0] >= 5
+
+    with (stack.work / f"controller-{label}.log").open("w") as log:
+        controller = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            load = stack.load(f"rollout-{label}", images, plan.poison, plan.rollout_max_s, finished)
+        finally:
+            controller.terminate()
+            controller.wait(timeout=30)
+            watch.stop.set()
+    state = json.loads(stack.experiment_file.read_text())["state"]
+    name = candidate.partition("@")[0]
+    outcome = state["phase"]
+    if outcome == "running":  # not shown better within the deadline: the loop ends its trial
+        subprocess.run(
+            [sys.executable, "-m", "training", "versions", "reject", candidate, "--repo", str(stack.repo)], check=True
+        )
+        outcome = "not promoted (pending at the deadline)"
+    promoted_at = next((e["at"] for e in state["history"] if e["event"] == "promoted"), None)
+    full = watch.all_traffic_at()
+    manifest = read_manifest(stack.repo).models[name]
+    return {
+        "candidate": candidate,
+        "outcome": outcome,
+        "reason": state["reason"],
+        "steps": [
+            {k: e[k] for k in ("event", "step", "weight", "reason", "verdicts")} | {"at": round(e["at"], 2)}
+            for e in state["history"]
+        ],
+        "promoted_at": promoted_at,
+        "candidate_answered_all_traffic_at": full,
+        "all_traffic_only_after_the_last_gate": full is None or (promoted_at is not None and full >= promoted_at),
+        "candidate_max_weight": watch.max_weight(),
+        "current_version_min_share": round(1 - watch.max_weight(), 3),
+        "manifest_after": {
+            "current": manifest.version,
+            "candidate": manifest.candidate.version if manifest.candidate else None,
+        },
+        "locust": {"exit_code": load["locust_exit_code"], **_locust_totals(stack.work / f"locust-rollout-{label}")},
+        "seconds": load["wall_seconds"],
+    }  # fmt: skip
+
+
+def new_style(stack: Stack, plan: LoopPlan, images: Path) -> dict:
+    """The italic traffic until the drift flag, then `after_drift_s` more for the capture."""
+    before = [v.get("images", 0) for v in stack.drift(1)]
+    flagged: dict = {}
+
+    def stop() -> bool:
+        if not flagged:
+            verdicts = stack.drift(1)
+            hit = next((v for v in verdicts if v.get("detected")), None)
+            if hit is not None:
+                flagged.update(
+                    at=time.monotonic(),
+                    images_since_style_changed=sum(v.get("images", 0) for v in verdicts) - sum(before),
+                    strongest=hit["strongest"],
+                    evidence_log10=round(hit["evidence_log10"][hit["strongest"]], 2),
+                    threshold_log10=round(hit["threshold_log10"], 2),
+                )
+        return bool(flagged) and time.monotonic() - flagged["at"] >= plan.after_drift_s
+
+    load = stack.load("new-style", images, plan.poison, plan.new_style_max_s + plan.after_drift_s, stop)
+    if not flagged:
+        raise UserError(f"the drift test did not flag the new style within {plan.new_style_max_s} s")
+    flagged.pop("at")
+    return {"drift": flagged, "seconds": load["wall_seconds"]}
+
+
+def run_loop(run: Path, repo: Path, out: Path, work: Path, plan: LoopPlan) -> dict:
+    """The whole loop on a stack of its own in `work`; results in `out`."""
+    for needed in (run / "results.json", repo / "manifest.json"):
+        if not needed.is_file():
+            raise UserError(f"{needed} not found: train and export the demo first (make models)")
+    started = time.perf_counter()
+    split = read_manifest(repo).split
+    traffic, test = pools(split)
+    digits, labels = digits_gray()
+    results: dict = {"cpu": cpu_description(), "poison": plan.poison, "slant": SLANT}
+    with Stack(repo, work) as stack:
+        upright_only = traffic_folder(work / "images-upright", traffic, 0.0, seed=1)
+        mixed = traffic_folder(work / "images-mixed", traffic, 0.5, seed=2)
+        load = stack.load("before", upright_only, False, plan.before_s)
+        quiet = stack.drift(1)
+        results["before"] = {
+            "seconds": load["wall_seconds"],
+            "drift": [{k: v.get(k) for k in ("images", "detected")} for v in quiet],
+        }
+        results["new_style"] = new_style(stack, plan, mixed)
+        print(f"[loop] drift flagged: {results['new_style']['drift']}", flush=True)
+
+        held_upright = [upright(digits[i], np.random.default_rng(int(i))) for i in test]
+        held_italic = [italic(digits[i]) for i in test]
+        results["candidates"] = []
+        attempts = [("trusted labels", [], not plan.poison)]
+        if plan.poison:
+            attempts.append(("every key's labels", ["--set", "redistill.label_key_margin=1.0"], True))
+        for label, extra, export in attempts:
+            made = redistill(
+                run, stack, work / f"redistill-{len(results['candidates'])}", plan.redistill_epochs, extra, export
+            )
+            report = made["report"]
+            entry = {
+                "labels_from": label,
+                "seconds": made["seconds"],
+                "captured_images": report["captured_images"],
+                "captured_labelled": report["captured_labelled"],
+                "labels": report["labels"],
+                "offline": report["candidate"]["offline"],
+                "exported": "export" in report,
+            }  # fmt: skip
+            results["candidates"].append(entry)
+            if "export" not in report:
+                continue
+            candidate = report["export"]["candidate"]
+            deadline = time.monotonic() + 60
+            while not all(candidate in stack.get(u, "/readyz").get("versions", {}) for u in stack.urls):
+                if time.monotonic() > deadline:
+                    raise UserError(f"{candidate} was not served within 60 s")
+                time.sleep(0.5)
+            entry["served_top1"] = {
+                name: {
+                    "upright": top1(stack, name, held_upright, labels[test]),
+                    "italic": top1(stack, name, held_italic, labels[test]),
+                }
+                for name in (STUDENT_KD, candidate)
+            }
+            entry["rollout"] = rollout(stack, candidate, plan, mixed, str(len(results["candidates"])))
+            print(f"[loop] {candidate}: {entry['rollout']['outcome']}", flush=True)
+        results["requests"] = _requests(stack.metrics())
+        results["server_errors"] = sum(v for k, v in results["requests"]["by_status"].items() if k.endswith("5xx"))
+        results["feedback_key_labels"] = {
+            key: {
+                agrees: sum(metric_value(t, "kdserve_feedback_key_labels_total", {"key": key, "agrees": agrees})
+                            for t in stack.metrics())
+                for agrees in ("true", "false")
+            }
+            for key in (["honest", "hostile"] if plan.poison else ["honest"])
+        }  # fmt: skip
+    results["seconds"] = round(time.perf_counter() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
@@ -245,60 +444,96 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x:.2%}"
 
 
+def _interval(figures: dict) -> str:
+    low, high = figures["interval"]
+    return f"[{low * 100:+.2f}, {high * 100:+.2f}]"
+
+
 def markdown(r: dict) -> str:
-    before, new, offline, traffic = r["served_before"], r["redistilled"], r["offline_kd"], r["traffic"]
-    s = r["seconds"]
-    steps = [
-        ["traffic through the gateway, captured", f"{s['traffic']:.1f}",
-         f"{traffic['images']} images, {traffic['clients']} clients; captured {traffic['captured']}, "
-         f"dropped {traffic['dropped']}; the plain student answered {_pct(traffic['served_top1_on_traffic'])} right"],
-        ["re-distilled and exported", f"{s['redistill_and_export']:.1f}",
-         f"{len(r['seeds'])} seed(s) {r['seeds']}, each from {new['start']}, {new['epochs']} epochs; "
-         f"{STUDENT_KD} version {new['version_before']} -> {new['version']}"],
-        ["Triton loaded the new version", f"{s['triton_loaded_new_version']:.1f}", f"polling every {POLL_S:g}s"],
-        ["compared through the gateway", f"{s['compare']:.1f}", "by name, then A/B with feedback"],
-    ]  # fmt: skip
-    models = [
-        [f"served before: {before['model']} ({new['labelled_images']} labels, no teacher)", _pct(before["top1"]),
-         f"{_pct(before['offline_top1_seeds_mean'])} (mean of seeds {offline['seeds']})"],
-        [f"re-distilled from the capture: {STUDENT_KD} v{new['version']} (seed {new['exported_seed']})",
-         _pct(new["served_top1"]), f"{_pct(new['top1'])} (mean of seeds {r['seeds']}, std {100 * new['std']:.2f} pt)"],
-        ["offline KD student (`make fewlabels`)", "—",
-         f"{_pct(offline['top1'])} (mean of seeds {offline['seeds']}, std {100 * offline['std']:.2f} pt)"],
-        ["teacher", _pct(r["teacher"]["served_top1"]), "—"],
-    ]  # fmt: skip
-    arms = [
-        [arm, str(a["requests"]), str(a["top1"]["labelled"]), _pct(a["top1"]["estimate"]),
-         f"[{a['top1']['interval'][0]:.1%}, {a['top1']['interval'][1]:.1%}]"]
-        for arm, a in r["ab"]["arms"].items()
-    ]  # fmt: skip
-    verdict = r["ab"]["verdict"]
-    per_seed = ", ".join(f"seed {p['seed']}: {p['top1']:.2%}" for p in new["per_seed"])
-    offline_seeds = ", ".join(f"seed {s}: {t:.2%}" for s, t in zip(offline["seeds"], offline["per_seed"], strict=True))
-    return (
-        "\n".join(
-            [
-                "# The loop: served traffic -> capture -> re-distillation -> a new version, compared",
-                "",
-                f"CPU: {r['cpu']}. Whole loop {s['total']:.0f}s (`make loop`; the teacher and the plain student are "
-                "`make fewlabels`'s). Top-1 on the held-out test split (270 digits, 8x8 PNG), through the gateway.",
-                "",
-                markdown_table(["step", "seconds", "what happened"], steps, "l r l"),
-                "",
-                markdown_table(["model", "served top-1", "in-process top-1"], models, "l r l"),
-                "",
-                f"Re-distilled per seed: {per_seed}. Offline KD per seed: {offline_seeds}. Re-distilled minus offline "
-                "KD (means): "
-                f"{r['redistilled_minus_offline_kd_points']:+.2f} points.",
-                "",
-                f"A/B through the gateway ({STUDENT_PLAIN} control, {STUDENT} = the new {STUDENT_KD} candidate, every "
-                "request shadowed, true labels as feedback; intervals: the gateway's 95% confidence sequences):",
-                "",
-                markdown_table(["arm", "requests", "labelled", "top-1", "interval"], arms),
-                "",
-                f"Verdict on 'the candidate at most 0 points worse than the control': **{verdict['status']}** "
-                f"({verdict.get('reason', '')}).",
-            ]
-        )
-        + "\n"
+    drift = r["new_style"]["drift"]
+    lines = [
+        f"# The loop{' with a hostile label key' if r['poison'] else ''}: traffic -> drift -> capture -> "
+        "re-distillation -> offline gate -> candidate -> gated rollout",
+        "",
+        f"CPU: {r['cpu']}. Whole loop {r['seconds']:.0f} s (`make loop{' POISON=1' if r['poison'] else ''}`), two "
+        f"gateway replicas, {USERS} Locust users, the rollout controller. 5xx over the whole run: "
+        f"**{r['server_errors']}**.",
+        "",
+        f"Before: {r['before']['seconds']:.0f} s of upright digits; the student's drift test counted "
+        f"{', '.join(str(v['images']) for v in r['before']['drift'])} answers on the two replicas and flagged "
+        f"nothing. Then half the traffic turned italic (slant {r['slant']}): the drift test flagged "
+        f"{STUDENT_KD} after **{drift['images_since_style_changed']}** answers of the mixed traffic "
+        f"({drift['strongest']}, log10 e-value {drift['evidence_log10']} >= {drift['threshold_log10']}), and "
+        "the capture went on for the re-distillation.",
+        "",
+    ]
+    for c in r["candidates"]:
+        lines += _candidate(c)
+    keys = r["feedback_key_labels"]
+    lines += [
+        "Labels agreeing with the answer they label, per key (`kdserve_feedback_key_labels_total`): "
+        + "; ".join(f"{k}: {int(v['true'])} agree, {int(v['false'])} disagree" for k, v in keys.items())
+        + ".",
+        "",
+        f"Requests by status (both replicas): {r['requests']['by_status']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _gate(g: dict) -> str:
+    low, high = g["interval"]
+    return f"{g['gate']} {g['status']} ([{low:.3g}, {'inf' if high is None else f'{high:.3g}'}], n={g['samples']})"
+
+
+def _candidate(c: dict) -> list[str]:
+    offline = c["offline"]
+    rows = [
+        [name, _pct(f["candidate"]), _pct(f["served"]), _interval(f)]
+        for name, f in (("top-1", offline["top1"]), ("agreement with the teacher", offline["agreement"]))
+    ]
+    labels = "; ".join(
+        f"{key}: {k['labels']} labels, {'used' if k['used'] else '**excluded**'} ({k['reason']})"
+        for key, k in c["labels"]["by_key"].items()
     )
+    lines = [
+        f"## Candidate from {c['labels_from']}",
+        "",
+        f"Re-distilled in {c['seconds']:.0f} s from {c['captured_images']} captured images "
+        f"({c['captured_labelled']} labelled). Label keys: {labels}.",
+        "",
+        f"Offline gate (paired, held-out test split, upright 8x8): **{'passed' if offline['passed'] else 'refused'}**"
+        f" — {offline.get('reason', '')}",
+        "",
+        markdown_table(["", "candidate", "served", "difference, points"], rows),
+        "",
+    ]
+    if not c["exported"]:
+        return [*lines, "Not exported" + (": refused offline." if not offline["passed"] else " (report only)."), ""]
+    served = c["served_top1"]
+    rows = [[name, _pct(f["upright"]), _pct(f["italic"])] for name, f in served.items()]
+    ro = c["rollout"]
+    steps = [
+        [e["event"], str(e["step"]), f"{e['weight']:.0%}", "; ".join(_gate(g) for g in e["verdicts"]) or "-"]
+        for e in ro["steps"]
+    ]
+    lines += [
+        "Held-out digits through the gateway, by name:",
+        "",
+        markdown_table(["version", "upright", "italic"], rows),
+        "",
+        f"Rollout of `{ro['candidate']}`: **{ro['outcome']}** ({ro['reason']}). Locust: {ro['locust']['requests']} "
+        f"requests, {ro['locust']['failures']} failures, {ro['seconds']:.0f} s. The current version answered at "
+        f"least {ro['current_version_min_share']:.0%} of the name's traffic until the outcome; the candidate "
+        + (
+            f"answered all of it from {ro['candidate_answered_all_traffic_at'] - ro['promoted_at']:+.2f} s after "
+            "the promotion (the last gate passed)"
+            if ro["candidate_answered_all_traffic_at"] and ro["promoted_at"]
+            else "never answered all of it"
+        )
+        + f". Manifest after: current version {ro['manifest_after']['current']}, candidate "
+        f"{ro['manifest_after']['candidate']}.",
+        "",
+        markdown_table(["event", "step", "candidate weight", "gates at the decision"], steps, "l r r l"),
+        "",
+    ]
+    return lines
