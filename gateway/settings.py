@@ -91,10 +91,13 @@ class GatewaySettings(BaseSettings):
 
     # Drift of each served version against its validation reference (gateway/serving/drift.py).
     drift_tolerance: float = Field(
-        0.10, ge=0, lt=1, description="a share (unsure answers, one class's answers) may exceed its reference by this"
+        0.05, ge=0, lt=1, description="a share (unsure answers, one class's answers) may exceed its reference by this"
     )
     drift_alpha: float = Field(0.05, gt=0, lt=1, description="false alarm rate of each version's drift test")
     drift_interval_s: float = Field(5.0, gt=0, description="seconds between drift judgements")
+    drift_min_images: int = Field(
+        100, ge=0, description="answers of a version before its drift test may flag it (a warm-up repeats images)"
+    )
 
     # Who may call (gateway/auth/gate.py): API keys by their sha256, with scopes and per-key quotas.
     default_key_max_in_flight: int | None = Field(

@@ -184,17 +184,18 @@ def test_a_gateway_capture_joins_the_transfer_set_with_its_feedback_labels_and_b
         load_capture(str(tmp_path / "missing"), spec, classes)
 
 
-def test_the_loops_client_sends_exactly_the_few_labels_recipes_unlabelled_training_images(tmp_path):
-    from loadtest.stacks.loop import traffic_indices
-    from training.data import load_digits_images
-    from training.recipe import dump_recipe, load_recipe
+def test_the_loops_clients_never_send_a_held_out_image_and_send_every_other_one():
+    """The loop's offline gate and comparisons run on the test split: its clients (and so its capture, which
+    re-distillation trains on) must never hold one of those images."""
+    from loadtest.stacks.loop import pools
+    from training.recipe import load_recipe
 
-    recipe = load_recipe("digits-fewlabels")
-    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    recipe = load_recipe("digits")
     data = load_data(recipe.data)
-    sent = traffic_indices(tmp_path, recipe.data.split)
-    assert len(sent) == len(data.transfer) > 10 * len(data.train)
-    torch.testing.assert_close(load_digits_images(recipe.data.image_size)[0][sent], data.transfer.images)
+    traffic, held_out = pools(recipe.data.split)
+    assert set(traffic.tolist()).isdisjoint(held_out.tolist())
+    assert len(traffic) == len(data.train) + len(data.val) and len(held_out) == len(data.test)
+    assert len(set(traffic.tolist()) | set(held_out.tolist())) == len(digits_gray()[1])
 
 
 def test_a_shuffled_pass_never_ends_in_a_batch_of_one_image():

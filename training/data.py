@@ -181,14 +181,14 @@ def _render_client_forms(digits: np.ndarray, per_image: int, spec: Preprocessing
     return pictures
 
 
-DRIFT_FORMS_PER_IMAGE = 2
+DRIFT_FORMS_PER_IMAGE = 3
 
 
 def validation_as_served(cfg: DataConfig, val_images: np.ndarray) -> np.ndarray:
-    """The validation images as the gateway sees them, for a version's drift reference: for the digits,
-    each image as it is and in DRIFT_FORMS_PER_IMAGE random client forms (clients send pictures at every
-    size and polarity, which the model is less sure of than of the 8x8 originals: a reference without them
-    flags ordinary traffic); for other datasets, as they are."""
+    """The validation images as the gateway sees them, for a version's drift reference: for the digits, each
+    in DRIFT_FORMS_PER_IMAGE random client forms (clients send pictures at every size and polarity, of which
+    the model is less sure than of the 8x8 originals: a reference measured on the originals flags ordinary
+    traffic); for other datasets, as they are."""
     if cfg.dataset != "digits":
         return val_images
     _, labels = load_digits_images(cfg.image_size)
@@ -196,7 +196,7 @@ def validation_as_served(cfg: DataConfig, val_images: np.ndarray) -> np.ndarray:
     forms = client_form_pictures(
         digits_gray()[0][val_idx], DRIFT_FORMS_PER_IMAGE, preprocessing(cfg), cfg.split_seed + 1
     )
-    return np.concatenate([val_images, forms.numpy().reshape(-1, *val_images.shape[1:])])
+    return forms.numpy().reshape(-1, *val_images.shape[1:])
 
 
 def _load_digits(cfg: DataConfig, client_forms: bool = False) -> SplitData:

@@ -126,7 +126,11 @@ async def drift_monitor(app: FastAPI) -> AsyncIterator[None]:
     """Each served version's answers judged against its validation reference every `drift_interval_s`."""
     settings = app.state.settings
     app.state.drift = DriftMonitor(
-        app.state.metrics, settings.drift_tolerance, settings.drift_alpha, settings.drift_interval_s
+        app.state.metrics,
+        settings.drift_tolerance,
+        settings.drift_alpha,
+        settings.drift_interval_s,
+        settings.drift_min_images,
     )
     async with running(app.state.drift.run()):
         yield

@@ -17,5 +17,6 @@ async def drift(request: Request) -> dict:
         "tolerance": monitor.tolerance,
         "alpha": monitor.alpha,
         "interval_s": monitor.interval_s,
+        "min_images": monitor.min_images,
         "versions": monitor.verdicts,
     }

@@ -24,8 +24,11 @@ log = logging.getLogger("kdserve.gateway")
 
 
 class DriftMonitor:
-    def __init__(self, metrics: GatewayMetrics, tolerance: float, alpha: float, interval_s: float) -> None:
+    def __init__(
+        self, metrics: GatewayMetrics, tolerance: float, alpha: float, interval_s: float, min_images: int = 0
+    ) -> None:
         self.metrics, self.tolerance, self.alpha, self.interval_s = metrics, tolerance, alpha, interval_s
+        self.min_images = min_images
         self._counts: dict[tuple[str, int], tuple[DriftReference, VersionCounts]] = {}
         self.verdicts: dict[str, dict] = {}
         self._detected: set[tuple[str, int]] = set()
@@ -42,16 +45,13 @@ class DriftMonitor:
 
     def snapshot(self) -> list[tuple[tuple[str, int], DriftReference, VersionCounts]]:
         """The counts as they are now (on the event loop, which alone adds to them: a consistent copy)."""
-        return [
-            (key, reference, VersionCounts(c.images, c.unsure, None if c.predicted is None else c.predicted.copy()))
-            for key, (reference, c) in self._counts.items()
-        ]
+        return [(key, reference, c.copy()) for key, (reference, c) in self._counts.items()]
 
     def judge(self, snapshot: list[tuple[tuple[str, int], DriftReference, VersionCounts]]) -> dict[str, dict]:
         """Every version's verdict on `snapshot`, shown on the metrics; what `GET /v1/drift` answers."""
         verdicts = {}
         for (name, version), reference, counts in snapshot:
-            verdict = judge_drift(counts, reference, self.tolerance, self.alpha)
+            verdict = judge_drift(counts, reference, self.tolerance, self.alpha, self.min_images)
             verdicts[versioned(name, version)] = self._show(name, version, verdict)
         self.verdicts = verdicts
         return verdicts
@@ -76,6 +76,7 @@ class DriftMonitor:
             "model": name,
             "version": version,
             "images": verdict.images,
+            "test_images": verdict.since,
             "detected": detected,
             "strongest": verdict.strongest,
             "threshold_log10": verdict.threshold,

@@ -9,6 +9,7 @@ image, a label from the model's classes. Environment (set by `python -m loadtest
   KDSERVE_FEEDBACK_URL where ABFeedbackUser and LoopUser post labels (another replica: any one joins them)
   KDSERVE_API_KEY      the API key every user sends (Authorization: Bearer), when the gateway requires keys
   KDSERVE_LOOP_KEYS    LoopUser's clients: JSON [{"key", "share", "wrong_labels"}]
+  KDSERVE_USER_RPS     requests a second each LoopUser sends at most (default 20: a capture the loop can train on)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import random
 from pathlib import Path
 
 import gevent
-from locust import LoadTestShape, events, task
+from locust import LoadTestShape, constant_throughput, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -155,8 +156,10 @@ class LoopUser(ABUser):
     """The loop's clients behind API keys (KDSERVE_LOOP_KEYS): each request is sent with a key drawn by its
     share, and that key labels it (only the key that made a request may); an honest key sends the true
     label, a hostile one (`wrong_labels`) the next class's, as a poisoner shifting one class onto another
-    would. Labels go in batches, per key, to KDSERVE_FEEDBACK_URL; each must be accepted."""
+    would. Labels go in batches, per key, to KDSERVE_FEEDBACK_URL; each must be accepted. Paced at
+    KDSERVE_USER_RPS requests a second each: traffic a capture can keep, not the most the CPU can send."""
 
+    wait_time = constant_throughput(float(os.environ.get("KDSERVE_USER_RPS", "20")))
     BATCH = 20
 
     def on_start(self) -> None:

@@ -275,9 +275,6 @@ class Watch:
     def all_traffic_at(self) -> float | None:
         return next((t for t, w in self.samples if min(w) >= 1.0), None)
 
-    def max_weight(self) -> float:
-        return max((max(w) for _, w in self.samples), default=0.0)
-
 
 def rollout(stack: Stack, candidate: str, plan: LoopPlan, images: Path, label: str) -> dict:
     """The gated rollout of `candidate` under Locust, the controller promoting or rejecting it in the repository."""
@@ -313,7 +310,9 @@ def rollout(stack: Stack, candidate: str, plan: LoopPlan, images: Path, label: s
         )
         outcome = "not promoted (pending at the deadline)"
     promoted_at = next((e["at"] for e in state["history"] if e["event"] == "promoted"), None)
+    ended_at = next((e["at"] for e in state["history"] if e["event"] in ("promoted", "rolled_back")), time.time())
     full = watch.all_traffic_at()
+    until_outcome = max((max(w) for t, w in watch.samples if t < ended_at), default=0.0)
     manifest = read_manifest(stack.repo).models[name]
     return {
         "candidate": candidate,
@@ -326,8 +325,8 @@ def rollout(stack: Stack, candidate: str, plan: LoopPlan, images: Path, label: s
         "promoted_at": promoted_at,
         "candidate_answered_all_traffic_at": full,
         "all_traffic_only_after_the_last_gate": full is None or (promoted_at is not None and full >= promoted_at),
-        "candidate_max_weight": watch.max_weight(),
-        "current_version_min_share": round(1 - watch.max_weight(), 3),
+        "candidate_max_weight_until_outcome": until_outcome,
+        "current_version_min_share_until_outcome": round(1 - until_outcome, 3),
         "manifest_after": {
             "current": manifest.version,
             "candidate": manifest.candidate.version if manifest.candidate else None,
@@ -338,13 +337,15 @@ def rollout(stack: Stack, candidate: str, plan: LoopPlan, images: Path, label: s
 
 
 def new_style(stack: Stack, plan: LoopPlan, images: Path) -> dict:
-    """The italic traffic until the drift flag, then `after_drift_s` more for the capture."""
-    before = [v.get("images", 0) for v in stack.drift(1)]
+    """The italic traffic until the drift flag on the served student's version, then `after_drift_s` more for
+    the capture."""
+    version = read_manifest(stack.repo).models[STUDENT_KD].version
+    before = [v.get("images", 0) for v in stack.drift(version)]
     flagged: dict = {}
 
     def stop() -> bool:
         if not flagged:
-            verdicts = stack.drift(1)
+            verdicts = stack.drift(version)
             hit = next((v for v in verdicts if v.get("detected")), None)
             if hit is not None:
                 flagged.update(
@@ -377,7 +378,9 @@ def run_loop(run: Path, repo: Path, out: Path, work: Path, plan: LoopPlan) -> di
         upright_only = traffic_folder(work / "images-upright", traffic, 0.0, seed=1)
         mixed = traffic_folder(work / "images-mixed", traffic, 0.5, seed=2)
         load = stack.load("before", upright_only, False, plan.before_s)
-        quiet = stack.drift(1)
+        quiet = stack.drift(read_manifest(stack.repo).models[STUDENT_KD].version)
+        if any(v.get("detected") for v in quiet):
+            raise UserError(f"the drift test flagged the upright traffic, before the new style: {quiet}")
         results["before"] = {
             "seconds": load["wall_seconds"],
             "drift": [{k: v.get(k) for k in ("images", "detected")} for v in quiet],
@@ -459,9 +462,9 @@ def markdown(r: dict) -> str:
         f"gateway replicas, {USERS} Locust users, the rollout controller. 5xx over the whole run: "
         f"**{r['server_errors']}**.",
         "",
-        f"Before: {r['before']['seconds']:.0f} s of upright digits; the student's drift test counted "
-        f"{', '.join(str(v['images']) for v in r['before']['drift'])} answers on the two replicas and flagged "
-        f"nothing. Then half the traffic turned italic (slant {r['slant']}): the drift test flagged "
+        f"Before: {r['before']['seconds']:.0f} s of upright digits in random client forms; the student's drift "
+        f"test counted {sum(v['images'] or 0 for v in r['before']['drift'])} answers and flagged nothing. Then "
+        f"half the traffic turned italic (slant {r['slant']}): the drift test flagged "
         f"{STUDENT_KD} after **{drift['images_since_style_changed']}** answers of the mixed traffic "
         f"({drift['strongest']}, log10 e-value {drift['evidence_log10']} >= {drift['threshold_log10']}), and "
         "the capture went on for the re-distillation.",
@@ -523,7 +526,8 @@ def _candidate(c: dict) -> list[str]:
         "",
         f"Rollout of `{ro['candidate']}`: **{ro['outcome']}** ({ro['reason']}). Locust: {ro['locust']['requests']} "
         f"requests, {ro['locust']['failures']} failures, {ro['seconds']:.0f} s. The current version answered at "
-        f"least {ro['current_version_min_share']:.0%} of the name's traffic until the outcome; the candidate "
+        f"least {ro['current_version_min_share_until_outcome']:.0%} of the name's traffic until the outcome (on "
+        "every replica, sampled every 0.2 s); the candidate "
         + (
             f"answered all of it from {ro['candidate_answered_all_traffic_at'] - ro['promoted_at']:+.2f} s after "
             "the promotion (the last gate passed)"
