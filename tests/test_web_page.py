@@ -158,6 +158,13 @@ def test_page_draws_the_experiment_latency_per_arm_and_the_gates_intervals(page,
     assert gates == [g["gate"] for g in body["this_replica"]["step"]["gates"]] and gates
     assert "no rollout" in page.locator("#steps").text_content()
     assert page.locator("#phase").inner_text().startswith("student vs teacher")
+    versions = {m["name"]: m["version"] for m in gateway.client.get("/v1/models").json()["models"]}
+    page.wait_for_selector('#versions .version[data-model="student_kd"]', timeout=10_000)
+    assert (
+        page.locator('#versions .version[data-model="student_kd"]')
+        .inner_text()
+        .startswith(f"student_kd v{versions['student_kd']}")
+    )
     page.locator("#rollout").screenshot(path=str(ARTIFACTS / "experiment.png"))
 
 

@@ -37,7 +37,8 @@ from kdcontract.names import (
 
 
 def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> tuple[list[dict], list[dict]]:
-    """Every index through HTTP in multipart batches; returns per-image top-1 and per-request latencies."""
+    """Every index through HTTP in multipart batches; returns per-image top-1 and per-request latencies (with
+    the version that answered)."""
     predictions, latencies = [], []
     for start in range(0, len(indices), batch):
         chunk = indices[start : start + batch]
@@ -46,7 +47,7 @@ def classify_all(client: httpx.Client, model: str, indices, batch: int = 32) -> 
         resp.raise_for_status()
         body = resp.json()
         predictions += [p["top_k"][0] for p in body["predictions"]]
-        latencies.append(body["latency"])
+        latencies.append({**body["latency"], "version": body.get("version")})
     return predictions, latencies
 
 
@@ -230,7 +231,7 @@ def _print_side_by_side(test, labels, results, single, manifest) -> None:
         cells = [f"{p['label']:>6} ({p['probability']:.3f})" for p in top1]
         print(f"{int(i):>8} {labels[i]:>5} " + " ".join(f"{c:>16}" for c in cells))
     print(
-        f"\n{'model':>14} {'served top-1':>13} {'trained top-1':>14} {'p50 ms/req (1 img)':>19} "
+        f"\n{'model':>14} {'version':>8} {'served top-1':>13} {'trained top-1':>14} {'p50 ms/req (1 img)':>19} "
         f"{'inference ms':>13} {'decode ms':>10} {'fusion ms':>10}"
     )
     for m in models:
@@ -239,8 +240,13 @@ def _print_side_by_side(test, labels, results, single, manifest) -> None:
         trained = f"{100 * entry.metrics['top1']:.2f}%" if entry and "top1" in entry.metrics else "—"
         lat = sorted(single[m], key=lambda x: x["total_ms"])
         mid = lat[len(lat) // 2]
+        # The version that answered (the current one; a candidate on trial answers only as NAME@VERSION).
+        version = str(single[m][0].get("version") or "—")
         print(
-            f"{m:>14} {100 * served:>12.2f}% {trained:>14} {mid['total_ms']:>19.2f} {mid['inference_ms']:>13.2f} "
-            f"{mid['decode_ms']:>10.2f} {mid['fusion_ms']:>10.2f}"
+            f"{m:>14} {version:>8} {100 * served:>12.2f}% {trained:>14} {mid['total_ms']:>19.2f} "
+            f"{mid['inference_ms']:>13.2f} {mid['decode_ms']:>10.2f} {mid['fusion_ms']:>10.2f}"
         )
+    on_trial = [f"{n}@{e.candidate.version} beside {n} v{e.version}" for n, e in manifest.models.items() if e.candidate]
+    if on_trial:
+        print(f"Candidate versions on trial (served only to a rollout): {', '.join(on_trial)}")
     print(f"({len(test)} held-out test digits; latencies are the median of 20 single-image requests)")

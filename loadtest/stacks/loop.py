@@ -426,6 +426,10 @@ def run_loop(run: Path, repo: Path, out: Path, work: Path, plan: LoopPlan) -> di
             }
             entry["rollout"] = rollout(stack, candidate, plan, mixed, str(len(results["candidates"])))
             print(f"[loop] {candidate}: {entry['rollout']['outcome']}", flush=True)
+        # The candidate that went through the online gates (the last exported), under the names the issue asks.
+        served = [c for c in results["candidates"] if c["exported"]]
+        results["candidate"] = served[-1] if served else results["candidates"][-1]
+        results["rollout"] = results["candidate"].get("rollout", {"outcome": "not served: refused offline"})
         results["requests"] = _requests(stack.metrics())
         results["server_errors"] = sum(v for k, v in results["requests"]["by_status"].items() if k.endswith("5xx"))
         results["feedback_key_labels"] = {

@@ -214,6 +214,7 @@ def drive_rollout(
         controller.terminate()
         controller.wait(timeout=30)
     texts = [httpx.get(f"{url}/metrics", timeout=10).text for url in gateways]
+    served = httpx.get(f"{gateways[0]}/v1/models", timeout=10).json()["models"]
     final = read_file(experiment_file)
     state = final.pop("state")
     results = {
@@ -223,6 +224,7 @@ def drive_rollout(
         "seconds": load["wall_seconds"],
         "users": plan.users,
         "experiment": final,
+        "versions": {m["name"]: m["version"] for m in served},
         "phase": state["phase"],
         "reason": state["reason"],
         "events": state["history"],
@@ -355,7 +357,9 @@ def markdown(results: dict) -> str:
             if results["replicas"] > 1
             else "the gateway, the true labels sent back as feedback; the controller read its /metrics"
         )
-        + f" every {TICK_S:g} s. Outcome: **{results['phase']}** ({results['reason']}).",
+        + f" every {TICK_S:g} s. Versions at the end: "
+        + ", ".join(f"{name} v{version}" for name, version in results.get("versions", {}).items())
+        + f". Outcome: **{results['phase']}** ({results['reason']}).",
         "",
         "## Steps",
         "",
