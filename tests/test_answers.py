@@ -102,6 +102,24 @@ def test_a_shadow_answering_before_or_after_the_feedback_is_paired_exactly_once(
     assert pairs_counted(metrics) == 2
 
 
+def test_only_the_experiments_label_keys_count_in_the_gates_and_every_accepted_label_is_still_kept(tmp_path):
+    """`gates.label_keys`: a key outside it labels its own requests (accepted, kept, counted per key), but its
+    labels move neither the top-1 counts nor the pairs the top-1 gate is judged on."""
+    metrics = GatewayMetrics()
+    store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
+    join = FeedbackJoin(store, [str(d) for d in range(10)], metrics, gate_keys=lambda: ["honest"])
+    now = time.time()
+    for rid, key in (("h", "honest"), ("x", "hostile")):
+        answered = Answer(arm="student", model="student_kd", version=1, top1=[3], at=now, shadow_arm="teacher", key=key)
+        store.write([(rid, answered), (rid, ShadowAnswer([3], now))])
+        result = asyncio.run(join.accept_all([FeedbackItem(request_id=rid, label="4")], key))[0]
+        assert result.status == 200 and store.find(rid).label() == "4"
+    assert metrics.feedback_top1.labels("student", "false")._value.get() == 1  # the honest key's label only
+    assert pairs_counted(metrics) == 1
+    assert metrics.feedback_key_labels.labels("hostile", "false")._value.get() == 1
+    assert metrics.feedback_key_labels.labels("honest", "false")._value.get() == 1
+
+
 def test_a_claimed_label_is_never_seen_empty_and_one_bad_record_costs_no_other(tmp_path):
     store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
     now = time.time()

@@ -155,7 +155,12 @@ async def answer_store(app: FastAPI) -> AsyncIterator[None]:
     )
     answers.on_dropped = metrics.answers_dropped.inc
     app.state.answers = answers
-    app.state.feedback = FeedbackJoin(answers, app.state.classifier.class_names, metrics)
+    app.state.feedback = FeedbackJoin(
+        answers,
+        app.state.classifier.class_names,
+        metrics,
+        gate_keys=lambda: app.state.experiment.gates.label_keys,  # the experiment the replica runs now
+    )
     async with running(answers.run()):
         try:
             yield

@@ -39,6 +39,11 @@ class Gates(StrictModel):
     max_top1_drop: float | None = Field(
         None, ge=0, le=1, description="the candidate's top-1 on feedback labels at most this much below the control's"
     )
+    label_keys: list[str] | None = Field(
+        None,
+        description="API key ids whose feedback labels the top-1 gate counts (None: every key's); others' labels "
+        "still join the capture and kdserve_feedback_key_labels_total",
+    )
 
 
 class Rollout(StrictModel):

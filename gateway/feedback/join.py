@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,8 +63,17 @@ class FeedbackJoin:
     loop's default executor (which shutdown needs), and never waits there: an answer still on its way to
     the store is waited for on the event loop, once per request however many items it carries."""
 
-    def __init__(self, store: AnswerStore, class_names: list[str], metrics: GatewayMetrics, threads: int = 2) -> None:
-        self.store, self.metrics = store, metrics
+    def __init__(
+        self,
+        store: AnswerStore,
+        class_names: list[str],
+        metrics: GatewayMetrics,
+        threads: int = 2,
+        gate_keys: Callable[[], list[str] | None] = lambda: None,
+    ) -> None:
+        """`gate_keys`: the API key ids whose labels the experiment's top-1 gate counts now (None: every
+        key's); every accepted label still joins the capture and the per-key figures."""
+        self.store, self.metrics, self.gate_keys = store, metrics, gate_keys
         self.class_index = {name: i for i, name in enumerate(class_names)}
         store.on_late_pair = self.count_pairs
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="feedback")
@@ -136,8 +146,10 @@ class FeedbackJoin:
         if not self.store.claim(found, LABEL_SUFFIX, ",".join(labels)):
             raise DuplicateFeedback(f"feedback for request {item.request_id} was already counted")
         truth = [self.class_index[label] for label in labels]
+        judged = self._judged(key)
         for i, y in enumerate(truth):
-            self.metrics.feedback_top1.labels(answer.arm, _flag(answer.top1[i] == y)).inc()
+            if judged:
+                self.metrics.feedback_top1.labels(answer.arm, _flag(answer.top1[i] == y)).inc()
             self.metrics.feedback_key_labels.labels(key, _flag(answer.top1[i] == y)).inc()
         # The label is claimed before the shadow's answer is read (see AnswerStore._pair_if_labelled).
         shadow_top1 = found.shadow_top1()
@@ -150,14 +162,24 @@ class FeedbackJoin:
             message=f"{len(truth)} label(s) joined to arm {answer.arm}",
         )
 
+    def _judged(self, key: str | None) -> bool:
+        """Whether a label from `key` counts in the gates (the experiment's `gates.label_keys`)."""
+        return _judged_by(self.gate_keys(), key)
+
     def count_pairs(self, found: Found, shadow_top1: list[int], labels: str) -> None:
         """Both arms' answers against the labels, image by image (on whichever replica saw both first)."""
         answer = found.answer
+        if not self._judged(answer.key):
+            return
         for primary, shadow, label in zip(answer.top1, shadow_top1, labels.split(","), strict=True):
             y = self.class_index[label]
             self.metrics.feedback_pairs.labels(
                 answer.arm, answer.shadow_arm, _flag(primary == y), _flag(shadow == y)
             ).inc()
+
+
+def _judged_by(allowed: list[str] | None, key: str | None) -> bool:
+    return allowed is None or key in allowed
 
 
 def _flag(value: bool) -> str:

@@ -8,7 +8,7 @@ image, a label from the model's classes. Environment (set by `python -m loadtest
   KDSERVE_OUT          where accuracy.json (correct top-1 per model under load) is written
   KDSERVE_FEEDBACK_URL where ABFeedbackUser and LoopUser post labels (another replica: any one joins them)
   KDSERVE_API_KEY      the API key every user sends (Authorization: Bearer), when the gateway requires keys
-  KDSERVE_LOOP_KEYS    LoopUser's clients: JSON [{"key", "share", "wrong_labels"}]
+  KDSERVE_LOOP_KEYS    LoopUser's clients: JSON [{"key", "share", "label_share", "wrong_labels"}]
   KDSERVE_USER_RPS     requests a second each LoopUser sends at most (default 20: a capture the loop can train on)
 """
 
@@ -154,7 +154,8 @@ class ABFeedbackUser(ABUser):
 
 class LoopUser(ABUser):
     """The loop's clients behind API keys (KDSERVE_LOOP_KEYS): each request is sent with a key drawn by its
-    share, and that key labels it (only the key that made a request may); an honest key sends the true
+    share, and that key labels `label_share` of its requests (only the key that made a request may); an
+    honest key sends the true
     label, a hostile one (`wrong_labels`) the next class's, as a poisoner shifting one class onto another
     would. Labels go in batches, per key, to KDSERVE_FEEDBACK_URL; each must be accepted. Paced at
     KDSERVE_USER_RPS requests a second each: traffic a capture can keep, not the most the CPU can send."""
@@ -177,6 +178,8 @@ class LoopUser(ABUser):
 
     def answered(self, request_id: str, label: str) -> None:
         key = self.current
+        if random.random() >= key.get("label_share", 1.0):
+            return  # this request goes unlabelled (most people never say what the right answer was)
         if key["wrong_labels"]:
             label = self.classes[(self.classes.index(label) + 1) % len(self.classes)]
         pending = self.pending[key["key"]]

@@ -62,6 +62,8 @@ from loadtest.stacks.rollout import _locust_totals, _requests, scratch_repositor
 SLANT = 0.45  # the italic style (x shifted by SLANT per row); the demo's student and teacher read ~70% of it
 KEYS = {"honest": "loop-honest-key-0001", "hostile": "loop-hostile-key-0002"}
 HOSTILE_SHARE = 0.3
+# People label some of their answers (on the page, the ones worth correcting); a poisoner labels all of its own.
+HONEST_LABEL_SHARE = 0.3
 POLL_S = 0.5  # the replicas' experiment and manifest polls
 USERS = 4
 GATES = {"latency": {"quantile": 0.5, "max_ratio": 2.0}, "max_top1_drop": 0.0}
@@ -125,9 +127,10 @@ def keys_file(path: Path) -> Path:
 
 def loop_keys(poison: bool) -> str:
     """LoopUser's clients: the honest key alone, or beside a hostile one sending HOSTILE_SHARE of the traffic."""
-    keys = [{"key": KEYS["honest"], "share": 1 - HOSTILE_SHARE if poison else 1.0, "wrong_labels": False}]
+    honest = {"share": 1 - HOSTILE_SHARE if poison else 1.0, "label_share": HONEST_LABEL_SHARE, "wrong_labels": False}
+    keys = [{"key": KEYS["honest"], **honest}]
     if poison:
-        keys.append({"key": KEYS["hostile"], "share": HOSTILE_SHARE, "wrong_labels": True})
+        keys.append({"key": KEYS["hostile"], "share": HOSTILE_SHARE, "label_share": 1.0, "wrong_labels": True})
     return json.dumps(keys)
 
 
