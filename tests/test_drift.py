@@ -72,9 +72,7 @@ def test_a_change_after_a_long_quiet_history_is_detected_about_as_fast_as_at_the
         alarm = first_alarm(stream_, 0.05, 0.05, every=25)
         assert alarm is not None and alarm > quiet  # nothing before the change
         delays.append(alarm - quiet)
-    print(
-        f"answers from the change to detection after {quiet} quiet ones: median {np.median(delays):g}, max {max(delays)}"
-    )
+    print(f"from the change to detection after {quiet} quiet answers: median {np.median(delays):g}, max {max(delays)}")
     assert np.median(delays) <= 150, np.median(delays)
 
 

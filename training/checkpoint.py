@@ -10,6 +10,7 @@ import torch
 
 from kdcontract.errors import UserError
 from training.models import ImageClassifier, build_classifier, conform_to_state_dict
+from training.teachers import BroughtClassifier, build_backbone
 
 
 @dataclass
@@ -30,9 +31,14 @@ class ModelSpec:
     width: float = 1.0  # channels relative to the published architecture (recipe `width`)
     temperature: float = 1.0  # fitted on the validation split after training
     metrics: dict[str, float] = field(default_factory=dict)
+    # A network trained elsewhere (a teacher brought from a file): its own input size and normalisation.
+    brought: bool = False
+    input_size: int | None = None
 
 
-def build_from_spec(spec: ModelSpec) -> ImageClassifier:
+def build_from_spec(spec: ModelSpec) -> ImageClassifier | BroughtClassifier:
+    if spec.brought:
+        return BroughtClassifier(build_backbone(spec.arch, spec.num_classes), spec.input_size, spec.mean, spec.std)
     return build_classifier(
         spec.arch,
         spec.num_classes,

@@ -28,6 +28,10 @@ def _cmd_all(args: argparse.Namespace) -> None:
 
     import torch
 
+    from training.teachers import check_arch
+
+    check_arch(recipe.teacher.arch, "teacher.arch")
+    check_arch(recipe.student.arch, "student.arch")
     from training.pipeline import run_all
     from training.report import results_markdown
     from training.runtime import init_runtime, shutdown_runtime

@@ -53,6 +53,7 @@ from training.onnx_tools import (
     run_logits,
 )
 from training.recipe import load_recipe
+from training.teachers import BROUGHT, ONNX_TEACHER
 from training.triton_repo import (
     BACKEND_DIR,
     ServingOptions,
@@ -95,7 +96,7 @@ def _served_models(run: Path, results: dict) -> list[str]:
         raise UserError(f"run {run} trained none of the served models; run `python -m training all --out {run}`")
     if results.get("compression", {}).get("kept_step") == 0:
         print(f"[export] WARNING: compression kept no pruning step; {STUDENT_PRUNED} is not exported", flush=True)
-    missing = [n for n in names if not (run / n / "model.pt").exists()]
+    missing = [n for n in names if not (run / n / "model.pt").exists() and not (run / n / BROUGHT).exists()]
     if missing:
         raise UserError(f"run {run} lacks trained models {missing}; run `python -m training all --out {run}` first")
     return names
@@ -156,6 +157,41 @@ def write_served_model(
         files=hashes,
         source=source,
         drift_reference=drift_reference(onnx_path, validation, spec.temperature) if validation is not None else None,
+    )
+
+
+def _brought_onnx_entry(
+    folder: Path, data: SplitData, repo: Path, flavor: str, opts: ServingOptions, validation: np.ndarray
+) -> ModelEntry | None:
+    """A teacher brought as ONNX, served by Triton as it is: a graph taking uint8 [N, H, W, 3] at the dataset's
+    size, as kdserve's own exports do. Another input (float NCHW) would need its preprocessing in front of it:
+    not served, said once (it distils all the same)."""
+    brought = json.loads((folder / BROUGHT).read_text())
+    onnx_path = folder / ONNX_TEACHER
+    session = open_session(onnx_path)
+    inp = session.get_inputs()[0]
+    size = data.image_size
+    if inp.type != "tensor(uint8)" or list(inp.shape[1:]) != [size, size, 3]:
+        print(
+            f"[export] teacher: the brought ONNX graph takes {inp.type} {inp.shape}, not uint8 [N, {size}, {size}, 3]: "
+            "not served (it is distilled from all the same)",
+            flush=True,
+        )
+        return None
+    spec = ModelSpec(
+        arch=f"onnx:{Path(brought['file']).name}",
+        num_classes=data.num_classes,
+        small_stem=False,
+        image_size=size,
+        mean=tuple(brought["mean"]),
+        std=tuple(brought["std"]),
+        class_names=data.class_names,
+        role="teacher",
+        temperature=brought.get("temperature", 1.0),
+        metrics=brought.get("metrics", {}),
+    )
+    return write_served_model(
+        repo, TEACHER, "teacher", spec, onnx_path, flavor, opts, brought["file"], validation=validation
     )
 
 
@@ -269,6 +305,12 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
     report: dict = {"flavor": flavor, "run": str(run), "test_images": len(test[0]), "models": {}}
 
     for name in _served_models(run, results):
+        if (run / name / BROUGHT).exists():  # a brought ONNX teacher: served as it is, when it can be
+            entry = _brought_onnx_entry(run / name, data, repo, flavor, opts, validation)
+            if entry is not None:
+                entries[name] = entry
+                report["models"][name] = {"version": entry.version, "brought": True}
+            continue
         model, spec, _ = load_model(run / name / "model.pt")
         onnx_path = onnx_dir / f"{name}.onnx"
         report["models"][name], onnx_logits = export_graph(name, model, spec.image_size, onnx_path, data, test, flavor)

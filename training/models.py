@@ -14,12 +14,34 @@ import torchvision
 from torch import nn
 
 from kdcontract.errors import UserError
+from training.teachers import build_backbone
 
 ARCHS: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet18": torchvision.models.resnet18,
     "resnet34": torchvision.models.resnet34,
     "resnet50": torchvision.models.resnet50,
 }
+
+
+def build_network(arch: str, num_classes: int, small_stem: bool, width: float = 1.0) -> nn.Module:
+    """A randomly initialised network: kdserve's ResNets, or any torchvision classification model or timm
+    model (`timm:NAME`) by name (training/teachers.py), its first convolution made stride 1 with `small_stem`
+    (the small-image stem of the others: an 8-32 px input would otherwise be halved before anything is seen)."""
+    if arch in ARCHS:
+        return build_resnet(arch, num_classes, small_stem, width)
+    if width != 1.0:
+        raise UserError(f"width {width:g}: only the ResNets ({', '.join(sorted(ARCHS))}) take a width")
+    net = build_backbone(arch, num_classes)
+    if small_stem:
+        first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+        first.stride = (1, 1)
+    for norm in net.modules():
+        # torchvision's MobileNetV3 and EfficientNet set BatchNorm momentum 0.01 (tuned for ImageNet's step counts):
+        # after the few hundred steps of a schedule here, the running statistics would still be near their
+        # initial values and every evaluation (eval mode) at chance (measured: 0% after 4 epochs on 64 px digits).
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            norm.momentum = 0.1
+    return net
 
 
 def build_resnet(arch: str, num_classes: int, small_stem: bool, width: float = 1.0) -> torchvision.models.ResNet:
@@ -154,9 +176,9 @@ def build_classifier(
     if heads > 0:
         backbone = MultiHeadResNet(arch, num_classes, small_stem, heads, width)
     elif members > 1:
-        backbone = MemberMean([build_resnet(arch, num_classes, small_stem, width) for _ in range(members)])
+        backbone = MemberMean([build_network(arch, num_classes, small_stem, width) for _ in range(members)])
     else:
-        backbone = build_resnet(arch, num_classes, small_stem, width)
+        backbone = build_network(arch, num_classes, small_stem, width)
     return ImageClassifier(backbone, mean, std)
 
 

@@ -7,6 +7,9 @@ missing; changed settings retrain that stage.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import statistics
 import time
 from collections.abc import Collection
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from kdcontract.errors import UserError
@@ -54,6 +58,7 @@ from training.stages import (
     stage_fingerprint,
     stage_settings,
 )
+from training.teachers import BROUGHT, ONNX_TEACHER, OnnxTeacher, check_class_names, load_teacher
 from training.trainer import FitJob, fit
 
 
@@ -123,6 +128,51 @@ def with_transfer_folder(data: SplitData, recipe: Recipe) -> SplitData:
     return data
 
 
+def bring_teacher(recipe: Recipe, data: SplitData, out: Path, runtime: Runtime) -> nn.Module:
+    """The teacher from `teacher.file` (training/teachers.py), checked against the dataset and kept in the run:
+    a checkpoint as `teacher/model.pt` (like a trained teacher: evaluated, exported, served, re-distilled
+    from), an ONNX model as `teacher/model.onnx` beside `teacher/brought.json` (evaluated and distilled
+    from; served as it is when it takes uint8 NHWC images, see `export`)."""
+    brought = recipe.teacher.file
+    path = Path(brought.path)
+    check_class_names(brought.class_names, data.class_names, path)
+    mean, std = tuple(brought.mean), tuple(brought.std)
+    teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, brought.image_size, mean, std)
+    if runtime.is_main:
+        folder = out / "teacher"
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if isinstance(teacher, OnnxTeacher):
+            shutil.copyfile(path, folder / ONNX_TEACHER)
+            (folder / BROUGHT).write_text(json.dumps({"file": str(path), "sha256": digest, "mean": mean, "std": std}))
+            (folder / "model.pt").unlink(missing_ok=True)
+        else:
+            spec = ModelSpec(
+                arch=recipe.teacher.arch,
+                num_classes=data.num_classes,
+                small_stem=False,
+                image_size=data.image_size,
+                mean=mean,
+                std=std,
+                class_names=data.class_names,
+                role="teacher",
+                brought=True,
+                input_size=brought.image_size,
+            )
+            save_model(folder / "model.pt", teacher, spec, {"fingerprint": digest[:16], "file": str(path)})
+            (folder / BROUGHT).unlink(missing_ok=True)
+    _barrier(runtime)
+    print(f"[training] teacher: brought from {path} ({type(teacher).__name__})", flush=True)
+    return teacher
+
+
+def teacher_fingerprint(out: Path) -> str | None:
+    """What the run's teacher was made from: its checkpoint's fingerprint, or a brought ONNX graph's hash."""
+    if (out / "teacher" / BROUGHT).is_file():
+        return json.loads((out / "teacher" / BROUGHT).read_text())["sha256"][:16]
+    return load_metadata(out / "teacher" / "model.pt")[1].get("fingerprint")
+
+
 def _assemble_teacher(
     stage: Stage, trained: dict[str, tuple[Stage, ImageClassifier]], out: Path, runtime: Runtime
 ) -> tuple[ImageClassifier, float]:
@@ -188,7 +238,7 @@ def _compression_fingerprint(recipe: Recipe, out: Path) -> str:
         "compression": cfg.model_dump(mode="json", exclude={"seed"} if cfg.seed is None else None),
         "distill": recipe.distill.model_dump(mode="json"),
         "source": load_metadata(out / cfg.source / "model.pt")[1].get("fingerprint"),
-        "teacher": load_metadata(out / "teacher" / "model.pt")[1].get("fingerprint"),
+        "teacher": teacher_fingerprint(out),
         "format": TRAINING_FORMAT,
     }
     return fingerprint_of(settings)
@@ -206,6 +256,9 @@ def plan_status(recipe: Recipe, out: Path) -> dict[str, bool]:
     for stage in check_stage_references(recipe):
         if stage.members > 1:
             trained[stage.name] = all(trained[f"teacher_member_{i}"] for i in range(stage.members))
+            continue
+        if stage.role == "teacher" and recipe.teacher.file is not None:
+            trained[stage.name] = True  # brought from its file: nothing to train
             continue
         fingerprint = stage_fingerprint(stage, recipe)
         trained[stage.name] = fingerprint in done or _saved_fingerprint(out / stage.name / "model.pt") == fingerprint
@@ -401,7 +454,9 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime, only: Collection[str] |
     teacher: ImageClassifier | None = None
     done: dict[str, str] = {}
     for stage in stages:
-        if stage.members > 1:
+        if stage.role == "teacher" and recipe.teacher.file is not None:
+            model, seconds, was_reused = bring_teacher(recipe, data, out, runtime), 0.0, True
+        elif stage.members > 1:
             model, seconds = _assemble_teacher(stage, trained, out, runtime)
             was_reused = all(f"teacher_member_{i}" in reused for i in range(stage.members))
         else:
@@ -455,8 +510,14 @@ def run_all(recipe: Recipe, out: Path, runtime: Runtime, only: Collection[str] |
         metrics["role"] = stage.role
         # Keep the fitted temperature and test metrics with the weights: export and serving read them
         # (rewritten only when they changed, so a reused stage's checkpoint stays untouched).
-        _, spec, meta = load_model(out / name / "model.pt")
         numbers = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
+        if isinstance(model, OnnxTeacher):  # no checkpoint: its calibration and figures go beside the graph
+            brought = json.loads((out / name / BROUGHT).read_text())
+            (out / name / BROUGHT).write_text(
+                json.dumps({**brought, "temperature": metrics["temperature"], "metrics": numbers})
+            )
+            continue
+        _, spec, meta = load_model(out / name / "model.pt")
         if spec.temperature != metrics["temperature"] or spec.metrics != numbers:
             spec.temperature, spec.metrics = metrics["temperature"], numbers
             save_model(out / name / "model.pt", model, spec, meta)

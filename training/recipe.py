@@ -113,8 +113,16 @@ class TrainConfig(_Strict):
     )
 
 
+ARCH_PATTERN = r"^(timm:)?[A-Za-z][A-Za-z0-9_.]*$"
+
+
 class ModelConfig(_Strict):
-    arch: Literal["resnet18", "resnet34", "resnet50"]
+    arch: str = Field(
+        pattern=ARCH_PATTERN,
+        description="resnet18 / resnet34 / resnet50 (kdserve's, with the small stem), any torchvision "
+        "classification model (mobilenet_v3_small, efficientnet_b0, ...) or timm:NAME; an unknown name is "
+        "refused with the closest ones when the model is built",
+    )
     small_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool, for small images")
     width: float = Field(
         1.0,
@@ -126,7 +134,27 @@ class ModelConfig(_Strict):
     train: TrainConfig = TrainConfig()
 
 
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class TeacherFileConfig(_Strict):
+    """A teacher brought from a file (training/teachers.py) instead of trained: a checkpoint for `teacher.arch`
+    (.pt, .pth, .safetensors) or an ONNX model (.onnx, `teacher.arch` unused)."""
+
+    path: str
+    image_size: int | None = Field(
+        None, ge=1, description="the input size it was trained at (images are resized to it); None: the dataset's"
+    )
+    mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN), min_length=3, max_length=3)
+    std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD), min_length=3, max_length=3)
+    class_names: list[str] | None = Field(None, description="its classes, in its output's order; checked")
+
+
 class TeacherConfig(ModelConfig):
+    file: TeacherFileConfig | None = Field(
+        None, description="a trained teacher from a file: not trained here (its train settings are unused)"
+    )
     augment: AugmentConfig | None = Field(
         None, description="the teacher's own augmentation (None: data.augment); students keep data.augment"
     )

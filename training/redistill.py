@@ -45,6 +45,7 @@ from training.pipeline import evaluate_cascade, evaluate_stage, train_or_reuse
 from training.recipe import Recipe, load_recipe
 from training.runtime import Runtime
 from training.stages import Stage
+from training.teachers import run_teacher
 from training.triton_repo import ServingOptions
 
 
@@ -114,9 +115,9 @@ def redistill(job: RedistillJob, runtime: Runtime) -> dict:
         recipe.distill.init = str(against_source)  # continue from what served the captured traffic
     if recipe.redistill.epochs is not None:
         recipe.student.train.epochs = recipe.redistill.epochs
-    teacher_path = job.run / TEACHER / "model.pt"
-    teacher, _, _ = load_model(teacher_path)
     data = load_data(recipe.data, client_forms=True)
+    # The run's teacher: trained there, brought as a checkpoint (model.pt either way), or a brought ONNX graph.
+    teacher = run_teacher(job.run / TEACHER, data.num_classes) or load_model(job.run / TEACHER / "model.pt")[0]
     labelled, own_transfer = len(data.train), len(data.transfer) if data.transfer is not None else 0
     # The capture is the transfer set: the recipe's own unlabelled images are what traffic replaces.
     data.transfer = load_capture(job.capture, data.preprocessing, data.class_names)

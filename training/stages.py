@@ -81,7 +81,7 @@ def plan_stages(recipe: Recipe) -> list[Stage]:
 # Settings added after TRAINING_FORMAT 3: they enter a fingerprint only when not at their default, so a
 # model trained before they existed (necessarily without them) is still recognised from its settings.
 _ADDED_TRAIN_SETTINGS = ("ema_decay",)
-_ADDED_MODEL_SETTINGS = {"width": 1.0}
+_ADDED_MODEL_SETTINGS = {"width": 1.0, "file": None}  # settings added later, at defaults: the old fingerprint
 
 
 def _model_settings(cfg: ModelConfig) -> dict:
@@ -90,7 +90,7 @@ def _model_settings(cfg: ModelConfig) -> dict:
         if dumped["train"][key] is None:
             del dumped["train"][key]
     for key, default in _ADDED_MODEL_SETTINGS.items():
-        if dumped.get(key) == default:
+        if key in dumped and dumped[key] == default:
             del dumped[key]
     return dumped
 
@@ -115,6 +115,9 @@ def _sources(stage: Stage, recipe: Recipe) -> dict:
         sources["capture"] = capture_digest(recipe.distill.capture)
     if stage.distill and stage.distill.init:
         sources["init"] = hashlib.sha256(Path(stage.distill.init).read_bytes()).hexdigest()[:16]
+    brought = recipe.teacher.file
+    if stage.distill and brought is not None and Path(brought.path).is_file():  # the teacher's bytes, not its name
+        sources["teacher_file"] = hashlib.sha256(Path(brought.path).read_bytes()).hexdigest()[:16]
     return sources
 
 
