@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from gateway.experiments.controller import RolloutController
-from gateway.experiments.file import write_experiment
+from gateway.experiments.file import read_experiment, write_experiment
 from gateway.experiments.sources import RegistryCounts
 from gateway.experiments.spec import Experiment
 from gateway.process import GatewayProcess, free_port
@@ -197,7 +197,10 @@ def feed(metrics: GatewayMetrics, candidate: str, control: str, n: int, candidat
         metrics.feedback_pairs.labels(candidate, control, str(right).lower(), str(control_right).lower()).inc()
 
 
-@pytest.mark.parametrize(("candidate_right", "outcome"), [(0.97, "promoted"), (0.40, "rolled_back")])
+@pytest.mark.parametrize(
+    ("candidate_right", "outcome"),
+    [(0.97, "promoted"), (0.40, "rolled_back"), (0.95, "waiting")],  # 0.95: no better than the current version
+)
 def test_the_rollout_controller_promotes_or_rejects_the_candidate_version_its_gates_judged(
     repo, tiny_run, tiny_repo, tmp_path, candidate_right, outcome
 ):
@@ -209,7 +212,8 @@ def test_the_rollout_controller_promotes_or_rejects_the_candidate_version_its_ga
         "candidate": candidate,
         "weights": {candidate: 0.0, "student_kd": 1.0},
         "shadow_fraction": 1.0,
-        "gates": {"max_top1_drop": 0.05},
+        # "at most 0 points worse" for the candidate no better than the current version (as make loop asks)
+        "gates": {"max_top1_drop": 0.0 if outcome == "waiting" else 0.05},
         "rollout": {"enabled": True, "steps": [0.5, 1.0], "min_samples": 200, "min_duration_s": 0},
     }
     write_experiment(path, Experiment.model_validate(spec))
@@ -224,6 +228,10 @@ def test_the_rollout_controller_promotes_or_rejects_the_candidate_version_its_ga
             break
     assert tick.outcome == outcome
     student = read_manifest(repo).models["student_kd"]
+    if outcome == "waiting":  # 2,700 labelled pairs and not shown better: never promoted, still on trial
+        assert student.version == 1 and student.candidate.version == version
+        assert read_experiment(path).weights[candidate] == 0.5 and tick.verdict.status == "pending"
+        return
     assert student.candidate is None  # the trial is over either way
     assert student.version == (version if outcome == "promoted" else 1)
     loaded = loaded_by_config(parse_config((repo / "student_kd" / "config.pbtxt").read_text()))
