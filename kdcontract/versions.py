@@ -34,6 +34,20 @@ def load_only(config: pb.ModelConfig, versions: list[int]) -> None:
     config.version_policy.specific.versions.extend(sorted(set(versions)))
 
 
+def config_loading(path: Path, versions: list[int]) -> str:
+    """The text of the config at `path` made to load exactly `versions` (not written)."""
+    config = text_format.Parse(Path(path).read_text(), pb.ModelConfig())
+    load_only(config, versions)
+    return text_format.MessageToString(config)
+
+
+def write_config(path: Path, text: str) -> None:
+    """A config written whole (staged under a name Triton ignores, then renamed over the old one)."""
+    staged = path.with_name(f".incoming-{CONFIG}")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
 def loaded_by_config(config: pb.ModelConfig) -> list[int] | None:
     """The versions a `specific` policy names; None for another policy (latest / all)."""
     if config.version_policy.WhichOneof("policy_choice") != "specific":
@@ -126,17 +140,13 @@ def reject(repo: Path, name: str, version: int) -> list[str]:
     rejected = []
     for entry in _trial(manifest, repo, name, version):
         path = repo / entry.name / CONFIG
-        config = text_format.Parse(path.read_text(), pb.ModelConfig())
-        load_only(config, [entry.version])
-        configs[path] = text_format.MessageToString(config)
+        configs[path] = config_loading(path, [entry.version])
         files = {**entry.files, f"{entry.name}/{CONFIG}": hashlib.sha256(configs[path].encode()).hexdigest()}
         manifest.models[entry.name] = entry.model_copy(update={"candidate": None, "files": files})
         rejected.append(f"{entry.name} version {entry.candidate.version}")
     write_manifest(repo, manifest)  # first: no gateway waits for the candidate once Triton drops it
     for path, text in configs.items():
-        staged = path.with_name(f".incoming-{CONFIG}")
-        staged.write_text(text)
-        os.replace(staged, path)
+        write_config(path, text)
     return rejected
 
 

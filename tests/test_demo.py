@@ -112,7 +112,7 @@ def served_tables(out: str) -> list[dict[str, float]]:
             rows = {}
             tables.append(rows)
         elif rows is not None and line.strip() and not line.startswith("("):
-            model, served = line.split()[:2]
+            model, _version, served = line.split()[:3]
             rows[model] = float(served.rstrip("%")) / 100
         else:
             rows = None

@@ -123,6 +123,20 @@ class ABUser(ClassifyUser):
         return f"client-{random.randrange(self.CLIENTS)}"
 
 
+def post_labels(user: ClassifyUser, items: list[dict], headers: dict[str, str]) -> None:
+    """A batch of labels to the user's KDSERVE_FEEDBACK_URL; a failure unless every item is accepted."""
+    gevent.sleep(0.05)  # answers reach the shared store off the request path
+    with user.client.post(user.feedback_url, json=items, headers=headers, name="feedback", catch_response=True) as resp:
+        if resp.status_code != 200:
+            resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
+            return
+        refused = [r for r in resp.json()["results"] if r["status"] != 200]
+        if refused:
+            resp.failure(f"{len(refused)} of {len(items)} refused: {refused[0]['message']}")
+        else:
+            resp.success()
+
+
 class ABFeedbackUser(ABUser):
     """A/B traffic whose true labels come back as feedback, in batches, to KDSERVE_FEEDBACK_URL (default:
     the same gateway); each item must be accepted (joined once to the arm that answered)."""
@@ -138,27 +152,16 @@ class ABFeedbackUser(ABUser):
         self.pending.append({"request_id": request_id, "label": label})
         if len(self.pending) >= self.BATCH:
             items, self.pending = self.pending, []
-            gevent.sleep(0.05)  # answers reach the shared store off the request path
-            with self.client.post(
-                self.feedback_url, json=items, headers=self.auth, name="feedback", catch_response=True
-            ) as resp:
-                if resp.status_code != 200:
-                    resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
-                    return
-                refused = [r for r in resp.json()["results"] if r["status"] != 200]
-                if refused:
-                    resp.failure(f"{len(refused)} of {len(items)} refused: {refused[0]['message']}")
-                else:
-                    resp.success()
+            post_labels(self, items, self.auth)
 
 
 class LoopUser(ABUser):
     """The loop's clients behind API keys (KDSERVE_LOOP_KEYS): each request is sent with a key drawn by its
     share, and that key labels `label_share` of its requests (only the key that made a request may); an
-    honest key sends the true
-    label, a hostile one (`wrong_labels`) the next class's, as a poisoner shifting one class onto another
-    would. Labels go in batches, per key, to KDSERVE_FEEDBACK_URL; each must be accepted. Paced at
-    KDSERVE_USER_RPS requests a second each: traffic a capture can keep, not the most the CPU can send."""
+    honest key sends the true label, a hostile one (`wrong_labels`) the next class's, as a poisoner
+    shifting one class onto another would. Labels go in batches, per key, to KDSERVE_FEEDBACK_URL; each must
+    be accepted. Paced at KDSERVE_USER_RPS requests a second each: traffic a capture can keep, not the most
+    the CPU can send."""
 
     wait_time = constant_throughput(float(os.environ.get("KDSERVE_USER_RPS", "20")))
     BATCH = 20
@@ -187,19 +190,7 @@ class LoopUser(ABUser):
         if len(pending) < self.BATCH:
             return
         items, self.pending[key["key"]] = pending, []
-        gevent.sleep(0.05)  # answers reach the shared store off the request path
-        headers = {"Authorization": f"Bearer {key['key']}"}
-        with self.client.post(
-            self.feedback_url, json=items, headers=headers, name="feedback", catch_response=True
-        ) as resp:
-            if resp.status_code != 200:
-                resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
-                return
-            refused = [r for r in resp.json()["results"] if r["status"] != 200]
-            if refused:
-                resp.failure(f"{len(refused)} of {len(items)} refused: {refused[0]['message']}")
-            else:
-                resp.success()
+        post_labels(self, items, {"Authorization": f"Bearer {key['key']}"})
 
 
 STAGES = parse_stages(os.environ.get("KDSERVE_STAGES"))

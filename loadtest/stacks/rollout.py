@@ -32,6 +32,7 @@ from gateway.triton.server import EmbeddedTriton, TritonPorts
 from kdcontract.manifest import read_manifest, write_manifest
 from kdcontract.names import STUDENT, STUDENT_KD, TEACHER
 from kdcontract.tables import markdown_table
+from kdcontract.versions import config_loading, write_config
 from loadtest.benchmarks.bench import cpu_description
 from loadtest.clients.measure import metric_value
 from loadtest.clients.run import run_load
@@ -70,8 +71,9 @@ def shift_classes(model: Path) -> None:
 
 
 def export_broken_student(repo: Path) -> int:
-    """A new version of the student, shifted, written beside the served one and then named in the
-    manifest (Triton polling the repository loads it; the gateways switch once it is ready)."""
+    """A new version of the student, shifted, written beside the served one and then named in the manifest
+    as the current version, as a direct export (`training export`) would (Triton polling the repository loads
+    it; the gateways switch once it is ready): the bug this simulates skips the candidate's trial."""
     manifest = read_manifest(repo)
     entry = manifest.models[STUDENT_KD]
     version = entry.version + 1
@@ -79,6 +81,8 @@ def export_broken_student(repo: Path) -> int:
     shutil.copytree(repo / STUDENT_KD / str(entry.version), staging, ignore=shutil.ignore_patterns("__pycache__"))
     shift_classes(staging / "model.onnx")
     staging.rename(repo / STUDENT_KD / str(version))
+    config = repo / STUDENT_KD / "config.pbtxt"
+    write_config(config, config_loading(config, [version]))  # as an export writes it: Triton loads this one
     entry.version = version
     write_manifest(repo, manifest)
     return version
