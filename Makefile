@@ -110,6 +110,8 @@ bench: setup
 	$(PY) -m loadtest capture-cost --repo $(REPO) --out benchmarks
 	$(PY) -m loadtest protocols --repo $(REPO) --out benchmarks/protocols
 	$(PY) -m gateway experiment-cost --repo $(REPO) --samples 1000000 --out benchmarks/experiment_read.json
+	rm -rf runs/teacher-cache && $(PY) -m training teacher-cache --run $(RUN_DIR) --out runs/teacher-cache
+	cp runs/teacher-cache/teacher_cache.json runs/teacher-cache/teacher_cache.md benchmarks/
 
 # Few labels and an unlabelled transfer set, where distillation pays: trains the digits-fewlabels recipe
 # (5 seeds of plain and KD students), exports it into its own repository and serves the confidence

@@ -106,14 +106,14 @@ def _cmd_cascade(args: argparse.Namespace) -> None:
 
 
 def _cmd_faults(args: argparse.Namespace) -> None:
-    from loadtest.benchmarks.bench import cpu_description
+    from kdcontract.machine import cpu_description
     from loadtest.benchmarks.faults import run_faults
 
     print(run_faults(Path(args.repo), Path(args.out), cpu_description()).read_text())
 
 
 def _cmd_soak(args: argparse.Namespace) -> None:
-    from loadtest.benchmarks.bench import cpu_description
+    from kdcontract.machine import cpu_description
     from loadtest.benchmarks.soak import run_soak, write
 
     results = run_soak(Path(args.repo), args.minutes, args.clients)
@@ -123,7 +123,7 @@ def _cmd_soak(args: argparse.Namespace) -> None:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> None:
-    from loadtest.benchmarks.bench import cpu_description
+    from kdcontract.machine import cpu_description
     from loadtest.stacks.dashboard import run_dashboard
 
     print(run_dashboard(Path(args.repo), args.minutes, args.clients, Path(args.out), cpu_description()).read_text())

@@ -241,3 +241,21 @@ def test_transfer_folder_images_are_prepared_like_the_data_and_bad_files_are_nam
     (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(trainer.UserError, match=r"broken\.png"):
         load_transfer_folder(str(tmp_path), data.preprocessing)
+
+
+def test_the_teacher_cache_answers_each_distinct_image_once_with_the_teachers_own_logits():
+    """`distill.cache_teacher`: the same logits as the teacher, the teacher run only on images it has not seen."""
+    from training.trainer import TeacherCache
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 3, 10))
+    calls = []
+    teacher.register_forward_hook(lambda _m, inputs, _o: calls.append(len(inputs[0])))
+    images = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
+    cache = TeacherCache(lambda x: teacher(x.float()))
+    first = cache(images[:4])
+    again = cache(images[[3, 1, 4, 5, 0]])  # three seen, two new
+    assert calls == [4, 2] and (cache.hits, cache.misses) == (3, 6)
+    expected = teacher(images.float())
+    torch.testing.assert_close(first, expected[:4])
+    torch.testing.assert_close(again, expected[[3, 1, 4, 5, 0]])

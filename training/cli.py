@@ -160,6 +160,18 @@ def _cmd_versions(args: argparse.Namespace) -> None:
     print(f"[versions] {args.action}: {'; '.join(done)}")
 
 
+def _cmd_teacher_cache(args: argparse.Namespace) -> None:
+    from training.runtime import init_runtime, shutdown_runtime
+    from training.teacher_cache_bench import markdown, run_bench
+
+    runtime = init_runtime()
+    try:
+        results = run_bench(Path(args.run), Path(args.out), args.epochs, runtime)
+    finally:
+        shutdown_runtime(runtime)
+    print(markdown(results))
+
+
 def _cmd_check_repo(args: argparse.Namespace) -> None:
     from training.check_repo import check_repository
 
@@ -292,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     versions.add_argument("model", nargs="?", help="the candidate, as NAME@VERSION (e.g. student_kd@2)")
     versions.add_argument("--repo", default="model_repository")
     versions.set_defaults(func=_cmd_versions)
+
+    cache = commands.add_parser(
+        "teacher-cache", help="a KD student's epoch time with and without the teacher's logits cached (make bench)"
+    )
+    cache.add_argument("--run", default="runs/digits", help="a trained run: its recipe and teacher")
+    cache.add_argument("--out", default="runs/teacher-cache", help="where the students and the report go")
+    cache.add_argument("--epochs", type=int, default=3)
+    cache.set_defaults(func=_cmd_teacher_cache)
 
     check = commands.add_parser("check-repo", help="check a repository's configs, graphs and hashes")
     check.add_argument("repo", nargs="?", default="model_repository")

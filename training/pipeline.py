@@ -52,6 +52,7 @@ from training.stages import (
     TRAINING_FORMAT,
     Stage,
     check_stage_references,
+    distill_settings,
     fingerprint_of,
     seed_stage,
     select_stages,
@@ -236,7 +237,7 @@ def _compression_fingerprint(recipe: Recipe, out: Path) -> str:
         # Unset, the seed is the source's and already in its fingerprint (and runs pruned before the
         # setting existed keep theirs).
         "compression": cfg.model_dump(mode="json", exclude={"seed"} if cfg.seed is None else None),
-        "distill": recipe.distill.model_dump(mode="json"),
+        "distill": distill_settings(recipe.distill),
         "source": load_metadata(out / cfg.source / "model.pt")[1].get("fingerprint"),
         "teacher": teacher_fingerprint(out),
         "format": TRAINING_FORMAT,

@@ -201,6 +201,13 @@ class DistillConfig(_Strict):
         description="a student checkpoint (model.pt) that distilling stages start from instead of fresh weights "
         "(redistill sets it to the served student's); it must have the student's architecture",
     )
+    cache_teacher: bool = Field(
+        False,
+        description="keep the teacher's logits per distinct image (keyed by its pixels) and reuse them: a big "
+        "teacher's cost is paid once per image when augmentation leaves the images as they are (crop_padding 0, "
+        "no cutout or flip; client-form pictures are fixed images too); the student learns the same, so it is "
+        "not part of a stage's fingerprint",
+    )
 
 
 class VariantConfig(_Strict):

@@ -95,13 +95,18 @@ def _model_settings(cfg: ModelConfig) -> dict:
     return dumped
 
 
+def distill_settings(distill) -> dict:
+    """A distillation's settings as they decide the student (a cached teacher's logits are the same logits)."""
+    return distill.model_dump(mode="json", exclude={"cache_teacher"})
+
+
 def stage_settings(stage: Stage, recipe: Recipe) -> dict:
     return {
         "data": recipe.data.model_dump(mode="json"),
         "model": _model_settings(stage.model_cfg),
         "seed": stage.seed,
         "augment": stage.augment.model_dump(mode="json"),
-        "distill": stage.distill.model_dump(mode="json") if stage.distill else None,
+        "distill": distill_settings(stage.distill) if stage.distill else None,
         "teacher": _model_settings(recipe.teacher) if stage.distill else None,
         "heads": [stage.heads, stage.head_sample_fraction],
     } | _sources(stage, recipe)

@@ -8,6 +8,7 @@ randomness, per-epoch checkpoints with resume, JSONL metrics and DDP.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -235,6 +236,27 @@ def find_batch_size(
             batch_size, accumulate_steps = batch_size // 2, accumulate_steps * 2
 
 
+class TeacherCache:
+    """The teacher's logits per distinct image, keyed by a hash of its pixels: an image the teacher has seen is
+    never run through it again. Exact (a hit is the same input, so the same logits); worth it when the images
+    repeat from epoch to epoch, i.e. when augmentation leaves them as they are."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.teacher, self.saved = teacher, {}
+        self.hits = self.misses = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in images.cpu().numpy()]
+        missing = [i for i, key in enumerate(keys) if key not in self.saved]
+        if missing:
+            fresh = self.teacher(images[missing]).float().cpu()
+            for i, logits in zip(missing, fresh, strict=True):
+                self.saved[keys[i]] = logits
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        return torch.stack([self.saved[key] for key in keys]).to(images.device)
+
+
 def fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
     """Train `job.model` (in place) and return it, the moving average's if the job keeps one."""
     # On a CPU, convolutions with a one-pixel output (a ResNet's last stage at 8x8) are computed on
@@ -262,6 +284,9 @@ def _fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
             p.requires_grad_(False)
         if job.distill and job.distill.feature.enabled:
             hint = FeatureHint(model, teacher, job.distill.feature.stage).to(device)
+    # Not with a feature hint: it reads the teacher's inner features, which only running it produces.
+    caching = teacher is not None and job.distill is not None and job.distill.cache_teacher and hint is None
+    cache = TeacherCache(teacher) if caching else None
 
     batch, accumulate = job.train.batch_size, job.train.accumulate_steps
     finder = job.train.find_batch_size
@@ -366,7 +391,7 @@ def _fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
                 teacher_logits = None
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_logits = teacher(images).float()
+                        teacher_logits = (cache or teacher)(images).float()
                 logits = ddp_model(images).float()
                 if logits.ndim == 3:
                     loss = _multihead_objective(logits, target, teacher_logits, job, distill, generator, all_labelled)
@@ -409,6 +434,8 @@ def _fit(job: FitJob, data: SplitData, runtime: Runtime) -> FitResult:
             record["temperature"] = round(temperature_at(job.distill, scheduler.last_epoch - 1, total), 4)
         if grad_norms:
             record["grad_norm_max"] = round(torch.stack(grad_norms).max().item(), 4)  # before clipping
+        if cache is not None:  # since training began: the first epoch misses, the later ones hit
+            record["teacher_cache"] = {"hits": cache.hits, "misses": cache.misses}
         if runtime.is_main:
             val_logits, val_labels = predict_logits(ema.module if ema is not None else model, data.val, device)
             if val_logits.ndim == 3:  # multi-head: judge the fused heads

@@ -39,6 +39,7 @@ from gateway.triton.server import EmbeddedTriton
 from kdcontract.client_forms import ClientForm, render
 from kdcontract.digits import digits_gray
 from kdcontract.imageprep import prepare
+from kdcontract.machine import SIMD_FLAGS, cpu_info
 from kdcontract.manifest import Manifest, read_manifest
 from kdcontract.names import (
     ENSEMBLE,
@@ -81,29 +82,6 @@ TARGETS = {
     "int8_ensemble_over_int8_student_p50": 1.5,  # the same target, both sides INT8
 }
 INT8_STUDENT = "one INT8 student"
-
-
-def cpu_info() -> tuple[str, set[str]]:
-    """The CPU's model name and flags, read from the machine (never assumed)."""
-    cpu, flags = platform.processor() or "unknown", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    return cpu, flags
-
-
-SIMD_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"}
-
-
-def cpu_description() -> str:
-    cpu, flags = cpu_info()
-    # The cores this process may run on (taskset, a container's cpuset), not the machine's count.
-    usable = len(os.sched_getaffinity(0))
-    return f"{cpu} ({', '.join(sorted(flags & SIMD_FLAGS)) or 'no AVX2'}), {usable} core{'s' if usable > 1 else ''}"
 
 
 def machine(triton_http: str) -> dict:

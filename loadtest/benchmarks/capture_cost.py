@@ -18,9 +18,9 @@ import httpx
 
 from gateway.process import GatewayProcess, serving
 from kdcontract.digits import digit_png_bytes
+from kdcontract.machine import cpu_description
 from kdcontract.names import STUDENT
 from kdcontract.tables import markdown_table
-from loadtest.benchmarks.bench import cpu_description
 from loadtest.clients.measure import load_async, metric_value, summarize, time_interleaved
 
 CLIENTS = 16

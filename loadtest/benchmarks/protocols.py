@@ -39,10 +39,10 @@ from gateway.triton.rest import infer_request
 from gateway.triton.server import EmbeddedTriton, TritonPorts
 from kdcontract.client_forms import ClientForm, render
 from kdcontract.imageprep import prepare
+from kdcontract.machine import cpu_description
 from kdcontract.manifest import read_manifest
 from kdcontract.names import STUDENT, STUDENT_KD, V2_IMAGE_INPUT, V2_OUTPUT
 from kdcontract.tables import markdown_table
-from loadtest.benchmarks.bench import cpu_description
 from loadtest.clients import perf_analyzer
 from loadtest.clients.measure import load_async, summarize, time_interleaved
 from loadtest.clients.served_accuracy import held_out

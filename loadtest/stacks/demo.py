@@ -67,7 +67,7 @@ class DemoClock:
     def mark(self, event: str) -> None:
         if self.started_at is None or self.record is None:
             return
-        from loadtest.benchmarks.bench import cpu_description
+        from kdcontract.machine import cpu_description
 
         self.seconds[event] = round(time.time() - self.started_at, 1)
         self.record.parent.mkdir(parents=True, exist_ok=True)

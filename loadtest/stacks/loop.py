@@ -51,10 +51,10 @@ from gateway.triton.server import EmbeddedTriton, TritonPorts
 from kdcontract.client_forms import FILTERS, ClientForm, render_image
 from kdcontract.digits import digits_gray, held_out_indices, split_indices
 from kdcontract.errors import UserError
+from kdcontract.machine import cpu_description
 from kdcontract.manifest import read_manifest
 from kdcontract.names import STUDENT_KD, versioned
 from kdcontract.tables import markdown_table
-from loadtest.benchmarks.bench import cpu_description
 from loadtest.clients.measure import metric_value
 from loadtest.clients.run import run_load
 from loadtest.stacks.rollout import _locust_totals, _requests, scratch_repository, start_experiment_file

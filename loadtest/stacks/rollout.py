@@ -29,11 +29,11 @@ import numpy as np
 from gateway.files import write_whole
 from gateway.process import GatewayProcess, free_port
 from gateway.triton.server import EmbeddedTriton, TritonPorts
+from kdcontract.machine import cpu_description
 from kdcontract.manifest import read_manifest, write_manifest
 from kdcontract.names import STUDENT, STUDENT_KD, TEACHER
 from kdcontract.tables import markdown_table
 from kdcontract.versions import config_loading, write_config
-from loadtest.benchmarks.bench import cpu_description
 from loadtest.clients.measure import metric_value
 from loadtest.clients.run import run_load
 
