@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.checks import negative_data_rejection
 from schemathesis.config import SchemathesisConfig
 
 from gateway.http.schemas import IMAGE_MEDIA_TYPES
@@ -45,6 +46,17 @@ CONFIG = {
 PNGS = st.integers(0, 1796).map(digit_png_bytes)  # the bundled digits, as PNG files
 schemathesis.openapi.media_type("image/png", PNGS, aliases=[t for t in IMAGE_MEDIA_TYPES if t != "image/png"])
 schemathesis.openapi.format("byte", PNGS.map(lambda png: base64.b64encode(png).decode()))
+
+
+def rejection_does_not_apply(case: schemathesis.Case) -> bool:
+    """Negative cases a 4xx cannot be asked of (every other check still holds for them):
+    - a multipart field given as an empty list is no part at all, so what was sent is the valid form without
+      that optional field (answered 200, rightly; seen in CI with `model: []`);
+    - a feedback batch (a list) is answered 200 with one result per item, each with the status it would have
+      had alone (docs/rollout.md): an invalid item gets its 4xx in the results, not the batch."""
+    if case.media_type == "multipart/form-data" and isinstance(case.body, dict):
+        return any(value == [] for name, value in case.body.items() if name != "images")
+    return case.operation.path == "/v1/feedback" and isinstance(case.body, list)
 
 
 @pytest.mark.slow
@@ -70,7 +82,9 @@ def test_generated_requests_get_no_5xx_and_answers_that_match_the_schema(gateway
                 response = case.call(base_url=gateway.url, timeout=30)
                 sent[case.operation.label] += 1
                 statuses[response.status_code] += 1
-                case.validate_response(response)  # every check
+                # every check (but one where it cannot apply: see `rejection_does_not_apply`)
+                excluded = [negative_data_rejection] if rejection_does_not_apply(case) else []
+                case.validate_response(response, excluded_checks=excluded)
 
             try:
                 exercise()
