@@ -208,3 +208,29 @@ def test_a_shuffled_pass_never_ends_in_a_batch_of_one_image():
     assert [len(y) for _, y in iterate_batches(dataset, 64)] == [64, 1]  # evaluation sees every image
     assert [len(y) for _, y in iterate_batches(dataset, 32, shuffle=True)] == [32, 32]
     assert [len(y) for _, y in iterate_batches(dataset, 30, shuffle=True)] == [30, 30, 5]
+
+
+def test_check_data_reports_an_image_folders_balance_sizes_and_unreadable_files(tmp_path, capsys):
+    """Issue 37: `check-data` opens every file of an image folder: images per class, sizes, and the files a
+    run would trip over (named, exit 2 with one line)."""
+    from conftest import training_cli
+
+    root = tmp_path / "folder"
+    for label, count, size in (("cat", 6, 64), ("dog", 3, 96)):
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((size, size + i, 3), 40 * i, np.uint8)).save(root / label / f"{i}.png")
+    base = ["check-data", "--set", "data.dataset=imagefolder", "--set", "data.augment.client_forms=0"]
+    base += ["--set", f"data.root={root}", "--set", "data.image_size=32"]
+    ok = training_cli(capsys, *base)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout[: ok.stdout.index("}\n") + 1])
+    assert report["images_per_class"] == {"cat": 6, "dog": 3} and report["largest_over_smallest_class"] == 2.0
+    assert report["width_min_median_max"] == [64, 68, 98] and report["height_min_median_max"] == [64, 64, 96]
+    assert report["unreadable"] == 0
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # a PNG's signature, then no PNG
+    bad = training_cli(capsys, *base)
+    assert bad.returncode == 2
+    broken = root / "dog" / "broken.png"
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last == f"error: 1 file(s) under {root} are not readable images (first: {broken}); remove or fix them"

@@ -71,6 +71,16 @@ def _cmd_check_data(args: argparse.Namespace) -> None:
     from training.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.data.dataset == "imagefolder" and recipe.data.root and Path(recipe.data.root).is_dir():
+        from training.data import folder_report
+
+        report = folder_report(Path(recipe.data.root))
+        print(json.dumps({"folder": recipe.data.root, **report}, indent=2))
+        if report["unreadable"]:
+            raise UserError(
+                f"{report['unreadable']} file(s) under {recipe.data.root} are not readable images "
+                f"(first: {', '.join(report['unreadable_files'])}); remove or fix them"
+            )
     data = with_transfer_folder(load_data(recipe.data), recipe)
     summary = {
         "recipe": recipe.name,

@@ -280,6 +280,40 @@ def _load_cifar10(cfg: DataConfig) -> SplitData:
     )
 
 
+SHOWN_FILES = 5  # unreadable files named in a report
+
+
+def folder_report(root: Path) -> dict:
+    """An image folder as `check-data` reports it, every file opened: images per class (and the largest class
+    over the smallest), the files that are not images Pillow can read (the first few named), and the images'
+    widths and heights (min, median, max): what a training run would trip over, found on a CPU first."""
+    per_class, unreadable, widths, heights = {}, [], [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        per_class[class_dir.name] = len(files)
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+                    widths.append(image.width)
+                    heights.append(image.height)
+            except Exception:  # any decoding failure is what this report is for
+                unreadable.append(str(path))
+
+    def spread(values: list[int]) -> list[int]:
+        return [min(values), int(np.median(values)), max(values)] if values else []
+
+    counts = [n for n in per_class.values() if n]
+    return {
+        "images_per_class": per_class,
+        "largest_over_smallest_class": round(max(counts) / min(counts), 2) if counts else None,
+        "unreadable": len(unreadable),
+        "unreadable_files": unreadable[:SHOWN_FILES],
+        "width_min_median_max": spread(widths),
+        "height_min_median_max": spread(heights),
+    }
+
+
 def _load_imagefolder(cfg: DataConfig) -> SplitData:
     root = _require_root(cfg)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
