@@ -41,9 +41,13 @@ def config_loading(path: Path, versions: list[int]) -> str:
     return text_format.MessageToString(config)
 
 
-def write_config(path: Path, text: str) -> None:
-    """A config written whole (staged under a name Triton ignores, then renamed over the old one)."""
-    staged = path.with_name(f".incoming-{CONFIG}")
+STAGING_PREFIX = ".incoming-"  # a name Triton ignores ("fails to convert to integral number" for a version)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """`path` written whole or not at all (staged under a name Triton ignores, then renamed over the old one):
+    a Triton polling the repository, or a gateway, reads the old file or the new one, never half."""
+    staged = path.with_name(f"{STAGING_PREFIX}{path.name}")
     staged.write_text(text)
     os.replace(staged, path)
 
@@ -146,7 +150,7 @@ def reject(repo: Path, name: str, version: int) -> list[str]:
         rejected.append(f"{entry.name} version {entry.candidate.version}")
     write_manifest(repo, manifest)  # first: no gateway waits for the candidate once Triton drops it
     for path, text in configs.items():
-        write_config(path, text)
+        replace_file(path, text)
     return rejected
 
 

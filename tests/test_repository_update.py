@@ -18,7 +18,7 @@ from gateway.process import GatewayProcess, free_port
 from gateway.triton.server import EmbeddedTriton, TritonPorts
 from kdcontract.digits import digit_png_bytes
 from kdcontract.manifest import read_manifest, write_manifest
-from kdcontract.versions import config_loading, write_config
+from kdcontract.versions import config_loading, replace_file
 from loadtest.clients.measure import metric_value
 
 PNG = {"content": digit_png_bytes(1700), "headers": {"Content-Type": "image/png"}}
@@ -57,7 +57,7 @@ def test_gateway_switches_to_a_reexported_version_once_triton_serves_it(small_re
             # Re-export: version 2 (same weights, three times the temperature) and its manifest.
             shutil.copytree(small_repo / "student_kd" / "1", small_repo / "student_kd" / "2")
             config = small_repo / "student_kd" / "config.pbtxt"
-            write_config(config, config_loading(config, [2]))  # as an export writes it: Triton loads version 2
+            replace_file(config, config_loading(config, [2]))  # as an export writes it: Triton loads version 2
             manifest = read_manifest(small_repo)
             manifest.models["student_kd"].version = 2
             manifest.models["student_kd"].temperature *= 3

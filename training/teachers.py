@@ -46,26 +46,21 @@ def torchvision_archs() -> list[str]:
 
 
 def _timm():
-    try:
-        import timm
-    except ImportError as exc:  # pragma: no cover - timm is in the train extra
-        raise UserError("timm is not installed: pip install 'kdserve[train]'") from exc
+    import timm  # on first use: importing it costs every training process a second, and most never need it
+
     return timm
-
-
-KDSERVE_RESNETS = ("resnet18", "resnet34", "resnet50")  # training/models.py's, with the small-image stem
 
 
 def check_arch(arch: str, where: str) -> None:
     """`arch` names a network kdserve can build, or a one-line error naming the recipe key and the closest names."""
     if arch.startswith(TIMM_PREFIX):
-        name, known = arch.removeprefix(TIMM_PREFIX), _timm_names()
+        name, known = arch.removeprefix(TIMM_PREFIX), _timm().list_models()
         if name not in known:
             raise UserError(f"{where}: timm knows no model {name!r}; closest: {', '.join(_closest(name, known))}")
         return
-    known = sorted(set(torchvision_archs()) | set(KDSERVE_RESNETS))
+    known = torchvision_archs()  # kdserve's ResNets are torchvision's, with a small-image stem
     if arch not in known:
-        hint = _closest(arch, known + [f"{TIMM_PREFIX}{m}" for m in _timm_names()])
+        hint = _closest(arch, known + [f"{TIMM_PREFIX}{m}" for m in _timm().list_models()])
         raise UserError(
             f"{where}: unknown architecture {arch!r} (neither torchvision nor timm:NAME); closest: {', '.join(hint)}"
         )
@@ -77,14 +72,6 @@ def build_backbone(arch: str, num_classes: int) -> nn.Module:
     if arch.startswith(TIMM_PREFIX):
         return _timm().create_model(arch.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=num_classes)
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-
-
-def _timm_names() -> list[str]:
-    try:
-        import timm
-    except ImportError:
-        return []
-    return timm.list_models()
 
 
 def _closest(name: str, known: list[str]) -> list[str]:

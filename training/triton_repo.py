@@ -31,7 +31,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from kdcontract.manifest import TensorSpec
-from kdcontract.versions import load_only
+from kdcontract.versions import STAGING_PREFIX, load_only, replace_file
 
 BACKEND_DIR = Path(__file__).parent / "triton_backend"
 DTYPES = {"UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32", "FP16": "TYPE_FP16"}
@@ -171,16 +171,6 @@ def existing_versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-STAGING_PREFIX = ".incoming-"
-
-
-def _write_replacing(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a reader sees the old file or the new one, never half)."""
-    partial = path.with_name(f"{STAGING_PREFIX}{path.name}")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def write_model(
     repo: Path,
     name: str,
@@ -210,9 +200,9 @@ def write_model(
         if old not in also_loaded:
             shutil.rmtree(model_dir / str(old))
     load_only(config, [*also_loaded, version])
-    _write_replacing(model_dir / "config.pbtxt", config_text(config))
+    replace_file(model_dir / "config.pbtxt", config_text(config))
     if labels is not None:
-        _write_replacing(model_dir / "labels.txt", "\n".join(labels) + "\n")
+        replace_file(model_dir / "labels.txt", "\n".join(labels) + "\n")
     hashed = [version_dir / t for t in files] + [model_dir / "config.pbtxt"]
     if labels is not None:
         hashed.append(model_dir / "labels.txt")

@@ -57,7 +57,7 @@ from kdcontract.names import STUDENT_KD, versioned
 from kdcontract.tables import markdown_table
 from loadtest.clients.measure import metric_value
 from loadtest.clients.run import run_load
-from loadtest.stacks.rollout import _locust_totals, _requests, scratch_repository, start_experiment_file
+from loadtest.stacks.rollout import locust_totals, request_counts, scratch_repository, start_experiment_file
 
 SLANT = 0.45  # the italic style (x shifted by SLANT per row); the demo's student and teacher read ~70% of it
 KEYS = {"honest": "loop-honest-key-0001", "hostile": "loop-hostile-key-0002"}
@@ -334,7 +334,7 @@ def rollout(stack: Stack, candidate: str, plan: LoopPlan, images: Path, label: s
             "current": manifest.version,
             "candidate": manifest.candidate.version if manifest.candidate else None,
         },
-        "locust": {"exit_code": load["locust_exit_code"], **_locust_totals(stack.work / f"locust-rollout-{label}")},
+        "locust": {"exit_code": load["locust_exit_code"], **locust_totals(stack.work / f"locust-rollout-{label}")},
         "seconds": load["wall_seconds"],
     }  # fmt: skip
 
@@ -433,7 +433,7 @@ def run_loop(run: Path, repo: Path, out: Path, work: Path, plan: LoopPlan) -> di
         served = [c for c in results["candidates"] if c["exported"]]
         results["candidate"] = served[-1] if served else results["candidates"][-1]
         results["rollout"] = results["candidate"].get("rollout", {"outcome": "not served: refused offline"})
-        results["requests"] = _requests(stack.metrics())
+        results["requests"] = request_counts(stack.metrics())
         results["server_errors"] = sum(v for k, v in results["requests"]["by_status"].items() if k.endswith("5xx"))
         results["feedback_key_labels"] = {
             key: {

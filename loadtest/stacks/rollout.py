@@ -33,7 +33,7 @@ from kdcontract.machine import cpu_description
 from kdcontract.manifest import read_manifest, write_manifest
 from kdcontract.names import STUDENT, STUDENT_KD, TEACHER
 from kdcontract.tables import markdown_table
-from kdcontract.versions import config_loading, write_config
+from kdcontract.versions import config_loading, replace_file
 from loadtest.clients.measure import metric_value
 from loadtest.clients.run import run_load
 
@@ -82,7 +82,7 @@ def export_broken_student(repo: Path) -> int:
     shift_classes(staging / "model.onnx")
     staging.rename(repo / STUDENT_KD / str(version))
     config = repo / STUDENT_KD / "config.pbtxt"
-    write_config(config, config_loading(config, [version]))  # as an export writes it: Triton loads this one
+    replace_file(config, config_loading(config, [version]))  # as an export writes it: Triton loads this one
     entry.version = version
     write_manifest(repo, manifest)
     return version
@@ -232,8 +232,8 @@ def drive_rollout(
         "phase": state["phase"],
         "reason": state["reason"],
         "events": state["history"],
-        "requests": _requests(texts),
-        "locust": {"exit_code": load["locust_exit_code"], **_locust_totals(work / f"{name}-locust")},
+        "requests": request_counts(texts),
+        "locust": {"exit_code": load["locust_exit_code"], **locust_totals(work / f"{name}-locust")},
         "offline": offline_figures(repo, bench),
     }
     if breaker is not None:
@@ -304,7 +304,7 @@ class _Breaker:
         }
 
 
-def _requests(texts: list[str]) -> dict:
+def request_counts(texts: list[str]) -> dict:
     """Classification requests over both replicas, by status class (the gateways' own counters)."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -325,7 +325,7 @@ def _requests(texts: list[str]) -> dict:
     }
 
 
-def _locust_totals(run_dir: Path) -> dict:
+def locust_totals(run_dir: Path) -> dict:
     import csv
 
     with (run_dir / "locust_stats.csv").open() as handle:
