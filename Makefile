@@ -15,7 +15,7 @@ FLAVOR ?= cpu
 export PYTHONUNBUFFERED := 1
 export NO_MKDOCS_2_WARNING := 1  # Material's notice about its successor, printed on every build
 
-.PHONY: setup test docs demo models rollout loop bench pruning-seeds fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
+.PHONY: setup test docs demo models rollout loop byo bench pruning-seeds fewlabels fuzz faults soak loadtest lint clean deploy-rules dashboard
 
 # Idempotent: reinstalls only when pyproject.toml changed. torch/torchvision are installed first
 # and by pip on purpose: pip takes the pinned wheels from this machine's disk (uv/poetry download ~3 GB).
@@ -122,6 +122,18 @@ fewlabels: setup
 	mkdir -p benchmarks/fewlabels
 	cp $(FEWLABELS_RUN)/results.md $(FEWLABELS_RUN)/pareto.png benchmarks/fewlabels/
 	$(PY) -m loadtest cascade --repo $(FEWLABELS_RUN)/repo --out benchmarks/fewlabels
+
+# Bring your own teacher: the demo's trained teacher written out as a state_dict and as a float NCHW ONNX graph,
+# each brought back by a recipe and distilled into a student (ResNet18; MobileNetV3-small from the ONNX one),
+# exported and served; accuracy, agreement, MACs, served p50 at 1 and 16 clients: benchmarks/byo/.
+byo: setup
+	$(MODELS_READY)
+	$(PY) -m training bring-back --run $(RUN_DIR) --out runs/byo
+	for recipe in runs/byo/*.yaml; do \
+	  $(PY) -m training all --recipe $$recipe --out runs/byo/$$(basename $$recipe .yaml) --only student_kd \
+	    --export runs/byo/$$(basename $$recipe .yaml)-repo || exit 1; \
+	done
+	$(PY) -m loadtest byo --work runs/byo --run $(RUN_DIR) --out benchmarks/byo
 
 # Continuous distillation gated end to end, on the demo's models (trained when missing): upright traffic, then
 # a style the models misread (italic) flagged by the drift test, captured with an honest key's labels,

@@ -14,9 +14,11 @@ ALLOW_SPINNING = False
 INTRA_OP_THREADS = 2
 
 
-def open_session(path: str | Path, intra_op_threads: int = INTRA_OP_THREADS, allow_spinning: bool = ALLOW_SPINNING):
-    """An ONNX Runtime CPU session for `path`: `intra_op_threads` threads, one inter-op thread, spinning
-    as given, warnings only."""
+def open_session(
+    path: str | Path | bytes, intra_op_threads: int = INTRA_OP_THREADS, allow_spinning: bool = ALLOW_SPINNING
+):
+    """An ONNX Runtime CPU session for `path` (or a serialized model): `intra_op_threads` threads, one inter-op
+    thread, spinning as given, warnings only."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -24,4 +26,5 @@ def open_session(path: str | Path, intra_op_threads: int = INTRA_OP_THREADS, all
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

@@ -41,6 +41,13 @@ def _cmd_loop(args: argparse.Namespace) -> None:
         raise SystemExit(f"{results['server_errors']} server errors during the loop")
 
 
+def _cmd_byo(args: argparse.Namespace) -> None:
+    from loadtest.benchmarks.byo import run_byo
+
+    run_byo(Path(args.work), Path(args.run), Path(args.out))
+    print((Path(args.out) / "results.md").read_text())
+
+
 def _cmd_capture_cost(args: argparse.Namespace) -> None:
     from loadtest.benchmarks.capture_cost import capture_cost
 
@@ -214,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--work", default="runs/loop", help="the loop's own stack: repository copy, capture, logs")
     loop.add_argument("--poison", action="store_true", help="a second key labels 30%% of the traffic wrong")
     loop.set_defaults(func=_cmd_loop)
+
+    byo = commands.add_parser(
+        "byo", help="teachers brought back from files and their students: accuracy, MACs, served p50 (make byo)"
+    )
+    byo.add_argument("--work", default="runs/byo", help="`training bring-back`'s folder, each recipe's run and -repo")
+    byo.add_argument("--run", default="runs/digits", help="the run the teacher came from (its figures beside them)")
+    byo.add_argument("--out", default="benchmarks/byo")
+    byo.set_defaults(func=_cmd_byo)
 
     cost = commands.add_parser("capture-cost", help="capture on vs off in one run: p50 at c=1, throughput at 16")
     cost.add_argument("--repo", default="model_repository")

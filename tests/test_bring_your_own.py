@@ -28,8 +28,9 @@ from kdcontract.digits import digits_gray
 from kdcontract.errors import UserError
 from kdcontract.manifest import read_manifest
 from training.checkpoint import load_model
+from training.models import build_backbone
 from training.recipe import IMAGENET_MEAN, IMAGENET_STD
-from training.teachers import BroughtClassifier, OnnxTeacher, build_backbone, load_teacher
+from training.teachers import BroughtClassifier, OnnxTeacher, load_teacher
 
 SIZE = 64
 EPOCHS = 3
@@ -114,7 +115,7 @@ def test_what_does_not_fit_is_one_line_naming_both_sides(teacher_files, tmp_path
         load_teacher(teacher_files["torchvision"], "resnet50", 10, None)
     with pytest.raises(UserError, match=r"its head has 10 classes \(fc.weight\), the dataset has 7"):
         load_teacher(teacher_files["torchvision"], "resnet18", 7, None)
-    with pytest.raises(UserError, match=r"output logits is \['n', 10\], not \[N, 7\] logits"):
+    with pytest.raises(UserError, match=r"answers logits float \[n, 10\]; a teacher answers one \[N, 7\] logits"):
         load_teacher(teacher_files["onnx"], None, 7, None)
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="is not a PyTorch state_dict"):
@@ -164,20 +165,23 @@ def test_a_brought_teacher_is_distilled_into_a_student_that_agrees_with_it(
     assert kd["arch"] == student
 
 
+@pytest.mark.parametrize(("form", "served_arch"), [("torchvision", "resnet18"), ("onnx", "onnx:resnet18.onnx")])
 def test_a_student_of_a_brought_teacher_is_exported_served_and_answers_over_http_and_v2(
-    folder, teacher_files, tmp_path
+    folder, teacher_files, tmp_path, form, served_arch
 ):
-    """The torchvision teacher and its MobileNetV3 student exported into a repository (the teacher served from
-    its own weights, as brought), Triton and the gateway in front: both answer over HTTP and v2 as in-process."""
+    """The brought teacher (a checkpoint, served from its own weights; or a float NCHW ONNX graph, served behind
+    kdserve's uint8 input) and its MobileNetV3 student exported into a repository, Triton and the gateway in
+    front: both answer over HTTP and v2 as they do in-process."""
     run, repo = tmp_path / "run", tmp_path / "repo"
-    args = ["--recipe", str(recipe(tmp_path, folder, teacher_files["torchvision"], "resnet18", "mobilenet_v3_small"))]
+    args = ["--recipe", str(recipe(tmp_path, folder, teacher_files[form], "resnet18", "mobilenet_v3_small"))]
     done = run_training("all", *args, "--out", str(run), "--only", "student_kd", "--export", str(repo))
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = read_manifest(repo)
-    assert manifest.models["teacher"].arch == "resnet18" and manifest.models["student_kd"].arch == "mobilenet_v3_small"
+    assert manifest.models["teacher"].arch == served_arch
+    assert manifest.models["student_kd"].arch == "mobilenet_v3_small"
     images, _ = folder_tensors(folder)
     sample = images[1::2][:24]
-    teacher = load_teacher(teacher_files["torchvision"], "resnet18", 10, None)
+    teacher = load_teacher(teacher_files[form], "resnet18", 10, None)
     student, _, _ = load_model(run / "student_kd" / "model.pt")
     with torch.no_grad():
         expected = {"teacher": teacher(sample).argmax(-1).tolist(), "student_kd": student(sample).argmax(-1).tolist()}

@@ -153,8 +153,8 @@ def test_page_draws_the_experiment_latency_per_arm_and_the_gates_intervals(page,
     # Drawn once a bar of each arm has a height: an empty bucket is a rect of height 0 (not "visible"), and which
     # bucket is empty depends on this machine's latencies.
     page.wait_for_function(
-        """() => ['student', 'teacher'].every(arm =>
-            [...document.querySelectorAll(`#latency rect[data-arm="${arm}"]`)].some(r => +r.getAttribute('height') > 0))""",
+        """() => ['student', 'teacher'].every(arm => [...document.querySelectorAll(`#latency rect[data-arm="${arm}"]`)]
+            .some(r => +r.getAttribute('height') > 0))""",
         timeout=30_000,
     )
     arms = set(page.eval_on_selector_all("#latency rect", "rects => rects.map(r => r.dataset.arm)"))

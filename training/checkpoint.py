@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from kdcontract.errors import UserError
-from training.models import ImageClassifier, build_classifier, conform_to_state_dict
-from training.teachers import BroughtClassifier, build_backbone
+from training.models import ImageClassifier, build_classifier, build_network, conform_to_state_dict
+from training.teachers import BroughtClassifier
 
 
 @dataclass
@@ -38,7 +38,9 @@ class ModelSpec:
 
 def build_from_spec(spec: ModelSpec) -> ImageClassifier | BroughtClassifier:
     if spec.brought:
-        return BroughtClassifier(build_backbone(spec.arch, spec.num_classes), spec.input_size, spec.mean, spec.std)
+        return BroughtClassifier(
+            build_network(spec.arch, spec.num_classes, spec.small_stem), spec.input_size, spec.mean, spec.std
+        )
     return build_classifier(
         spec.arch,
         spec.num_classes,

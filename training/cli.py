@@ -28,7 +28,7 @@ def _cmd_all(args: argparse.Namespace) -> None:
 
     import torch
 
-    from training.teachers import check_arch
+    from training.models import check_arch
 
     check_arch(recipe.teacher.arch, "teacher.arch")
     check_arch(recipe.student.arch, "student.arch")
@@ -182,6 +182,15 @@ def _cmd_teacher_cache(args: argparse.Namespace) -> None:
     print(markdown(results))
 
 
+def _cmd_bring_back(args: argparse.Namespace) -> None:
+    from training.bring_back import write_recipes, write_teacher_files
+
+    out = Path(args.out)
+    files = write_teacher_files(Path(args.run), out)
+    for recipe in write_recipes(Path(args.run), out, files):
+        print(f"[bring-back] {recipe}")
+
+
 def _cmd_check_repo(args: argparse.Namespace) -> None:
     from training.check_repo import check_repository
 
@@ -322,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--out", default="runs/teacher-cache", help="where the students and the report go")
     cache.add_argument("--epochs", type=int, default=3)
     cache.set_defaults(func=_cmd_teacher_cache)
+
+    back = commands.add_parser(
+        "bring-back",
+        help="a run's teacher written as a state_dict and a float NCHW ONNX graph, with a recipe per form and "
+        "student that brings it back (make byo)",
+    )
+    back.add_argument("--run", default="runs/digits", help="a trained run: its recipe and teacher")
+    back.add_argument("--out", default="runs/byo", help="where the files and recipes go")
+    back.set_defaults(func=_cmd_bring_back)
 
     check = commands.add_parser("check-repo", help="check a repository's configs, graphs and hashes")
     check.add_argument("repo", nargs="?", default="model_repository")

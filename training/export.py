@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 import kdcontract.fusion
@@ -40,6 +41,7 @@ from kdcontract.pareto import pareto_rows, write_pareto
 from training.checkpoint import ModelSpec, load_model
 from training.data import SplitData, iterate_batches, load_data, validation_as_served
 from training.evaluate import FusedEnsemble, expected_calibration_error, predict_logits
+from training.onnx_front import with_input_size
 from training.onnx_tools import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -53,7 +55,7 @@ from training.onnx_tools import (
     run_logits,
 )
 from training.recipe import load_recipe
-from training.teachers import BROUGHT, ONNX_TEACHER
+from training.teachers import BROUGHT, run_teacher
 from training.triton_repo import (
     BACKEND_DIR,
     ServingOptions,
@@ -161,28 +163,18 @@ def write_served_model(
 
 
 def _brought_onnx_entry(
-    folder: Path, data: SplitData, repo: Path, flavor: str, opts: ServingOptions, validation: np.ndarray
-) -> ModelEntry | None:
-    """A teacher brought as ONNX, served by Triton as it is: a graph taking uint8 [N, H, W, 3] at the dataset's
-    size, as kdserve's own exports do. Another input (float NCHW) would need its preprocessing in front of it:
-    not served, said once (it distils all the same)."""
+    folder: Path, data: SplitData, repo: Path, flavor: str, opts: ServingOptions, validation: np.ndarray, out: Path
+) -> ModelEntry:
+    """A teacher brought as ONNX, served as the graph it was distilled from: the brought graph behind kdserve's
+    uint8 NHWC input (`training.onnx_front`), its weights untouched."""
     brought = json.loads((folder / BROUGHT).read_text())
-    onnx_path = folder / ONNX_TEACHER
-    session = open_session(onnx_path)
-    inp = session.get_inputs()[0]
-    size = data.image_size
-    if inp.type != "tensor(uint8)" or list(inp.shape[1:]) != [size, size, 3]:
-        print(
-            f"[export] teacher: the brought ONNX graph takes {inp.type} {inp.shape}, not uint8 [N, {size}, {size}, 3]: "
-            "not served (it is distilled from all the same)",
-            flush=True,
-        )
-        return None
+    teacher = run_teacher(folder, data.num_classes)
+    onnx.save(with_input_size(teacher.graph, data.image_size), str(out))
     spec = ModelSpec(
         arch=f"onnx:{Path(brought['file']).name}",
         num_classes=data.num_classes,
         small_stem=False,
-        image_size=size,
+        image_size=data.image_size,
         mean=tuple(brought["mean"]),
         std=tuple(brought["std"]),
         class_names=data.class_names,
@@ -190,9 +182,7 @@ def _brought_onnx_entry(
         temperature=brought.get("temperature", 1.0),
         metrics=brought.get("metrics", {}),
     )
-    return write_served_model(
-        repo, TEACHER, "teacher", spec, onnx_path, flavor, opts, brought["file"], validation=validation
-    )
+    return write_served_model(repo, TEACHER, "teacher", spec, out, flavor, opts, brought["file"], validation=validation)
 
 
 def drift_reference(onnx_path: Path, validation: np.ndarray, temperature: float) -> DriftReference | None:
@@ -305,11 +295,11 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
     report: dict = {"flavor": flavor, "run": str(run), "test_images": len(test[0]), "models": {}}
 
     for name in _served_models(run, results):
-        if (run / name / BROUGHT).exists():  # a brought ONNX teacher: served as it is, when it can be
-            entry = _brought_onnx_entry(run / name, data, repo, flavor, opts, validation)
-            if entry is not None:
-                entries[name] = entry
-                report["models"][name] = {"version": entry.version, "brought": True}
+        if (run / name / BROUGHT).exists():  # a brought ONNX teacher
+            onnx_dir.mkdir(parents=True, exist_ok=True)
+            entry = _brought_onnx_entry(run / name, data, repo, flavor, opts, validation, onnx_dir / f"{name}.onnx")
+            entries[name] = entry
+            report["models"][name] = {"version": entry.version, "brought": True}
             continue
         model, spec, _ = load_model(run / name / "model.pt")
         onnx_path = onnx_dir / f"{name}.onnx"

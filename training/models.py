@@ -7,6 +7,7 @@ one less place for train/serve skew and 4x less data on the wire.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 import torch
@@ -14,13 +15,51 @@ import torchvision
 from torch import nn
 
 from kdcontract.errors import UserError
-from training.teachers import build_backbone
+
+TIMM_PREFIX = "timm:"
 
 ARCHS: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet18": torchvision.models.resnet18,
     "resnet34": torchvision.models.resnet34,
     "resnet50": torchvision.models.resnet50,
 }
+
+
+def torchvision_archs() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm():
+    import timm  # on first use: importing it costs every training process a second, and most never need it
+
+    return timm
+
+
+def check_arch(arch: str, where: str) -> None:
+    """`arch` names a network kdserve can build, or a one-line error naming the recipe key and the closest names."""
+    if arch.startswith(TIMM_PREFIX):
+        name, known = arch.removeprefix(TIMM_PREFIX), _timm().list_models()
+        if name not in known:
+            raise UserError(f"{where}: timm knows no model {name!r}; closest: {', '.join(_closest(name, known))}")
+        return
+    known = torchvision_archs()  # kdserve's ResNets are torchvision's, with a small-image stem
+    if arch not in known:
+        hint = _closest(arch, known + [f"{TIMM_PREFIX}{m}" for m in _timm().list_models()])
+        raise UserError(
+            f"{where}: unknown architecture {arch!r} (neither torchvision nor timm:NAME); closest: {', '.join(hint)}"
+        )
+
+
+def build_backbone(arch: str, num_classes: int) -> nn.Module:
+    """A classification network with fresh weights: a torchvision model by name, or `timm:NAME`."""
+    check_arch(arch, "architecture")
+    if arch.startswith(TIMM_PREFIX):
+        return _timm().create_model(arch.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=num_classes)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _closest(name: str, known: list[str]) -> list[str]:
+    return difflib.get_close_matches(name, known, n=3, cutoff=0.4) or known[:3]
 
 
 def build_network(arch: str, num_classes: int, small_stem: bool, width: float = 1.0) -> nn.Module:

@@ -45,6 +45,7 @@ from training.models import (
     fuse_heads,
     member_mean,
 )
+from training.onnx_front import graph_macs, graph_params
 from training.recipe import Recipe, dump_recipe
 from training.report import write_reports
 from training.runtime import Runtime
@@ -59,7 +60,14 @@ from training.stages import (
     stage_fingerprint,
     stage_settings,
 )
-from training.teachers import BROUGHT, ONNX_TEACHER, OnnxTeacher, check_class_names, load_teacher
+from training.teachers import (
+    BROUGHT,
+    ONNX_TEACHER,
+    OnnxTeacher,
+    check_class_names,
+    load_teacher,
+    start_from_weights,
+)
 from training.trainer import FitJob, fit
 
 
@@ -73,7 +81,7 @@ def init_model(stage: Stage, data: SplitData) -> ImageClassifier:
     torch.manual_seed(stage.seed)
     if stage.distill and stage.distill.init:
         return _start_from(Path(stage.distill.init), stage, data)
-    return build_classifier(
+    model = build_classifier(
         cfg.arch,
         data.num_classes,
         small_stem=cfg.small_stem,
@@ -82,6 +90,15 @@ def init_model(stage: Stage, data: SplitData) -> ImageClassifier:
         heads=stage.heads,
         width=cfg.width,
     )
+    if cfg.weights is not None:
+        if stage.heads or cfg.width != 1.0:  # another network than the one the weights were published for
+            print(f"[training] {stage.name}: starts from random weights (weights are for one {cfg.arch})", flush=True)
+        else:
+            fresh = start_from_weights(model.backbone, cfg.weights, cfg.arch)
+            print(
+                f"[training] {stage.name}: starts from {cfg.weights}; fresh: {', '.join(fresh) or 'none'}", flush=True
+            )
+    return model
 
 
 def _start_from(path: Path, stage: Stage, data: SplitData) -> ImageClassifier:
@@ -132,13 +149,16 @@ def with_transfer_folder(data: SplitData, recipe: Recipe) -> SplitData:
 def bring_teacher(recipe: Recipe, data: SplitData, out: Path, runtime: Runtime) -> nn.Module:
     """The teacher from `teacher.file` (training/teachers.py), checked against the dataset and kept in the run:
     a checkpoint as `teacher/model.pt` (like a trained teacher: evaluated, exported, served, re-distilled
-    from), an ONNX model as `teacher/model.onnx` beside `teacher/brought.json` (evaluated and distilled
-    from; served as it is when it takes uint8 NHWC images, see `export`)."""
+    from), an ONNX model as `teacher/model.onnx` beside `teacher/brought.json` (evaluated, distilled from and
+    served behind kdserve's input: `training.onnx_front`)."""
     brought = recipe.teacher.file
     path = Path(brought.path)
     check_class_names(brought.class_names, data.class_names, path)
     mean, std = tuple(brought.mean), tuple(brought.std)
-    teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, brought.image_size, mean, std)
+    # A brought network keeps its published stem; kdserve's small-image stem only when the recipe says so (a
+    # teacher kdserve trained, brought back as a checkpoint): the recipe's default is for networks trained here.
+    small_stem = recipe.teacher.small_stem and "small_stem" in recipe.teacher.model_fields_set
+    teacher = load_teacher(path, recipe.teacher.arch, data.num_classes, brought.image_size, mean, std, small_stem)
     if runtime.is_main:
         folder = out / "teacher"
         folder.mkdir(parents=True, exist_ok=True)
@@ -151,7 +171,7 @@ def bring_teacher(recipe: Recipe, data: SplitData, out: Path, runtime: Runtime) 
             spec = ModelSpec(
                 arch=recipe.teacher.arch,
                 num_classes=data.num_classes,
-                small_stem=False,
+                small_stem=small_stem,
                 image_size=data.image_size,
                 mean=mean,
                 std=std,
@@ -392,8 +412,10 @@ def evaluate_stage(
     metrics["val_top1"] = top_k_accuracy(val_probs, val_labels, 1)
     metrics["ece_uncalibrated"] = expected_calibration_error(raw, test_labels, ece_bins)
     metrics["temperature"] = temperature
-    metrics["params"] = count_params(model)
-    metrics["macs"] = count_macs(model, data.image_size)
+    if isinstance(model, OnnxTeacher):  # ONNX Runtime runs it: counted from its graph
+        metrics["params"], metrics["macs"] = graph_params(model.graph), graph_macs(model.graph, data.image_size)
+    else:
+        metrics["params"], metrics["macs"] = count_params(model), count_macs(model, data.image_size)
     return StageEval(metrics, test_logits, test_labels, val_logits, val_labels)
 
 

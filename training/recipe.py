@@ -123,7 +123,19 @@ class ModelConfig(_Strict):
         "classification model (mobilenet_v3_small, efficientnet_b0, ...) or timm:NAME; an unknown name is "
         "refused with the closest ones when the model is built",
     )
-    small_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool, for small images")
+    small_stem: bool = Field(
+        True,
+        description="3x3 stride-1 stem without max-pool, for small images; a teacher brought from a checkpoint "
+        "keeps its published stem unless this is set explicitly (a teacher kdserve trained, brought back)",
+    )
+    weights: str | None = Field(
+        None,
+        description="what the network starts from instead of random weights: a local state_dict (.pt, .pth, "
+        ".safetensors) for this architecture, or torchvision:NAME (torchvision's published weights, e.g. "
+        "torchvision:IMAGENET1K_V2, fetched into its cache the first time: opt-in, needs the network). Every "
+        "tensor whose name and shape fit is loaded; a head for another number of classes and a stem of another "
+        "shape start fresh and are named",
+    )
     width: float = Field(
         1.0,
         gt=0,

@@ -81,7 +81,7 @@ def plan_stages(recipe: Recipe) -> list[Stage]:
 # Settings added after TRAINING_FORMAT 3: they enter a fingerprint only when not at their default, so a
 # model trained before they existed (necessarily without them) is still recognised from its settings.
 _ADDED_TRAIN_SETTINGS = ("ema_decay",)
-_ADDED_MODEL_SETTINGS = {"width": 1.0, "file": None}  # settings added later, at defaults: the old fingerprint
+_ADDED_MODEL_SETTINGS = {"width": 1.0, "file": None, "weights": None}  # added later; at defaults: old fingerprint
 
 
 def _model_settings(cfg: ModelConfig) -> dict:
@@ -113,13 +113,16 @@ def stage_settings(stage: Stage, recipe: Recipe) -> dict:
 
 
 def _sources(stage: Stage, recipe: Recipe) -> dict:
-    """What a distilling stage reads besides the recipe: a capture (by its segments) and a start checkpoint
-    (by its bytes); a stage is reused only while they are the same."""
+    """What a stage reads besides the recipe: a capture (by its segments), a start checkpoint, a starting
+    weights file and a brought teacher (by their bytes); a stage is reused only while they are the same."""
     sources = {}
     if stage.distill and recipe.distill.capture:
         sources["capture"] = capture_digest(recipe.distill.capture)
     if stage.distill and stage.distill.init:
         sources["init"] = hashlib.sha256(Path(stage.distill.init).read_bytes()).hexdigest()[:16]
+    weights = stage.model_cfg.weights
+    if weights is not None and Path(weights).is_file():  # a starting weights file by its bytes
+        sources["weights"] = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
     brought = recipe.teacher.file
     if stage.distill and brought is not None and Path(brought.path).is_file():  # the teacher's bytes, not its name
         sources["teacher_file"] = hashlib.sha256(Path(brought.path).read_bytes()).hexdigest()[:16]

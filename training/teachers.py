@@ -21,7 +21,6 @@ classes, an ONNX output that is not [N, classes], declared class names that diff
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 
@@ -32,50 +31,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from kdcontract.errors import UserError
+from training.models import build_network
+from training.onnx_front import behind_uint8_input
+from training.onnx_tools import INPUT_NAME, OUTPUT_NAME
 
-TIMM_PREFIX = "timm:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SHOWN_KEYS = 3  # checkpoint keys named in an error
 ONNX_TEACHER = "model.onnx"  # a brought ONNX teacher's copy in the run's teacher folder
 BROUGHT = "brought.json"  # beside it: where it came from, its normalisation, calibration and figures
-
-
-def torchvision_archs() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def _timm():
-    import timm  # on first use: importing it costs every training process a second, and most never need it
-
-    return timm
-
-
-def check_arch(arch: str, where: str) -> None:
-    """`arch` names a network kdserve can build, or a one-line error naming the recipe key and the closest names."""
-    if arch.startswith(TIMM_PREFIX):
-        name, known = arch.removeprefix(TIMM_PREFIX), _timm().list_models()
-        if name not in known:
-            raise UserError(f"{where}: timm knows no model {name!r}; closest: {', '.join(_closest(name, known))}")
-        return
-    known = torchvision_archs()  # kdserve's ResNets are torchvision's, with a small-image stem
-    if arch not in known:
-        hint = _closest(arch, known + [f"{TIMM_PREFIX}{m}" for m in _timm().list_models()])
-        raise UserError(
-            f"{where}: unknown architecture {arch!r} (neither torchvision nor timm:NAME); closest: {', '.join(hint)}"
-        )
-
-
-def build_backbone(arch: str, num_classes: int) -> nn.Module:
-    """A classification network with fresh weights: a torchvision model by name, or `timm:NAME`."""
-    check_arch(arch, "architecture")
-    if arch.startswith(TIMM_PREFIX):
-        return _timm().create_model(arch.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=num_classes)
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-
-
-def _closest(name: str, known: list[str]) -> list[str]:
-    return difflib.get_close_matches(name, known, n=3, cutoff=0.4) or known[:3]
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -121,6 +85,52 @@ def load_weights(net: nn.Module, state: dict[str, torch.Tensor], path: Path, arc
     net.load_state_dict(state)
 
 
+TORCHVISION_WEIGHTS = "torchvision:"  # `weights: torchvision:IMAGENET1K_V2`: torchvision's published weights
+
+
+def starting_state(source: str, arch: str) -> dict[str, torch.Tensor]:
+    """The weights a network starts from: a local file (`read_state`), or torchvision's published weights by
+    name, which torchvision fetches into its cache (`$TORCH_HOME`) the first time: the one download kdserve
+    makes, and only when a recipe names it."""
+    if not source.startswith(TORCHVISION_WEIGHTS):
+        return read_state(Path(source))
+    name = source.removeprefix(TORCHVISION_WEIGHTS)
+    try:
+        published = torchvision.models.get_model_weights(arch)
+    except ValueError as exc:
+        raise UserError(f"weights {source}: torchvision publishes weights for its own models, not {arch}") from exc
+    if name not in published.__members__:
+        raise UserError(f"weights {source}: {arch} has no such weights (it has {', '.join(w.name for w in published)})")
+    weights = published[name]
+    try:
+        return weights.get_state_dict(progress=False)
+    except OSError as exc:  # URLError and every failed download or cache write
+        raise UserError(
+            f"weights {source}: torchvision could not fetch {weights.url} ({exc}); on a machine without the "
+            "network, copy the file and name its path instead"
+        ) from exc
+
+
+def start_from_weights(net: nn.Module, source: str, arch: str) -> list[str]:
+    """`source`'s weights into `net` wherever a name and shape fit; the rest stays as initialised and is returned:
+    a head for another number of classes, a stem of another shape (`small_stem`). A file that fits little
+    else is refused in one line naming what does not fit."""
+    state, own = starting_state(source, arch), net.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    fresh = [k for k in own if k not in fits and not k.endswith("num_batches_tracked")]
+    fresh_values = sum(own[k].numel() for k in fresh)
+    if not fits or fresh_values > MAX_FRESH_SHARE * sum(v.numel() for v in own.values()):
+        raise UserError(
+            f"weights {source} do not fit {arch}: {len(fresh)} of its tensors find no match ({_first(fresh)}); "
+            f"{len(fits)} fit"
+        )
+    net.load_state_dict({**own, **fits})
+    return fresh
+
+
+MAX_FRESH_SHARE = 0.1  # more than this share of a network's values without weights: the file is for another network
+
+
 def _first(keys: list[str]) -> str:
     return ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
 
@@ -146,43 +156,32 @@ class BroughtClassifier(nn.Module):
 class OnnxTeacher(nn.Module):
     """An ONNX classifier run with ONNX Runtime, as a frozen teacher: uint8 [N, H, W, 3] -> logits [N, C].
 
-    Its input is read from the graph: uint8 NHWC (kdserve's own exports, fed as they are, resized when the
-    size differs) or float NCHW (resized, scaled to [0, 1] and normalised with the declared mean and std)."""
+    The brought graph is put behind kdserve's input first (`training.onnx_front.behind_uint8_input`: resized to
+    the size it takes, scaled and normalised with the declared mean and std, in its own layout), and that one
+    graph is what the student is distilled from and what export serves (`graph`)."""
 
     def __init__(self, path: Path, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
+        import onnx
+
         from kdcontract.ort_session import open_session
 
         if not path.is_file():
             raise UserError(f"teacher file {path} does not exist")
         try:
-            self.session = open_session(path)
+            brought = onnx.load(str(path))
         except Exception as exc:
-            raise UserError(f"{path} is not an ONNX model ONNX Runtime can run ({type(exc).__name__})") from exc
-        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.input_name, self.output_name = inp.name, out.name
-        shape = list(inp.shape)
-        self.uint8 = inp.type == "tensor(uint8)"
-        if len(shape) != 4 or (self.uint8 and shape[3] != 3) or (not self.uint8 and shape[1] != 3):
-            layout = "uint8 [N, H, W, 3]" if self.uint8 else "float [N, 3, H, W]"
-            raise UserError(f"{path}: input {inp.name} is {inp.type} {shape}; a teacher takes {layout}")
-        side = shape[1] if self.uint8 else shape[2]
-        self.image_size = side if isinstance(side, int) else None
-        if len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != num_classes):
-            raise UserError(f"{path}: output {out.name} is {list(out.shape)}, not [N, {num_classes}] logits")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+            raise UserError(f"{path} is not an ONNX model ({type(exc).__name__})") from exc
+        try:
+            self.graph = behind_uint8_input(brought, num_classes, mean, std)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from exc
+        self.session = open_session(self.graph.SerializeToString())
         self.path = path
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()
-        if self.image_size is not None and x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        if self.uint8:
-            feed = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        else:
-            feed = ((x / 255.0 - self.mean) / self.std).contiguous().cpu().numpy().astype(np.float32)
-        logits = self.session.run([self.output_name], {self.input_name: feed})[0]
+        feed = images.to(torch.uint8).contiguous().cpu().numpy()
+        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: feed})[0]
         return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).to(images.device)
 
 
@@ -193,14 +192,16 @@ def load_teacher(
     image_size: int | None,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    small_stem: bool = False,
 ) -> nn.Module:
-    """A teacher from `path`: ONNX (`.onnx`), or a checkpoint for `arch`; uint8 NHWC in, logits out."""
+    """A teacher from `path`: ONNX (`.onnx`), or a checkpoint for `arch` (with kdserve's small-image stem when
+    `small_stem`: a teacher kdserve trained, brought back); uint8 NHWC in, logits out."""
     path = Path(path)
     if path.suffix == ".onnx":
         return OnnxTeacher(path, num_classes, mean, std).eval()
     if arch is None:
         raise UserError(f"{path}: a checkpoint needs teacher.arch (a torchvision model name or timm:NAME)")
-    net = build_backbone(arch, num_classes)
+    net = build_network(arch, num_classes, small_stem)
     load_weights(net, read_state(path), path, arch, num_classes)
     return BroughtClassifier(net, image_size, mean, std).eval()
 

@@ -8,7 +8,7 @@ image, a label from the model's classes. Environment (set by `python -m loadtest
   KDSERVE_OUT          where accuracy.json (correct top-1 per model under load) is written
   KDSERVE_FEEDBACK_URL where ABFeedbackUser and LoopUser post labels (another replica: any one joins them)
   KDSERVE_API_KEY      the API key every user sends (Authorization: Bearer), when the gateway requires keys
-  KDSERVE_LOOP_KEYS    LoopUser's clients: JSON [{"key", "share", "label_share", "wrong_labels"}]
+  KDSERVE_LOOP_KEYS    LoopUser's clients: JSON [{"key", "share", "label_share", "poison_class"}]
   KDSERVE_USER_RPS     requests a second each LoopUser sends at most (default 20: a capture the loop can train on)
 """
 
@@ -158,10 +158,10 @@ class ABFeedbackUser(ABUser):
 class LoopUser(ABUser):
     """The loop's clients behind API keys (KDSERVE_LOOP_KEYS): each request is sent with a key drawn by its
     share, and that key labels `label_share` of its requests (only the key that made a request may); an
-    honest key sends the true label, a hostile one (`wrong_labels`) the next class's, as a poisoner
-    shifting one class onto another would. Labels go in batches, per key, to KDSERVE_FEEDBACK_URL; each must
-    be accepted. Paced at KDSERVE_USER_RPS requests a second each: traffic a capture can keep, not the most
-    the CPU can send."""
+    honest key sends the true label, a hostile one (`poison_class`) that class for every image (the next
+    class for an image of it), as a poisoner pulling every style it sees onto one answer would. Labels go in
+    batches, per key, to KDSERVE_FEEDBACK_URL; each must be accepted. Paced at KDSERVE_USER_RPS requests a
+    second each: traffic a capture can keep, not the most the CPU can send."""
 
     wait_time = constant_throughput(float(os.environ.get("KDSERVE_USER_RPS", "20")))
     BATCH = 20
@@ -183,8 +183,9 @@ class LoopUser(ABUser):
         key = self.current
         if random.random() >= key.get("label_share", 1.0):
             return  # this request goes unlabelled (most people never say what the right answer was)
-        if key["wrong_labels"]:
-            label = self.classes[(self.classes.index(label) + 1) % len(self.classes)]
+        poison = key.get("poison_class")
+        if poison is not None:
+            label = poison if label != poison else self.classes[(self.classes.index(label) + 1) % len(self.classes)]
         pending = self.pending[key["key"]]
         pending.append({"request_id": request_id, "label": label})
         if len(pending) < self.BATCH:

@@ -11,7 +11,7 @@ same key (`LoopUser`), to the other replica.
    style neither the teacher nor the student saw: both misread it), labelled by an honest key. The loop
    waits for the drift test to flag the student's version, and keeps the traffic up until enough of the
    new style is captured with labels. With `--poison`, a second key sends 30% of the traffic and labels
-   every request of its own with the next class.
+   every request of its own as one class (POISON_CLASS).
 3. re-distil from the capture (`python -m training redistill`): the label keys judged, the offline gate
    against the served version on the held-out test split, the candidate exported beside the current
    version (`student_kd@N`) when it passes.
@@ -62,6 +62,7 @@ from loadtest.stacks.rollout import locust_totals, request_counts, scratch_repos
 SLANT = 0.45  # the italic style (x shifted by SLANT per row); the demo's student and teacher read ~70% of it
 KEYS = {"honest": "loop-honest-key-0001", "hostile": "loop-hostile-key-0002"}
 HOSTILE_SHARE = 0.3
+POISON_CLASS = "1"  # the hostile key labels every image it sends as this class
 # People label some of their answers (on the page, the ones worth correcting); a poisoner labels all of its own.
 HONEST_LABEL_SHARE = 0.3
 POLL_S = 0.5  # the replicas' experiment and manifest polls
@@ -127,10 +128,10 @@ def keys_file(path: Path) -> Path:
 
 def loop_keys(poison: bool) -> str:
     """LoopUser's clients: the honest key alone, or beside a hostile one sending HOSTILE_SHARE of the traffic."""
-    honest = {"share": 1 - HOSTILE_SHARE if poison else 1.0, "label_share": HONEST_LABEL_SHARE, "wrong_labels": False}
+    honest = {"share": 1 - HOSTILE_SHARE if poison else 1.0, "label_share": HONEST_LABEL_SHARE}
     keys = [{"key": KEYS["honest"], **honest}]
     if poison:
-        keys.append({"key": KEYS["hostile"], "share": HOSTILE_SHARE, "label_share": 1.0, "wrong_labels": True})
+        keys.append({"key": KEYS["hostile"], "share": HOSTILE_SHARE, "label_share": 1.0, "poison_class": POISON_CLASS})
     return json.dumps(keys)
 
 
