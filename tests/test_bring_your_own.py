@@ -27,9 +27,10 @@ from kdcontract.client_forms import ClientForm, render_image
 from kdcontract.digits import digits_gray
 from kdcontract.errors import UserError
 from kdcontract.manifest import read_manifest
+from training.bring_back import write_recipes, write_teacher_files
 from training.checkpoint import load_model
-from training.models import build_backbone
-from training.recipe import IMAGENET_MEAN, IMAGENET_STD
+from training.models import build_backbone, build_network
+from training.recipe import IMAGENET_MEAN, IMAGENET_STD, load_recipe
 from training.teachers import BroughtClassifier, OnnxTeacher, load_teacher
 
 SIZE = 64
@@ -120,6 +121,27 @@ def test_what_does_not_fit_is_one_line_naming_both_sides(teacher_files, tmp_path
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="is not a PyTorch state_dict"):
         load_teacher(tmp_path / "x.pt", "resnet18", 10, None)
+
+
+def test_a_teacher_kdserve_trained_comes_back_from_its_files_answering_as_it_did(tiny_run, tmp_path):
+    """`training bring-back` (make byo): the run's teacher written as a team would hand it over, and read back
+    through the recipes it writes. The tiny run's teacher is a ResNet18 at width 0.5, which no architecture
+    name builds: it comes back as ONNX only; a small-stem checkpoint comes back under `small_stem: true`."""
+    files = write_teacher_files(tiny_run, tmp_path / "byo")
+    assert set(files) == {"onnx"}
+    trained, spec, _ = load_model(tiny_run / "teacher" / "model.pt")
+    images = torch.from_numpy(np.stack([np.repeat(d[:, :, None], 3, axis=2) for d in digits_gray()[0][:200]]))
+    for path in write_recipes(tiny_run, tmp_path / "byo", files):
+        brought = load_recipe(str(path)).teacher
+        teacher = load_teacher(Path(brought.file.path), brought.arch, spec.num_classes, None, tuple(brought.file.mean),
+                               tuple(brought.file.std))  # fmt: skip
+        with torch.no_grad():
+            np.testing.assert_allclose(teacher(images).numpy(), trained(images).numpy(), rtol=1e-4, atol=1e-4)
+    small = build_network("resnet18", 10, small_stem=True)
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    assert isinstance(load_teacher(tmp_path / "small.pt", "resnet18", 10, None, small_stem=True), BroughtClassifier)
+    with pytest.raises(UserError, match=r"does not fit resnet18: shapes differ: conv1.weight \(64, 3, 3, 3\)"):
+        load_teacher(tmp_path / "small.pt", "resnet18", 10, None)
 
 
 def recipe(tmp_path: Path, folder: Path, teacher: Path, teacher_arch: str, student: str) -> Path:

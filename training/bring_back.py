@@ -26,7 +26,8 @@ STUDENTS = (("checkpoint", "resnet18"), ("onnx", "resnet18"), ("onnx", "mobilene
 
 
 def write_teacher_files(run: Path, out: Path) -> dict[str, Path]:
-    """The run's teacher as a `state_dict` and as a float NCHW ONNX graph; returns the paths by form."""
+    """The run's teacher as a `state_dict` (when its network is a published architecture: width 1) and as a
+    float NCHW ONNX graph; returns the paths by form."""
     path = run / "teacher" / "model.pt"
     if not path.is_file():
         raise UserError(f"{path} not found: train the run's teacher first (make models)")
@@ -35,7 +36,12 @@ def write_teacher_files(run: Path, out: Path) -> dict[str, Path]:
         raise UserError(f"{path} is not one trained network (brought {spec.brought}, members {spec.members})")
     out.mkdir(parents=True, exist_ok=True)
     network = model.backbone.eval()
-    torch.save(network.state_dict(), out / FORMS["checkpoint"])
+    written = {}
+    if spec.width == 1.0:
+        torch.save(network.state_dict(), out / FORMS["checkpoint"])
+        written["checkpoint"] = out / FORMS["checkpoint"]
+    else:  # no architecture name builds it, so no checkpoint for a name could bring it back
+        print(f"[bring-back] {path} is {spec.arch} at width {spec.width:g}: written as ONNX only", flush=True)
     size = spec.image_size
     graph = io.BytesIO()
     torch.onnx.export(
@@ -43,7 +49,7 @@ def write_teacher_files(run: Path, out: Path) -> dict[str, Path]:
         dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, opset_version=OPSET, dynamo=False,
     )  # fmt: skip
     (out / FORMS["onnx"]).write_bytes(graph.getvalue())
-    return {form: out / name for form, name in FORMS.items()}
+    return {**written, "onnx": out / FORMS["onnx"]}
 
 
 def write_recipes(run: Path, out: Path, files: dict[str, Path]) -> list[Path]:
@@ -51,7 +57,7 @@ def write_recipes(run: Path, out: Path, files: dict[str, Path]) -> list[Path]:
     _, spec, _ = load_model(run / "teacher" / "model.pt")
     base = yaml.safe_load((run / "recipe.yaml").read_text())
     written = []
-    for form, student in STUDENTS:
+    for form, student in [(f, s) for f, s in STUDENTS if f in files]:
         tree = yaml.safe_load(yaml.safe_dump(base))
         tree["name"] = f"{base['name']}-{form}-{student}"
         brought = {"path": str(files[form].resolve()), "mean": list(spec.mean), "std": list(spec.std)}
