@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from kdcontract.client_forms import ClientForm, render_image
 from kdcontract.digits import digits_gray
 from kdcontract.errors import UserError
 from kdcontract.manifest import read_manifest
+from loadtest.clients.measure import metric_value
 from training.bring_back import write_recipes, write_teacher_files
 from training.checkpoint import load_model
 from training.models import build_backbone, build_network
@@ -144,7 +146,7 @@ def test_a_teacher_kdserve_trained_comes_back_from_its_files_answering_as_it_did
         load_teacher(tmp_path / "small.pt", "resnet18", 10, None)
 
 
-def recipe(tmp_path: Path, folder: Path, teacher: Path, teacher_arch: str, student: str) -> Path:
+def recipe(tmp_path: Path, folder: Path, teacher: Path, teacher_arch: str, student: str, cascade: bool = False) -> Path:
     body = {
         "name": "byo",
         "data": {"dataset": "imagefolder", "root": str(folder), "image_size": SIZE,
@@ -154,7 +156,7 @@ def recipe(tmp_path: Path, folder: Path, teacher: Path, teacher_arch: str, stude
                     "train": {"epochs": STUDENT_EPOCHS[student], "batch_size": 64, "optimizer": "adamw", "lr": 3.0e-3}},
         "distill": {"loss": "hinton", "temperature": 2.0, "alpha": 0.7},
         "ensemble": {"variants": [], "multihead": {"heads": 0}},
-        "cascade": {"enabled": False},
+        "cascade": {"enabled": cascade},
         "compression": {"enabled": False},
         "evaluation": {"seeds": [0]},
     }  # fmt: skip
@@ -187,43 +189,116 @@ def test_a_brought_teacher_is_distilled_into_a_student_that_agrees_with_it(
     assert kd["arch"] == student
 
 
-@pytest.mark.parametrize(("form", "served_arch"), [("torchvision", "resnet18"), ("onnx", "onnx:resnet18.onnx")])
 def test_a_student_of_a_brought_teacher_is_exported_served_and_answers_over_http_and_v2(
-    folder, teacher_files, tmp_path, form, served_arch
+    folder, teacher_files, tmp_path
 ):
-    """The brought teacher (a checkpoint, served from its own weights; or a float NCHW ONNX graph, served behind
-    kdserve's uint8 input) and its MobileNetV3 student exported into a repository, Triton and the gateway in
-    front: both answer over HTTP and v2 as they do in-process."""
+    """The torchvision teacher (served from its own weights) and its MobileNetV3 student exported into a
+    repository, Triton and the gateway in front: both answer over HTTP and v2 as they do in-process."""
     run, repo = tmp_path / "run", tmp_path / "repo"
-    args = ["--recipe", str(recipe(tmp_path, folder, teacher_files[form], "resnet18", "mobilenet_v3_small"))]
+    args = ["--recipe", str(recipe(tmp_path, folder, teacher_files["torchvision"], "resnet18", "mobilenet_v3_small"))]
     done = run_training("all", *args, "--out", str(run), "--only", "student_kd", "--export", str(repo))
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = read_manifest(repo)
-    assert manifest.models["teacher"].arch == served_arch
-    assert manifest.models["student_kd"].arch == "mobilenet_v3_small"
-    images, _ = folder_tensors(folder)
-    sample = images[1::2][:24]
-    teacher = load_teacher(teacher_files[form], "resnet18", 10, None)
-    student, _, _ = load_model(run / "student_kd" / "model.pt")
-    with torch.no_grad():
-        expected = {"teacher": teacher(sample).argmax(-1).tolist(), "student_kd": student(sample).argmax(-1).tolist()}
+    assert manifest.models["teacher"].arch == "resnet18" and manifest.models["student_kd"].arch == "mobilenet_v3_small"
+    sample, expected = in_process_answers(folder, load_teacher(teacher_files["torchvision"], "resnet18", 10, None), run)
     ports = TritonPorts(free_port(), free_port(), free_port())
     with EmbeddedTriton(repo, ports, log_file=tmp_path / "triton.log") as triton:
         gateway = GatewayProcess(repo, triton.http_url)
         try:
-            for name, answers in expected.items():
-                files = [("images", (f"{i}.png", png(x), "image/png")) for i, x in enumerate(sample)]
-                resp = gateway.client.post("/v1/classify", params={"model": name, "top_k": 1}, files=files)
-                assert resp.status_code == 200, resp.text
-                assert [p["top_k"][0]["index"] for p in resp.json()["predictions"]] == answers
-                body = {"inputs": [{"name": "PIXELS", "shape": list(sample.shape), "datatype": "UINT8",
-                                    "data": sample.flatten().tolist()}]}  # fmt: skip
-                v2 = gateway.client.post(f"/v2/models/{name}/infer", json=body)
-                assert v2.status_code == 200, v2.text
-                probabilities = np.asarray(v2.json()["outputs"][0]["data"]).reshape(len(sample), -1)
-                assert probabilities.argmax(-1).tolist() == answers
+            answers_as_in_process(gateway, sample, expected)
         finally:
             gateway.stop()
+
+
+def test_with_an_onnx_teacher_the_cascade_the_ab_its_shadow_capture_and_redistill_all_work(
+    folder, teacher_files, tmp_path
+):
+    """The whole product with a teacher brought as a float NCHW ONNX graph: served (behind kdserve's input) as
+    the teacher arm, the cascade's fallback and the A/B's control with every request shadowed; what it answered
+    is captured, and `training redistill` makes a candidate student from the capture with that teacher."""
+    run, repo, capture = tmp_path / "run", tmp_path / "repo", tmp_path / "capture"
+    path = recipe(tmp_path, folder, teacher_files["onnx"], "resnet18", "mobilenet_v3_small", cascade=True)
+    done = run_training("all", "--recipe", str(path), "--out", str(run), "--only", "student_kd", "--export", str(repo))
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = read_manifest(repo)
+    assert manifest.models["teacher"].arch == "onnx:resnet18.onnx"
+    assert manifest.cascade is not None and (manifest.cascade.student, manifest.cascade.teacher) == (
+        "student_kd",
+        "teacher",
+    )
+    sample, expected = in_process_answers(folder, load_teacher(teacher_files["onnx"], None, 10, None), run)
+    experiment = tmp_path / "experiment.json"
+    split = {"control": "teacher", "candidate": "student", "weights": {"student": 0.5, "teacher": 0.5}}
+    experiment.write_text(json.dumps({**split, "shadow_fraction": 1.0}))
+    env = {"KDSERVE_EXPERIMENT_FILE": str(experiment), "KDSERVE_CAPTURE_FRACTION": "1",
+           "KDSERVE_CAPTURE_DIR": str(capture)}  # fmt: skip
+    ports = TritonPorts(free_port(), free_port(), free_port())
+    with EmbeddedTriton(repo, ports, log_file=tmp_path / "triton.log") as triton:
+        gateway = GatewayProcess(repo, triton.http_url, env=env)
+        try:
+            answers_as_in_process(gateway, sample, expected)
+            arms = []
+            for i, x in enumerate(sample):  # each client on one arm by its key; the other arm answers in shadow
+                headers = {"Content-Type": "image/png", "X-Client-Key": f"client-{i}"}
+                resp = gateway.client.post("/v1/classify?model=auto", content=png(x), headers=headers)
+                assert resp.status_code == 200, resp.text
+                body = resp.json()
+                arms.append(body["arm"])
+                assert body["predictions"][0]["top_k"][0]["index"] == expected[body["model"]][i]
+            assert set(arms) == {"student", "teacher"}
+            deadline = time.monotonic() + 20
+            while shadowed(gateway) < len(sample) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert shadowed(gateway) == len(sample)
+            files = [("images", (f"{i}.png", png(x), "image/png")) for i, x in enumerate(sample)]
+            resp = gateway.client.post("/v1/classify", params={"model": "cascade"}, files=files)
+            assert resp.status_code == 200, resp.text
+            assert {p["answered_by"] for p in resp.json()["predictions"]} <= {"student_kd", "teacher"}
+        finally:
+            gateway.stop()
+    done = run_training("redistill", "--run", str(run), "--capture", str(capture), "--repo", str(repo),
+                        "--out", str(tmp_path / "redistilled"), "--set", "student.train.epochs=1")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = read_manifest(repo)
+    assert after.models["student_kd"].candidate is not None and after.models["teacher"] == manifest.models["teacher"]
+    report = json.loads((tmp_path / "redistilled" / "redistill.json").read_text())
+    assert report["captured_images"] >= 2 * len(sample)
+
+
+def shadowed(gateway: GatewayProcess) -> float:
+    text = gateway.client.get("/metrics").text
+    return sum(
+        metric_value(text, "kdserve_shadow_requests_total", {"arm": arm, "agreed": agreed})
+        for arm in ("student", "teacher")
+        for agreed in ("true", "false")
+    )
+
+
+def in_process_answers(folder: Path, teacher: torch.nn.Module, run: Path) -> tuple[torch.Tensor, dict[str, list]]:
+    """24 held-out images and what the teacher and the run's student answer on them in-process."""
+    images, _ = folder_tensors(folder)
+    sample = images[1::2][:24]
+    student, _, _ = load_model(run / "student_kd" / "model.pt")
+    with torch.no_grad():
+        return sample, {
+            "teacher": teacher(sample).argmax(-1).tolist(),
+            "student_kd": student(sample).argmax(-1).tolist(),
+        }
+
+
+def answers_as_in_process(gateway: GatewayProcess, sample: torch.Tensor, expected: dict[str, list]) -> None:
+    """Each model by name over /v1/classify (PNGs) and v2 infer (prepared pixels): the in-process answers."""
+    for name, answers in expected.items():
+        files = [("images", (f"{i}.png", png(x), "image/png")) for i, x in enumerate(sample)]
+        resp = gateway.client.post("/v1/classify", params={"model": name, "top_k": 1}, files=files)
+        assert resp.status_code == 200, resp.text
+        assert [p["top_k"][0]["index"] for p in resp.json()["predictions"]] == answers
+        body = {"inputs": [{"name": "PIXELS", "shape": list(sample.shape), "datatype": "UINT8",
+                            "data": sample.flatten().tolist()}]}  # fmt: skip
+        v2 = gateway.client.post(f"/v2/models/{name}/infer", json=body)
+        assert v2.status_code == 200, v2.text
+        probabilities = np.asarray(v2.json()["outputs"][0]["data"]).reshape(len(sample), -1)
+        assert probabilities.argmax(-1).tolist() == answers
 
 
 def png(pixels: torch.Tensor) -> bytes:
