@@ -167,8 +167,8 @@ def recipe(tmp_path: Path, folder: Path, teacher: Path, teacher_arch: str, stude
 
 @pytest.mark.parametrize(
     ("form", "teacher_arch", "student"),
-    [("torchvision", "resnet18", "resnet18"), ("timm", "timm:resnet18", "mobilenet_v3_small"),
-     ("onnx", "resnet18", "mobilenet_v3_small")],
+    [("torchvision", "resnet18", "resnet18"), ("timm", "timm:resnet18", "resnet18"), ("onnx", "resnet18", "resnet18"),
+     ("timm", "timm:resnet18", "mobilenet_v3_small"), ("onnx", "resnet18", "mobilenet_v3_small")],
 )  # fmt: skip
 def test_a_brought_teacher_is_distilled_into_a_student_that_agrees_with_it(
     folder, teacher_files, tmp_path, form, teacher_arch, student
