@@ -8,14 +8,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from google.protobuf import text_format
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 from kdcontract.errors import UserError
 from kdcontract.manifest import read_manifest
-from kdcontract.names import FUSED_ENSEMBLE, STUDENT_KD, TEACHER
+from kdcontract.names import FUSED_ENSEMBLE, STUDENT_KD, TEACHER, int8_name
 from kdcontract.ort_session import open_session
+from kdcontract.versions import loaded_by_config, reject
 from tests.conftest import run_training, training_cli
 from training.check_repo import check_repository
+from training.checkpoint import load_model, save_model
 from training.models import build_classifier
 from training.onnx_tools import (
     OPSET,
@@ -162,6 +165,59 @@ def test_a_new_export_adds_a_version_and_keeps_the_newest(tmp_path):
         assert version == i + 1 and f"m/{version}/model.onnx" in hashes
     assert existing_versions(tmp_path / "repo" / "m") == [3, 4]
     assert (tmp_path / "repo" / "m" / "4" / "model.onnx").read_bytes() == bytes([3])
+
+
+def test_a_new_student_graph_waits_beside_the_served_version_until_a_decision_and_the_same_graph_is_kept(
+    tiny_run, tiny_repo, tmp_path
+):
+    """Export into a repository that serves the run already: every unchanged graph is kept (no new version);
+    a student retrained (here: its weights nudged) is a candidate beside the served version, with its INT8
+    sibling, until a rollout or an operator decides; a second one while it is on trial is refused; `--promote`
+    makes one current at once."""
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(tiny_repo, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    before = read_manifest(repo)
+
+    def nudge_student() -> None:
+        model, spec, meta = load_model(run / STUDENT_KD / "model.pt")
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.add_(0.01 * torch.randn_like(weight))
+        save_model(run / STUDENT_KD / "model.pt", model, spec, meta)
+
+    def export(*extra: str):
+        return run_training("export", "--run", str(run), "--repo", str(repo), *extra)
+
+    same = export()
+    assert same.returncode == 0, same.stderr[-2000:]
+    single = [n for n, e in before.models.items() if not e.members]  # the ensembles are written whole each time
+    for name in single:
+        assert f"[export] {name}: the same graph as served version {before.models[name].version}: kept" in same.stdout
+        assert read_manifest(repo).models[name] == before.models[name]
+    torch.manual_seed(0)
+    nudge_student()
+    tried = export()
+    assert tried.returncode == 0, tried.stderr[-2000:]
+    after = read_manifest(repo)
+    for name in (STUDENT_KD, int8_name(STUDENT_KD)):
+        served, candidate = after.models[name].version, after.models[name].candidate
+        assert served == before.models[name].version and candidate.version == served + 1
+        assert loaded_by_config(text_format.Parse((repo / name / "config.pbtxt").read_text(), ModelConfig())) == [
+            served,
+            candidate.version,
+        ]
+    assert after.models[TEACHER] == before.models[TEACHER] and after.cascade == before.cascade
+    assert after.models[STUDENT_KD].candidate.cascade is not None  # fitted for it, waiting for its promotion
+    nudge_student()
+    refused = export()
+    assert refused.returncode == 2 and f"student_kd@{candidate.version} is still on trial" in refused.stderr
+    assert read_manifest(repo) == after
+    reject(repo, STUDENT_KD, after.models[STUDENT_KD].candidate.version)
+    promoted = export("--promote")
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    now = read_manifest(repo).models[STUDENT_KD]
+    assert now.candidate is None and now.version > after.models[STUDENT_KD].candidate.version
 
 
 def test_a_version_appears_whole_under_its_number_and_a_dead_export_leaves_nothing_triton_loads(tmp_path):

@@ -116,7 +116,7 @@ def _serving_options(args: argparse.Namespace) -> ServingOptions:
 def _export(run: Path, repo: Path, args: argparse.Namespace) -> None:
     from training.export import export_run
 
-    export_run(run, repo, args.flavor, _serving_options(args))
+    export_run(run, repo, args.flavor, _serving_options(args), promote=args.promote)
     print(f"[export] wrote {repo}; report in {run / 'export_report.md'}")
     _cmd_check_repo(argparse.Namespace(repo=repo))
 
@@ -238,6 +238,16 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intra-op-threads", type=int, default=2, help="ONNX Runtime threads per instance (cpu)")
 
 
+def add_promote_arg(parser: argparse.ArgumentParser) -> None:
+    """The one choice of the commands that export a whole run (redistill always writes a candidate)."""
+    parser.add_argument(
+        "--promote",
+        action="store_true",
+        help="where the repository already serves a student, make its new graph the current version at once "
+        "(without it: a candidate beside the served version, which a rollout promotes; training/placement.py)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and the data are loaded once)",
     )
     add_serving_args(run)
+    add_promote_arg(run)
     run.set_defaults(func=_cmd_all)
 
     plan = commands.add_parser("plan", help="which stages `all` would train and which it would reuse")
@@ -287,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", default="runs/digits", help="run directory written by `all`")
     export.add_argument("--repo", default="model_repository", help="Triton model repository to write")
     add_serving_args(export)
+    add_promote_arg(export)
     export.set_defaults(func=_cmd_export)
 
     again = commands.add_parser(

@@ -21,7 +21,16 @@ import kdcontract.ort_session
 from kdcontract.drift import reference_from
 from kdcontract.errors import UserError
 from kdcontract.fusion import top1
-from kdcontract.manifest import Cascade, DriftReference, Manifest, ModelEntry, TensorSpec, write_manifest
+from kdcontract.manifest import (
+    MANIFEST_NAME,
+    Cascade,
+    DriftReference,
+    Manifest,
+    ModelEntry,
+    TensorSpec,
+    read_manifest,
+    write_manifest,
+)
 from kdcontract.names import (
     ENSEMBLE,
     FUSED_ENSEMBLE,
@@ -54,6 +63,7 @@ from training.onnx_tools import (
     require_parity,
     run_logits,
 )
+from training.placement import place
 from training.recipe import load_recipe
 from training.teachers import BROUGHT, run_teacher
 from training.triton_repo import (
@@ -162,11 +172,9 @@ def write_served_model(
     )
 
 
-def _brought_onnx_entry(
-    folder: Path, data: SplitData, repo: Path, flavor: str, opts: ServingOptions, validation: np.ndarray, out: Path
-) -> ModelEntry:
+def _brought_onnx_graph(folder: Path, data: SplitData, out: Path) -> tuple[ModelSpec, str]:
     """A teacher brought as ONNX, served as the graph it was distilled from: the brought graph behind kdserve's
-    uint8 NHWC input (`training.onnx_front`), its weights untouched."""
+    uint8 NHWC input (`training.onnx_front`), its weights untouched, written to `out`; its spec and source."""
     brought = json.loads((folder / BROUGHT).read_text())
     teacher = run_teacher(folder, data.num_classes)
     onnx.save(with_input_size(teacher.graph, data.image_size), str(out))
@@ -182,7 +190,7 @@ def _brought_onnx_entry(
         temperature=brought.get("temperature", 1.0),
         metrics=brought.get("metrics", {}),
     )
-    return write_served_model(repo, TEACHER, "teacher", spec, out, flavor, opts, brought["file"], validation=validation)
+    return spec, brought["file"]
 
 
 def drift_reference(onnx_path: Path, validation: np.ndarray, temperature: float) -> DriftReference | None:
@@ -279,7 +287,11 @@ def export_graph(
     return report, onnx_out
 
 
-def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions | None = None) -> dict:
+def export_run(
+    run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions | None = None, promote: bool = False
+) -> dict:
+    """The run's served models into `repo`: where it already serves one, the new graph is kept, tried as a
+    candidate or made current by `training.placement` (`promote`: a student's new graph current at once)."""
     opts = opts or ServingOptions()
     results_path = run / "results.json"
     if not results_path.exists():
@@ -290,44 +302,43 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
     test = as_numpy(data.test)
     validation = validation_as_served(recipe.data, as_numpy(data.val)[0])  # each version's drift reference
     onnx_dir = run / "onnx"
+    onnx_dir.mkdir(parents=True, exist_ok=True)
     repo.mkdir(parents=True, exist_ok=True)
+    served = read_manifest(repo) if (repo / MANIFEST_NAME).is_file() else None
     entries: dict[str, ModelEntry] = {}
     report: dict = {"flavor": flavor, "run": str(run), "test_images": len(test[0]), "models": {}}
+    tried: set[str] = set()  # the names this export put a candidate beside
+
+    def export(name: str, role: str, spec: ModelSpec, graph: Path, source: str, **fields) -> None:
+        def write(also_loaded: tuple[int, ...]) -> ModelEntry:
+            return write_served_model(
+                repo, name, role, spec, graph, flavor, opts, source, also_loaded=also_loaded, validation=validation,
+                **fields,
+            )  # fmt: skip
+
+        before = served.models.get(name) if served is not None else None
+        entries[name] = place(name, before, graph, write, promote)
+        if entries[name].candidate is not None and (before is None or before.candidate != entries[name].candidate):
+            tried.add(name)
 
     for name in _served_models(run, results):
         if (run / name / BROUGHT).exists():  # a brought ONNX teacher
-            onnx_dir.mkdir(parents=True, exist_ok=True)
-            entry = _brought_onnx_entry(run / name, data, repo, flavor, opts, validation, onnx_dir / f"{name}.onnx")
-            entries[name] = entry
-            report["models"][name] = {"version": entry.version, "brought": True}
+            spec, source = _brought_onnx_graph(run / name, data, onnx_dir / f"{name}.onnx")
+            export(name, "teacher", spec, onnx_dir / f"{name}.onnx", source)
+            report["models"][name] = {"version": entries[name].version, "brought": True}
             continue
         model, spec, _ = load_model(run / name / "model.pt")
         onnx_path = onnx_dir / f"{name}.onnx"
         report["models"][name], onnx_logits = export_graph(name, model, spec.image_size, onnx_path, data, test, flavor)
         role = spec.role if name not in (STUDENT_KD, STUDENT_PLAIN) else "student"
-        source = str(run / name / "model.pt")
-        entries[name] = write_served_model(
-            repo, name, role, spec, onnx_path, flavor, opts, source, validation=validation
-        )
+        export(name, role, spec, onnx_path, str(run / name / "model.pt"))
         report["models"][name]["version"] = entries[name].version
 
         if name in INT8_SOURCES and flavor == "cpu":
             int8_path, int8 = int8_sibling(name, onnx_path, data, test, onnx_logits, spec.temperature)
             quantized = int8_name(name)
             metrics = {**spec.metrics, "top1": int8["int8_top1"], "ece": int8["int8_ece"]}
-            entries[quantized] = write_served_model(
-                repo,
-                quantized,
-                "quantized",
-                spec,
-                int8_path,
-                flavor,
-                opts,
-                str(int8_path),
-                precision="int8",
-                metrics=metrics,
-                validation=validation,
-            )
+            export(quantized, "quantized", spec, int8_path, str(int8_path), precision="int8", metrics=metrics)
             report["models"][quantized] = int8
             _print_int8(quantized, int8)
 
@@ -355,6 +366,13 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
             report["models"][quantized] = int8
             _print_int8(quantized, int8)
         _write_scheduler_ensemble(repo, members, entries, opts, metrics)
+    cascade = cascade_entry(results, entries)
+    if cascade is not None and cascade.student in tried:
+        # Fitted for the candidate: it waits beside it until promotion; the served cascade stays the one served.
+        student = entries[cascade.student]
+        candidate = student.candidate.model_copy(update={"cascade": cascade})
+        entries[cascade.student] = student.model_copy(update={"candidate": candidate})
+        cascade = served.cascade if served is not None else None
     manifest = Manifest(
         flavor=flavor,
         recipe=recipe.name,
@@ -362,7 +380,7 @@ def export_run(run: Path, repo: Path, flavor: str = "cpu", opts: ServingOptions 
         split=recipe.data.split,
         preprocessing=data.preprocessing,
         models=entries,
-        cascade=cascade_entry(results, entries),
+        cascade=cascade,
     )
     write_manifest(repo, manifest)
     _write_report(run, report)

@@ -72,8 +72,8 @@ def shift_classes(model: Path) -> None:
 
 def export_broken_student(repo: Path) -> int:
     """A new version of the student, shifted, written beside the served one and then named in the manifest
-    as the current version, as a direct export (`training export`) would (Triton polling the repository loads
-    it; the gateways switch once it is ready): the bug this simulates skips the candidate's trial."""
+    as the current version, as `training export --promote` would (Triton polling the repository loads it; the
+    gateways switch once it is ready): the mistake this simulates skips the candidate's trial."""
     manifest = read_manifest(repo)
     entry = manifest.models[STUDENT_KD]
     version = entry.version + 1
