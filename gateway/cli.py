@@ -146,13 +146,14 @@ def _cmd_keys_new(args: argparse.Namespace) -> None:
 
 def _cmd_erase(args: argparse.Namespace) -> None:
     from gateway.capture.sinks import LocalSink, ObjectStoreSink
-    from gateway.erase import Erased, erase_answers, erase_capture
+    from gateway.erase import Erased, Selection, erase_answers, erase_capture
 
     request_ids = set(args.request_id or [])
     if args.ids_file:
         request_ids |= {line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()}
-    if not request_ids:
-        raise GatewayError("name the requests to erase: --request-id ID (repeat) or --ids-file FILE")
+    selection = Selection(frozenset(request_ids), frozenset(args.key or []))
+    if not selection:
+        raise GatewayError("name the requests to erase: --request-id ID (repeat), --ids-file FILE or --key KEY_ID")
     if not (args.capture_dir or args.capture_url or args.answers_dir):
         raise GatewayError("name where the data is kept: --capture-dir or --capture-url, and/or --answers-dir")
     erased = Erased()
@@ -160,10 +161,13 @@ def _cmd_erase(args: argparse.Namespace) -> None:
         location = args.capture_url or str(args.capture_dir)
         # Retention and cap are not applied here: the sinks only put and delete.
         store = ObjectStoreSink(location, 0, 0) if args.capture_url else LocalSink(Path(location), 0, 0)
-        erase_capture(location, store, request_ids, erased)
+        erase_capture(location, store, selection, erased)
     if args.answers_dir:
-        erase_answers(Path(args.answers_dir), request_ids, erased)
-    print(f"{erased.summary()} for {len(request_ids)} request id(s)", flush=True)
+        erase_answers(Path(args.answers_dir), selection, erased)
+    named = [f"{len(request_ids)} request id(s)"] + (
+        [f"key(s) {', '.join(sorted(selection.keys))}"] if args.key else []
+    )
+    print(f"{erased.summary()} for {' and '.join(named)}", flush=True)
 
 
 def _cmd_experiment_cost(args: argparse.Namespace) -> None:
@@ -249,10 +253,15 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
     new.set_defaults(func=_cmd_keys_new)
 
     erase = commands.add_parser(
-        "erase", help="remove the captured images, labels and A/B answers of given requests (data erasure)"
+        "erase",
+        help="remove the captured images, labels and A/B answers of given requests, or of every request of an "
+        "API key id (data erasure)",
     )
     erase.add_argument("--request-id", action="append", help="a request id the gateway returned (repeat)")
     erase.add_argument("--ids-file", help="a file of request ids, one a line")
+    erase.add_argument(
+        "--key", action="append", help="an API key id: every request it made (repeat; the id, never the key)"
+    )
     erase.add_argument("--capture-dir", help="the capture directory (KDSERVE_CAPTURE_DIR of the gateways)")
     erase.add_argument("--capture-url", help="the capture's s3://bucket/prefix (KDSERVE_CAPTURE_URL)")
     erase.add_argument("--answers-dir", help="the A/B answer store (KDSERVE_ANSWERS_DIR of the gateways)")

@@ -5,7 +5,8 @@ Captured images and answers may be personal data: they are written readable by t
 (`gateway.files`), kept for a retention, and erased here on request. A capture segment that holds other
 requests' rows too is rewritten whole without the erased ones (a reader sees the old file or the new
 one, never half); a segment left empty is removed. Requests are named by the ids the gateway returned
-(`request_id`, `X-Request-ID`). Run it where the capture and the answers are reachable (a Job with the
+(`request_id`, `X-Request-ID`), or by the API key id that made them (every request of that key: captured
+images, labels and answers record it). Run it where the capture and the answers are reachable (a Job with the
 same volumes, or the object store's credentials).
 """
 
@@ -49,34 +50,61 @@ class Erased:
         )
 
 
-def erase_capture(location: str, store: SegmentStore, request_ids: set[str], erased: Erased) -> None:
-    for name, read in capture_files(location):
+@dataclass(frozen=True)
+class Selection:
+    """What is erased: the requests named by their ids, and every request an API key id made."""
+
+    request_ids: frozenset[str] = frozenset()
+    keys: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.request_ids or self.keys)
+
+    def holds(self, request_id: str, key: str | None) -> bool:
+        return request_id in self.request_ids or (key is not None and key in self.keys)
+
+
+def erase_capture(location: str, store: SegmentStore, selection: Selection, erased: Erased) -> None:
+    """The images and labels of the selected requests out of every segment. Images first: a request an erased
+    key made may carry labels written before labels recorded their key, which its id then finds."""
+    files = capture_files(location)
+    by_key: set[str] = set()
+    for name, read in files:
         base = Path(name).name
-        if base.startswith(IMAGES_PREFIX) and base.endswith(IMAGES_SUFFIX):
-            class_names, rows = decode_rows(read())
-            kept = [row for row in rows if row.request_id not in request_ids]
-            gone = len(rows) - len(kept)
-            erased.images += gone
-        elif base.startswith(LABELS_PREFIX) and base.endswith(LABELS_SUFFIX):
-            items = decode_label_lines(read())
-            kept = [item for item in items if item.request_id not in request_ids]
-            gone = len(items) - len(kept)
-            erased.labels += gone
-        else:
+        if not (base.startswith(IMAGES_PREFIX) and base.endswith(IMAGES_SUFFIX)):
             continue
-        if not gone:
+        class_names, rows = decode_rows(read())
+        kept = [row for row in rows if not selection.holds(row.request_id, row.key)]
+        by_key.update(row.request_id for row in rows if selection.holds(row.request_id, row.key))
+        erased.images += len(rows) - len(kept)
+        _rewrite(store, name, kept, len(rows) - len(kept), erased, lambda rows, n=class_names: encode_images(rows, n))
+    selection = Selection(selection.request_ids | by_key, selection.keys)
+    for name, read in files:
+        base = Path(name).name
+        if not (base.startswith(LABELS_PREFIX) and base.endswith(LABELS_SUFFIX)):
             continue
-        if not kept:
-            store.delete(name)
-            erased.segments_removed += 1
-            continue
-        is_images = base.startswith(IMAGES_PREFIX)
-        store.put(name, encode_images(kept, class_names) if is_images else encode_labels(kept))
-        erased.segments_rewritten += 1
+        items = decode_label_lines(read())
+        kept = [item for item in items if not selection.holds(item.request_id, item.key)]
+        erased.labels += len(items) - len(kept)
+        _rewrite(store, name, kept, len(items) - len(kept), erased, encode_labels)
 
 
-def erase_answers(directory: Path, request_ids: set[str], erased: Erased) -> None:
+def _rewrite(store: SegmentStore, name: str, kept: list, gone: int, erased: Erased, encode) -> None:
+    """A segment without its erased rows: rewritten whole, or removed when nothing is left."""
+    if not gone:
+        return
+    if not kept:
+        store.delete(name)
+        erased.segments_removed += 1
+        return
+    store.put(name, encode(kept))
+    erased.segments_rewritten += 1
+
+
+def erase_answers(directory: Path, selection: Selection, erased: Erased) -> None:
     # ttl, cap and queue do not matter for erasing: nothing is written.
     store = AnswerStore(directory, ttl_s=1.0, max_records=1, queue_size=1)
-    for request_id in request_ids:
+    for request_id in selection.request_ids:
         erased.answers += store.erase(request_id)
+    if selection.keys:
+        erased.answers += store.erase_keys(selection.keys)

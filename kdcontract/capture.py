@@ -49,6 +49,7 @@ class CapturedImage:
     probabilities: np.ndarray  # [C]
     at: float
     original: bytes | None = None
+    key: str | None = None  # the API key id that made the request (None: written before keys were recorded)
 
 
 def segment_name(kind: str, at: float, writer: str, seq: int) -> str:
@@ -76,6 +77,7 @@ def encode_images(rows: list[CapturedImage], class_names: list[str]) -> bytes:
         has_original=np.array([row.original is not None for row in rows]),
         originals=np.frombuffer(b"".join(originals), dtype=np.uint8),
         original_offsets=offsets,
+        keys=np.array([row.key or "" for row in rows]),
     )
     return buffer.getvalue()
 
@@ -86,6 +88,7 @@ def decode_rows(data: bytes) -> tuple[list[str], list[CapturedImage]]:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         a = {key: npz[key] for key in npz.files}
     offsets = a["original_offsets"]
+    keys = a.get("keys", np.full(len(a["images"]), ""))  # absent in segments written before keys were recorded
     rows = [
         CapturedImage(
             str(a["request_ids"][i]),
@@ -97,6 +100,7 @@ def decode_rows(data: bytes) -> tuple[list[str], list[CapturedImage]]:
             a["probabilities"][i],
             float(a["at"][i]),
             a["originals"][offsets[i] : offsets[i + 1]].tobytes() if a["has_original"][i] else None,
+            str(keys[i]) or None,
         )
         for i in range(len(a["images"]))
     ]

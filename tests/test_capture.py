@@ -4,6 +4,7 @@ labels, and leaving only whole files when killed."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -28,6 +29,7 @@ from kdcontract.capture import (
     CapturedImage,
     LabelItem,
     decode_label_lines,
+    decode_rows,
     directory_files,
     encode_images,
     encode_labels,
@@ -211,6 +213,8 @@ def capture_until_killed(tiny_repo, triton, tmp_path) -> tuple[Path, int]:
 def test_a_gateway_killed_mid_capture_leaves_only_whole_segments(tiny_repo, triton, tmp_path):
     capture, images = capture_until_killed(tiny_repo, triton, tmp_path)
     assert images == len(read_capture(directory_files(capture)).images) >= 5 * 4
+    # Each row names the key that made its request (a gateway without keys: every caller is `anonymous`).
+    assert {row.key for row in decode_rows(sorted(capture.glob("images-*.npz"))[0].read_bytes())[1]} == {"anonymous"}
 
 
 def test_a_student_redistilled_from_a_killed_gateways_capture_reads_every_whole_file_names_the_bad_ones_and_is_exported(
@@ -379,3 +383,39 @@ def test_erase_removes_one_requests_images_labels_and_answers_everywhere_they_ar
     assert store.find("req-a") is None and store.find("req-b") is not None
     assert main(["erase", "--request-id", "req-a", "--capture-dir", str(capture), "--answers-dir", str(answers)]) == 0
     assert "0 captured images" in capsys.readouterr().out  # nothing left to erase: said, not an error
+
+
+def test_erase_by_key_removes_every_request_that_key_made_and_nothing_of_another_keys(tmp_path, capsys):
+    """Finding 18's other half: a person known by their API key, not by request ids. Captured images record
+    the key that made the request, as labels and answers do; a label written before labels recorded their
+    key goes with its request's images."""
+    from gateway.cli import main
+    from gateway.feedback.answers import Answer, AnswerStore
+
+    def keyed(request_id: str, n: int, key: str | None) -> list[CapturedImage]:
+        return [dataclasses.replace(row, key=key) for row in rows(request_id, n)]
+
+    capture, answers = tmp_path / "capture", tmp_path / "answers"
+    sink = LocalSink(capture, retention_s=3600, max_bytes=2**30)
+    mixed = keyed("alice-1", 2, "alice") + keyed("bob-1", 1, "bob") + keyed("old-1", 1, None)
+    sink.put(segment_name("images", 1.0, "w", 1), encode_images(mixed, CLASSES))
+    sink.put(segment_name("images", 2.0, "w", 2), encode_images(keyed("alice-2", 1, "alice"), CLASSES))
+    labels = [("alice-1", ["1", "2"], 3.0), ("alice-2", ["4"], 3.0, "alice"), ("bob-1", ["7"], 3.0, "bob")]
+    sink.put(segment_name("labels", 3.0, "w", 3), encode_labels(labels))
+    assert [r.key for r in decode_rows((capture / segment_name("images", 1.0, "w", 1)).read_bytes())[1]] == [
+        "alice", "alice", "bob", None,
+    ]  # fmt: skip
+    store = AnswerStore(answers, ttl_s=600, max_records=100, queue_size=10)
+    now = time.time()
+    store.write([
+        (rid, Answer(arm="student", model="student_kd", version=1, top1=[3], at=now, key=key))
+        for rid, key in (("alice-1", "alice"), ("alice-2", "alice"), ("bob-1", "bob"))
+    ])  # fmt: skip
+
+    assert main(["erase", "--key", "alice", "--capture-dir", str(capture), "--answers-dir", str(answers)]) == 0
+    report = capsys.readouterr().out
+    assert "erased 3 captured images, 2 label line(s), 2 A/B answer(s)" in report and "key(s) alice" in report
+    captured = read_capture(directory_files(capture))
+    assert captured.request_ids.tolist() == ["bob-1", "old-1"] and captured.labels.tolist() == [7, -1]
+    assert not (capture / segment_name("images", 2.0, "w", 2)).exists()  # alice's alone: removed
+    assert store.find("alice-1") is None and store.find("alice-2") is None and store.find("bob-1") is not None

@@ -46,6 +46,7 @@ class _Pending:
     version: int | None
     probabilities: np.ndarray
     at: float
+    key: str  # the API key id that made the request: what erasure by key finds
 
 
 class Capture:
@@ -74,7 +75,7 @@ class Capture:
     def sample(self) -> bool:
         return self.fraction > 0 and self._random.random() < self.fraction
 
-    def images(self, request_id: str, images: np.ndarray, originals: list[bytes], outcome) -> None:
+    def images(self, request_id: str, images: np.ndarray, originals: list[bytes], outcome, key: str) -> None:
         item = _Pending(
             request_id,
             images,
@@ -83,6 +84,7 @@ class Capture:
             outcome.version,
             outcome.probabilities,
             time.time(),
+            key,
         )
         self._put(item, len(images))
 
@@ -146,6 +148,7 @@ class Capture:
                 item.probabilities[i],
                 item.at,
                 item.originals[i] if item.originals else None,
+                item.key,
             )
             for i in range(len(item.images))
         ]

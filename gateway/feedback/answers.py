@@ -262,6 +262,26 @@ class AnswerStore:
                     removed += suffix == RECORD_SUFFIX
         return removed
 
+    def erase_keys(self, keys: frozenset[str]) -> int:
+        """Remove what is kept of every request one of the API key ids `keys` made (each record names its key;
+        one written before keys were recorded names none and stays); returns the answers removed."""
+        removed = 0
+        for _, bucket in self._buckets():
+            records: list[Path] = []
+            with contextlib.suppress(FileNotFoundError):  # a bucket past its retention, removed meanwhile
+                records = [Path(e.path) for e in os.scandir(bucket) if e.name.endswith(RECORD_SUFFIX)]
+            for record in records:
+                try:
+                    answer = Answer.from_json(record.read_text())
+                except (FileNotFoundError, ValueError, TypeError):
+                    continue  # gone meanwhile, or not a record this code wrote: not this key's to judge
+                if answer.key in keys:
+                    for suffix in (SHADOW_SUFFIX, LABEL_SUFFIX, PAIR_SUFFIX, RECORD_SUFFIX):
+                        with contextlib.suppress(FileNotFoundError):
+                            record.with_suffix(suffix).unlink()
+                    removed += 1
+        return removed
+
     @staticmethod
     def claim(found: Found, suffix: str, content: str = "") -> bool:
         """True for the one caller (on any replica) that creates this file beside the record: the label

@@ -187,7 +187,8 @@ async def classify_request(
     _observe_drift(state, classifier, outcome)
     if state.capture is not None and state.capture.sample():
         # Prepared pixels have no original bytes: the capture keeps an empty original for each.
-        state.capture.images(call.rid, images, files if files is not None else [b""] * len(images), outcome)
+        originals = files if files is not None else [b""] * len(images)
+        state.capture.images(call.rid, images, originals, outcome, call.key_id)
     shadow = None
     if arm is not None:
         state.ab_stats.record(arm, (time.perf_counter() - started) * 1000)
