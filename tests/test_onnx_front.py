@@ -81,6 +81,14 @@ def test_a_float_graph_answers_as_on_images_its_own_framework_prepared(layout, s
     assert [i.name for i in graph.graph.input] == ["images"] and [o.name for o in graph.graph.output] == ["logits"]
 
 
+def test_a_graph_of_any_size_is_fed_the_size_declared_and_a_fixed_one_must_match_it():
+    net = Net(any_size=True)
+    graph = behind_uint8_input(exported(net, (1, 3, 8, 8), dynamic_size=True), 10, MEAN, STD, image_size=32)
+    np.testing.assert_allclose(answers(graph, IMAGES), as_its_framework_would(net, IMAGES, 32), rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match=r"declared at image_size 16, but its graph takes 32 x 32"):
+        behind_uint8_input(exported(Net(), (1, 3, 32, 32)), 10, MEAN, STD, image_size=16)
+
+
 def test_shrinking_is_antialiased_as_torch_does():
     net = Net()
     graph = behind_uint8_input(exported(net, (1, 3, 8, 8)), 10, MEAN, STD)

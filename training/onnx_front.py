@@ -107,12 +107,20 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> str:
 
 
 def behind_uint8_input(
-    model: onnx.ModelProto, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]
+    model: onnx.ModelProto,
+    num_classes: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    image_size: int | None = None,
 ) -> onnx.ModelProto:
     """`model` behind a front taking uint8 [N, H, W, 3] (any H, W) named INPUT_NAME, answering float logits
-    named OUTPUT_NAME; every mismatch one line (UserError)."""
+    named OUTPUT_NAME; images resized to the side the graph takes, or to `image_size` (the size it was trained
+    at, declared) where the graph takes any; every mismatch one line (UserError)."""
     original_input = graph_input(model)
     layout, side = input_layout(original_input)
+    if image_size is not None and side is not None and image_size != side:
+        raise UserError(f"the teacher is declared at image_size {image_size}, but its graph takes {side} x {side}")
+    side = side or image_size
     output = check_output(model, num_classes)
     if side is not None:
         model = _with_resize_opset(model)

@@ -165,7 +165,8 @@ def bring_teacher(recipe: Recipe, data: SplitData, out: Path, runtime: Runtime) 
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if isinstance(teacher, OnnxTeacher):
             shutil.copyfile(path, folder / ONNX_TEACHER)
-            (folder / BROUGHT).write_text(json.dumps({"file": str(path), "sha256": digest, "mean": mean, "std": std}))
+            record = {"file": str(path), "sha256": digest, "mean": mean, "std": std, "image_size": brought.image_size}
+            (folder / BROUGHT).write_text(json.dumps(record))
             (folder / "model.pt").unlink(missing_ok=True)
         else:
             spec = ModelSpec(

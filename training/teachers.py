@@ -160,7 +160,14 @@ class OnnxTeacher(nn.Module):
     the size it takes, scaled and normalised with the declared mean and std, in its own layout), and that one
     graph is what the student is distilled from and what export serves (`graph`)."""
 
-    def __init__(self, path: Path, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(
+        self,
+        path: Path,
+        num_classes: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        image_size: int | None = None,
+    ):
         super().__init__()
         import onnx
 
@@ -173,7 +180,7 @@ class OnnxTeacher(nn.Module):
         except Exception as exc:
             raise UserError(f"{path} is not an ONNX model ({type(exc).__name__})") from exc
         try:
-            self.graph = behind_uint8_input(brought, num_classes, mean, std)
+            self.graph = behind_uint8_input(brought, num_classes, mean, std, image_size)
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from exc
         self.session = open_session(self.graph.SerializeToString())
@@ -198,7 +205,7 @@ def load_teacher(
     `small_stem`: a teacher kdserve trained, brought back); uint8 NHWC in, logits out."""
     path = Path(path)
     if path.suffix == ".onnx":
-        return OnnxTeacher(path, num_classes, mean, std).eval()
+        return OnnxTeacher(path, num_classes, mean, std, image_size).eval()
     if arch is None:
         raise UserError(f"{path}: a checkpoint needs teacher.arch (a torchvision model name or timm:NAME)")
     net = build_network(arch, num_classes, small_stem)
@@ -211,7 +218,8 @@ def run_teacher(folder: Path, num_classes: int) -> nn.Module | None:
     if not (folder / BROUGHT).is_file():
         return None
     brought = json.loads((folder / BROUGHT).read_text())
-    return OnnxTeacher(folder / ONNX_TEACHER, num_classes, tuple(brought["mean"]), tuple(brought["std"])).eval()
+    mean, std, size = tuple(brought["mean"]), tuple(brought["std"]), brought.get("image_size")
+    return OnnxTeacher(folder / ONNX_TEACHER, num_classes, mean, std, size).eval()
 
 
 def check_class_names(declared: list[str] | None, dataset: list[str], path: Path) -> None:
