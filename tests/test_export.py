@@ -193,7 +193,8 @@ def test_a_new_student_graph_waits_beside_the_served_version_until_a_decision_an
     assert same.returncode == 0, same.stderr[-2000:]
     single = [n for n, e in before.models.items() if not e.members]  # the ensembles are written whole each time
     for name in single:
-        assert f"[export] {name}: the same graph as served version {before.models[name].version}: kept" in same.stdout
+        kept = f"[export] {name}: served version {before.models[name].version} is this graph, served the same way: kept"
+        assert kept in same.stdout
         assert read_manifest(repo).models[name] == before.models[name]
     torch.manual_seed(0)
     nudge_student()
@@ -218,6 +219,12 @@ def test_a_new_student_graph_waits_beside_the_served_version_until_a_decision_an
     assert promoted.returncode == 0, promoted.stderr[-2000:]
     now = read_manifest(repo).models[STUDENT_KD]
     assert now.candidate is None and now.version > after.models[STUDENT_KD].candidate.version
+    served_otherwise = export("--instances", "2")  # the same graphs served another way: new current versions
+    assert served_otherwise.returncode == 0, served_otherwise.stderr[-2000:]
+    last = read_manifest(repo).models
+    assert last[TEACHER].version == before.models[TEACHER].version + 1
+    assert last[STUDENT_KD].version == now.version + 1 and last[STUDENT_KD].candidate is None
+    assert "count: 2" in (repo / TEACHER / "config.pbtxt").read_text()
 
 
 def test_a_version_appears_whole_under_its_number_and_a_dead_export_leaves_nothing_triton_loads(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from tritonclient.grpc import model_config_pb2 as pb
 
 import kdcontract.fusion
 import kdcontract.ort_session
@@ -63,7 +64,7 @@ from training.onnx_tools import (
     require_parity,
     run_logits,
 )
-from training.placement import place
+from training.placement import NewVersion, place
 from training.recipe import load_recipe
 from training.teachers import BROUGHT, run_teacher
 from training.triton_repo import (
@@ -131,6 +132,12 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((top1(logits) == labels).mean())
 
 
+def served_config(name: str, spec: ModelSpec, flavor: str, opts: ServingOptions) -> pb.ModelConfig:
+    """The Triton config a model of `spec` is served with (before its version policy is set)."""
+    inp, out = _tensors(spec)
+    return model_config(name, inp, out, flavor, opts)
+
+
 def write_served_model(
     repo: Path,
     name: str,
@@ -151,7 +158,7 @@ def write_served_model(
     files = {"model.onnx": onnx_path}
     if flavor == "cpu":
         files.update(BACKEND_FILES)
-    config = model_config(name, inp, out, flavor, opts)
+    config = served_config(name, spec, flavor, opts)
     version, hashes = write_model(repo, name, config, files, spec.class_names, opts.keep_versions, also_loaded)
     return ModelEntry(
         name=name,
@@ -317,7 +324,8 @@ def export_run(
             )  # fmt: skip
 
         before = served.models.get(name) if served is not None else None
-        entries[name] = place(name, before, graph, write, promote)
+        version = NewVersion(graph, served_config(name, spec, flavor, opts), spec.class_names)
+        entries[name] = place(repo, name, before, version, write, promote)
         if entries[name].candidate is not None and (before is None or before.candidate != entries[name].candidate):
             tried.add(name)
 
