@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from training.models import build_classifier, count_macs, count_params
+from training.checkpoint import ModelSpec, load_model, save_model
+from training.models import Heads, build_classifier, count_macs, count_params
 
 NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 
@@ -25,6 +26,27 @@ def test_multihead_model_returns_one_logit_row_per_head():
     # Three heads cost three small linear layers, not three backbones.
     single = build_classifier("resnet18", 10, small_stem=True, **NORM)
     assert count_params(model) - count_params(single) == 2 * (512 * 10 + 10)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "efficientnet_b0", "timm:resnet18"])
+def test_a_student_that_is_no_resnet_gets_its_heads_on_its_last_classifier_layer_and_saves_and_loads(arch, tmp_path):
+    """The multi-head model of a recipe whose student is a MobileNet, an EfficientNet or a timm model (a
+    ResNet's trunk is `MultiHeadResNet`'s): K heads where its classifier answered, exported and served alike."""
+    model = build_classifier(arch, 10, small_stem=True, heads=3, **NORM).eval()
+    single = build_classifier(arch, 10, small_stem=True, **NORM)
+    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(images)
+    assert out.shape == (2, 3, 10)
+    (heads,) = [m for m in model.modules() if isinstance(m, Heads)]
+    features = heads.heads[0].in_features
+    assert count_params(model) - count_params(single) == 2 * (features * 10 + 10)  # two more heads, nothing else
+    spec = ModelSpec(arch=arch, num_classes=10, small_stem=True, image_size=16, heads=3, class_names=list("0123456789"),
+                     **NORM)  # fmt: skip
+    save_model(tmp_path / "model.pt", model, spec, {})
+    loaded, _, _ = load_model(tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), out)
 
 
 def test_params_and_macs_match_published_resnet_figures():

@@ -155,6 +155,30 @@ class MultiHeadResNet(nn.Module):
         return torch.stack([head(pooled) for head in self.heads], dim=1)
 
 
+class Heads(nn.Module):
+    """K linear heads on the same features: logits [N, K, C]."""
+
+    def __init__(self, features: int, num_classes: int, heads: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(features, num_classes) for _ in range(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(x) for head in self.heads], dim=1)
+
+
+def with_heads(net: nn.Module, num_classes: int, heads: int) -> nn.Module:
+    """Any classification network (MobileNet, EfficientNet, a timm model) with its last classifier layer, the
+    last linear layer answering `num_classes`, replaced by K heads: the multi-head model for students that
+    are not ResNets (whose trunk keeps `MultiHeadResNet`'s layout)."""
+    last = [name for name, m in net.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    if not last:
+        raise UserError(f"{type(net).__name__} has no linear layer answering {num_classes} classes to put heads on")
+    parent, _, attr = last[-1].rpartition(".")
+    features = net.get_submodule(last[-1]).in_features
+    setattr(net.get_submodule(parent) if parent else net, attr, Heads(features, num_classes, heads))
+    return net
+
+
 def calibrated_mean(member_logits: list[torch.Tensor], temperatures: list[float]) -> torch.Tensor:
     """kdserve's fusion rule (`kdcontract.fusion.calibrated_mean`) in torch ops, for what is trained or
     exported as a graph: the mean of the members' temperature-calibrated probabilities. Tests hold the
@@ -212,8 +236,10 @@ def build_classifier(
     width: float = 1.0,
 ) -> ImageClassifier:
     backbone: nn.Module
-    if heads > 0:
+    if heads > 0 and arch in ARCHS:
         backbone = MultiHeadResNet(arch, num_classes, small_stem, heads, width)
+    elif heads > 0:
+        backbone = with_heads(build_network(arch, num_classes, small_stem, width), num_classes, heads)
     elif members > 1:
         backbone = MemberMean([build_network(arch, num_classes, small_stem, width) for _ in range(members)])
     else:
