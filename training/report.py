@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdcontract.names import STUDENT_KD, STUDENT_PLAIN, STUDENT_PRUNED, TEACHER
-from kdcontract.tables import markdown_table
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.2f}%"
+from kdcontract.tables import markdown_table, percent, write_results
 
 
 def _count(value: int) -> str:
@@ -33,9 +28,9 @@ def compression_markdown(compression: dict, models: dict) -> list[str]:
     for st in compression["steps"]:
         lines.append(
             f"| {st['step']} | {st['channel_share_removed']:.0%} | {_count(st['macs'])} ({st['macs_share']:.0%}) | "
-            f"{_count(st['params'])} | {st['recovery_epochs']} | {_pct(st['val_top1'])} | "
-            f"{st['val_images_lost']} / {st['val_images_gained']} | {_pct(st['val_drop'])} "
-            f"({_pct(st['val_drop_lower_95'])}) | {'yes' if st['kept'] else 'no'} |"
+            f"{_count(st['params'])} | {st['recovery_epochs']} | {percent(st['val_top1'])} | "
+            f"{st['val_images_lost']} / {st['val_images_gained']} | {percent(st['val_drop'])} "
+            f"({percent(st['val_drop_lower_95'])}) | {'yes' if st['kept'] else 'no'} |"
         )
     pruned = models.get(STUDENT_PRUNED)
     if pruned is None:
@@ -44,8 +39,8 @@ def compression_markdown(compression: dict, models: dict) -> list[str]:
         lines += [
             "",
             f"Kept step {compression['kept_step']}: student_pruned has {pruned['macs_share_of_source']:.0%} of "
-            f"{compression['source']}'s MACs; test top-1 {_pct(pruned['top1'])} vs "
-            f"{_pct(models[compression['source']]['top1'])}.",
+            f"{compression['source']}'s MACs; test top-1 {percent(pruned['top1'])} vs "
+            f"{percent(models[compression['source']]['top1'])}.",
         ]
     return lines
 
@@ -63,8 +58,8 @@ def pruning_runs_markdown(runs: list[tuple[int | None, dict]]) -> str:
                 "source's" if seed is None else seed,
                 compression["kept_step"],
                 f"{pruned['macs_share_of_source']:.0%}" if pruned else "— (nothing kept)",
-                _pct(pruned["top1"]) if pruned else "—",
-                _pct(source["top1"]),
+                percent(pruned["top1"]) if pruned else "—",
+                percent(source["top1"]),
                 f"{100 * (source['top1'] - pruned['top1']):+.2f}" if pruned else "—",
                 f"{results['stage_seconds'][STUDENT_PRUNED]:.0f}",
             ]
@@ -99,19 +94,19 @@ def results_markdown(results: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in results["models"].items():
-        raw = f" ({_pct(m['ece_uncalibrated'])})" if "ece_uncalibrated" in m else ""
+        raw = f" ({percent(m['ece_uncalibrated'])})" if "ece_uncalibrated" in m else ""
         temperature = f"{m['temperature']:.2f}" if "temperature" in m else "—"
         lines.append(
-            f"| {name} | {m['arch']} | {_pct(m['top1'])} | {_pct(m['top5'])} | {_pct(m['ece'])}{raw} | "
-            f"{temperature} | {_pct(m.get('teacher_agreement'))} | {_count(m['params'])} | {_count(m['macs'])} |"
+            f"| {name} | {m['arch']} | {percent(m['top1'])} | {percent(m['top5'])} | {percent(m['ece'])}{raw} | "
+            f"{temperature} | {percent(m.get('teacher_agreement'))} | {_count(m['params'])} | {_count(m['macs'])} |"
         )
     if "ensemble" in results["models"]:
         ens = results["models"]["ensemble"]
         lines += [
             "",
             f"Ensemble = mean of calibrated probabilities of {', '.join(ens['members'])}. Test: fused "
-            f"{_pct(ens['top1'])}, best member {_pct(ens['best_member_top1'])}. Validation: fused "
-            f"{_pct(ens.get('val_top1'))}, best member {_pct(ens.get('best_member_val_top1'))}.",
+            f"{percent(ens['top1'])}, best member {percent(ens['best_member_top1'])}. Validation: fused "
+            f"{percent(ens.get('val_top1'))}, best member {percent(ens.get('best_member_val_top1'))}.",
         ]
     lines += seed_study_markdown(results)
     cascade = results["models"].get("cascade")
@@ -123,8 +118,8 @@ def results_markdown(results: dict) -> str:
             "",
             f"{student} answers; below a calibrated confidence of {cascade['threshold']:.3f} (fitted on validation to "
             f"keep top-1 within the recipe's margin of the teacher's) {teacher} does. Test: top-1 "
-            f"{_pct(cascade['top1'])} ({student} {_pct(results['models'][student]['top1'])}, {teacher} "
-            f"{_pct(results['models'][teacher]['top1'])}), {cascade['escalation_rate']:.1%} of images escalated "
+            f"{percent(cascade['top1'])} ({student} {percent(results['models'][student]['top1'])}, {teacher} "
+            f"{percent(results['models'][teacher]['top1'])}), {cascade['escalation_rate']:.1%} of images escalated "
             f"(validation {cascade['val_escalation_rate']:.1%}); MACs per image on average "
             f"{_count(cascade['macs'])}.",
         ]
@@ -152,7 +147,7 @@ def seed_study_markdown(results: dict) -> list[str]:
     for kind in (STUDENT_PLAIN, STUDENT_KD):
         s = study[kind]
         lines.append(
-            f"| {kind} | {', '.join(_pct(v) for v in s['top1'])} | {_pct(s['mean'])} | {100 * s['std']:.2f} pt |"
+            f"| {kind} | {', '.join(percent(v) for v in s['top1'])} | {percent(s['mean'])} | {100 * s['std']:.2f} pt |"
         )
     gain = study[STUDENT_KD]["mean"] - study[STUDENT_PLAIN]["mean"]
     spread = max(study[STUDENT_KD]["std"], study[STUDENT_PLAIN]["std"])
@@ -171,5 +166,4 @@ def seed_study_markdown(results: dict) -> list[str]:
 
 
 def write_reports(results: dict, out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
+    write_results(out, results, results_markdown(results))

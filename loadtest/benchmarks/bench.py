@@ -54,7 +54,7 @@ from kdcontract.names import (
 )
 from kdcontract.ort_session import open_session
 from kdcontract.pareto import pareto_rows, write_pareto
-from kdcontract.tables import markdown_table
+from kdcontract.tables import markdown_table, percent, write_results
 from loadtest.clients.measure import (
     STALL_MS,
     TritonStats,
@@ -389,9 +389,7 @@ def run_bench(
             served.close()
     results["checks"] = checks(results)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "results.md").write_text(results_markdown(results))
+    write_results(out_dir, results, results_markdown(results))
     return results
 
 
@@ -448,10 +446,6 @@ CHECK_TEXT = {
 }
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.2f}%"
-
-
 def _ms(f: dict) -> str:
     return f"{f['p50_ms']:.2f} / {f['p99_ms']:.2f} / {f['max_ms']:.1f}"
 
@@ -494,7 +488,7 @@ def _concurrency_1(results: dict) -> list[str]:
     rows = [
         [
             f"{label} (`{f['model']}`)",
-            _pct(f["top1"]),
+            percent(f["top1"]),
             _ms(f["in_process"]),
             _ms(f["triton_direct"]),
             _triton(f["triton_direct"]),
@@ -566,7 +560,7 @@ def _event_loop(results: dict) -> list[str]:
 
 def _ensembles(results: dict) -> list[str]:
     rows = [
-        [f"{label} (`{e['model']}`)", _pct(e["top1"]), _ms(e["latency_c1"]), f"{e['throughput_c16']:.0f}"]
+        [f"{label} (`{e['model']}`)", percent(e["top1"]), _ms(e["latency_c1"]), f"{e['throughput_c16']:.0f}"]
         for label, e in results["ensembles"].items()
     ]
     header = ["what", "top-1", "c=1 p50 / p99 / max ms", "img/s at 16 clients"]

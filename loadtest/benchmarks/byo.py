@@ -23,7 +23,7 @@ from pathlib import Path
 from gateway.process import serving
 from kdcontract.machine import cpu_description
 from kdcontract.names import STUDENT_KD, TEACHER
-from kdcontract.tables import markdown_table
+from kdcontract.tables import markdown_table, percent, write_results
 from loadtest.benchmarks.bench import LOAD_SECONDS, Served, latency_c1
 from loadtest.clients.measure import load_async, load_threads
 
@@ -69,14 +69,8 @@ def run_byo(work: Path, origin: Path, out: Path) -> dict:
             finally:
                 served.close()
         results["runs"][name] = entry
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    write_results(out, results, markdown(results))
     return results
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2%}"
 
 
 def _millions(x: float | None) -> str:
@@ -91,14 +85,14 @@ def markdown(r: dict) -> str:
     ]  # fmt: skip
     rows = []
     t = r["trained_teacher"]
-    rows.append(["the trained teacher (origin run)", TEACHER, t["arch"], _pct(t["top1"]), "—", _millions(t["params"]),
-                 _millions(t["macs"]), "", "", "", "", ""])  # fmt: skip
+    origin = ["the trained teacher (origin run)", TEACHER, t["arch"], percent(t["top1"]), "—"]
+    rows.append([*origin, _millions(t["params"]), _millions(t["macs"]), "", "", "", "", ""])
     for name, run in r["runs"].items():
         for model in (TEACHER, STUDENT_KD):
             m, s = run["models"][model], run["served"][model]
             many = s[f"c{CLIENTS}"]
             rows.append([
-                name, model, m["served_arch"], _pct(m["top1"]), _pct(m.get("teacher_agreement")),
+                name, model, m["served_arch"], percent(m["top1"]), percent(m.get("teacher_agreement")),
                 _millions(m["params"]), _millions(m["macs"]), f"{s['c1']['in_process']:.2f} ms",
                 f"{s['c1']['gateway']:.2f} ms", f"{many['gateway']['p50_ms']:.2f} ms",
                 f"{many['in_process']['throughput_per_s']:.0f}", f"{many['gateway']['throughput_per_s']:.0f}",

@@ -42,7 +42,7 @@ from kdcontract.imageprep import prepare
 from kdcontract.machine import cpu_description
 from kdcontract.manifest import read_manifest
 from kdcontract.names import STUDENT, STUDENT_KD, V2_IMAGE_INPUT, V2_OUTPUT
-from kdcontract.tables import markdown_table
+from kdcontract.tables import markdown_table, write_results
 from loadtest.clients import perf_analyzer
 from loadtest.clients.measure import load_async, summarize, time_interleaved
 from loadtest.clients.served_accuracy import held_out
@@ -287,8 +287,7 @@ def run_protocols(repo: Path, out_dir: Path, requests: int = 1000) -> dict:
     results["spans_exported_posts"] = _Sink.posts
     results["tracing_off_ns_per_request"] = tracing_off_cost_ns()
     results["seconds"] = round(time.perf_counter() - started, 1)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "results.md").write_text(results_markdown(results))
+    write_results(out_dir, results, results_markdown(results))
     return results
 
 

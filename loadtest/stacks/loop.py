@@ -54,7 +54,7 @@ from kdcontract.errors import UserError
 from kdcontract.machine import cpu_description
 from kdcontract.manifest import read_manifest
 from kdcontract.names import STUDENT_KD, versioned
-from kdcontract.tables import markdown_table
+from kdcontract.tables import markdown_table, percent, write_results
 from loadtest.clients.measure import metric_value
 from loadtest.clients.run import run_load
 from loadtest.stacks.rollout import locust_totals, request_counts, scratch_repository, start_experiment_file
@@ -445,14 +445,8 @@ def run_loop(run: Path, repo: Path, out: Path, work: Path, plan: LoopPlan) -> di
             for key in (["honest", "hostile"] if plan.poison else ["honest"])
         }  # fmt: skip
     results["seconds"] = round(time.perf_counter() - started, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    write_results(out, results, markdown(results))
     return results
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2%}"
 
 
 def _interval(figures: dict) -> str:
@@ -499,7 +493,7 @@ def _gate(g: dict) -> str:
 def _candidate(c: dict) -> list[str]:
     offline = c["offline"]
     rows = [
-        [name, _pct(f["candidate"]), _pct(f["served"]), _interval(f)]
+        [name, percent(f["candidate"]), percent(f["served"]), _interval(f)]
         for name, f in (("top-1", offline["top1"]), ("agreement with the teacher", offline["agreement"]))
     ]
     labels = "; ".join(
@@ -521,7 +515,7 @@ def _candidate(c: dict) -> list[str]:
     if not c["exported"]:
         return [*lines, "Not exported" + (": refused offline." if not offline["passed"] else " (report only)."), ""]
     served = c["served_top1"]
-    rows = [[name, _pct(f["upright"]), _pct(f["italic"])] for name, f in served.items()]
+    rows = [[name, percent(f["upright"]), percent(f["italic"])] for name, f in served.items()]
     ro = c["rollout"]
     steps = [
         [e["event"], str(e["step"]), f"{e['weight']:.0%}", "; ".join(_gate(g) for g in e["verdicts"]) or "-"]
