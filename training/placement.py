@@ -77,20 +77,20 @@ def place(
         return write(())
     check_no_trial(served)  # one candidate at a time, promoted or not: a rollout may be judging the one on trial
     if promote:
-        new = write(())
-        print(f"[export] {name}: version {new.version} current at once (--promote), no trial", flush=True)
-        return new
-    new = write((served.version,))
+        written = write(())
+        print(f"[export] {name}: version {written.version} current at once (--promote), no trial", flush=True)
+        return written
+    written = write((served.version,))
     base = name.removesuffix(INT8_SUFFIX)
     decided = (
-        f"a rollout promotes it ({name}@{new.version}; by hand: python -m training versions promote "
-        f"{name}@{new.version}, or export --promote)"
+        f"a rollout promotes it ({name}@{written.version}; by hand: python -m training versions promote "
+        f"{name}@{written.version}, or export --promote)"
         if base == name
-        else f"{base}@{new.version} is promoted or rejected, with which it goes"
+        else f"{base}'s candidate is promoted or rejected, with which it goes"
     )
     print(
-        f"[export] {name}: version {new.version} written as a candidate beside version {served.version}, which "
+        f"[export] {name}: version {written.version} written as a candidate beside version {served.version}, which "
         f"answers every request until {decided}",
         flush=True,
     )
-    return on_trial(served, new)
+    return on_trial(served, written)
