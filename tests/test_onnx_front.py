@@ -38,7 +38,8 @@ class Net(torch.nn.Module):
 
 
 def exported(net: torch.nn.Module, shape: tuple, names=("input", "output"), opset=18, dynamic_size=False, dtype=None):
-    axes = {names[0]: {0: "n"} | ({2: "h", 3: "w"} if dynamic_size else {}), names[1]: {0: "n"}}
+    spatial = (1, 2) if shape[-1] == 3 else (2, 3)  # NHWC or NCHW
+    axes = {names[0]: {0: "n"} | (dict(zip(spatial, "hw", strict=True)) if dynamic_size else {}), names[1]: {0: "n"}}
     out = io.BytesIO()
     example = torch.zeros(shape, dtype=dtype or torch.float32)
     torch.onnx.export(
@@ -100,16 +101,20 @@ def test_a_uint8_graph_named_as_kdserves_keeps_its_pixels_and_gets_kdserves_name
     class Uint8Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = Net()
+            self.net = Net(any_size=True)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x.permute(0, 3, 1, 2).float() / 255)
 
     net = Uint8Net().eval()
-    graph = behind_uint8_input(exported(net, (1, 8, 8, 3), ("images", "logits"), dtype=torch.uint8), 10, MEAN, STD)
     with torch.no_grad():
         want = net(torch.from_numpy(IMAGES)).numpy()
-    np.testing.assert_allclose(answers(graph, IMAGES), want, rtol=1e-5, atol=1e-6)
+    for any_size in (False, True):  # resized to its 8 px (a no-op here), or handed the pixels as they are
+        graph = exported(net, (1, 8, 8, 3), ("images", "logits"), dynamic_size=any_size, dtype=torch.uint8)
+        graph = behind_uint8_input(graph, 10, MEAN, STD)
+        np.testing.assert_allclose(answers(graph, IMAGES), want, rtol=1e-5, atol=1e-6)
+    # Of any size, nothing is done to its pixels: its input and its logits are only named as kdserve's.
+    assert [n.op_type for n in graph.graph.node if n.name.startswith("kdserve_front/")] == ["Identity", "Cast"]
 
 
 def test_its_work_and_weights_are_counted_from_the_graph_as_a_networks_are():

@@ -146,33 +146,10 @@ def behind_uint8_input(
         weights.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), PREFIX + name))
         return PREFIX + name
 
-    x = step("Cast", [INPUT_NAME], to=TensorProto.FLOAT)
-    x = step("Transpose", [x], perm=[0, 3, 1, 2])
-    if side is not None:
-        batch_channels = step(
-            "Slice", [step("Shape", [x]), constant("zero", [0], np.int64), constant("two", [2], np.int64)]
-        )
-        sizes = step("Concat", [batch_channels, constant("side", [side, side], np.int64)], axis=0)
-        x = step(
-            "Resize",
-            [x, "", "", sizes],
-            mode="linear",
-            coordinate_transformation_mode="half_pixel",
-            antialias=1,
-            exclude_outside=1,  # the filter's weights outside the image dropped and renormalised, as torch does
-        )
-    if layout == "uint8 NHWC":
-        x = step("Clip", [step("Round", [x]), constant("low", 0.0, "float32"), constant("high", 255.0, "float32")])
-        x = step("Transpose", [x], perm=[0, 2, 3, 1])
-        x = step("Cast", [x], to=TensorProto.UINT8)
+    if layout == "uint8 NHWC" and side is None:  # kdserve's own input already: nothing to do but name it
+        step("Identity", [INPUT_NAME])
     else:
-        x = step("Div", [x, constant("scale", 255.0, np.float32)])
-        x = step("Sub", [x, constant("mean", np.reshape(mean, (1, 3, 1, 1)), np.float32)])
-        x = step("Div", [x, constant("std", np.reshape(std, (1, 3, 1, 1)), np.float32)])
-        if layout == "NHWC":
-            x = step("Transpose", [x], perm=[0, 2, 3, 1])
-        if elem != TensorProto.FLOAT:
-            x = step("Cast", [x], to=elem)
+        _convert(step, constant, layout, side, mean, std, elem)
     nodes[-1].output[0] = inner_input
     nodes.append(helper.make_node("Cast", [inner_output], [OUTPUT_NAME], name=PREFIX + "logits", to=TensorProto.FLOAT))
 
@@ -188,6 +165,37 @@ def behind_uint8_input(
     graph.initializer.extend(weights)
     onnx.checker.check_model(model)
     return model
+
+
+def _convert(step, constant, layout: str, side: int | None, mean, std, elem: int) -> None:
+    """The front's operators from uint8 NHWC to what the graph takes (see the module's docstring)."""
+    x = step("Cast", [INPUT_NAME], to=TensorProto.FLOAT)
+    x = step("Transpose", [x], perm=[0, 3, 1, 2])
+    if side is not None:
+        batch_channels = step(
+            "Slice", [step("Shape", [x]), constant("zero", [0], np.int64), constant("two", [2], np.int64)]
+        )
+        sizes = step("Concat", [batch_channels, constant("side", [side, side], np.int64)], axis=0)
+        x = step(
+            "Resize",
+            [x, "", "", sizes],
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+            antialias=1,
+            exclude_outside=1,  # the filter's weights outside the image dropped and renormalised, as torch does
+        )
+    if layout == "uint8 NHWC":  # resized only: back to rounded uint8 pixels
+        x = step("Clip", [step("Round", [x]), constant("low", 0.0, np.float32), constant("high", 255.0, np.float32)])
+        x = step("Transpose", [x], perm=[0, 2, 3, 1])
+        step("Cast", [x], to=TensorProto.UINT8)
+        return
+    x = step("Div", [x, constant("scale", 255.0, np.float32)])
+    x = step("Sub", [x, constant("mean", np.reshape(mean, (1, 3, 1, 1)), np.float32)])
+    x = step("Div", [x, constant("std", np.reshape(std, (1, 3, 1, 1)), np.float32)])
+    if layout == "NHWC":
+        x = step("Transpose", [x], perm=[0, 2, 3, 1])
+    if elem != TensorProto.FLOAT:
+        step("Cast", [x], to=elem)
 
 
 def with_input_size(model: onnx.ModelProto, image_size: int, batch: int | None = None) -> onnx.ModelProto:
