@@ -210,12 +210,24 @@ def test_a_new_student_graph_waits_beside_the_served_version_until_a_decision_an
         ]
     assert after.models[TEACHER] == before.models[TEACHER] and after.cascade == before.cascade
     assert after.models[STUDENT_KD].candidate.cascade is not None  # fitted for it, waiting for its promotion
+    gate = after.models[STUDENT_KD].candidate.offline_gate  # redistill's offline gate, passed
+    test_images = json.loads((run / "results.json").read_text())["split_sizes"]["test"]
+    assert gate["passed"] and gate["top1"]["images"] == test_images
     nudge_student()
     refused = export()
     assert refused.returncode == 2 and f"student_kd@{candidate.version} is still on trial" in refused.stderr
     assert read_manifest(repo) == after
     reject(repo, STUDENT_KD, after.models[STUDENT_KD].candidate.version)
-    promoted = export("--promote")
+    model, spec, meta = load_model(run / STUDENT_KD / "model.pt")
+    with torch.no_grad():  # a student that answers the next class for every image: surely worse than the served
+        model.backbone.fc.weight.copy_(model.backbone.fc.weight.roll(1, dims=0))
+        model.backbone.fc.bias.copy_(model.backbone.fc.bias.roll(1, dims=0))
+    save_model(run / STUDENT_KD / "model.pt", model, spec, meta)
+    broken = export()
+    assert broken.returncode == 2 and "student_kd is not exported as a candidate: top-1" in broken.stderr
+    assert "surely worse by more than 2 points" in broken.stderr
+    assert read_manifest(repo).models[STUDENT_KD].candidate is None
+    promoted = export("--promote")  # the operator's override: no gate, current at once
     assert promoted.returncode == 0, promoted.stderr[-2000:]
     now = read_manifest(repo).models[STUDENT_KD]
     assert now.candidate is None and now.version > after.models[STUDENT_KD].candidate.version

@@ -37,6 +37,7 @@ from kdcontract.names import (
     FUSED_ENSEMBLE,
     FUSION_STEP,
     INT8_SOURCES,
+    INT8_SUFFIX,
     MULTIHEAD,
     SCHEDULER_ENSEMBLE,
     STUDENT_KD,
@@ -51,6 +52,7 @@ from kdcontract.pareto import pareto_rows, write_pareto
 from training.checkpoint import ModelSpec, load_model
 from training.data import SplitData, iterate_batches, load_data, validation_as_served
 from training.evaluate import FusedEnsemble, expected_calibration_error, predict_logits
+from training.offline_gate import offline_gate
 from training.onnx_front import with_input_size
 from training.onnx_tools import (
     INPUT_NAME,
@@ -316,6 +318,28 @@ def export_run(
     report: dict = {"flavor": flavor, "run": str(run), "test_images": len(test[0]), "models": {}}
     tried: set[str] = set()  # the names this export put a candidate beside
 
+    def judge(name: str, graph: Path) -> dict:
+        """The offline gate of `training redistill`, for an exported student that would be a candidate: paired
+        with the served version on the held-out split; refused (UserError) when surely worse."""
+        version = served.models[name].version
+        answers = {
+            "candidate": top1(run_logits(open_session(graph), test[0])),
+            "served": top1(run_logits(open_session(repo / name / str(version) / "model.onnx"), test[0])),
+            "teacher": top1(run_logits(open_session(onnx_dir / f"{TEACHER}.onnx"), test[0])),
+        }
+        gate = recipe.redistill
+        verdict = offline_gate(
+            answers["candidate"], answers["served"], test[1], answers["teacher"], gate.max_top1_drop, gate.alpha
+        )
+        print(
+            f"[export] {name}: offline gate {'passed' if verdict.passed else 'REFUSED'}: {verdict.reason}", flush=True
+        )
+        if not verdict.passed:
+            raise UserError(
+                f"{name} is not exported as a candidate: {verdict.reason} (export --promote serves it at once)"
+            )
+        return {"passed": True, "reason": verdict.reason, **verdict.figures}
+
     def export(name: str, role: str, spec: ModelSpec, graph: Path, source: str, **fields) -> None:
         def write(also_loaded: tuple[int, ...]) -> ModelEntry:
             return write_served_model(
@@ -325,7 +349,12 @@ def export_run(
 
         before = served.models.get(name) if served is not None else None
         version = NewVersion(graph, served_config(name, spec, flavor, opts), spec.class_names)
-        entries[name] = place(repo, name, before, version, write, promote)
+        # The student's own graph is judged; its INT8 sibling follows it. Without the run's teacher graph (a run
+        # of plain students) there is no agreement to state, and the online gates judge alone.
+        gated = not name.endswith(INT8_SUFFIX) and TEACHER in entries
+        entries[name] = place(
+            repo, name, before, version, write, promote, (lambda: judge(name, graph)) if gated else None
+        )
         if entries[name].candidate is not None and (before is None or before.candidate != entries[name].candidate):
             tried.add(name)
 

@@ -6,9 +6,10 @@
   current version, since its answers are the served version's.
 - A student a rollout can judge (`student_kd`, `student_plain`, `student_pruned` and their INT8 siblings): the
   new graph becomes a *candidate* beside the served version (`kdcontract.versions.on_trial`), exactly as
-  `training redistill` makes one. The served version keeps every request until a rollout's gates promote the
-  candidate, or an operator does (`python -m training versions promote`, or `export --promote`): nothing
-  reaches 100% of a student's traffic without a decision.
+  `training redistill` makes one, after the same offline gate (`training.offline_gate`: refused when surely
+  worse than the served version on the held-out split). The served version keeps every request until a
+  rollout's gates promote the candidate, or an operator does (`python -m training versions promote`, or
+  `export --promote`): nothing reaches 100% of a student's traffic without a decision.
 - Anything else (the teacher, the ensemble's variants, a model the repository does not serve yet): the new
   graph is the new current version, as a first export writes it.
 """
@@ -31,6 +32,8 @@ ON_TRIAL = frozenset({STUDENT_KD, STUDENT_PLAIN, STUDENT_PRUNED, *(int8_name(n) 
 
 # write(also_loaded) writes the graph as a new version whose config also loads `also_loaded`, and returns it.
 WriteVersion = Callable[[tuple[int, ...]], ModelEntry]
+# judge() is the offline gate a candidate passes before it is written: its figures, or a UserError (refused).
+JudgeCandidate = Callable[[], dict]
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,16 @@ def _served_the_same_way(repo: Path, served: ModelEntry, new: NewVersion) -> boo
 
 
 def place(
-    repo: Path, name: str, served: ModelEntry | None, new: NewVersion, write: WriteVersion, promote: bool
+    repo: Path,
+    name: str,
+    served: ModelEntry | None,
+    new: NewVersion,
+    write: WriteVersion,
+    promote: bool,
+    judge: JudgeCandidate | None = None,
 ) -> ModelEntry:
-    """The manifest entry of `name` after exporting `new`: the served one kept, a candidate beside it, or a new
-    current version (see the module's docstring)."""
+    """The manifest entry of `name` after exporting `new`: the served one kept, a candidate beside it (once
+    `judge`, its offline gate, passed it), or a new current version (see the module's docstring)."""
     if served is not None and _same_graph(served, new):
         if _served_the_same_way(repo, served, new):
             print(
@@ -80,6 +89,7 @@ def place(
         written = write(())
         print(f"[export] {name}: version {written.version} current at once (--promote), no trial", flush=True)
         return written
+    gate = judge() if judge is not None else None
     written = write((served.version,))
     base = name.removesuffix(INT8_SUFFIX)
     decided = (
@@ -93,4 +103,4 @@ def place(
         f"answers every request until {decided}",
         flush=True,
     )
-    return on_trial(served, written)
+    return on_trial(served, written, gate)
