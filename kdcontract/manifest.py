@@ -6,6 +6,7 @@ with this one definition.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -165,6 +166,16 @@ class Manifest(_Strict):
 
 class SchemaMismatch(ValueError):
     """The manifest was written by another version of kdserve; re-export the repository."""
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256 as the manifest records it (`files`), read in 1 MiB chunks: a teacher's weights may be
+    gigabytes. Training's stage fingerprints use its first 16 characters."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_manifest(repo: Path) -> Manifest:

@@ -14,9 +14,9 @@ from google.protobuf import text_format
 from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
-from kdcontract.manifest import MANIFEST_NAME, ModelEntry, SchemaMismatch, read_manifest
+from kdcontract.manifest import MANIFEST_NAME, ModelEntry, SchemaMismatch, file_sha256, read_manifest
 from kdcontract.versions import loaded_by_config
-from training.triton_repo import DTYPES, STALL_REASON, parse_config, sha256, stalling_queue_policy
+from training.triton_repo import DTYPES, STALL_REASON, parse_config, stalling_queue_policy
 
 ONNX_DTYPES = {onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16"}
 
@@ -94,7 +94,7 @@ def check_repository(repo: Path) -> list[str]:
             path = repo / rel
             if not path.is_file():
                 problems.append(f"{name}: {rel} missing")
-            elif sha256(path) != digest:
+            elif file_sha256(path) != digest:
                 problems.append(f"{name}: {rel} does not match its sha256 in the manifest")
         onnx_path = version_dir / "model.onnx"
         graph_io = _onnx_io(onnx_path) if onnx_path.is_file() else None

@@ -64,7 +64,7 @@ def _closest(name: str, known: list[str]) -> list[str]:
 
 def build_network(arch: str, num_classes: int, small_stem: bool, width: float = 1.0) -> nn.Module:
     """A randomly initialised network: kdserve's ResNets, or any torchvision classification model or timm
-    model (`timm:NAME`) by name (training/teachers.py), its first convolution made stride 1 with `small_stem`
+    model (`timm:NAME`) by name (`build_backbone`), its first convolution made stride 1 with `small_stem`
     (the small-image stem of the others: an 8-32 px input would otherwise be halved before anything is seen)."""
     if arch in ARCHS:
         return build_resnet(arch, num_classes, small_stem, width)

@@ -7,7 +7,6 @@ missing; changed settings retrain that stage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import statistics
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from kdcontract.errors import UserError
+from kdcontract.manifest import file_sha256
 from kdcontract.names import STUDENT_KD, STUDENT_PLAIN, STUDENT_PRUNED
 from training.checkpoint import ModelSpec, load_metadata, load_model, save_model
 from training.compression import prune_with_recovery
@@ -162,7 +162,7 @@ def bring_teacher(recipe: Recipe, data: SplitData, out: Path, runtime: Runtime) 
     if runtime.is_main:
         folder = out / "teacher"
         folder.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path)
         if isinstance(teacher, OnnxTeacher):
             shutil.copyfile(path, folder / ONNX_TEACHER)
             record = {"file": str(path), "sha256": digest, "mean": mean, "std": std, "image_size": brought.image_size}

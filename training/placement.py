@@ -23,10 +23,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from kdcontract.manifest import ModelEntry
+from kdcontract.manifest import ModelEntry, file_sha256
 from kdcontract.names import INT8_SOURCES, INT8_SUFFIX, STUDENT_KD, STUDENT_PLAIN, STUDENT_PRUNED, int8_name
 from kdcontract.versions import check_no_trial, on_trial
-from training.triton_repo import sha256
 
 ON_TRIAL = frozenset({STUDENT_KD, STUDENT_PLAIN, STUDENT_PRUNED, *(int8_name(n) for n in INT8_SOURCES)})
 
@@ -46,7 +45,7 @@ class NewVersion:
 
 
 def _same_graph(served: ModelEntry, new: NewVersion) -> bool:
-    return served.files.get(f"{served.name}/{served.version}/model.onnx") == sha256(new.graph)
+    return served.files.get(f"{served.name}/{served.version}/model.onnx") == file_sha256(new.graph)
 
 
 def _served_the_same_way(repo: Path, served: ModelEntry, new: NewVersion) -> bool:

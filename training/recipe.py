@@ -146,8 +146,8 @@ class ModelConfig(_Strict):
     train: TrainConfig = TrainConfig()
 
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of torchvision's and timm's ImageNet weights
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TeacherFileConfig(_Strict):

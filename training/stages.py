@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kdcontract.capture import capture_digest
 from kdcontract.errors import UserError
+from kdcontract.manifest import file_sha256
 from kdcontract.names import STUDENT_KD, STUDENT_PLAIN, STUDENT_PRUNED
 from training.recipe import AugmentConfig, DistillConfig, ModelConfig, Recipe
 
@@ -119,13 +120,13 @@ def _sources(stage: Stage, recipe: Recipe) -> dict:
     if stage.distill and recipe.distill.capture:
         sources["capture"] = capture_digest(recipe.distill.capture)
     if stage.distill and stage.distill.init:
-        sources["init"] = hashlib.sha256(Path(stage.distill.init).read_bytes()).hexdigest()[:16]
+        sources["init"] = file_sha256(Path(stage.distill.init))[:16]
     weights = stage.model_cfg.weights
     if weights is not None and Path(weights).is_file():  # a starting weights file by its bytes
-        sources["weights"] = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+        sources["weights"] = file_sha256(Path(weights))[:16]
     brought = recipe.teacher.file
     if stage.distill and brought is not None and Path(brought.path).is_file():  # the teacher's bytes, not its name
-        sources["teacher_file"] = hashlib.sha256(Path(brought.path).read_bytes()).hexdigest()[:16]
+        sources["teacher_file"] = file_sha256(Path(brought.path))[:16]
     return sources
 
 

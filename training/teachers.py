@@ -34,9 +34,8 @@ from kdcontract.errors import UserError
 from training.models import build_network
 from training.onnx_front import behind_uint8_input
 from training.onnx_tools import INPUT_NAME, OUTPUT_NAME
+from training.recipe import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SHOWN_KEYS = 3  # checkpoint keys named in an error
 ONNX_TEACHER = "model.onnx"  # a brought ONNX teacher's copy in the run's teacher folder
 BROUGHT = "brought.json"  # beside it: where it came from, its normalisation, calibration and figures

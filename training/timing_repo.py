@@ -22,9 +22,9 @@ from training.checkpoint import ModelSpec, build_from_spec
 from training.export import write_served_model
 from training.models import count_macs, count_params
 from training.onnx_tools import export_onnx
+from training.recipe import IMAGENET_MEAN, IMAGENET_STD
 from training.triton_repo import ServingOptions
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PAIR = ((STUDENT_KD, "resnet18", "student"), (TEACHER, "resnet50", "teacher"))
 STAMP = "timing.json"  # what the repository was written with: a different request rewrites it
 

@@ -20,7 +20,6 @@ admission control. `check_repo` refuses a queue policy for that reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from kdcontract.manifest import TensorSpec
+from kdcontract.manifest import TensorSpec, file_sha256
 from kdcontract.versions import STAGING_PREFIX, load_only, replace_file
 
 BACKEND_DIR = Path(__file__).parent / "triton_backend"
@@ -56,14 +55,6 @@ class ServingOptions:
     # the spinning threads take the cores the gateway needs. Worth it only on dedicated cores.
     allow_spinning: bool = False
     keep_versions: int = 3
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dtype(name: str) -> int:
@@ -206,4 +197,4 @@ def write_model(
     hashed = [version_dir / t for t in files] + [model_dir / "config.pbtxt"]
     if labels is not None:
         hashed.append(model_dir / "labels.txt")
-    return version, {str(p.relative_to(repo)): sha256(p) for p in hashed}
+    return version, {str(p.relative_to(repo)): file_sha256(p) for p in hashed}
