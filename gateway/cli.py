@@ -40,7 +40,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from gateway.app.factory import create_app
-    from gateway.http.protocol import with_header_timeout
+    from gateway.http.protocol import with_deadlines
     from gateway.http.server import DrainingServer
     from gateway.settings import GatewaySettings
 
@@ -67,7 +67,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=with_header_timeout(settings.header_timeout_s),
+        http=with_deadlines(settings.header_timeout_s, settings.body_timeout_s),
         log_level=args.log_level,
         access_log=False,
         # Nothing here reads client addresses, and the X-Forwarded-* rewrite costs on every request.

@@ -124,6 +124,13 @@ class GatewaySettings(BaseSettings):
     answers_ttl_s: float = Field(3600.0, ge=1, description="how long an answer waits for its feedback")
     answers_max_records: int = Field(1_000_000, ge=100, description="answers kept on disk at most (oldest go first)")
     answers_queue: int = Field(10_000, ge=1, description="answers waiting for the writer; beyond, dropped and counted")
+    # Joining a label costs the replica's CPU (answer files looked up and claimed, counters): without a
+    # bound, one key's closed loop of 1,000-item batches kept two join threads busy and the interpreter
+    # lock away from every other caller's requests (their p99 x3.5-x4.3, `make faults`). An honest labeller
+    # sends a batch now and then; the bucket holds one full batch (1,000 items) above the rate.
+    feedback_items_per_s: float = Field(
+        1000.0, gt=0, description="feedback items one API key may send to one replica per second (429 past it)"
+    )
 
     # Served traffic kept as distillation data (gateway/capture/recorder.py): opt-in, images can be personal data.
     capture_fraction: float = Field(0.0, ge=0, le=1, description="share of classified requests captured (0: off)")

@@ -73,5 +73,7 @@ def test_a_hostile_key_never_gets_the_neighbour_refused_nor_a_5xx(tiny_repo):
     for stage in stages:
         assert stage.refused() == 0 and stage.fivexx() == 0, stage
     future, zeros, emptied = stages[1:]
-    assert set(future.attacker) == {"404"} and set(zeros.attacker) == {"400"}, (future, zeros)
+    # Ids from the future are unknown (404), past the key's feedback budget refused unread (429).
+    assert set(future.attacker) <= {"404", "429"} and future.attacker.get("404", 0) > 0, future
+    assert set(zeros.attacker) == {"400"}, zeros
     assert set(emptied.attacker) == {"401"}, emptied  # the emptied keys file opened nothing

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from tritonclient.grpc import service_pb2
 
 from gateway.auth.gate import KeyGate
-from gateway.auth.keys import ApiKey, TooManyInFlight, hash_key, new_key
+from gateway.auth.keys import ApiKey, RateLimited, TooManyInFlight, hash_key, new_key
 from gateway.errors import GatewayError, UnknownRequest
 from gateway.feedback.answers import Answer, AnswerStore, issued_at, new_request_id
 from gateway.feedback.join import FeedbackItem, FeedbackJoin
@@ -100,6 +100,45 @@ def test_feedback_from_the_future_is_refused_at_once_and_sigterm_still_stops_the
     # clean shutdown by raising the signal it caught again, so the exit status is SIGTERM's.
     assert gateway.proc.wait(timeout=30) == -signal.SIGTERM
     assert "Traceback" not in gateway.log_path.read_text()
+
+
+def test_a_key_past_its_feedback_items_per_second_is_refused_whole_and_others_are_not(tmp_path):
+    """One key's closed loop of 1,000-item batches held the join threads and the interpreter lock (another
+    key's classify p99 x3.5-x4.3, `make faults`): a key's items are budgeted, a batch counted item by item."""
+    store = AnswerStore(tmp_path, ttl_s=600, max_records=1000, queue_size=10)
+    join = FeedbackJoin(store, CLASSES, GatewayMetrics(), items_per_s=0.5)  # a token every 2 s
+    batch = [FeedbackItem(request_id=f"never-issued-{i}", label="3") for i in range(1000)]
+
+    async def scenario() -> None:
+        first = await join.accept_all(batch, "hostile")  # the burst: one full batch
+        assert len(first) == 1000 and all(isinstance(r, UnknownRequest) for r in first)
+        with pytest.raises(RateLimited) as refused:
+            await join.accept_all(batch, "hostile")
+        assert refused.value.status_code == 429
+        assert int(refused.value.headers["Retry-After"]) >= 1998  # 1,000 items at 0.5/s
+        with pytest.raises(RateLimited):
+            join.check_budget("hostile")  # nothing left: refused before a body is read
+        join._budgets["hostile"].tokens = 5.0  # some items back, but not the 1,000 it was told to wait for
+        with pytest.raises(RateLimited):
+            join.check_budget("hostile")  # back before its Retry-After: still refused unread
+        assert len(await join.accept_all(batch, "neighbour")) == 1000  # a budget of its own
+
+    asyncio.run(scenario())
+    join.close()
+
+
+def test_a_feedback_request_past_the_budget_is_refused_before_its_body_is_read(tiny_repo, triton, tmp_path):
+    env = {"KDSERVE_ANSWERS_DIR": str(tmp_path / "answers"), "KDSERVE_FEEDBACK_ITEMS_PER_S": "0.01"}
+    with GatewayProcess(tiny_repo, triton.http_url, env=env) as gateway:
+        batch = [{"request_id": f"never-issued-{i}", "label": "1"} for i in range(1000)]
+        first = gateway.client.post("/v1/feedback", json=batch)
+        assert first.status_code == 200 and len(first.json()["results"]) == 1000
+        again = gateway.client.post("/v1/feedback", json={"request_id": "never-issued", "label": "1"})
+        assert again.status_code == 429 and again.json()["error"]["kind"] == "rate_limited"
+        assert int(again.headers["Retry-After"]) >= 100
+        # Not JSON at all, and still a 429, not a 400: the budget is checked before the body is parsed.
+        broken = gateway.client.post("/v1/feedback", content=b"[{", headers={"Content-Type": "application/json"})
+        assert broken.status_code == 429
 
 
 # -- finding 11: a keys reload never opens what start-up would refuse ----------------------------------------
@@ -517,6 +556,67 @@ def test_a_body_trickling_past_its_deadline_gets_408_and_the_connection_closes(i
         answer = _answer_or_close(sock, 30)
     assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
     assert impatient_gateway.client.get("/healthz").status_code == 200
+
+
+JSON_8MB_HEAD = (
+    b"POST /v1/classify?model=student HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 8000000\r\n\r\n"
+)
+
+
+def test_a_json_classify_body_with_too_many_values_is_refused_before_the_rest_arrives(impatient_gateway):
+    """8 MB of zeros was read whole before its commas were counted (two clients sending it moved ~700 MB/s
+    through the event loop, `make faults`): the chunk that passes the bound is the last one read."""
+    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
+        sock.sendall(JSON_8MB_HEAD + b'{"images": [' + b"0," * 100_000)  # 200 kB of 8 MB, then nothing
+        sock.settimeout(30)
+        answer = _http_answer(sock)
+    # Not the 408 the body deadline (2 s) gives a body that stops arriving: refused for what it already holds.
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b"values" in answer
+
+
+def test_the_rest_of_a_refused_body_must_arrive_within_the_body_deadline(impatient_gateway):
+    """After an answer given before the body was read, every byte the client sent cancelled uvicorn's
+    keep-alive timer and nothing else ended the wait: a client trickling the rest held its socket for ever.
+    Now the rest has the body deadline (2 s here); a client that sends it all keeps its connection."""
+    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
+        sock.sendall(JSON_8MB_HEAD + b'{"images": [' + b"0," * 100_000)
+        sock.settimeout(30)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+        sock.settimeout(0.5)
+        started, closed_after = time.monotonic(), None
+        while time.monotonic() - started < 20:  # a byte every half second, for at most 20 s
+            try:
+                sock.sendall(b"0,")
+                if sock.recv(100) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "the connection was still open after 20 s of trickling"
+    body = b'{"images": [' + b",".join([b"0"] * 4_000_000) + b"]}"
+    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
+        sock.settimeout(30)
+        sock.sendall(JSON_8MB_HEAD.replace(b"8000000", str(len(body)).encode()) + body)
+        assert _http_answer(sock).startswith(b"HTTP/1.1 400")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # the same connection, still served
+        assert _http_answer(sock).startswith(b"HTTP/1.1 200")
+
+
+def _http_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP answer (headers and a Content-Length body) from `sock`."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 # -- finding 9: one caller cannot take a model's whole admission bound -----------------------------------

@@ -160,6 +160,7 @@ async def answer_store(app: FastAPI) -> AsyncIterator[None]:
         app.state.classifier.class_names,
         metrics,
         gate_keys=lambda: app.state.experiment.gates.label_keys,  # the experiment the replica runs now
+        items_per_s=settings.feedback_items_per_s,
     )
     async with running(answers.run()):
         try:

@@ -27,6 +27,7 @@ from gateway.auth.keys import (
     hash_key,
     read_keys,
 )
+from gateway.auth.rate import TokenBucket
 from gateway.errors import GatewayError
 from gateway.files import file_stamp
 from gateway.telemetry.metrics import GatewayMetrics
@@ -47,24 +48,16 @@ def is_loopback(host: str) -> bool:
 
 
 class _Quota:
-    """One key's token bucket (shared by every request with the key)."""
+    """One key's rate (a token bucket shared by every request with the key) and its bound in flight."""
 
     def __init__(self, key: ApiKey, default_max_in_flight: int | None):
         self.rate, self.max_in_flight = key.rate_per_s, key.max_in_flight or default_max_in_flight
         self.capacity = float(key.burst or max(1, math.ceil(key.rate_per_s or 1)))
-        self.tokens, self.updated = self.capacity, time.monotonic()
+        self.bucket = TokenBucket(key.rate_per_s, self.capacity) if key.rate_per_s is not None else None
 
     def take(self) -> float | None:
         """None when the request may go; else the seconds until a token is there."""
-        if self.rate is None:
-            return None
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return None
-        return (1 - self.tokens) / self.rate
+        return None if self.bucket is None else self.bucket.take()
 
 
 class KeyGate:
@@ -116,7 +109,7 @@ class KeyGate:
                 continue
             quota, before = _Quota(key, self.default_max_in_flight), old.get(key.id)
             if before is not None and (before.rate, before.capacity) == (quota.rate, quota.capacity):
-                quota.tokens, quota.updated = before.tokens, before.updated  # an unchanged bucket keeps its level
+                quota.bucket = before.bucket  # an unchanged bucket keeps its level
             self._quotas[key.id] = quota
         for key in keys:
             self.metrics.key_requests.labels(key.id, "accepted")  # every key's series exists from the start

@@ -30,7 +30,7 @@ def validate_feedback(body: bytes) -> FeedbackItem | list[FeedbackItem]:
     return (FEEDBACK_LIST if body.lstrip()[:1] == b"[" else FEEDBACK_ITEM).validate_json(body)
 
 
-FEEDBACK_ERRORS = {code: {"model": ErrorResponse} for code in (400, 403, 404, 409, 410, 413, 422)}
+FEEDBACK_ERRORS = {code: {"model": ErrorResponse} for code in (400, 403, 404, 409, 410, 413, 422, 429)}
 
 
 FEEDBACK_BODY = {
@@ -51,11 +51,13 @@ FEEDBACK_BODY = {
 @requires("classify")
 async def feedback(request: Request) -> Response:
     """One item: 200, or its error (404 unknown id, 410 expired, 409 already counted, 422 not a class, 403
-    a request another API key made: only its caller may label it).
+    a request another API key made: only its caller may label it). 429 with Retry-After when the API key
+    is past its feedback items per second (KDSERVE_FEEDBACK_ITEMS_PER_S, each item of a batch counts).
     A list: 200 with one result per item, each with the status it would have had alone."""
     state = request.app.state
     if state.feedback is None:
         raise Conflict("no answer store is configured (KDSERVE_ANSWERS_DIR): feedback cannot be joined")
+    state.feedback.check_budget(request.state.key_id)
     body = await read_body_limited(request, 1024 * 1024)
     parsed = parse_json_body(validate_feedback, body)
     items = [parsed] if isinstance(parsed, FeedbackItem) else parsed

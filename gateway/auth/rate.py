@@ -1,0 +1,30 @@
+"""A token bucket: a sustained rate with a burst above it, for a key's requests and its feedback items."""
+
+from __future__ import annotations
+
+import time
+
+
+class TokenBucket:
+    """`rate` tokens a second up to `capacity`; starts full. Not thread-safe: each user holds it under its
+    own lock or on the event loop."""
+
+    def __init__(self, rate: float, capacity: float):
+        self.rate, self.capacity = rate, capacity
+        self.tokens, self.updated = capacity, time.monotonic()
+
+    def take(self, tokens: float = 1.0) -> float | None:
+        """None when `tokens` were taken; else the seconds until that many are there (nothing is taken).
+        More than the capacity can never be taken: the wait is then the time to fill the bucket."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= tokens:
+            self.tokens -= tokens
+            return None
+        return (min(tokens, self.capacity) - self.tokens) / self.rate
+
+    def empty(self) -> bool:
+        """Whether not even one token is there now (a request may be refused before it is read)."""
+        now = time.monotonic()
+        return min(self.capacity, self.tokens + (now - self.updated) * self.rate) < 1
