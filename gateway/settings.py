@@ -55,6 +55,14 @@ class GatewaySettings(BaseSettings):
     # Admission control: images in flight to one Triton model; past it, an immediate 503 + Retry-After.
     # The default keeps a full bound of teacher work (~150 img/s here) well inside the 5 s deadline.
     admission_max_images: int = Field(256, ge=1, description="images in flight per Triton model")
+    # While another caller's small requests use the same model, a larger request goes to Triton this many
+    # images at a time, so the small ones wait for a slice, not a whole batch (gateway/serving/admission.py).
+    triton_slice_images: int = Field(
+        8,
+        ge=0,
+        description="images per Triton call for a large request while other callers' small ones share "
+        "its model (0: never sliced)",
+    )
     decode_threads: int = Field(os.cpu_count() or 1, ge=1, description="threads decoding large images")
 
     # Slow clients: a request's headers, and then its body, must arrive within these (a socket that

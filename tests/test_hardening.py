@@ -661,6 +661,66 @@ def test_keys_without_their_own_in_flight_quota_get_the_default():
         pass
 
 
+def test_large_requests_are_sliced_while_another_callers_small_requests_use_the_model(monkeypatch):
+    from gateway.serving import admission as admission_module
+
+    now = [1000.0]
+    monkeypatch.setattr(admission_module, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    admission = admission_module.AdmissionControl(256, 1, GatewayMetrics(), slice_images=8)
+    assert admission.slice_for("student_kd", "hog") is None  # alone: whole batches
+    with admission.admit(["student_kd"], 64, caller="batcher"):
+        assert admission.slice_for("student_kd", "hog") is None  # another batch: slicing helps no one
+    with admission.admit(["student_kd"], 1, caller="neighbour"):
+        now[0] += 5.0
+    assert admission.slice_for("student_kd", "hog") == 8  # answered a moment ago: it will be back
+    assert admission.slice_for("student_kd", "neighbour") is None  # its own small requests slice nothing
+    now[0] += admission_module.SHARED_S / 2
+    assert admission.slice_for("student_kd", "hog") == 8
+    now[0] += admission_module.SHARED_S
+    assert admission.slice_for("student_kd", "hog") is None  # gone: the hog's batches go whole again
+    assert admission.slice_for("teacher", "hog") is None
+    unsliced = admission_module.AdmissionControl(256, 1, GatewayMetrics(), slice_images=0)
+    with unsliced.admit(["student_kd"], 1, caller="neighbour"):
+        assert unsliced.slice_for("student_kd", "hog") is None  # KDSERVE_TRITON_SLICE_IMAGES=0
+
+
+def test_a_large_request_goes_to_triton_in_slices_only_while_another_keys_small_requests_share_it(
+    tiny_repo, triton, tmp_path
+):
+    """One image queued behind 64-image executions waited for two of them: the neighbour's classify p99 x8
+    of quiet while another key sent 64-image JSON tensors (`make faults`)."""
+    from loadtest.clients.measure import metric_value
+
+    keys = {name: new_key(name, ["classify"], None, None) for name in ("hog", "batcher", "neighbour")}
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps([entry for _, entry in keys.values()]))
+    hog, batcher, neighbour = (keys[name][0] for name in ("hog", "batcher", "neighbour"))
+    env = {"KDSERVE_API_KEYS_FILE": str(keys_file), "KDSERVE_TRITON_SLICE_IMAGES": "8"}
+    batch = [("images", (f"{i}.png", digit_png_bytes(1200 + i), "image/png")) for i in range(64)]
+    with GatewayProcess(tiny_repo, triton.http_url, env=env) as gateway:
+
+        def calls_and_answer(key: str, files) -> tuple[float, list]:
+            answer = gateway.client.post(
+                "/v1/classify?model=student", files=files, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert answer.status_code == 200, answer.text
+            calls = metric_value(
+                gateway.client.get("/metrics").text, "kdserve_triton_call_images_count", {"model": "student_kd"}
+            )
+            return calls, answer.json()["predictions"]
+
+        before, _ = calls_and_answer(hog, batch[:9])
+        alone, whole = calls_and_answer(hog, batch)
+        assert alone - before == 1  # the hog alone: one call of 64 images
+        batched, _ = calls_and_answer(batcher, batch)
+        after_batches, _ = calls_and_answer(hog, batch)
+        assert after_batches - batched == 1  # another caller's batches: still whole
+        shared_before, _ = calls_and_answer(neighbour, batch[:1])  # a small request, just answered
+        shared, sliced = calls_and_answer(hog, batch)
+        assert shared - shared_before == 8  # 8 calls of 8 images
+        assert sliced == whole  # the same answers, in the same order
+
+
 # -- finding 3: JSON tensors are converted by numpy, not element by element in Python ---------------------
 def test_json_pixels_are_converted_in_one_numpy_call_and_checked_whole(monkeypatch):
     from gateway.v2 import tensors

@@ -86,7 +86,9 @@ async def classifier(app: FastAPI, manifest: Manifest) -> AsyncIterator[Classifi
         settings.triton_calls_in_flight,
         settings.max_images,
     )
-    admission = AdmissionControl(settings.admission_max_images, settings.retry_after_s, metrics)
+    admission = AdmissionControl(
+        settings.admission_max_images, settings.retry_after_s, metrics, settings.triton_slice_images
+    )
     app.state.classifier = Classifier(manifest, triton, settings, metrics, admission)
     metrics.start_at_zero(
         app.state.experiment.weights,

@@ -78,7 +78,7 @@ async def classify_following(
     which can be before this replica's next manifest poll. The manifest is checked at once and, if the
     gateway switched, the request runs on the new versions (weights and calibration still together)."""
     try:
-        return await classifier.classify(classifier.resolve(name), images)
+        return await classifier.classify(classifier.resolve(name), images, call.key_id)
     except Unavailable:
         follower = state.manifest_follower
         if follower is None:
@@ -88,7 +88,7 @@ async def classify_following(
         if current is classifier:
             raise
         call.model = current.resolve(name)
-        return await current.classify(current.resolve(name), images)
+        return await current.classify(current.resolve(name), images, call.key_id)
 
 
 def _observe_drift(state: ReplicaState, classifier: Classifier, outcome: Outcome) -> None:

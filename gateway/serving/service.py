@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import GatewayError, Unavailable, UnknownModel, echo
-from gateway.serving.admission import AdmissionControl
+from gateway.serving.admission import ANYONE, AdmissionControl
 from gateway.settings import GatewaySettings
 from gateway.telemetry import tracing
 from gateway.telemetry.metrics import GatewayMetrics
@@ -119,18 +119,21 @@ class Classifier:
             needed |= set(self.triton_models(CASCADE))
         return sorted(needed - set(GATEWAY_NAMES))
 
-    async def classify(self, target: str, images: np.ndarray) -> Outcome:
+    async def classify(self, target: str, images: np.ndarray, caller: str = ANYONE) -> Outcome:
+        """`target`'s answer for `images`; `caller` (an API key id): a large request goes to Triton in slices
+        while other callers' small requests share the model (`gateway.serving.admission`)."""
         if target == ENSEMBLE:
-            return await self._ensemble(images)
+            return await self._ensemble(images, caller)
         if target == CASCADE:
             with tracing.span("cascade", images=len(images)):
-                return await self._cascade(images)
+                return await self._cascade(images, caller)
         entry = self.entry(target)
         start = time.perf_counter()
         output = "probabilities" if entry.role == "ensemble" else "logits"
         # Pinned to the manifest's version: weights and the temperature they were calibrated with go
         # together, so a Triton serving another version is a 503, never a mis-calibrated answer.
-        raw = await self.triton.infer(entry.name, images, output=output, version=entry.version)
+        sliced = self.admission.slice_for(target, caller)
+        raw = await self.triton.infer(entry.name, images, output=output, version=entry.version, slice_images=sliced)
         inference_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         probabilities = self._calibrated(entry, raw)
@@ -145,10 +148,15 @@ class Classifier:
                 return fuse_heads(raw, entry.temperature)
         return softmax(raw, entry.temperature)
 
-    async def _ensemble(self, images: np.ndarray) -> Outcome:
+    async def _ensemble(self, images: np.ndarray, caller: str) -> Outcome:
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(self.triton.infer(n, images, version=self.manifest.models[n].version) for n in self.variants),
+            *(
+                self.triton.infer(
+                    n, images, version=self.manifest.models[n].version, slice_images=self.admission.slice_for(n, caller)
+                )
+                for n in self.variants
+            ),
             return_exceptions=True,
         )
         inference_ms = (time.perf_counter() - start) * 1000
@@ -180,14 +188,14 @@ class Classifier:
         self.metrics.child(self.metrics.fusion_seconds, self.settings.fusion).observe(fusion_s)
         return Outcome(ENSEMBLE, None, probabilities, inference_ms, fusion_s * 1000, degraded, names)
 
-    async def _cascade(self, images: np.ndarray) -> Outcome:
+    async def _cascade(self, images: np.ndarray, caller: str) -> Outcome:
         """The student answers every image; those below the threshold are asked of the teacher.
 
         If the teacher fails, the student's answers stand and the response says `degraded`: a
         cascade is never less available than its student.
         """
         cascade = self.manifest.cascade
-        first = await self.classify(cascade.student, images)
+        first = await self.classify(cascade.student, images, caller)
         probabilities = first.probabilities
         unsure = probabilities.max(axis=-1) < cascade.threshold
         answered_by = [cascade.student] * len(images)
@@ -195,7 +203,7 @@ class Classifier:
         if unsure.any():
             escalated = int(unsure.sum())
             try:
-                second = await self.classify(cascade.teacher, images[unsure])
+                second = await self.classify(cascade.teacher, images[unsure], caller)
             except GatewayError:
                 self.metrics.cascade_escalations.labels("failed").inc(escalated)
                 degraded = True

@@ -64,12 +64,22 @@ class TritonClient:
         return "failed", UpstreamError(f"model {model} failed to run")
 
     async def infer(
-        self, model: str, images: np.ndarray, output: str = "logits", version: int | None = None
+        self,
+        model: str,
+        images: np.ndarray,
+        output: str = "logits",
+        version: int | None = None,
+        slice_images: int | None = None,
     ) -> np.ndarray:
         """The named output for `images`; concurrent calls for the same model may share one Triton
-        request (`gateway.triton.coalesce`). The caller waits at most the deadline of one call."""
+        request (`gateway.triton.coalesce`). The caller waits at most the deadline of one call.
+        `slice_images`: sent that many at a time, one slice after another, each with a call's deadline (while
+        other callers' small requests share the model: theirs wait for a slice, not for the whole batch)."""
         key = (model, version, output, images.shape[1:], images.dtype.str)
         try:
+            if slice_images and len(images) > slice_images:
+                slices = [images[i : i + slice_images] for i in range(0, len(images), slice_images)]
+                return np.concatenate([await self._coalescer.run(key, part) for part in slices])
             return await self._coalescer.run(key, images)
         except TimeoutError as exc:  # waited for a shared call past the deadline (a call's own is mapped in _call)
             raise UpstreamTimeout(f"model {model} did not answer within {self.timeout_s:.2f}s") from exc
