@@ -13,18 +13,21 @@ class TokenBucket:
         self.rate, self.capacity = rate, capacity
         self.tokens, self.updated = capacity, time.monotonic()
 
-    def take(self, tokens: float = 1.0) -> float | None:
-        """None when `tokens` were taken; else the seconds until that many are there (nothing is taken).
-        More than the capacity can never be taken: the wait is then the time to fill the bucket."""
+    def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
+
+    def wait(self, tokens: float = 1.0) -> float:
+        """Seconds until `tokens` are there (0: now). More than the capacity never is: the wait is then the
+        time to fill the bucket."""
+        self._refill()
+        return max(0.0, (min(tokens, self.capacity) - self.tokens) / self.rate)
+
+    def take(self, tokens: float = 1.0) -> float | None:
+        """None when `tokens` were taken; else the seconds until that many are there (nothing is taken)."""
+        wait = self.wait(tokens)
         if self.tokens >= tokens:
             self.tokens -= tokens
             return None
-        return (min(tokens, self.capacity) - self.tokens) / self.rate
-
-    def empty(self) -> bool:
-        """Whether not even one token is there now (a request may be refused before it is read)."""
-        now = time.monotonic()
-        return min(self.capacity, self.tokens + (now - self.updated) * self.rate) < 1
+        return wait

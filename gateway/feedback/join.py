@@ -104,8 +104,9 @@ class FeedbackJoin:
         early = self._refused_until.get(key, 0.0) - time.monotonic()
         if early > 0:
             raise self._over_budget(key, early)
-        if budget.empty():
-            raise self._over_budget(key, budget.take() or 1.0)
+        wait = budget.wait()
+        if wait > 0:
+            raise self._over_budget(key, wait)
 
     def _spend(self, key: str, items: int) -> None:
         budget = self._budget(key)
