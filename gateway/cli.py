@@ -138,7 +138,7 @@ def _cmd_keys_new(args: argparse.Namespace) -> None:
 
     from gateway.auth.keys import new_key
 
-    key, entry = new_key(args.id, args.scope or ["classify"], args.rate, args.max_in_flight)
+    key, entry = new_key(args.id, args.scope or ["classify"], args.rate, args.max_in_flight, args.bytes_per_s)
     # The key goes to stdout once; only its entry (the hash) belongs in KDSERVE_API_KEYS or the keys file.
     print(f"key (give it to the caller; it is not stored anywhere): {key}", file=sys.stderr)
     print(json.dumps(entry))
@@ -249,7 +249,12 @@ def _add_operator_commands(commands: argparse._SubParsersAction) -> None:
         "--scope", action="append", choices=["classify", "admin"], help="repeat for both (default: classify)"
     )
     new.add_argument("--rate", type=float, help="requests per second (default unlimited)")
-    new.add_argument("--max-in-flight", type=int, help="requests under way at once (default unlimited)")
+    new.add_argument(
+        "--max-in-flight", type=int, help="requests under way at once (default KDSERVE_DEFAULT_KEY_MAX_IN_FLIGHT)"
+    )
+    new.add_argument(
+        "--bytes-per-s", type=float, help="request bytes per second (default KDSERVE_DEFAULT_KEY_BYTES_PER_S)"
+    )
     new.set_defaults(func=_cmd_keys_new)
 
     erase = commands.add_parser(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 ECHO_CHARS = 64  # of a caller's value quoted back in an error message
 
 
@@ -103,7 +105,20 @@ class Overloaded(GatewayError):
     status_code, kind = 503, "overloaded"
 
 
-class OverShare(Overloaded):
+class CallerRefused(GatewayError):
+    """Refused for the caller's own doing: over its rate, its bytes, its bound in flight, its share of a model
+    or its feedback budget. A 429 that names the caller (its key id) and when it may come back, `wait_s`
+    (its Retry-After: whole seconds, at least 1), so that a caller back before then can be made to wait for
+    it (`gateway.auth.pacing`)."""
+
+    status_code = 429
+
+    def __init__(self, message: str, caller: str, wait_s: float):
+        super().__init__(message, {"Retry-After": str(max(1, math.ceil(wait_s)))})
+        self.caller, self.wait_s = caller, wait_s
+
+
+class OverShare(CallerRefused, Overloaded):
     """The model has room, but this caller holds its share of it (admission shares a model between
     callers): the caller's doing, so a 429, with Retry-After."""
 

@@ -111,6 +111,12 @@ class GatewaySettings(BaseSettings):
     default_key_max_in_flight: int | None = Field(
         64, ge=1, description="requests under way at once for a key that sets no max_in_flight (none: unlimited)"
     )
+    default_key_bytes_per_s: float | None = Field(
+        64 * 2**20,
+        gt=0,
+        description="request bytes per second for a key that sets no bytes_per_s, a burst of max_body_bytes "
+        "(none: unlimited)",
+    )
     api_keys: list[ApiKey] = Field(default_factory=list, description="API keys (JSON list), e.g. from a Secret")
     api_keys_file: Path | None = Field(None, description="a JSON file of API keys, re-read when it changes")
     allow_anonymous: bool = Field(

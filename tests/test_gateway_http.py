@@ -276,13 +276,14 @@ def test_an_unhandled_exception_is_a_500_in_the_shape_counted_and_traceable():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from gateway.auth.pacing import RefusalPacing
     from gateway.http.errors import install_error_handlers
     from gateway.http.observe import RequestObserver
     from gateway.telemetry.metrics import GatewayMetrics
 
     metrics = GatewayMetrics()
     app = FastAPI()
-    install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
+    install_error_handlers(app, RefusalPacing(), on_error=lambda kind: metrics.errors.labels(kind).inc())
     app.add_middleware(RequestObserver, metrics=metrics)
 
     @app.get("/boom")

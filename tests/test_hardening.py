@@ -26,8 +26,9 @@ from PIL import Image
 from pydantic import ValidationError
 from tritonclient.grpc import service_pb2
 
-from gateway.auth.gate import KeyGate
+from gateway.auth.gate import KeyDefaults, KeyGate
 from gateway.auth.keys import ApiKey, RateLimited, TooManyInFlight, hash_key, new_key
+from gateway.auth.pacing import RefusalPacing
 from gateway.errors import GatewayError, UnknownRequest
 from gateway.feedback.answers import Answer, AnswerStore, issued_at, new_request_id
 from gateway.feedback.join import FeedbackItem, FeedbackJoin
@@ -199,6 +200,143 @@ def test_revoking_and_restoring_a_key_mid_request_keeps_in_flight_exact(tmp_path
     assert gate.in_flight("metered") == 0
     with gate.admit(f"Bearer {key}", "classify"):
         assert gate.in_flight("metered") == 1
+
+
+# -- finding 9, continued: a caller that ignores Retry-After waits it out ----------------------------------
+def test_an_early_refusal_waits_for_the_callers_retry_after_and_a_punctual_one_does_not():
+    """Answered at once unless the caller comes back before the Retry-After it was given; held answers are
+    bounded, and one caller's early return holds no other caller's answer."""
+    pacing = RefusalPacing(max_held=1, max_hold_s=30.0)
+
+    async def scenario() -> None:
+        def answer(caller: str, retry_after_s: int = 1) -> asyncio.Task:
+            return asyncio.create_task(pacing.answer_when_due(TooManyInFlight("busy", caller, retry_after_s)))
+
+        first = answer("hasty")
+        await asyncio.sleep(0)
+        assert first.done()  # a first refusal: answered at once
+        early, started = answer("hasty"), time.monotonic()
+        other = answer("other")
+        await asyncio.sleep(0)
+        assert not early.done() and pacing.held == 1  # back within its 1 s: held
+        assert other.done()  # another caller's first refusal is not held by this one's
+        beyond_bound = answer("hasty")
+        await asyncio.sleep(0)
+        assert beyond_bound.done()  # max_held answers held already: answered at once
+        await early
+        assert time.monotonic() - started >= 0.9  # held until its Retry-After was over
+        assert pacing.held == 0
+        await asyncio.sleep(1.05)  # this caller waits out the Retry-After its last answer gave
+        punctual = answer("hasty")
+        await asyncio.sleep(0)
+        assert punctual.done()
+
+    asyncio.run(scenario())
+
+
+def test_a_key_refused_again_before_its_retry_after_is_answered_when_it_is_over(tiny_repo, triton, tmp_path):
+    """A key flooding on 100 connections was refused ~300 times a second, each request read to its end and
+    the next one built at once (another key's classify p99 x15-x25 of quiet, the attack at normal priority,
+    `make faults`): refused again before its Retry-After, a key waits it out (at most 1 s), for the key gate's
+    refusals and for a route's (here the feedback budget) alike."""
+    hasty, hasty_entry = new_key("hasty", ["classify"], 0.001, None)  # one request, then ~1,000 s to wait
+    other, other_entry = new_key("other", ["classify"], None, None)
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps([hasty_entry, other_entry]))
+    env = {
+        "KDSERVE_API_KEYS_FILE": str(keys_file),
+        "KDSERVE_ANSWERS_DIR": str(tmp_path / "answers"),
+        "KDSERVE_FEEDBACK_ITEMS_PER_S": "0.01",
+    }
+    png = digit_png_bytes(1500)
+    with GatewayProcess(tiny_repo, triton.http_url, env=env) as gateway:
+
+        def timed(key: str, path: str, **sent) -> tuple[int, float]:
+            started = time.monotonic()
+            resp = gateway.client.post(
+                path, headers={"Authorization": f"Bearer {key}"} | sent.pop("headers", {}), **sent
+            )
+            return resp.status_code, time.monotonic() - started
+
+        classify = {"content": png, "headers": {"Content-Type": "image/png"}}
+        assert timed(hasty, "/v1/classify?model=student", **classify)[0] == 200
+        refused, at_once = timed(hasty, "/v1/classify?model=student", **classify)
+        again, held = timed(hasty, "/v1/classify?model=student", **classify)
+        assert (refused, again) == (429, 429)
+        assert held >= 0.9 and held - at_once >= 0.7, (at_once, held)  # the key gate's refusal, held
+
+        assert timed(other, "/v1/classify?model=student", **classify)[0] == 200  # not held by hasty's
+        batch = [{"request_id": f"never-issued-{i}", "label": "1"} for i in range(1000)]
+        assert timed(other, "/v1/feedback", json=batch)[0] == 200  # its whole feedback budget
+        refused, at_once = timed(other, "/v1/feedback", json=batch[:1])
+        again, held = timed(other, "/v1/feedback", json=batch[:1])
+        assert (refused, again) == (429, 429)
+        assert held >= 0.9 and held - at_once >= 0.7, (at_once, held)  # a route's refusal, held
+
+
+def test_a_key_owing_bytes_is_refused_until_they_are_paid_and_others_are_not():
+    hog, hog_entry = new_key("hog", ["classify"], None, None)
+    other, other_entry = new_key("other", ["classify"], None, None)
+    gate = KeyGate(
+        [ApiKey(**hog_entry | {"bytes_per_s": 1000.0}), ApiKey(**other_entry)],
+        None,
+        None,
+        False,
+        GatewayMetrics(),
+        defaults=KeyDefaults(bytes_per_s=10**9, byte_burst=4096),
+    )
+    with gate.admit(f"Bearer {hog}", "classify"):
+        gate.spend_bytes("hog", 4096)  # its whole burst: not owed yet
+    with gate.admit(f"Bearer {hog}", "classify"):
+        gate.spend_bytes("hog", 10**9)  # what arrived is spent, at most one burst
+    assert 4.0 < gate.bytes_owed_s("hog") <= 4.1
+    with pytest.raises(RateLimited) as refused, gate.admit(f"Bearer {hog}", "classify"):
+        pass
+    assert "bytes/s" in refused.value.message and refused.value.headers["Retry-After"] == "5"
+    gate.spend_bytes("other", 4096)
+    with gate.admit(f"Bearer {other}", "classify"):  # the default budget, a burst of its own
+        assert gate.bytes_owed_s("other") == 0
+
+
+def test_a_key_over_its_bytes_per_second_is_refused_unread_over_http_and_grpc(tiny_repo, triton, tmp_path):
+    """Two clients sending 7 MB gRPC calls kept the gateway a core busy receiving them (~3 ms of CPU each,
+    whatever the answer), and another key's classify p99 went to x3-x4.7 of quiet with the attack at normal
+    priority (`make faults`): a key's request bytes have a budget, over HTTP (the declared length, spent when
+    admitted) and gRPC (the message, spent when read); a call owing bytes waits for them unread, then is
+    refused."""
+    hog, hog_entry = new_key("hog", ["classify"], None, None)
+    other, other_entry = new_key("other", ["classify"], None, None)
+    grpc_hog, grpc_hog_entry = new_key("grpc-hog", ["classify"], None, None)
+    keys_file = tmp_path / "keys.json"
+    slow = {"bytes_per_s": 2000.0}
+    keys_file.write_text(json.dumps([hog_entry | slow, other_entry, grpc_hog_entry | slow]))
+    env = {"KDSERVE_API_KEYS_FILE": str(keys_file), "KDSERVE_MAX_BODY_BYTES": "65536"}  # a burst of 64 KiB
+    junk = b"\0" * 60_000
+    with GatewayProcess(tiny_repo, triton.http_url, env=env) as gateway:
+
+        def post(key: str) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "image/png"}
+            return gateway.client.post("/v1/classify?model=student", content=junk, headers=headers)
+
+        assert post(hog).status_code == 415  # not an image, but its 60 kB were sent: spent
+        assert post(hog).status_code == 415  # ~56 kB owed: ~28 s at 2 kB/s
+        refused = post(hog)
+        assert refused.status_code == 429 and "bytes/s" in refused.json()["error"]["message"]
+        assert int(refused.headers["Retry-After"]) >= 20
+        assert post(other).status_code == 415  # another key's bytes are its own
+
+        def grpc_refused_for_bytes(key: str) -> bool:
+            answer = _grpc_call(gateway, "ModelInfer", body, key)
+            assert isinstance(answer, grpc.RpcError)  # no inputs: refused either way
+            if answer.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return False
+            assert "bytes/s" in answer.details() and int(dict(answer.trailing_metadata())["retry-after"]) >= 20
+            return True
+
+        body = service_pb2.ModelInferRequest(model_name="student", id="x" * 60_000).SerializeToString()
+        assert grpc_refused_for_bytes(hog)  # owing what it sent over HTTP: held a second unread, refused
+        assert not grpc_refused_for_bytes(other)
+        assert [grpc_refused_for_bytes(grpc_hog) for _ in range(3)] == [False, False, True]  # messages spent
 
 
 # -- finding 14: a header length Python cannot parse is a 400 ------------------------------------------------
@@ -651,7 +789,7 @@ def test_a_models_admission_bound_is_shared_between_callers():
 
 def test_keys_without_their_own_in_flight_quota_get_the_default():
     key, entry = new_key("unmetered", ["classify"], None, None)
-    gate = KeyGate([ApiKey(**entry)], None, None, False, GatewayMetrics(), default_max_in_flight=2)
+    gate = KeyGate([ApiKey(**entry)], None, None, False, GatewayMetrics(), defaults=KeyDefaults(max_in_flight=2))
     with (
         gate.admit(f"Bearer {key}", "classify"),
         gate.admit(f"Bearer {key}", "classify"),

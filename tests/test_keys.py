@@ -165,3 +165,33 @@ def test_in_flight_quota_and_configuration_errors():
 def test_a_gateway_on_a_network_address_without_keys_refuses_to_start(tiny_repo, triton):
     with pytest.raises(GatewayStartError, match="no API key is configured"):
         GatewayProcess(tiny_repo, triton.http_url, env={"KDSERVE_HOST": "0.0.0.0"})
+
+
+def test_keys_new_writes_each_quota_it_is_given_and_the_entry_is_a_valid_key(tmp_path):
+    import subprocess
+    import sys
+
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "keys",
+            "new",
+            "--id",
+            "team-a",
+            "--rate",
+            "50",
+            "--max-in-flight",
+            "8",
+            "--bytes-per-s",
+            "1048576",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    entry = json.loads(made.stdout)
+    assert (entry["rate_per_s"], entry["max_in_flight"], entry["bytes_per_s"]) == (50.0, 8, 1048576.0)
+    key = re.search(r"kds_\S+", made.stderr).group(0)
+    assert ApiKey(**entry).sha256 == hash_key(key) and key not in made.stdout

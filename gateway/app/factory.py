@@ -12,7 +12,8 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from gateway.app import components
-from gateway.auth.gate import KeyGate
+from gateway.auth.gate import KeyDefaults, KeyGate
+from gateway.auth.pacing import RefusalPacing
 from gateway.errors import GatewayError
 from gateway.experiments.sources import LocalStep, RegistryCounts
 from gateway.http import classify, drift, experiment, feedback, health, pages, v2
@@ -88,7 +89,9 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
         settings.allow_anonymous,
         metrics,
         host=settings.host,
-        default_max_in_flight=settings.default_key_max_in_flight,
+        defaults=KeyDefaults(
+            settings.default_key_max_in_flight, settings.default_key_bytes_per_s, settings.max_body_bytes
+        ),
     )
     lifespan = _lifespan(settings, manifest, span_exporter)
 
@@ -109,11 +112,14 @@ def create_app(settings: GatewaySettings | None = None, span_exporter=None) -> F
     app.state.local_step = LocalStep(RegistryCounts(metrics.registry))
     app.state.figures = SingleFlight("figures")  # GET /v1/experiment's intervals, off the event loop
     start_experiment(app.state, settings, manifest)
-    install_error_handlers(app, on_error=lambda kind: metrics.errors.labels(kind).inc())
+    pacing = RefusalPacing()  # one per gateway: the key gate's refusals and the routes' pace together
+    install_error_handlers(app, pacing, on_error=lambda kind: metrics.errors.labels(kind).inc())
 
     app.state.key_gate = key_gate
     # Added first, so it runs inside the observer: refusals are timed, counted and carry the request id.
-    app.add_middleware(KeyMiddleware, gate=key_gate, on_error=lambda kind: metrics.errors.labels(kind).inc())
+    app.add_middleware(
+        KeyMiddleware, gate=key_gate, pacing=pacing, on_error=lambda kind: metrics.errors.labels(kind).inc()
+    )
     app.add_middleware(RequestObserver, metrics=metrics)
     add_api_pages(app)
     for module in ROUTERS:

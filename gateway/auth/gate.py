@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.auth.keys import (
@@ -48,16 +49,40 @@ def is_loopback(host: str) -> bool:
 
 
 class _Quota:
-    """One key's rate (a token bucket shared by every request with the key) and its bound in flight."""
+    """One key's rate (a token bucket shared by every request with the key), its request bytes (another, a
+    burst of `byte_burst`: one request of the largest body) and its bound in flight."""
 
-    def __init__(self, key: ApiKey, default_max_in_flight: int | None):
-        self.rate, self.max_in_flight = key.rate_per_s, key.max_in_flight or default_max_in_flight
+    def __init__(self, key: ApiKey, defaults: KeyDefaults):
+        self.rate, self.max_in_flight = key.rate_per_s, key.max_in_flight or defaults.max_in_flight
         self.capacity = float(key.burst or max(1, math.ceil(key.rate_per_s or 1)))
         self.bucket = TokenBucket(key.rate_per_s, self.capacity) if key.rate_per_s is not None else None
+        self.bytes_per_s = key.bytes_per_s or defaults.bytes_per_s
+        self.byte_burst = float(defaults.byte_burst)
+        self.bytes = TokenBucket(self.bytes_per_s, self.byte_burst) if self.bytes_per_s is not None else None
 
     def take(self) -> float | None:
         """None when the request may go; else the seconds until a token is there."""
         return None if self.bucket is None else self.bucket.take()
+
+    def bytes_owed_s(self) -> float:
+        """Seconds until the bytes this key sent are paid for (0: none owed)."""
+        return 0.0 if self.bytes is None else self.bytes.wait(0)
+
+    def keep_levels(self, before: _Quota) -> None:
+        """An unchanged bucket keeps its level across a reload of the keys."""
+        if (before.rate, before.capacity) == (self.rate, self.capacity):
+            self.bucket = before.bucket
+        if (before.bytes_per_s, before.byte_burst) == (self.bytes_per_s, self.byte_burst):
+            self.bytes = before.bytes
+
+
+@dataclass(frozen=True)
+class KeyDefaults:
+    """What applies to a key that sets no quota of its own (none: unlimited), and the byte budget's burst."""
+
+    max_in_flight: int | None = None
+    bytes_per_s: float | None = None
+    byte_burst: int = 8 * 1024 * 1024
 
 
 class KeyGate:
@@ -69,14 +94,14 @@ class KeyGate:
         allow_anonymous: bool,
         metrics: GatewayMetrics,
         host: str = "127.0.0.1",
-        default_max_in_flight: int | None = None,
+        defaults: KeyDefaults = KeyDefaults(),
     ):
         """Raises GatewayError for keys that start-up must refuse (see `_check_open`)."""
         self._configured, self.keys_file, self.metrics = list(keys), keys_file, metrics
         if admin_token_sha256 is not None:
             self._configured.append(ApiKey(id=ADMIN_TOKEN_ID, sha256=admin_token_sha256, scopes=["admin"]))
         self.allow_anonymous, self.host = allow_anonymous, host
-        self.default_max_in_flight = default_max_in_flight  # for keys that set no max_in_flight of their own
+        self.defaults = defaults
         self._file_state: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -107,9 +132,9 @@ class KeyGate:
         for key in keys:
             if key.revoked:
                 continue
-            quota, before = _Quota(key, self.default_max_in_flight), old.get(key.id)
-            if before is not None and (before.rate, before.capacity) == (quota.rate, quota.capacity):
-                quota.bucket = before.bucket  # an unchanged bucket keeps its level
+            quota, before = _Quota(key, self.defaults), old.get(key.id)
+            if before is not None:
+                quota.keep_levels(before)
             self._quotas[key.id] = quota
         for key in keys:
             self.metrics.key_requests.labels(key.id, "accepted")  # every key's series exists from the start
@@ -194,21 +219,51 @@ class KeyGate:
         if quota.max_in_flight is not None and under_way >= quota.max_in_flight:
             raise self._refuse(
                 key.id,
-                TooManyInFlight(
-                    f"the API key {key.id!r} has {under_way} requests under way, its limit",
-                    headers={"Retry-After": "1"},
-                ),
+                TooManyInFlight(f"the API key {key.id!r} has {under_way} requests under way, its limit", key.id, 1),
             )
+        owed = quota.bytes_owed_s()
+        if owed > 0:
+            raise self._refuse(key.id, self._over_bytes(key.id, quota, owed))
         wait = quota.take()
         if wait is not None:
             raise self._refuse(
                 key.id,
                 RateLimited(
                     f"the API key {key.id!r} is over its rate of {quota.rate:g} requests/s",
-                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                    key.id,
+                    wait,
                 ),
             )
         self._in_flight[key.id] = under_way + 1
+
+    @staticmethod
+    def _over_bytes(key_id: str, quota: _Quota, owed_s: float) -> RateLimited:
+        return RateLimited(
+            f"the API key {key_id!r} is over its {quota.bytes_per_s:g} request bytes/s",
+            key_id,
+            owed_s,
+        )
+
+    def spend_bytes(self, key_id: str, count: int) -> None:
+        """Count `count` bytes a request of `key_id` sent (or declared it will send) against its byte budget:
+        past the budget, its next requests are refused until they are paid for."""
+        with self._lock:
+            quota = self._quotas.get(key_id)
+            if quota is not None and quota.bytes is not None:
+                quota.bytes.spend(min(count, quota.byte_burst))
+
+    def bytes_owed_s(self, key_id: str) -> float:
+        """Seconds until the bytes `key_id`'s requests sent are paid for (0: none owed, or no budget)."""
+        with self._lock:
+            quota = self._quotas.get(key_id)
+            return 0.0 if quota is None else quota.bytes_owed_s()
+
+    def bytes_refusal(self, key_id: str) -> RateLimited | None:
+        """The refusal for `key_id`'s next request while the bytes it sent are not paid for (None: paid)."""
+        with self._lock:
+            quota = self._quotas.get(key_id)
+            owed = 0.0 if quota is None else quota.bytes_owed_s()
+            return None if quota is None or owed <= 0 else self._over_bytes(key_id, quota, owed)
 
     def _release(self, key_id: str) -> None:
         with self._lock:

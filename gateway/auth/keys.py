@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from gateway.errors import GatewayError
+from gateway.errors import CallerRefused, GatewayError
 
 log = logging.getLogger("kdserve.gateway")
 
@@ -47,7 +47,10 @@ class ApiKey(BaseModel):
     scopes: list[Scope] = Field(default_factory=lambda: ["classify"], min_length=1)
     rate_per_s: float | None = Field(None, gt=0, description="sustained requests per second (unset: unlimited)")
     burst: int | None = Field(None, ge=1, description="requests allowed at once above the rate (default: 1 s of it)")
-    max_in_flight: int | None = Field(None, ge=1, description="requests under way at once (unset: unlimited)")
+    max_in_flight: int | None = Field(
+        None, ge=1, description="requests under way at once (unset: the gateway's default)"
+    )
+    bytes_per_s: float | None = Field(None, gt=0, description="request bytes per second (unset: the gateway's default)")
     revoked: bool = False
 
     @field_validator("id")
@@ -72,12 +75,12 @@ class Forbidden(GatewayError):
     status_code, kind = 403, "forbidden"
 
 
-class RateLimited(GatewayError):
-    status_code, kind = 429, "rate_limited"
+class RateLimited(CallerRefused):
+    kind = "rate_limited"
 
 
-class TooManyInFlight(GatewayError):
-    status_code, kind = 429, "too_many_in_flight"
+class TooManyInFlight(CallerRefused):
+    kind = "too_many_in_flight"
 
 
 def hash_key(key: str) -> str:
@@ -107,10 +110,23 @@ def read_keys(text: bytes | str, source: str) -> list[ApiKey]:
         raise GatewayError(f"API keys in {source}: {where}: {first['msg']}") from exc
 
 
-def new_key(key_id: str, scopes: list[str], rate_per_s: float | None, max_in_flight: int | None) -> tuple[str, dict]:
+def new_key(
+    key_id: str,
+    scopes: list[str],
+    rate_per_s: float | None,
+    max_in_flight: int | None,
+    bytes_per_s: float | None = None,
+) -> tuple[str, dict]:
     """A fresh random key and the entry to configure for it (which holds only its hash)."""
     import secrets
 
     key = f"kds_{secrets.token_urlsafe(32)}"
-    entry = ApiKey(id=key_id, sha256=hash_key(key), scopes=scopes, rate_per_s=rate_per_s, max_in_flight=max_in_flight)
+    entry = ApiKey(
+        id=key_id,
+        sha256=hash_key(key),
+        scopes=scopes,
+        rate_per_s=rate_per_s,
+        max_in_flight=max_in_flight,
+        bytes_per_s=bytes_per_s,
+    )
     return key, json.loads(entry.model_dump_json(exclude_none=True, exclude_defaults=False))

@@ -1,4 +1,5 @@
-"""A token bucket: a sustained rate with a burst above it, for a key's requests and its feedback items."""
+"""A token bucket: a sustained rate with a burst above it, for a key's requests, its request bytes and its
+feedback items."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class TokenBucket:
 
     def wait(self, tokens: float = 1.0) -> float:
         """Seconds until `tokens` are there (0: now). More than the capacity never is: the wait is then the
-        time to fill the bucket."""
+        time to fill the bucket. `wait(0)`: the time until a bucket in debt is paid."""
         self._refill()
         return max(0.0, (min(tokens, self.capacity) - self.tokens) / self.rate)
 
@@ -31,3 +32,9 @@ class TokenBucket:
             self.tokens -= tokens
             return None
         return wait
+
+    def spend(self, tokens: float) -> None:
+        """Take `tokens` whatever is there: what was already received is spent, and a bucket in debt makes
+        `wait()` the time until it is paid."""
+        self._refill()
+        self.tokens -= tokens

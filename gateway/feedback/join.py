@@ -10,7 +10,6 @@ or wrong; per pair (arm and shadow), which of the two was right.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -119,7 +118,8 @@ class FeedbackJoin:
         asked = f" (this request carries {items})" if items is not None else ""
         return RateLimited(
             f"the API key {key!r} is over its {self.items_per_s:g} feedback items/s{asked}; retry later",
-            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            key,
+            wait,
         )
 
     async def accept_all(self, items: list[FeedbackItem], key: str) -> list[FeedbackResult | GatewayError]:

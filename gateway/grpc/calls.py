@@ -29,10 +29,21 @@ def authorization(metadata) -> str | None:
     return credential([value for key, value in metadata or () if key == "authorization"])
 
 
-def refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+async def abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, headers: dict[str, str] | None = None
+) -> None:
+    """End the call with `code` and `message`; a `Retry-After` among `headers` goes as `retry-after` trailing
+    metadata."""
+    retry = (headers or {}).get("Retry-After")
+    if retry is not None:
+        context.set_trailing_metadata((("retry-after", retry),))
+    await context.abort(code, message)
+
+
+def refusal(code: grpc.StatusCode, message: str, headers: dict[str, str] | None = None) -> grpc.RpcMethodHandler:
     """A handler that refuses the call without deserialising its message."""
 
     async def refuse(_request: bytes, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
+        await abort(context, code, message, headers)
 
     return grpc.unary_unary_rpc_method_handler(refuse)

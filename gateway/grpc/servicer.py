@@ -26,7 +26,7 @@ from gateway.auth.keys import ANONYMOUS, Scope
 from gateway.auth.scopes import requires
 from gateway.errors import BadRequest, GatewayError
 from gateway.feedback.answers import CLIENT_ID, new_request_id
-from gateway.grpc.calls import GRPC_CODES, authorization
+from gateway.grpc.calls import GRPC_CODES, abort, authorization
 from gateway.serving.health import not_ready
 from gateway.serving.inference import classify_request, describe
 from gateway.telemetry import tracing
@@ -83,10 +83,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _abort(self, context: grpc.aio.ServicerContext, error: GatewayError) -> None:
         self.state.metrics.errors.labels(error.kind).inc()
-        retry = error.headers.get("Retry-After")
-        if retry is not None:
-            context.set_trailing_metadata((("retry-after", retry),))
-        await context.abort(GRPC_CODES.get(error.status_code, grpc.StatusCode.INTERNAL), error.message)
+        await abort(context, GRPC_CODES.get(error.status_code, grpc.StatusCode.INTERNAL), error.message, error.headers)
 
     def _authorize(self, context: grpc.aio.ServicerContext, scope: Scope):
         gate: KeyGate = self.state.key_gate

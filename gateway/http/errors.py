@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from gateway.errors import ClientDisconnected, GatewayError
+from gateway.auth.pacing import RefusalPacing
+from gateway.errors import CallerRefused, ClientDisconnected, GatewayError
 from gateway.http.route_table import served_routes
 
 log = logging.getLogger("kdserve.gateway")
@@ -53,7 +54,7 @@ def allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-def install_error_handlers(app: FastAPI, on_error=None) -> None:
+def install_error_handlers(app: FastAPI, pacing: RefusalPacing, on_error=None) -> None:
     def count(kind: str) -> None:
         if on_error:
             on_error(kind)
@@ -61,6 +62,8 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         count(exc.kind)
+        if isinstance(exc, CallerRefused):
+            await pacing.answer_when_due(exc)
         return error_response(request, exc.status_code, exc.kind, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)

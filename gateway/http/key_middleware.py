@@ -9,10 +9,12 @@ from starlette.requests import Request
 from starlette.routing import Match
 
 from gateway.auth.gate import KeyGate
-from gateway.auth.keys import Forbidden, credential
+from gateway.auth.keys import ANONYMOUS, Forbidden, credential
+from gateway.auth.pacing import RefusalPacing
 from gateway.auth.scopes import Access, declared_scope
-from gateway.errors import GatewayError
+from gateway.errors import CallerRefused, GatewayError
 from gateway.http.errors import error_response
+from gateway.http.reading import declared_length
 from gateway.http.route_table import served_routes
 
 log = logging.getLogger("kdserve.gateway")
@@ -29,8 +31,8 @@ class KeyMiddleware:
     observer): the route is matched as the router will match it, and its declared scope applies. A
     refusal is answered in the route's error shape and counted like any error."""
 
-    def __init__(self, app, gate: KeyGate, on_error) -> None:
-        self.app, self.gate, self.on_error = app, gate, on_error
+    def __init__(self, app, gate: KeyGate, pacing: RefusalPacing, on_error) -> None:
+        self.app, self.gate, self.pacing, self.on_error = app, gate, pacing, on_error
         self._access: dict[tuple[str, str], Access | None] = {}
 
     def access(self, scope) -> Access | None:
@@ -73,11 +75,32 @@ class KeyMiddleware:
             key_id = admitted.__enter__()
         except GatewayError as exc:
             self.on_error(exc.kind)
+            if isinstance(exc, CallerRefused):
+                await self.pacing.answer_when_due(exc)
             response = error_response(Request(scope), exc.status_code, exc.kind, exc.message, exc.headers)
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["key_id"] = key_id  # request.state.key_id: admission's caller
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, self._counting(key_id, scope, receive), send)
         finally:
             admitted.__exit__(None, None, None)
+
+    def _counting(self, key_id: str, scope, receive):
+        """`receive`, with the request's bytes spent from its key's byte budget: the declared length at once
+        (the gateway reads or drops all of it, whatever it answers), else each chunk as it arrives."""
+        if key_id == ANONYMOUS:
+            return receive
+        declared = declared_length(
+            next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-length"), None)
+        )
+        if declared is not None:
+            self.gate.spend_bytes(key_id, declared)
+            return receive
+
+        async def counted():
+            message = await receive()
+            self.gate.spend_bytes(key_id, len(message.get("body", b"")))
+            return message
+
+        return counted

@@ -26,11 +26,19 @@ T = TypeVar("T")
 TOP_K = re.compile(r"[0-9]{1,3}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
+def declared_length(value: str | None) -> int | None:
+    """A Content-Length header as a number; None when absent or not plain ASCII digits (12 at most: a
+    5,000-digit one is no length Python can parse)."""
+    if value and value.isascii() and value.isdigit() and len(value) <= 12:
+        return int(value)
+    return None
+
+
 async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The body's chunks, refused as soon as they pass `limit` bytes (never buffered past it), or when the
     whole body has not arrived within the body deadline (a client trickling it holds the request)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and len(declared) <= 12 and int(declared) > limit:
+    declared = declared_length(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
     timeout_s = request.app.state.settings.body_timeout_s
     deadline = asyncio.get_running_loop().time() + timeout_s

@@ -39,7 +39,7 @@ SHARED_S = 1.0  # small requests of another caller this recent still slice a lar
 
 class AdmissionControl:
     def __init__(self, limit: int, retry_after_s: int, metrics: GatewayMetrics, slice_images: int = 0):
-        self.limit, self.retry_after, self.metrics = limit, str(retry_after_s), metrics
+        self.limit, self.retry_after_s, self.metrics = limit, retry_after_s, metrics
         self.slice_images = slice_images  # 0: never sliced
         self._in_flight: dict[str, int] = defaultdict(int)
         self._by_caller: dict[str, dict[str, int]] = defaultdict(dict)  # model -> caller -> images
@@ -50,12 +50,14 @@ class AdmissionControl:
     def _refusal(self, model: str, images: int, caller: str) -> Overloaded | None:
         """Why `caller` may not add `images` to `model` now (None: it may): the model full (503), or the
         caller over its share (429)."""
-        retry = {"Retry-After": self.retry_after}
         if self._in_flight[model] + images > self.limit:
-            return Overloaded(f"model {model} is at its bound of {self.limit} images in flight; retry shortly", retry)
+            return Overloaded(
+                f"model {model} is at its bound of {self.limit} images in flight; retry shortly",
+                {"Retry-After": str(self.retry_after_s)},
+            )
         held, share = self._share(model, caller)
         if held and held + images > share:
-            return OverShare(f"model {model}: this caller holds {held} of its {share} images in flight", retry)
+            return self._over_share(model, caller, held, share)
         return None
 
     def _share(self, model: str, caller: str) -> tuple[int, int]:
@@ -64,6 +66,10 @@ class AdmissionControl:
         holders = self._by_caller[model]
         held = holders.get(caller, 0)
         return held, self.limit // (len(holders) - (caller in holders) + 2)
+
+    def _over_share(self, model: str, caller: str, held: int, share: int) -> OverShare:
+        message = f"model {model}: this caller holds {held} of its {share} images in flight"
+        return OverShare(message, caller, self.retry_after_s)
 
     def slice_for(self, model: str, caller: str) -> int | None:
         """Images per Triton call for `caller`'s requests to `model`: `slice_images` while another caller's
@@ -89,10 +95,7 @@ class AdmissionControl:
             held, share = self._share(model, caller)
             if held and held >= share:
                 self.metrics.admission_rejected.labels(model).inc()
-                raise OverShare(
-                    f"model {model}: this caller holds {held} of its {share} images in flight",
-                    {"Retry-After": self.retry_after},
-                )
+                raise self._over_share(model, caller, held, share)
 
     @contextmanager
     def admit(self, models: list[str], images: int, caller: str = ANYONE) -> Iterator[None]:
